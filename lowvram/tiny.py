@@ -1,0 +1,144 @@
+"""`builtin:tiny-llama`: a small Llama built on the spot, so the demo and the tests need no download.
+
+    path = ensure_tiny_model()          # cached under ~/.cache/lowvram (or $LOWVRAM_CACHE)
+
+The tokenizer is a SentencePiece model trained on lowvram's shipped sample data, the format
+llama.cpp's converter reads for llama-architecture models; the chat template is ChatML. Weights
+are random (seeded): the model learns what it knows from the recipe's SFT and DPO stages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_NAME = "builtin:tiny-llama"
+TINY_VERSION = 1  # bump when the recipe below changes, so caches rebuild
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+DIMS = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWVRAM_CACHE") or Path.home() / ".cache" / "lowvram")
+
+
+def _corpus() -> list[str]:
+    """Every string in the shipped samples, plus the chat markup, for the tokenizer to learn."""
+    from lowvram.recipe import SAMPLES_DIR
+
+    texts: list[str] = []
+
+    def walk(obj):
+        if isinstance(obj, str):
+            texts.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for path in sorted(SAMPLES_DIR.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                walk(json.loads(line))
+    texts += ["system", "user", "assistant", "You are a helpful assistant."]
+    return texts
+
+
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024):
+    """Train a SentencePiece BPE tokenizer on `texts` and save it as a Hugging Face Llama tokenizer."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        user_defined_symbols=SPECIAL_TOKENS,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,  # deterministic
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = LlamaTokenizer.from_pretrained(
+        str(out_dir),
+        add_bos_token=False,
+        add_eos_token=False,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<s>",
+        unk_token="<unk>",
+        legacy=False,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a random-init tiny Llama and its tokenizer to `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(out_dir, _corpus())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=im_end,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+        **DIMS,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=im_end,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def ensure_tiny_model() -> Path:
+    """Path of the cached tiny model, building it (atomically) on first use."""
+    target = cache_dir() / f"tiny-llama-v{TINY_VERSION}"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    try:
+        build_tiny_model(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

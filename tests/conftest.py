@@ -1,0 +1,36 @@
+"""Shared fixtures. Everything runs offline on CPU: models are built locally, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(autouse=True)
+def _no_simulated_card(monkeypatch):
+    """A developer's LOWVRAM_VRAM_GIB / LOWVRAM_GPU must not leak into tests."""
+    monkeypatch.delenv("LOWVRAM_VRAM_GIB", raising=False)
+    monkeypatch.delenv("LOWVRAM_GPU", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in tiny Llama, built once per test session in a private cache."""
+    cache = tmp_path_factory.mktemp("lowvram-cache")
+    old = os.environ.get("LOWVRAM_CACHE")
+    os.environ["LOWVRAM_CACHE"] = str(cache)
+    from lowvram.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    yield path
+    if old is None:
+        os.environ.pop("LOWVRAM_CACHE", None)
+    else:
+        os.environ["LOWVRAM_CACHE"] = old
