@@ -1,17 +1,133 @@
-"""`lowvram run`: recipe -> plan -> SFT -> DPO, in one run directory."""
+"""`lowvram run`: recipe -> plan -> data check -> SFT -> DPO, in one run directory.
+
+    lowvram run demo                     # new run in runs/demo-YYYYmmdd-HHMMSS
+    lowvram run --resume runs/demo-...   # continue after a crash, Ctrl-C or kill -9
+
+Layout of a run directory (export reads it):
+    recipe.yaml  plan.json  base.json  tokenizer/  metrics.jsonl  summary.json  plots/
+    sft/{checkpoints/,adapter/,DONE}     dpo/{checkpoints/,adapter/,DONE}
+A stage with a DONE file is never redone; one without resumes from its newest checkpoint.
+"""
 
 from __future__ import annotations
 
-from lowvram.hardware import detect_device
-from lowvram.planner import make_plan
-from lowvram.recipe import load_recipe
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from lowvram.errors import UserError
+from lowvram.hardware import Device, detect_device
+from lowvram.planner import Plan, make_plan
+from lowvram.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
 
 
-def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume=None, run_dir=None,
-                 stages=None) -> int:
-    recipe, path = load_recipe(recipe_name or "demo", overrides)
-    plan = make_plan(recipe, detect_device(vram_gib=vram, gpu=gpu))
-    print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
-    print("\n".join(plan.lines()))
-    print("Training is not implemented yet: this run stops after planning.")
+def _training_device(vram, gpu) -> Device:
+    """The device that will train. --vram/--gpu may only shrink the budget of a real CUDA card."""
+    real = detect_device(use_torch=True)
+    if vram is None and gpu is None:
+        return real
+    planned = detect_device(vram_gib=vram, gpu=gpu)
+    if real.kind != "cuda":
+        raise UserError(f"--vram/--gpu plan for {planned.name}, but this machine has no CUDA GPU to train on.",
+                        hint="Use 'lowvram plan RECIPE --vram GIB' to plan for a card you do not have.")
+    if planned.total_vram_gib > real.total_vram_gib:
+        raise UserError(f"--vram {planned.total_vram_gib:g} is more than this card's {real.total_vram_gib:.1f} GiB.")
+    return Device("cuda", f"{real.name} (capped at {planned.total_vram_gib:g} GiB)", planned.total_vram_gib,
+                  min(planned.total_vram_gib, real.usable_vram_gib), real.compute_capability, "torch")
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}")
+    return path
+
+
+def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) -> dict:
+    """Read and validate every stage's data before any model loads."""
+    from lowvram.data import load_preference_data, load_sft_data
+
+    out = {}
+    for stage in stages:
+        cfg = getattr(recipe, stage).data
+        loader = load_sft_data if stage == "sft" else load_preference_data
+        data = loader(cfg, recipe.use_samples, base_dir=recipe_dir, seed=recipe.seed)
+        held = f", {len(data.eval)} held out" if data.eval else ""
+        dropped = f", {data.dropped} invalid rows dropped" if data.dropped else ""
+        print(f"[{stage}] data: {len(data.train)} rows{held}{dropped} from {data.source}"
+              f" -- format {data.format}: {data.reason}", flush=True)
+        out[stage] = data
+    return out
+
+
+def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
+    from lowvram.models import get_spec
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    spec = get_spec(plan.model)
+    local = Path(model_path).is_dir()
+    base = {"model": plan.model, "model_path": str(Path(model_path).resolve()) if local else None,
+            "base_16bit": spec.base_16bit if spec else None, "load_in_4bit": plan.load_in_4bit}
+    (run_dir / "base.json").write_text(json.dumps(base, indent=2))
+
+
+def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
+                 run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None) -> int:
+    from lowvram.report import summary_lines, write_report
+
+    recipe_dir: Path | None
+    if resume:
+        rdir = Path(resume)
+        if not (rdir / "recipe.yaml").is_file():
+            raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
+                            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
+        if recipe_name:
+            raise UserError("--resume continues the run's own recipe; do not name another one.",
+                            hint=f"lowvram run --resume {rdir} [key=value ...]")
+        data = apply_overrides(yaml.safe_load((rdir / "recipe.yaml").read_text()), overrides)
+        recipe = parse_recipe(data, source=str(rdir / "recipe.yaml"))
+        recipe_dir = None
+        print(f"Resuming {rdir}", flush=True)
+    else:
+        if not recipe_name:
+            raise UserError("Name a recipe to run.", hint="lowvram run demo   (or 'lowvram recipes' to list them)")
+        recipe, path = load_recipe(recipe_name, overrides)
+        recipe_dir = path.parent
+        rdir = Path(run_dir) if run_dir else new_run_dir(recipe)
+    todo = [s for s in (stages or recipe.stages()) if getattr(recipe, s).enabled or stages]
+    device = _training_device(vram, gpu)
+    plan = make_plan(recipe, device)
+    print(f"Plan for {recipe.name} on {device.name}:")
+    print("\n".join(plan.lines()), flush=True)
+    datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
+
+    from lowvram.train import StageContext, resolve_model_path, run_stage
+
+    model_path = resolve_model_path(plan.model)
+    if not resume:
+        _write_run_files(rdir, recipe, plan, model_path)
+    else:
+        (rdir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    print(f"Run directory: {rdir}", flush=True)
+    adapter = Path(init_adapter) if init_adapter else None
+    for stage in todo:
+        done = rdir / stage / "DONE"
+        if done.is_file():
+            print(f"[{stage}] already done, skipping", flush=True)
+        else:
+            t0 = time.monotonic()
+            ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
+            run_stage(ctx, datasets[stage])
+            print(f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rdir / stage / 'adapter'}", flush=True)
+        adapter = rdir / stage / "adapter"
+    summary = write_report(rdir)
+    print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
+    print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")
     return 0

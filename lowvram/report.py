@@ -1,0 +1,141 @@
+"""Run summary and plots from RUN/metrics.jsonl.
+
+    summary = write_report(run_dir)   # RUN/summary.json and RUN/plots/*.png
+
+The summary carries the evidence that each stage did its job: SFT loss at the start vs the end,
+and on held-out pairs the preference accuracy and margin before vs after DPO.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill -9: skip it, keep the rest
+    return rows
+
+
+def _train_logs(rows: list[dict], stage: str) -> list[dict]:
+    return [r for r in rows if r.get("stage") == stage and "loss" in r and "eval" not in r]
+
+
+def _head_tail(values: list[float], k: int = 3) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    k = max(1, min(k, len(values) // 2))
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def summarize(run_dir: Path) -> dict:
+    rows = read_metrics(run_dir)
+    out: dict = {"run_dir": str(run_dir)}
+    sft = _train_logs(rows, "sft")
+    ht = _head_tail([r["loss"] for r in sft])
+    if ht:
+        out["sft"] = {"loss_start": round(ht[0], 4), "loss_end": round(ht[1], 4), "steps": sft[-1]["step"],
+                      "loss_fell": ht[1] < ht[0]}
+    dpo = _train_logs(rows, "dpo")
+    if dpo:
+        d: dict = {"steps": dpo[-1]["step"]}
+        ht = _head_tail([r["loss"] for r in dpo])
+        if ht:
+            d["loss_start"], d["loss_end"] = round(ht[0], 4), round(ht[1], 4)
+        evals = {r["eval"]: r for r in rows if r.get("stage") == "dpo" and "eval" in r}
+        for when in ("before", "after"):
+            e = evals.get(when)
+            if not e:
+                continue
+            d[f"heldout_{when}"] = {
+                "reward_accuracy": e.get("rewards/accuracies"),
+                "reward_margin": e.get("rewards/margins"),
+                # how much more likely the policy finds the chosen answer than the rejected one
+                "logp_margin": (e["logps/chosen"] - e["logps/rejected"]) if "logps/chosen" in e else None,
+            }
+        b, a = d.get("heldout_before"), d.get("heldout_after")
+        if b and a and a["reward_accuracy"] is not None and b["reward_accuracy"] is not None:
+            d["heldout_accuracy_rose"] = a["reward_accuracy"] > b["reward_accuracy"]
+            if a["logp_margin"] is not None and b["logp_margin"] is not None:
+                d["heldout_logp_margin_rose"] = a["logp_margin"] > b["logp_margin"]
+        out["dpo"] = d
+    return out
+
+
+PLOTS = [
+    ("loss", "loss", ["sft", "dpo"]),
+    ("reward_margin", "rewards/margins", ["dpo"]),
+    ("preference_accuracy", "rewards/accuracies", ["dpo"]),
+    ("rewards_chosen_rejected", ("rewards/chosen", "rewards/rejected"), ["dpo"]),
+]
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    for name, keys, stages in PLOTS:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        drawn = False
+        for stage in stages:
+            logs = [r for r in _train_logs(rows, stage)]
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in logs if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{stage} {key}" if len(stages) + len(keys) > 2 else key)
+                    drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name.replace("_", " "))
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(run_dir: Path) -> dict:
+    summary = summarize(run_dir)
+    summary["plots"] = [str(p.relative_to(run_dir)) for p in write_plots(run_dir)]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    lines = []
+    if "sft" in summary:
+        s = summary["sft"]
+        lines.append(f"SFT   loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} over {s['steps']} steps"
+                     f" ({'fell' if s['loss_fell'] else 'did NOT fall'})")
+    if "dpo" in summary:
+        d = summary["dpo"]
+        if "loss_start" in d:
+            lines.append(f"DPO   loss {d['loss_start']:.3f} -> {d['loss_end']:.3f} over {d['steps']} steps")
+        b, a = d.get("heldout_before"), d.get("heldout_after")
+        if b and a:
+            lines.append(f"      held-out preference accuracy {b['reward_accuracy']:.2f} -> {a['reward_accuracy']:.2f}, "
+                         f"reward margin {b['reward_margin']:+.3f} -> {a['reward_margin']:+.3f}")
+            if a.get("logp_margin") is not None and b.get("logp_margin") is not None:
+                lines.append(f"      held-out log-prob margin chosen-rejected {b['logp_margin']:+.2f} -> "
+                             f"{a['logp_margin']:+.2f}")
+    return lines

@@ -1,0 +1,445 @@
+"""The training stages: SFT with TRL's SFTTrainer, then DPO (or ORPO) with TRL's preference trainers.
+
+    adapter_dir = run_stage(ctx)     # ctx = StageContext(run_dir, recipe, plan, stage="sft"|"dpo", ...)
+
+Each stage reads its data, loads the model through the plan's backend, trains with checkpoints in
+RUN/<stage>/checkpoints (resumable), and writes RUN/<stage>/adapter and RUN/<stage>/DONE.
+DPO continues the SFT adapter: TRL copies it into a frozen "ref" adapter, so the reference is the
+SFT policy and no second copy of the model is held.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowvram.errors import OutOfMemory, UserError
+from lowvram.planner import Plan, StagePlan
+from lowvram.recipe import Recipe
+
+
+class Interrupted(UserError):
+    exit_code = 130
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    recipe: Recipe
+    plan: Plan
+    stage: str  # "sft" or "dpo"
+    model_path: str  # resolved base model (local path or hub id)
+    recipe_dir: Path | None = None
+    init_adapter: Path | None = None  # adapter to continue (DPO after SFT, or --from)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage
+
+    @property
+    def sp(self) -> StagePlan:
+        return self.plan.stages[self.stage]
+
+
+# ------------------------------------------------------------------ progress, metrics, Ctrl-C
+
+class _Stop:
+    requested = False
+
+
+@contextmanager
+def graceful_interrupt():
+    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop now."""
+    _Stop.requested = False
+    if sys.platform == "win32" or not hasattr(signal, "SIGINT"):
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        if _Stop.requested:
+            raise KeyboardInterrupt
+        _Stop.requested = True
+        print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now).",
+              file=sys.stderr, flush=True)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+KEY_METRICS = {
+    "sft": [("loss", "loss", "{:.3f}"), ("mean_token_accuracy", "tok_acc", "{:.2f}")],
+    "dpo": [("loss", "loss", "{:.3f}"), ("rewards/accuracies", "pref_acc", "{:.2f}"),
+            ("rewards/margins", "margin", "{:+.3f}")],
+}
+
+
+def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
+    """A TrainerCallback that logs JSON lines, prints progress, and honours Ctrl-C."""
+    from transformers import TrainerCallback
+
+    tty = sys.stdout.isatty()
+
+    class LowvramCallback(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.last_t = None
+            self.last_tokens = None
+            self.tokens_per_s = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last_t = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            if _Stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return
+            now = time.monotonic()
+            tokens = logs.get("num_tokens")
+            if tokens is not None and self.last_tokens is not None and now > self.last_t:
+                self.tokens_per_s = (tokens - self.last_tokens) / (now - self.last_t)
+            if tokens is not None:
+                self.last_tokens, self.last_t = tokens, now
+            record = {"stage": stage, "step": state.global_step, "max_steps": state.max_steps,
+                      "elapsed_s": round(now - (self.t0 or now), 3), **logs}
+            if self.tokens_per_s is not None and not any(k.startswith("eval_") for k in logs):
+                record["tokens_per_s"] = round(self.tokens_per_s, 1)
+            with metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print(self._line(state, logs, now), end="\r" if tty and "loss" in logs else "\n", flush=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            if tty:
+                print()
+
+        def _line(self, state, logs, now):
+            step, total = state.global_step, max(state.max_steps, 1)
+            eval_mode = any(k.startswith("eval_") for k in logs)
+            parts = [f"[{stage}{' eval' if eval_mode else ''}] step {step}/{total}"]
+            prefix = "eval_" if eval_mode else ""
+            for key, label, fmt in KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "sft"]:
+                if prefix + key in logs:
+                    parts.append(f"{label} {fmt.format(logs[prefix + key])}")
+            if not eval_mode:
+                if self.tokens_per_s:
+                    parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+                elapsed = now - (self.t0 or now)
+                if step > 0:
+                    eta = elapsed / step * (total - step)
+                    parts.append(f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+            return "  ".join(parts)
+
+    return LowvramCallback()
+
+
+# ------------------------------------------------------------------ loading
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
+    from lowvram.models import BUILTIN_PREFIX
+
+    if name.startswith(BUILTIN_PREFIX):
+        from lowvram.tiny import TINY_NAME, ensure_tiny_model
+
+        if name != TINY_NAME:
+            raise UserError(f"Unknown built-in model {name!r}.", hint=f"The built-in model is {TINY_NAME}.")
+        return str(ensure_tiny_model())
+    return name
+
+
+def load_tokenizer(source: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"Cannot load the tokenizer of {source!r}: {e}",
+                        hint="Offline? Use a model already in the Hugging Face cache or a local folder.") from None
+    if recipe.model.chat_template:
+        tok.chat_template = recipe.model.chat_template
+    if tok.pad_token is None:
+        # Padding is masked out of the loss, so reusing EOS as pad is safe for training.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ctx: StageContext, adapter: Path | None):
+    """(PeftModel, tokenizer) through the plan's backend."""
+    sp = ctx.sp
+    if ctx.plan.backend == "unsloth":
+        from lowvram import unsloth_backend
+
+        model, tok = unsloth_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter,
+                                                       grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len)
+        if ctx.recipe.model.chat_template:
+            tok.chat_template = ctx.recipe.model.chat_template
+        return model, tok
+    from lowvram import hf_backend
+
+    tok = load_tokenizer(ctx.model_path, ctx.recipe)
+    try:
+        model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt)
+    except OSError as e:
+        raise UserError(f"Cannot load model {ctx.model_path!r}: {e}",
+                        hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.") from None
+    return model, tok
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose trainer_state.json was written)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _common_args(ctx: StageContext) -> dict:
+    cfg = getattr(ctx.recipe, ctx.stage)
+    sp = ctx.sp
+    cuda = ctx.plan.device.kind == "cuda"
+    return dict(
+        output_dir=str(ctx.stage_dir / "checkpoints"),
+        per_device_train_batch_size=sp.batch_size,
+        per_device_eval_batch_size=sp.batch_size,
+        gradient_accumulation_steps=sp.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        optim=sp.optim,
+        bf16=ctx.plan.dtype == "bf16",
+        fp16=ctx.plan.dtype == "fp16",
+        gradient_checkpointing=sp.grad_ckpt == "standard" and ctx.plan.backend == "hf" and not ctx.plan.load_in_4bit,
+        report_to="none",
+        disable_tqdm=True,
+        seed=ctx.recipe.seed,
+        data_seed=ctx.recipe.seed,
+        use_cpu=not cuda and ctx.plan.device.kind != "mps",
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
+def _datasets(rows_train, rows_eval):
+    from datasets import Dataset
+
+    train = Dataset.from_list(rows_train)
+    evald = Dataset.from_list(rows_eval) if rows_eval else None
+    return train, evald
+
+
+# ------------------------------------------------------------------ SFT
+
+def sft_loss_mode(tok, rows: list[dict], assistant_only: bool) -> tuple[list[dict], bool, str]:
+    """(rows, assistant_only_loss flag for TRL, reason) for how the SFT loss is masked."""
+    first = rows[0]
+    if "messages" in first:
+        if not assistant_only:
+            return rows, False, "loss on every token (sft.assistant_only_loss is off)"
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        if template and has_generation_markers(template):
+            return rows, True, "assistant tokens only (the chat template marks them)"
+        try:
+            if template and get_training_chat_template(tok) is not None:
+                return rows, True, "assistant tokens only (TRL's training variant of this model's chat template)"
+        except ValueError:
+            pass
+        # Any template works this way: the prompt is everything before the last assistant turn.
+        split = []
+        for r in rows:
+            msgs = r["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            split.append({"prompt": msgs[:last], "completion": [msgs[last]]})
+        return split, False, ("assistant tokens only, via a prompt/completion split (TRL cannot add generation "
+                              "markers to this chat template): in multi-turn rows only the last answer is a target")
+    if "completion" in first:
+        return rows, False, "loss on the completion only"
+    return rows, False, "plain text: loss on every token"
+
+
+def _check_has_template(tok, rows: list[dict], what: str) -> None:
+    first = rows[0]
+    conversational = isinstance(first.get("messages") or first.get("prompt") or first.get("chosen"), list)
+    if conversational and not tok.chat_template:
+        raise UserError(f"The {what} data is chat-formatted but the model's tokenizer has no chat template.",
+                        hint="Set model.chat_template in the recipe, or use an instruct model that ships one.")
+
+
+def run_sft(ctx: StageContext, data) -> Path:
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = ctx.recipe.sft
+    model, tok = load_model(ctx, ctx.init_adapter)
+    _check_has_template(tok, data.train, "SFT")
+    rows, assistant_only, reason = sft_loss_mode(tok, data.train, cfg.assistant_only_loss)
+    eval_rows = sft_loss_mode(tok, data.eval, cfg.assistant_only_loss)[0] if data.eval else None
+    print(f"[sft] loss mask: {reason}", flush=True)
+    train_ds, eval_ds = _datasets(rows, eval_rows)
+    args = SFTConfig(
+        **_common_args(ctx),
+        max_length=ctx.sp.max_seq_len,
+        packing=cfg.packing,
+        assistant_only_loss=assistant_only,
+        eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")])
+    _quiet(trainer)
+    return _train_and_save(ctx, trainer, model, tok)
+
+
+# ------------------------------------------------------------------ DPO / ORPO
+
+def run_preference(ctx: StageContext, data) -> Path:
+    cfg = ctx.recipe.dpo
+    model, tok = load_model(ctx, ctx.init_adapter)
+    _check_has_template(tok, data.train, "preference")
+    train_ds, eval_ds = _datasets(data.train, data.eval)
+    common = _common_args(ctx)
+    callbacks = [make_callback("dpo", ctx.run_dir / "metrics.jsonl", cfg.method)]
+    if cfg.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, beta=cfg.beta, max_length=ctx.sp.max_seq_len,
+                          eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
+                          eval_steps=cfg.eval_steps)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tok, callbacks=callbacks)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=cfg.beta, loss_type=[cfg.loss_type], max_length=ctx.sp.max_seq_len,
+                         eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
+                         eval_steps=cfg.eval_steps)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, callbacks=callbacks)
+    _quiet(trainer)
+    return _train_and_save(ctx, trainer, model, tok)
+
+
+# ------------------------------------------------------------------ shared
+
+def _quiet(trainer) -> None:
+    """Our callback prints progress; drop the Trainer's raw dict printer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
+    if trainer.eval_dataset is None:
+        return {}
+    metrics = trainer.evaluate(metric_key_prefix=f"eval_{when}")
+    out = {}
+    for key, value in metrics.items():  # TRL logs its own metrics as eval_*, the Trainer as eval_<when>_*
+        for prefix in (f"eval_{when}_", "eval_"):
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = value
+                break
+    with (ctx.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"stage": ctx.stage, "eval": when, "step": trainer.state.global_step, **out}) + "\n")
+    return out
+
+
+def _oom_message(ctx: StageContext) -> OutOfMemory:
+    sp = ctx.sp
+    st = ctx.stage
+    if sp.batch_size > 1:
+        new_bs = max(1, sp.batch_size // 2)
+        new_ga = sp.grad_accum * sp.batch_size // new_bs
+        fix = (f"Lower {st}.batch_size to {new_bs} with {st}.grad_accum={new_ga} (same effective batch "
+               f"{sp.effective_batch})")
+        overrides = f"{st}.batch_size={new_bs} {st}.grad_accum={new_ga}"
+    else:
+        new_seq = max(128, sp.max_seq_len // 2)
+        fix = f"Lower {st}.max_seq_len from {sp.max_seq_len} to {new_seq} (longer examples are truncated)"
+        overrides = f"{st}.max_seq_len={new_seq}"
+    return OutOfMemory(
+        f"CUDA ran out of memory in {st} at batch {sp.batch_size}, sequence length {sp.max_seq_len}.",
+        [fix + "."],
+        hint=f"Resume from the last checkpoint with: lowvram run --resume {ctx.run_dir} {overrides}",
+    )
+
+
+def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
+    import torch
+
+    ckpt_dir = ctx.stage_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None:
+        print(f"[{ctx.stage}] resuming from {resume_from.name}", flush=True)
+    elif trainer.eval_dataset is not None:
+        before = _evaluate(trainer, ctx, "before")
+        if before:
+            (ctx.stage_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+    try:
+        with graceful_interrupt():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.cuda.OutOfMemoryError:
+        raise _oom_message(ctx) from None
+    if _Stop.requested:
+        raise Interrupted(f"Stopped {ctx.stage} at step {trainer.state.global_step}; a checkpoint was saved.",
+                          hint=f"Resume with: lowvram run --resume {ctx.run_dir}")
+    after = _evaluate(trainer, ctx, "after")
+    if after:
+        (ctx.stage_dir / "eval_after.json").write_text(json.dumps(after, indent=2))
+    adapter_dir = ctx.stage_dir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
+    stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
+             "train_loss": result.metrics.get("train_loss")}
+    if not math.isfinite(stats["train_loss"] or 0.0):
+        raise UserError(f"{ctx.stage} diverged: the training loss is {stats['train_loss']}.",
+                        hint=f"Lower {ctx.stage}.learning_rate and run again.")
+    (ctx.stage_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    (ctx.stage_dir / "DONE").write_text(json.dumps(stats))
+    return adapter_dir
+
+
+def _quiet_libraries() -> None:
+    """Per-dataset-map progress bars and weight-loading bars drown the training progress."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run_stage(ctx: StageContext, data) -> Path:
+    """Train one stage (`ctx.stage`) on already-validated data; return the adapter folder."""
+    if ctx.plan.backend == "unsloth":
+        from lowvram import unsloth_backend
+
+        unsloth_backend.activate()  # before TRL is imported below
+    _quiet_libraries()
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    return run_sft(ctx, data) if ctx.stage == "sft" else run_preference(ctx, data)
