@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from lowvram.data.formats import DATA_FORMATS
 from lowvram.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -63,7 +64,8 @@ class DataConfig:
     path: str | None = _f(None, "Hub dataset name, or a local JSONL/JSON/CSV/Parquet file or folder.")
     sample: str | None = _f(None, "Sample file shipped with lowvram (recipes/data/), used when use_samples is on.")
     split: str = _f("train", "Split of a Hub dataset.")
-    format: str = _f("auto", "Data format; auto detects it and says why.")
+    format: str = _f("auto", "Data format; auto detects it and says why (lowvram data check shows it).",
+                     choices=DATA_FORMATS)
     columns: dict[str, str] = _f(help="Column mapping, e.g. {prompt: question, chosen: response_j}.", factory=dict)
     eval_fraction: float = _f(0.0, "Fraction held out for evaluation when eval_split is empty.", ge=0, lt=1)
     eval_split: str | None = _f(None, "Split of a Hub dataset used for evaluation.")
