@@ -4,6 +4,7 @@
     lowvram recipes [show|copy] NAME    the shipped recipes
     lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
     lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
+    lowvram data check PATH             bad lines and weak pairs in training data, before training
 
 Heavy libraries (torch, transformers, trl) are imported only by the commands that train or export.
 """
@@ -86,6 +87,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                         run_dir=args.run_dir, stages=None)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from lowvram.data.check import check_command
+
+    return check_command(args.path, kind=args.kind, fmt=args.format, recipe_name=args.recipe, strict=args.strict,
+                         as_json=args.json, device_fn=lambda: _device(args))
+
+
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
     _device_args(ru)
     ru.set_defaults(func=cmd_run)
+    da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
+    da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
+    da.add_argument("path", nargs="?", help="data file, folder or Hub dataset (default with --recipe: its stages' data)")
+    da.add_argument("--kind", choices=("sft", "preference"), help="what the data is for (default: from its columns)")
+    da.add_argument("--format", metavar="F", help="data format instead of auto-detection (see README: Data)")
+    da.add_argument("--recipe", metavar="R", help="check against a recipe: its column mapping and token budget")
+    da.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    da.add_argument("--json", action="store_true", help="machine-readable output")
+    _device_args(da)
+    da.set_defaults(func=cmd_data)
     return p
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lowvram.cli import main
 from lowvram.data import LoadedData, load_preference_data, load_sft_data
+from lowvram.data.check import add_token_budget, check_data, length_bias
 from lowvram.data.load import parse_records
 from lowvram.data.sources import read_local
 from lowvram.errors import UserError
@@ -232,7 +234,7 @@ def test_json_array_records_know_their_lines(tmp_path):
 def test_broken_json_array_names_the_line(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n {"prompt": "P", "chosen": "a", "rejected": "b"},\n {"prompt": "P", "chosen" "a"}\n]\n')
-    with pytest.raises(UserError, match="invalid JSON at line 3"):
+    with pytest.raises(UserError, match="line 3: invalid JSON"):
         prefs(path)
 
 
@@ -334,3 +336,143 @@ def test_eval_split_is_for_hub_datasets(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}])
     with pytest.raises(UserError, match="eval_fraction"):
         prefs(path, eval_split="test")
+
+
+# ------------------------------------------------------------------ data check: warnings
+
+
+
+def check(path: Path, kind: str | None = None, **kw):
+    return check_data(DataConfig(path=str(path), **kw), kind)
+
+
+def warned(report) -> dict[str, list[int | None]]:
+    """warning code -> the lines (or record numbers) it names."""
+    return {w.code: [loc.line or loc.record for loc in w.locations] for w in report.warnings}
+
+
+def pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def test_each_preference_warning_names_its_lines(tmp_path):
+    rows = [
+        pair("What is 2+2?", "It is four.", "It is five."),                         # 1 fine
+        pair("Capital of France?", "Paris.", "paris. "),                            # 2 identical (case, space)
+        pair("Spell it", "The word is 'necessary'.", "The word is 'neccessary'."),  # 3 nearly identical
+        pair("Say hello", "Say hello", "Goodbye."),                                 # 4 chosen = prompt
+        pair("Any answer?", "Yes, here it is.", "..."),                             # 5 empty answer
+        pair("What is 2+2?", "It is four.", "It is five."),                         # 6 duplicate of 1
+        pair("What is 2+2?", "It is five.", "It is four."),                         # 7 swapped 1
+    ]
+    report = check(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert report.errors == [] and report.rows_valid == 7
+    assert warned(report) == {"identical_pair": [2], "near_identical_pair": [3], "chosen_equals_prompt": [4],
+                              "empty_answer": [5], "duplicate_pair": [6], "swapped_pair": [7]}
+    assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+
+
+def test_empty_answer_in_an_hh_transcript_is_a_warning_not_an_error(tmp_path):
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: Hi\n\nAssistant:"}]
+    report = check(write_jsonl(tmp_path / "hh.jsonl", rows))
+    assert report.format == "hh-rlhf" and report.errors == [] and warned(report) == {"empty_answer": [1]}
+
+
+def test_length_bias_the_verbosity_trap(tmp_path):
+    padded = [pair(f"Q{i}", f"Answer {i}. " + "More detail that pads the reply. " * 3, f"Answer {i}.")
+              for i in range(12)]
+    report = check(write_jsonl(tmp_path / "long.jsonl", padded))
+    bias = [w for w in report.warnings if w.code == "length_bias"]
+    assert len(bias) == 1 and "verbosity trap" in bias[0].message and ">= 75%" in bias[0].message
+    assert report.stats["chosen_longer_share"] == 1.0 and report.stats["median_length_ratio"] > 4
+    swapped = [pair(r["prompt"], r["rejected"], r["chosen"]) for r in padded]
+    shorter = check(write_jsonl(tmp_path / "short.jsonl", swapped))
+    assert [w.code for w in shorter.warnings] == ["length_bias"] and "shorter wins" in shorter.warnings[0].message
+    balanced = padded[:6] + swapped[6:]
+    assert check(write_jsonl(tmp_path / "mixed.jsonl", balanced)).warnings == []
+
+
+def test_length_bias_thresholds():
+    assert length_bias(100, 0.80, 0.20, 1.30) is not None
+    assert length_bias(100, 0.80, 0.20, 1.10) is None  # mostly longer, but only slightly: no trap
+    assert length_bias(100, 0.60, 0.40, 2.00) is None  # long when longer, but not systematic
+    assert length_bias(9, 1.0, 0.0, 3.0) is None  # too few pairs to call it a trend
+
+
+def test_sft_warnings(tmp_path):
+    rows = [{"messages": [msg(USER, "Q"), msg(BOT, "A")]},
+            {"messages": [msg(USER, "Q2"), msg(BOT, "")]},
+            {"messages": [msg(USER, "Q"), msg(BOT, "A")]}]
+    report = check(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert report.kind == "sft" and warned(report) == {"empty_answer": [2], "duplicate_example": [3]}
+
+
+def test_token_budget_without_a_tokenizer_is_labelled_approximate(tmp_path):
+    rows = [pair("Q", "short", "short too"), pair("Q", "word " * 200, "no")]
+    report = check(write_jsonl(tmp_path / "p.jsonl", rows))
+    add_token_budget(report, max_seq_len=100, budget_from="test")
+    assert report.tokens.approximate and "approximation" in report.tokens.counted_with
+    assert [loc.line for loc in report.tokens.over] == [2]
+    assert warned(report)["over_token_budget"] == [2]
+    assert "~" in "\n".join(report.lines())
+
+
+# ------------------------------------------------------------------ data check: the command
+
+def test_data_check_exit_codes_and_json(tmp_path, capsys):
+    clean = write_jsonl(tmp_path / "clean.jsonl", [pair("What is 2+2?", "Four.", "Five.")])
+    assert main(["data", "check", str(clean)]) == 0
+    assert "result    OK" in capsys.readouterr().out
+    warn = write_jsonl(tmp_path / "warn.jsonl", [pair("Q", "Same.", "Same.")])
+    assert main(["data", "check", str(warn)]) == 0
+    assert main(["data", "check", str(warn), "--strict"]) == 1
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pair("Q", "A", "B"), "{not json", {"prompt": "Q", "chosen": "A"}])
+    capsys.readouterr()
+    assert main(["data", "check", str(bad), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["exit_code"] == 1
+    rep = out["reports"][0]
+    assert rep["format"] == "prompt-chosen-rejected" and rep["rows"] == {"read": 3, "valid": 1, "invalid": 2}
+    assert [(e["line"], e["code"]) for e in rep["errors"]] == [(2, "invalid_json"), (3, "missing_field")]
+    # usage mistakes: exit 2, one message, no traceback
+    assert main(["data", "check", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["data", "check"]) == 2
+    assert main(["data", "check", str(clean), "--kind", "sft"]) == 2  # a preference file is no SFT data
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_data_check_with_format_and_kind(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "se.jsonl", [{"question": "Q", "response_j": "good", "response_k": "bad"}])
+    assert main(["data", "check", str(path), "--format", "ranked-answers", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reports"][0]["reason"].startswith("set by data.format")
+    assert main(["data", "check", str(path), "--format", "chatml"]) == 2
+    assert "not a format lowvram reads" in capsys.readouterr().err
+
+
+def test_broken_file_is_a_data_error_with_its_line(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    path.write_text('[{"prompt": "P", "chosen": "a", "rejected": "b"},\n {"prompt" "P"}]')
+    assert main(["data", "check", str(path), "--json"]) == 1
+    err = json.loads(capsys.readouterr().out)["reports"][0]["errors"]
+    assert [(e["line"], e["code"]) for e in err] == [(2, "unreadable_file")]
+
+
+def test_data_check_against_a_recipe_counts_tokens_with_the_model_tokenizer(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    rows = [{"messages": [msg(USER, "What is the capital of France?"), msg(BOT, "Paris.")]},
+            {"messages": [msg(USER, "Tell me everything. " * 20), msg(BOT, "The capital of China is Beijing.")]},
+            {"messages": [msg(USER, "Hi"), msg(BOT, "Hello.")]}]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    (tmp_path / "r.yaml").write_text(
+        "use_samples: false\nmodel:\n  name: builtin:tiny-llama\n"
+        "sft:\n  max_seq_len: 64\n  data:\n    path: chat.jsonl\ndpo:\n  enabled: false\n")
+    assert main(["data", "check", "--recipe", str(tmp_path / "r.yaml"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["reports"][0]
+    budget = rep["token_budget"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    want = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+    assert budget["approximate"] is False and "builtin:tiny-llama's tokenizer and chat template" in budget["counted_with"]
+    assert budget["max_seq_len"] == 64 and budget["longest_tokens"] == max(want) > 64
+    assert [loc["line"] for loc in budget["over_locations"]] == [i + 1 for i, n in enumerate(want) if n > 64] == [2]
+    assert rep["stage"] == "sft" and "set by the recipe" in budget["budget_from"]

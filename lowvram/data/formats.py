@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lowvram.data.sources import is_missing, type_name
 
@@ -151,16 +152,16 @@ def _conversational_pair(prompt: list[dict] | None, chosen: list[dict], rejected
     """
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
-            problems.append(("bad_value", f"field '{key}': the last message is from {msgs[-1]['role']!r}, "
-                                          "not an assistant answer"))
+            problems.append(("bad_value", (f"field '{key}': the last message is from {msgs[-1]['role']!r}, "
+                                           "not an assistant answer")))
     if problems:
         return None
     shared_c, shared_r = chosen[:-1], rejected[:-1]
     if shared_c or shared_r:
         if shared_c != shared_r:
             i = _first_difference(shared_c, shared_r)
-            problems.append(("bad_value", f"chosen and rejected differ before their final answer (at message {i}): "
-                                          "the prompt must be the dialogue they share"))
+            problems.append(("bad_value", (f"chosen and rejected differ before their final answer (at message {i}): "
+                                           "the prompt must be the dialogue they share")))
             return None
         if prompt_text is not None:
             users = [m for m in shared_c if m["role"] == "user"]
@@ -172,8 +173,8 @@ def _conversational_pair(prompt: list[dict] | None, chosen: list[dict], rejected
             return None
         prompt = shared_c
     elif prompt is None:
-        problems.append(("missing_field", "no prompt: 'chosen' and 'rejected' hold only the answer and there is no "
-                                          "'prompt' field"))
+        problems.append(("missing_field", ("no prompt: 'chosen' and 'rejected' hold only the answer and there is no "
+                                              "'prompt' field")))
         return None
     if not any(m["role"] == "user" for m in prompt):
         problems.append(("bad_value", "the prompt has no user message"))
@@ -315,18 +316,18 @@ def _is_hh(v: Any) -> bool:
 SIGNATURES: list[tuple[str, str, Callable[[dict], bool], str]] = [
     ("hh-rlhf", "preference",
      lambda r: "prompt" not in r and _is_hh(r.get("chosen")) and _is_hh(r.get("rejected")),
-     "'chosen' and 'rejected' are '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts with no 'prompt' column "
-     "(HH-RLHF): the prompt is the dialogue they share"),
+     ("'chosen' and 'rejected' are '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts with no 'prompt' column "
+      "(HH-RLHF): the prompt is the dialogue they share")),
     ("ultrafeedback-binarized", "preference",
      lambda r: _is_str(r.get("prompt")) and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected"))
      and (_maybe_json_list(r.get("chosen"))[0].get("role") != "assistant"),
-     "'prompt' is a string and 'chosen'/'rejected' are whole dialogues (UltraFeedback-binarized style): "
-     "the prompt is the dialogue before the final answer"),
+     ("'prompt' is a string and 'chosen'/'rejected' are whole dialogues (UltraFeedback-binarized style): "
+      "the prompt is the dialogue before the final answer")),
     ("argilla-dpo-mix", "preference",
      lambda r: "prompt" not in r and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected"))
      and any(k in r for k in ("chosen_rating", "chosen_model", "chosen-rating")),
-     "'chosen'/'rejected' are message lists with rating/model columns and no 'prompt' (Argilla dpo-mix style): "
-     "the prompt is the dialogue they share"),
+     ("'chosen'/'rejected' are message lists with rating/model columns and no 'prompt' (Argilla dpo-mix style): "
+      "the prompt is the dialogue they share")),
     ("chat-transcripts", "preference",
      lambda r: "prompt" not in r and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected")),
      "'chosen'/'rejected' are message lists with no 'prompt' column: the prompt is the dialogue they share"),

@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowvram.data.formats import (DATA_FORMATS, FORMAT_KIND, MAPPABLE_FIELDS, convert_row, detect_format,
-                                  expected_columns)
+from lowvram.data.formats import (
+    DATA_FORMATS,
+    FORMAT_KIND,
+    MAPPABLE_FIELDS,
+    convert_row,
+    detect_format,
+    expected_columns,
+)
 from lowvram.data.sources import Location, Problem, Record, looks_like_local_path, read_hub, read_local
 from lowvram.errors import UserError
 

@@ -71,6 +71,19 @@ class Record:
     problem: Problem | None = None
 
 
+class DataFileError(UserError):
+    """A whole file cannot be read as data (a broken JSON array, unparsable CSV): a data error, not a usage one.
+
+    `lowvram data check` reports it like any other error (exit status 1); training refuses the data.
+    """
+
+    exit_code = 1
+
+    def __init__(self, location: Location, message: str, hint: str | None = None):
+        self.location = location
+        super().__init__(f"{location}: {message}", hint=hint)
+
+
 def is_missing(value: Any) -> bool:
     """None, or the NaN that pandas/Parquet use for an empty cell."""
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -131,8 +144,7 @@ def read_file(path: Path) -> list[Record]:
 
 
 def _split_lines(data: bytes) -> list[bytes]:
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+    data = data.removeprefix(codecs.BOM_UTF8)
     return data.split(b"\n")
 
 
@@ -183,14 +195,14 @@ def _read_json(data: bytes, name: str) -> list[Record]:
     text, bad_lines = _decode_marking_bad_lines(data)
     start = len(text) - len(text.lstrip())
     if not text.strip():
-        raise UserError(f"{name}: the file is empty.")
+        raise DataFileError(Location(name), "the file is empty.")
     if text[start] != "[":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # one object per line in a file named .json
                 return _read_jsonl(data, name)
-            raise UserError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+            raise DataFileError(Location(name, line=e.lineno), f"invalid JSON at column {e.colno}: {e.msg}.") from None
         return _records_from_object(obj, name)
     # Walk the array element by element so each record knows its line.
     decoder = json.JSONDecoder()
@@ -205,8 +217,8 @@ def _read_json(data: bytes, name: str) -> list[Record]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise UserError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.",
-                            hint="A broken JSON array cannot be read past the error. Fix it there, or store the data "
+            raise DataFileError(Location(name, line=e.lineno), f"invalid JSON at column {e.colno}: {e.msg}.",
+                                hint="A broken JSON array cannot be read past the error. Fix it there, or store the data "
                                  "as JSONL (one object per line), where a bad line can be skipped.") from None
         loc = Location(name, line=line, record=len(records) + 1)
         span = range(line, line + text.count("\n", pos, end) + 1)
@@ -226,8 +238,8 @@ def _read_json(data: bytes, name: str) -> list[Record]:
         if pos < len(text) and text[pos] == "]":
             break
         col = pos - text.rfind("\n", 0, pos)
-        raise UserError(f"{name}: invalid JSON at line {line}, column {col}: expected ',' or ']' after record "
-                        f"{len(records)}.")
+        raise DataFileError(Location(name, line=line),
+                            f"invalid JSON at column {col}: expected ',' or ']' after record {len(records)}.")
     return records
 
 
@@ -247,8 +259,8 @@ def _records_from_object(obj: Any, name: str) -> list[Record]:
         if obj and len(lists) == len(obj) and len({len(v) for v in lists.values()}) == 1:
             n = len(next(iter(lists.values())))
             return [Record(Location(name, record=i + 1), {k: v[i] for k, v in obj.items()}) for i in range(n)]
-    raise UserError(f"{name}: expected a JSON array of objects (or one object per line), got {type_name(obj)}.",
-                    hint='Shapes lowvram reads: [{"prompt": ...}, ...], {"data": [{...}, ...]}, '
+    raise DataFileError(Location(name), f"expected a JSON array of objects (or one object per line), got "
+                        f"{type_name(obj)}.", hint='Shapes lowvram reads: [{"prompt": ...}, ...], {"data": [{...}, ...]}, '
                          '{"prompt": [...], "chosen": [...]} or JSONL.')
 
 
@@ -259,13 +271,13 @@ def _read_csv(data: bytes, name: str, delimiter: str) -> list[Record]:
     try:
         header = next(reader, None)
     except csv.Error as e:
-        raise UserError(f"{name} line 1: cannot read the CSV header: {e}.") from None
+        raise DataFileError(Location(name, line=1), f"cannot read the CSV header: {e}.") from None
     if not header or not any(h.strip() for h in header):
-        raise UserError(f"{name}: no header row; the first line must name the columns.")
+        raise DataFileError(Location(name, line=1), "no header row; the first line must name the columns.")
     header = [h.strip() for h in header]
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
-        raise UserError(f"{name} line 1: duplicate column names: {', '.join(dupes)}.")
+        raise DataFileError(Location(name, line=1), f"duplicate column names: {', '.join(dupes)}.")
     records: list[Record] = []
     start = reader.line_num + 1
     while True:
@@ -274,8 +286,8 @@ def _read_csv(data: bytes, name: str, delimiter: str) -> list[Record]:
         except StopIteration:
             break
         except csv.Error as e:
-            raise UserError(f"{name} line {start}: cannot parse CSV: {e}.",
-                            hint="Check the quoting there: a field with commas, quotes or newlines must be quoted.") from None
+            raise DataFileError(Location(name, line=start), f"cannot parse CSV: {e}.",
+                                hint="Check the quoting there: a field with commas, quotes or newlines must be quoted.") from None
         end = reader.line_num
         loc = Location(name, line=start)
         span = range(start, end + 1)
@@ -299,7 +311,7 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a broken file
-        raise UserError(f"Cannot read Parquet file {path}: {e}.") from None
+        raise DataFileError(Location(str(path)), f"not a readable Parquet file: {e}.") from None
     return [Record(Location(str(path), record=i), r) for i, r in enumerate(rows, 1)]
 
 
