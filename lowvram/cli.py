@@ -83,8 +83,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from lowvram.pipeline import run_pipeline
 
-    return run_pipeline(args.recipe, args.overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
+    recipe, overrides = args.recipe, list(args.overrides or [])
+    if recipe and "=" in recipe:  # `run --resume DIR key=value`: argparse took the override for the recipe
+        recipe, overrides = None, [recipe, *overrides]
+    return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
                         run_dir=args.run_dir, stages=None)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """`lowvram sft` / `lowvram dpo`: one stage alone, optionally continuing an existing adapter."""
+    from lowvram.pipeline import run_pipeline
+
+    init = None
+    if getattr(args, "from_", None):
+        src = Path(args.from_)
+        if (src / "adapter_config.json").is_file():
+            init = src
+        elif (src / "sft" / "adapter" / "adapter_config.json").is_file():
+            init = src / "sft" / "adapter"
+        else:
+            raise UserError(f"--from {src}: neither a LoRA adapter folder nor a run directory with sft/adapter.",
+                            hint="Pass a run directory made by 'lowvram run' or 'lowvram sft', or an adapter folder.")
+    return run_pipeline(args.recipe, args.overrides, vram=args.vram, gpu=args.gpu, run_dir=args.run_dir,
+                        stages=[args.command], init_adapter=str(init) if init else None)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -130,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
     _device_args(ru)
     ru.set_defaults(func=cmd_run)
+
+    for stage, text in (("sft", "run only the SFT stage of a recipe"),
+                        ("dpo", "run only the preference stage, optionally on top of an SFT run (--from)")):
+        st = sub.add_parser(stage, help=text)
+        st.add_argument("recipe", help="shipped recipe name or path to a recipe .yaml")
+        st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
+        st.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
+        if stage == "dpo":
+            st.add_argument("--from", dest="from_", metavar="RUN_OR_ADAPTER",
+                            help="continue this SFT run's adapter (or an adapter folder); the reference is that model")
+        _device_args(st)
+        st.set_defaults(func=cmd_stage)
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
     da.add_argument("path", nargs="?", help="data file, folder or Hub dataset (default with --recipe: its stages' data)")

@@ -178,6 +178,11 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string; take it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif tp is str:

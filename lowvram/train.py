@@ -136,7 +136,10 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
         def _line(self, state, logs, now):
             step, total = state.global_step, max(state.max_steps, 1)
             eval_mode = any(k.startswith("eval_") for k in logs)
-            parts = [f"[{stage}{' eval' if eval_mode else ''}] step {step}/{total}"]
+            if eval_mode:
+                parts = [f"[{stage} held-out eval] " + ("before training" if step == 0 else f"at step {step}")]
+            else:
+                parts = [f"[{stage}] step {step}/{total}"]
             prefix = "eval_" if eval_mode else ""
             for key, label, fmt in KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "sft"]:
                 if prefix + key in logs:
@@ -429,6 +432,10 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import warnings
+
+    # transformers 5 renamed the checkpointing flags that TRL and PEFT still pass; nothing for the user to do
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

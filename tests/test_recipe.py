@@ -99,6 +99,11 @@ def test_dotted_overrides_set_nested_values_with_yaml_types():
     assert recipe.dpo.beta == 0.2 and recipe.lora.r == 8
 
 
+def test_exponent_without_dot_is_a_number():
+    recipe, _ = load_recipe("demo", ["sft.learning_rate=5e-3"])
+    assert recipe.sft.learning_rate == 0.005
+
+
 def test_bad_override_syntax():
     with pytest.raises(UserError) as e:
         apply_overrides({"dpo": {"beta": 0.1}}, ["dpo.beta", "dpo.beta.x=1"])

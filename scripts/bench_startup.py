@@ -1,0 +1,48 @@
+"""Start-up time of the light commands, against what importing the training stack would cost.
+
+Run: python scripts/bench_startup.py [--repeat 7]
+Each command runs in a fresh interpreter, interleaved with the others; the table shows medians.
+`lowvram --help`, `recipes` and `doctor` must cost about the interpreter plus lowvram's own
+modules, far below the `import torch, transformers, trl` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = {
+    "python -c pass (interpreter)": [sys.executable, "-c", "pass"],
+    "lowvram --help": [sys.executable, "-m", "lowvram", "--help"],
+    "lowvram recipes": [sys.executable, "-m", "lowvram", "recipes"],
+    "lowvram doctor": [sys.executable, "-m", "lowvram", "doctor"],
+    "lowvram plan chat-assistant --gpu t4": [sys.executable, "-m", "lowvram", "plan", "chat-assistant", "--gpu", "t4"],
+    "import torch, transformers, trl (baseline)": [sys.executable, "-c", "import torch, transformers, trl"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    times: dict[str, list[float]] = {k: [] for k in COMMANDS}
+    for _ in range(args.repeat):
+        for name, cmd in COMMANDS.items():  # interleaved, so drift hits every command alike
+            t0 = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["import torch, transformers, trl (baseline)"])
+    print(f"machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, "
+          f"{args.repeat} runs each, medians")
+    print(f"{'command':<46} {'median s':>9} {'vs training imports':>20}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<46} {med:>9.3f} {med / base:>19.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Training with the real TRL trainers on the built-in tiny Llama (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lowvram.cli import main
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["sft.epochs=1", "dpo.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    assert main(["run", "demo", "--run-dir", str(run), *QUICK]) == 0
+    return run
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_run_directory_has_everything_export_needs(demo_run):
+    for rel in ("recipe.yaml", "plan.json", "base.json", "tokenizer/tokenizer_config.json", "metrics.jsonl",
+                "summary.json", "sft/adapter/adapter_config.json", "sft/DONE", "dpo/adapter/adapter_config.json",
+                "dpo/DONE", "plots/loss.png", "plots/reward_margin.png", "plots/preference_accuracy.png",
+                "plots/rewards_chosen_rejected.png"):
+        assert (demo_run / rel).exists(), rel
+    base = json.loads((demo_run / "base.json").read_text())
+    assert base["model"] == "builtin:tiny-llama" and Path(base["model_path"]).is_dir()
+    rows = [json.loads(x) for x in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"sft", "dpo"}
+    assert any("tokens_per_s" in r for r in rows)
+
+
+def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
+    from lowvram.hardware import Device
+    from lowvram.hf_backend import load_for_training
+    from lowvram.planner import make_plan
+    from lowvram.recipe import load_recipe
+
+    recipe, _ = load_recipe("demo")
+    plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
+    fresh = load_for_training(plan, recipe, str(tiny_model_dir))
+    trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # the base is frozen
+
+    sft, dpo = _tensors(demo_run / "sft" / "adapter"), _tensors(demo_run / "dpo" / "adapter")
+    assert set(sft) == set(dpo) and all("lora_" in k for k in sft)  # no base weight was saved
+    lora_b = [k for k in sft if "lora_B" in k]
+    assert lora_b and all(sft[k].abs().max() > 0 for k in lora_b)  # B starts at zero: SFT moved it
+    assert any((sft[k] - dpo[k]).abs().max() > 0 for k in sft)  # DPO moved the same adapter further
+
+
+def test_sft_loss_falls_and_dpo_improves_heldout_preferences(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["sft"]["loss_end"] < summary["sft"]["loss_start"]
+    dpo = summary["dpo"]
+    assert dpo["heldout_after"]["reward_accuracy"] > dpo["heldout_before"]["reward_accuracy"]
+    assert dpo["heldout_after"]["reward_margin"] > 0
+
+
+def test_dpo_reference_is_the_sft_policy(demo_run, tiny_model_dir):
+    """At step 0 the policy and reference agree (margin 0), and that policy is the SFT model, not the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    before = json.loads((demo_run / "dpo" / "eval_before.json").read_text())
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert before["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert before["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+
+    tok = AutoTokenizer.from_pretrained(str(demo_run / "tokenizer"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    sft = PeftModel.from_pretrained(base, str(demo_run / "sft" / "adapter"))
+    ids = tok("The capital of France is Paris.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        with_adapter = sft(ids).logits
+        with sft.disable_adapter():
+            without = sft(ids).logits
+    assert (with_adapter - without).abs().max() > 1e-3  # had the reference been the base, margins would not start at 0
+
+
+def test_invalid_recipe_is_rejected_before_anything_loads(tmp_path, capsys):
+    run = tmp_path / "never"
+    assert main(["run", "demo", "--run-dir", str(run), "sft.learning_rate=-1", "dpo.loss_type=sigmod"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and not run.exists()
+
+
+def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   "{not json\n")
+    run = tmp_path / "run"
+    code = main(["run", "demo", "--run-dir", str(run), "use_samples=false", f"sft.data.path={bad}",
+                 "dpo.enabled=false"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err
+    assert not (run / "sft" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sft.enabled=false", "dpo.loss_type=ipo", "dpo.max_steps=2"],
+    ["sft.enabled=false", "dpo.loss_type=hinge", "dpo.max_steps=2"],
+])
+def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides):
+    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), *overrides]) == 0
+    assert (tmp_path / "r" / "dpo" / "DONE").is_file()
+
+
+def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path):
+    args = ["run", "orpo-tight", "--run-dir", str(tmp_path / "orpo"), "use_samples=true",
+            "model.name=builtin:tiny-llama", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"]
+    assert main(args) == 0
+    assert (tmp_path / "orpo" / "dpo" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "orpo" / "sft").exists()
+
+
+def _spawn(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for_checkpoint(ckpt_dir: Path, proc, timeout_s=120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if any((p / "trainer_state.json").is_file() for p in ckpt_dir.glob("checkpoint-*")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError("training ended before a checkpoint: " + proc.stderr.read())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+LONG_SFT = ["dpo.enabled=false", "sft.epochs=100", "sft.save_steps=5"]
+
+
+def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    run = tmp_path / "killed"
+    env = {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
+    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], env)
+    _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from lowvram.train import latest_checkpoint
+
+    ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
+    before = len((run / "metrics.jsonl").read_text().splitlines())
+
+    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), f"sft.max_steps={ckpt_step + 3}"],
+                         capture_output=True, text=True, env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from checkpoint-{ckpt_step}" in res.stdout
+    resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[before:]]
+    steps = [r["step"] for r in resumed if r.get("stage") == "sft" and "loss" in r]
+    assert steps[0] == ckpt_step + 1, steps  # not step 1
+    assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == ckpt_step + 3
+
+    again = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run)], capture_output=True,
+                           text=True, env={**os.environ, **env})
+    assert again.returncode == 0 and "[sft] already done, skipping" in again.stdout
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    run = tmp_path / "interrupted"
+    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"lowvram run --resume {run}" in err and "Traceback" not in err
+    from lowvram.train import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(run / "sft" / "checkpoints") / "trainer_state.json").read_text())
+    stopped_at = int(err.split("at step ")[1].split(";")[0])
+    assert state["global_step"] == stopped_at  # the checkpoint is the step we stopped at
