@@ -332,10 +332,23 @@ def test_offline_hub_name_gives_a_clear_message(monkeypatch):
     assert "offline" in text and "use_samples=true" in text and "local" in text
 
 
-def test_eval_split_is_for_hub_datasets(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(UserError, match="eval_fraction"):
-        prefs(path, eval_split="test")
+def test_a_hub_eval_split_on_local_data_holds_out_a_fraction_and_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"P{i}", "chosen": "a", "rejected": "b"} for i in range(30)])
+    data = prefs(path, eval_split="test")
+    assert len(data.eval) == 3 and len(data.train) == 27
+    assert "10% held out" in data.reason and "'test'" in data.reason
+
+
+@pytest.mark.parametrize("name", ["demo", "chat-assistant", "concise", "orpo-tight"])
+def test_every_recipe_reads_its_samples_offline(name):
+    from lowvram.recipe import load_recipe
+
+    recipe, path = load_recipe(name, ["use_samples=true"])
+    for stage in recipe.stages():
+        loader = load_sft_data if stage == "sft" else load_preference_data
+        data = loader(getattr(recipe, stage).data, True, base_dir=path.parent, seed=recipe.seed)
+        assert data.train and data.dropped == 0
+        assert data.eval is None or len(data.eval) >= 1
 
 
 # ------------------------------------------------------------------ data check: warnings

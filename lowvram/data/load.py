@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # recipe.py imports this package for DATA_FORMATS: no import 
     from lowvram.recipe import DataConfig
 
 MAX_LISTED = 10  # problems printed in an error; `lowvram data check` lists them all
+# A recipe's eval_split names a split of its Hub dataset; with local data (or the samples) this share is held
+# out instead, so the run still evaluates.
+LOCAL_EVAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,13 @@ def _load(cfg: DataConfig, kind: str, use_samples: bool, base_dir: Path | None, 
                                     cfg.columns, reason=parsed.reason)
         eval_rows = _accept(eval_parsed, cfg.drop_invalid)
         dropped_problems += tuple(eval_parsed.problems)
-    elif cfg.eval_fraction > 0:
-        train, eval_rows = split_eval(train, cfg.eval_fraction, seed)
+    elif cfg.eval_fraction > 0 or cfg.eval_split:
+        fraction = cfg.eval_fraction or LOCAL_EVAL_FRACTION
+        train, eval_rows = split_eval(train, fraction, seed)
+        if not cfg.eval_fraction:
+            note = (f"eval: {fraction:.0%} held out, because eval_split {cfg.eval_split!r} names a split of the "
+                    "Hub dataset and this data is local")
+            parsed.reason = f"{parsed.reason}; {note}"
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
     return LoadedData(train, eval_rows, parsed.format, parsed.reason, source, len(dropped_problems), dropped_problems)
@@ -150,14 +158,12 @@ def read_source(cfg: DataConfig, use_samples: bool, base_dir: Path | None
         path = SAMPLES_DIR / cfg.sample
         if not path.is_file():
             raise UserError(f"No shipped sample {cfg.sample!r} in {SAMPLES_DIR}.")
-        _no_local_eval_split(cfg)
         return str(path), read_local(path), None
     if not cfg.path:
         raise UserError("data.path is empty: name a local file or folder, or a Hub dataset.",
                         hint="Or set use_samples=true to train on the shipped samples.")
     local = resolve_path(cfg.path, base_dir)
     if local is not None:
-        _no_local_eval_split(cfg)
         return str(local), read_local(local), None
     if looks_like_local_path(cfg.path):
         where = f" (looked in {base_dir} and {Path.cwd()})" if base_dir else f" (looked in {Path.cwd()})"
@@ -166,12 +172,6 @@ def read_source(cfg: DataConfig, use_samples: bool, base_dir: Path | None
     records = read_hub(cfg.path, cfg.split)
     eval_records = read_hub(cfg.path, cfg.eval_split) if cfg.eval_split else None
     return f"{cfg.path}[{cfg.split}]", records, eval_records
-
-
-def _no_local_eval_split(cfg: DataConfig) -> None:
-    if cfg.eval_split:
-        raise UserError(f"data.eval_split={cfg.eval_split!r} names a split of a Hub dataset, but this data is local.",
-                        hint="Use data.eval_fraction to hold out part of a local file.")
 
 
 def apply_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
