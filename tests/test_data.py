@@ -385,6 +385,14 @@ def test_each_preference_warning_names_its_lines(tmp_path):
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 
 
+def test_long_answers_are_compared_word_by_word(tmp_path):
+    words = [f"w{i}" for i in range(60)]
+    one_word_changed = " ".join(words[:30] + ["changed"] + words[31:])
+    unrelated = " ".join(f"x{i}" for i in range(60))
+    rows = [pair("Q", " ".join(words), one_word_changed), pair("Q", " ".join(words), unrelated)]
+    assert warned(check(write_jsonl(tmp_path / "long.jsonl", rows))) == {"near_identical_pair": [1]}
+
+
 def test_empty_answer_in_an_hh_transcript_is_a_warning_not_an_error(tmp_path):
     rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: Hi\n\nAssistant:"}]
     report = check(write_jsonl(tmp_path / "hh.jsonl", rows))

@@ -15,8 +15,8 @@ teach the wrong thing; every threshold is stated in the message that uses it:
 from __future__ import annotations
 
 import difflib
-import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from lowvram.recipe import DataConfig
 
 # Thresholds, each with why it is where it is.
-NEAR_IDENTICAL_RATIO = 0.95  # difflib similarity: at most ~1 character in 20 differs; DPO's signal rests on a few tokens
+NEAR_IDENTICAL_RATIO = 0.95  # difflib similarity: at most ~1 unit in 20 differs; DPO's signal rests on a few tokens
+# Short answers are compared character by character (one changed word matters there), longer ones word by word:
+# character-level difflib is quadratic, about 0.2 s for two unrelated 2,000-character answers.
+SHORT_ANSWER_CHARS = 200
 LENGTH_BIAS_SHARE = 0.75  # under no bias the longer answer is chosen about half the time; 3 in 4 is systematic
 LENGTH_BIAS_RATIO = 1.25  # ... and the typical chosen answer is at least 25% longer (or 20% shorter) than rejected
 LENGTH_BIAS_MIN_PAIRS = 10  # fewer pairs than this say nothing about a trend
@@ -203,11 +206,9 @@ def read_source_for_check(cfg: DataConfig, use_samples: bool, base_dir: Path | N
 
 # ------------------------------------------------------------------ lints
 
-_WS = re.compile(r"\s+")
-
-
 def _norm(text: str) -> str:
-    return _WS.sub(" ", text).strip().casefold()
+    """Case and spacing do not make two answers different."""
+    return " ".join(text.split()).casefold()
 
 
 def _has_content(text: str) -> bool:
@@ -264,8 +265,10 @@ def preference_warnings(parsed: ParsedRows, stats: dict) -> list[Finding]:
                                              "(ignoring case and spacing): they carry no preference", tuple(identical)))
     if near:
         out.append(Finding("near_identical_pair", f"{_n(len(near), 'pair')}: nearly identical answers (difflib "
-                                                  f"similarity >= {NEAR_IDENTICAL_RATIO:.0%}): the preference rests on "
-                                                  "a few characters, which DPO then pushes on hard", tuple(near)))
+                                                  f"similarity >= {NEAR_IDENTICAL_RATIO:.0%}, over characters below "
+                                                  f"{SHORT_ANSWER_CHARS} characters, else over words): the preference "
+                                                  "rests on a few tokens, which DPO then pushes on hard; check that "
+                                                  "the difference is the one you mean to teach", tuple(near)))
     if echo:
         out.append(Finding("chosen_equals_prompt", f"{_n(len(echo), 'pair')}: chosen answer equal to the prompt: "
                                                    "they teach the model to repeat the question", tuple(echo)))
@@ -307,10 +310,15 @@ def length_bias(pairs: int, longer_share: float, shorter_share: float, median_ra
 
 
 def _similar(a: str, b: str) -> bool:
-    # The cheap upper bounds rule out most pairs before the quadratic ratio.
-    m = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return (m.real_quick_ratio() >= NEAR_IDENTICAL_RATIO and m.quick_ratio() >= NEAR_IDENTICAL_RATIO
-            and m.ratio() >= NEAR_IDENTICAL_RATIO)
+    """difflib similarity >= NEAR_IDENTICAL_RATIO, over characters (short answers) or words (long ones)."""
+    x, y = (a, b) if max(len(a), len(b)) < SHORT_ANSWER_CHARS else (a.split(), b.split())
+    total = len(x) + len(y)
+    # Two upper bounds of difflib's ratio, each far cheaper than the ratio, rule out most pairs first.
+    if not total or 2 * min(len(x), len(y)) / total < NEAR_IDENTICAL_RATIO:
+        return False
+    if 2 * sum((Counter(x) & Counter(y)).values()) / total < NEAR_IDENTICAL_RATIO:
+        return False
+    return difflib.SequenceMatcher(None, x, y, autojunk=False).ratio() >= NEAR_IDENTICAL_RATIO
 
 
 def sft_warnings(parsed: ParsedRows) -> list[Finding]:
