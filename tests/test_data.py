@@ -304,6 +304,19 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------ splits, samples, the Hub
 
+def test_hub_dataset_rows_and_eval_split(monkeypatch):
+    # The Hub cannot be reached from tests: a real in-memory Dataset is what datasets.load_dataset would return.
+    import datasets
+
+    splits = {"train": [{"prompt": f"P{i}", "chosen": "a", "rejected": "b"} for i in range(5)] + [{"prompt": "P"}],
+              "test": [{"prompt": "T", "chosen": "a", "rejected": "b"}]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(splits[split]))
+    cfg = DataConfig(path="someone/prefs", split="train", eval_split="test", drop_invalid=True)
+    data = load_preference_data(cfg, use_samples=False)
+    assert data.source == "someone/prefs[train]" and len(data.train) == 5 and data.eval == [splits["test"][0]]
+    assert data.dropped == 1 and str(data.dropped_problems[0]).startswith("someone/prefs[train] record 6: missing")
+
+
 def test_eval_fraction_is_deterministic_and_max_examples_caps_train(tmp_path):
     rows = [{"prompt": f"P{i}", "chosen": "a", "rejected": "b"} for i in range(20)]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -459,6 +472,7 @@ def test_data_check_exit_codes_and_json(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["data", "check"]) == 2
     assert main(["data", "check", str(clean), "--kind", "sft"]) == 2  # a preference file is no SFT data
+    assert main(["data", "check", str(clean), "--recipe", "concise", "--kind", "sft"]) == 2  # no SFT stage
     assert "Traceback" not in capsys.readouterr().err
 
 

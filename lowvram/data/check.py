@@ -477,6 +477,9 @@ def _check_recipe(path: str | None, kind: str | None, fmt: str | None, recipe_na
         elif kind is None:  # let the columns say which stage this file is for
             kind = check_data(DataConfig(path=path, format=fmt or "auto")).kind
         stage = stage_of[kind or "sft"]
+        if stage not in recipe.stages():
+            raise UserError(f"Recipe {recipe.name!r} has no enabled {stage} stage to check {kind} data against.",
+                            hint="Check it without --recipe, or with a recipe whose stage uses this kind of data.")
         # The recipe's Hub splits belong to its own data.path, not to the PATH checked here.
         data = dataclasses.replace(getattr(recipe, stage).data, path=path, split="train", eval_split=None)
         targets = [(stage, data, False, None)]

@@ -45,7 +45,7 @@ class LoadedData:
     reason: str  # why that format was chosen
     source: str  # file path(s) or Hub name actually read
     dropped: int  # invalid rows dropped (drop_invalid=True), else 0
-    dropped_problems: tuple[Problem, ...] = ()  # what was wrong with the dropped rows
+    dropped_problems: tuple[Problem, ...] = ()  # what was wrong with the dropped rows (a row may have several)
 
     def lines(self) -> list[str]:
         """What to print before training: source, format with its reason, counts."""
@@ -89,13 +89,14 @@ def _load(cfg: DataConfig, kind: str, use_samples: bool, base_dir: Path | None, 
     source, records, eval_records = read_source(cfg, use_samples, base_dir)
     parsed = parse_records(records, source, kind, cfg.format, cfg.columns)
     train = _accept(parsed, cfg.drop_invalid)
-    dropped_problems = tuple(parsed.problems)
+    dropped_problems, dropped_rows = tuple(parsed.problems), parsed.invalid_records
     eval_rows = None
     if eval_records is not None:
         eval_parsed = parse_records(eval_records, f"{source} (eval split {cfg.eval_split})", kind, parsed.format,
                                     cfg.columns, reason=parsed.reason)
         eval_rows = _accept(eval_parsed, cfg.drop_invalid)
         dropped_problems += tuple(eval_parsed.problems)
+        dropped_rows += eval_parsed.invalid_records
     elif cfg.eval_fraction > 0 or cfg.eval_split:
         fraction = cfg.eval_fraction or LOCAL_EVAL_FRACTION
         train, eval_rows = split_eval(train, fraction, seed)
@@ -105,7 +106,7 @@ def _load(cfg: DataConfig, kind: str, use_samples: bool, base_dir: Path | None, 
             parsed.reason = f"{parsed.reason}; {note}"
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
-    return LoadedData(train, eval_rows, parsed.format, parsed.reason, source, len(dropped_problems), dropped_problems)
+    return LoadedData(train, eval_rows, parsed.format, parsed.reason, source, dropped_rows, dropped_problems)
 
 
 def _accept(parsed: ParsedRows, drop_invalid: bool) -> list[dict]:
