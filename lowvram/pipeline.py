@@ -34,8 +34,10 @@ def _training_device(vram, gpu) -> Device:
                         hint="Use 'lowvram plan RECIPE --vram GIB' to plan for a card you do not have.")
     if planned.total_vram_gib > real.total_vram_gib:
         raise UserError(f"--vram {planned.total_vram_gib:g} is more than this card's {real.total_vram_gib:.1f} GiB.")
+    # --gpu emulates that card, precision included (--gpu t4 on a bigger card trains in fp16)
+    cc = planned.compute_capability if gpu else real.compute_capability
     return Device("cuda", f"{real.name} (capped at {planned.total_vram_gib:g} GiB)", planned.total_vram_gib,
-                  min(planned.total_vram_gib, real.usable_vram_gib), real.compute_capability, "torch")
+                  min(planned.total_vram_gib, real.usable_vram_gib), cc, "torch")
 
 
 def new_run_dir(recipe: Recipe) -> Path:
