@@ -191,3 +191,24 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     state = json.loads((latest_checkpoint(run / "sft" / "checkpoints") / "trainer_state.json").read_text())
     stopped_at = int(err.split("at step ")[1].split(";")[0])
     assert state["global_step"] == stopped_at  # the checkpoint is the step we stopped at
+
+
+def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
+    from lowvram.hardware import known_card
+    from lowvram.planner import make_plan
+    from lowvram.recipe import load_recipe
+    from lowvram.train import StageContext, _oom_message
+
+    recipe, _ = load_recipe("chat-assistant", ["sft.batch_size=4", "sft.grad_accum=2"])
+    plan = make_plan(recipe, known_card("t4"))
+    err = _oom_message(StageContext(tmp_path, recipe, plan, "sft", "unused"))
+    text = err.render()
+    assert err.exit_code == 3
+    assert "sft.batch_size to 2" in text and "sft.grad_accum=4" in text and "same effective batch 8" in text
+    assert f"lowvram run --resume {tmp_path} sft.batch_size=2 sft.grad_accum=4" in text
+
+    recipe, _ = load_recipe("chat-assistant", ["dpo.batch_size=1"])
+    plan = make_plan(recipe, known_card("t4"))
+    seq = plan.stages["dpo"].max_seq_len
+    text = _oom_message(StageContext(tmp_path, recipe, plan, "dpo", "unused")).render()
+    assert f"dpo.max_seq_len from {seq} to {seq // 2}" in text
