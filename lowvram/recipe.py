@@ -25,7 +25,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SAMPLES_DIR = RECIPES_DIR / "data"
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "bco_pair")
-PREFERENCE_METHODS = ("dpo", "orpo")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 GRAD_CKPT_MODES = ("auto", "unsloth", "standard", "off")
 
 
@@ -101,7 +101,7 @@ class SFTConfig(StageConfig):
 
 @dataclass(frozen=True)
 class DPOConfig(StageConfig):
-    method: str = _f("dpo", "Preference method: dpo (reference = the SFT model) or orpo (no reference).",
+    method: str = _f("dpo", "Preference method: dpo or kto (reference = the SFT model), or orpo (no reference).",
                      choices=PREFERENCE_METHODS)
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge, robust, ...", choices=DPO_LOSSES)
     beta: float = _f(0.1, "Strength of the pull toward the reference (ORPO: weight of the odds-ratio term).", gt=0)
@@ -265,8 +265,8 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
                 errors.append(f"{stage}.data.sample: no shipped sample {data.sample!r} in {SAMPLES_DIR}")
         elif not data.path:
             errors.append(f"{stage}.data.path: empty; name a Hub dataset or a local file (or set use_samples=true)")
-    if r.dpo.enabled and r.dpo.method == "orpo" and r.dpo.loss_type != "sigmoid":
-        errors.append("dpo.loss_type: only applies to method dpo; ORPO has its own loss")
+    if r.dpo.enabled and r.dpo.method != "dpo" and r.dpo.loss_type != "sigmoid":
+        errors.append(f"dpo.loss_type: only applies to method dpo; {r.dpo.method.upper()} has its own loss")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -133,9 +133,10 @@ def summary_lines(summary: dict) -> list[str]:
             lines.append(f"DPO   loss {d['loss_start']:.3f} -> {d['loss_end']:.3f} over {d['steps']} steps")
         b, a = d.get("heldout_before"), d.get("heldout_after")
         if b and a:
-            lines.append(f"      held-out preference accuracy {b['reward_accuracy']:.2f} -> {a['reward_accuracy']:.2f}, "
-                         f"reward margin {b['reward_margin']:+.3f} -> {a['reward_margin']:+.3f}")
-            if a.get("logp_margin") is not None and b.get("logp_margin") is not None:
-                lines.append(f"      held-out log-prob margin chosen-rejected {b['logp_margin']:+.2f} -> "
-                             f"{a['logp_margin']:+.2f}")
+            labels = [("reward_accuracy", "preference accuracy", "{:.2f}"), ("reward_margin", "reward margin", "{:+.3f}"),
+                      ("logp_margin", "log-prob margin chosen-rejected", "{:+.2f}")]
+            shown = [f"{label} {fmt.format(b[k])} -> {fmt.format(a[k])}" for k, label, fmt in labels
+                     if b.get(k) is not None and a.get(k) is not None]
+            if shown:
+                lines.append("      held-out " + "; ".join(shown))
     return lines

@@ -336,6 +336,15 @@ def run_preference(ctx: StageContext, data) -> Path:
                           eval_steps=cfg.eval_steps)
         trainer = ORPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tok, callbacks=callbacks)
+    elif cfg.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        # Paired rows are fine: TRL unpairs them (chosen -> desirable, rejected -> undesirable).
+        args = KTOConfig(**common, beta=cfg.beta, max_length=ctx.sp.max_seq_len,
+                         eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
+                         eval_steps=cfg.eval_steps)
+        trainer = KTOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, callbacks=callbacks)
     else:
         from trl import DPOConfig, DPOTrainer
 

@@ -117,6 +117,7 @@ def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
 @pytest.mark.parametrize("overrides", [
     ["sft.enabled=false", "dpo.loss_type=ipo", "dpo.max_steps=2"],
     ["sft.enabled=false", "dpo.loss_type=hinge", "dpo.max_steps=2"],
+    ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
 ])
 def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides):
     assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), *overrides]) == 0
