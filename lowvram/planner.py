@@ -3,19 +3,35 @@
     plan = make_plan(recipe, device)
     print("\\n".join(plan.lines()))
 
+On a CUDA card the sequence length and batch come from the memory estimate (lowvram.memory): the
+card's usable memory minus a 10% safety margin is the budget; each stage gets the longest sequence
+from SEQ_LADDER up to the tier's (or recipe's) target that fits at batch 1, then the largest batch
+that fits, and gradient accumulation keeps the target effective batch. Values the recipe sets are
+kept but checked; when nothing fits, planning stops before anything loads and says what would fit.
+Without a CUDA card (CPU, Apple) there is no VRAM budget: the tier's defaults are used unchecked.
+
 Nothing here imports torch: planning happens before anything loads.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import asdict, dataclass, field
 
 from lowvram.errors import UserError
 from lowvram.hardware import Device
-from lowvram.models import BUILTIN_PREFIX, ModelSpec, get_spec
+from lowvram.memory import ALL_LINEAR, MemoryEstimate, estimate
+from lowvram.models import BUILTIN_PREFIX, CATALOG, ModelSpec, get_spec
 from lowvram.recipe import Recipe, StageConfig
-from lowvram.tiers import Tier, select_tier
+from lowvram.tiers import GPU_TIERS, Tier, select_tier
+
+# Held back from the card's usable memory for what the estimate cannot see: other processes, a
+# longer-than-usual batch, allocator behaviour. The estimate lands within -2%..+10% of the measured
+# peaks it can represent (scripts/calibrate_vram.py), so 10% keeps a plan on the safe side.
+SAFETY_MARGIN_FRACTION = 0.10
+# Sequence lengths the planner chooses from, longest first.
+SEQ_LADDER = (8192, 4096, 2048, 1024, 512, 256)
 
 
 @dataclass(frozen=True)
@@ -27,10 +43,19 @@ class StagePlan:
     grad_ckpt: str  # "unsloth", "standard" or "off"
     optim: str
     reasons: dict[str, str] = field(default_factory=dict)
+    estimate: MemoryEstimate | None = None  # peak VRAM at these settings; None without a CUDA card
+    budget_gib: float | None = None  # usable VRAM minus the safety margin; None without a CUDA card
 
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the estimate is within the budget; None when there is no budget to check."""
+        if self.estimate is None or self.budget_gib is None:
+            return None
+        return self.estimate.total_gib <= self.budget_gib
 
 
 @dataclass(frozen=True)
@@ -49,6 +74,9 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["device"] = {**asdict(self.device), "bf16": self.device.bf16}
+        for name, sp in self.stages.items():
+            d["stages"][name]["estimate"] = sp.estimate.to_dict() if sp.estimate else None
+            d["stages"][name]["fits"] = sp.fits
         return d
 
     def lines(self) -> list[str]:
@@ -61,7 +89,23 @@ class Plan:
                 f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}"
             )
             out += [f"{'':<9}   {k}: {v}" for k, v in sp.reasons.items()]
-        return out
+        return out + self.memory_lines()
+
+    def memory_lines(self) -> list[str]:
+        """The estimated peak VRAM of each stage, line by line, against the budget."""
+        planned = [sp for sp in self.stages.values() if sp.estimate is not None]
+        if not planned:
+            return [f"{'memory':<9} not estimated: {self.reasons.get('memory', 'no CUDA card, so no VRAM budget')}"]
+        from lowvram.ui import table
+
+        headers = ("memory (GiB)", *(f"{sp.stage} (seq {sp.max_seq_len} x batch {sp.batch_size})" for sp in planned))
+        rows = [(name, *(f"{dict(sp.estimate.rows())[name]:.2f}" for sp in planned))
+                for name, _ in planned[0].estimate.rows()]
+        rows.append(("budget", *(f"{sp.budget_gib:.2f}" for sp in planned)))
+        budget = planned[0].budget_gib
+        note = (f"budget = {self.device.usable_vram_gib:.1f} GiB usable on {self.device.name} minus a "
+                f"{SAFETY_MARGIN_FRACTION:.0%} safety margin = {budget:.1f} GiB")
+        return ["", table(rows, headers), note]
 
 
 def unsloth_installed() -> bool:
@@ -104,24 +148,135 @@ def choose_model(recipe: Recipe, tier: Tier) -> tuple[str, str]:
     return tier.models[fam], f"default {fam} model for the {tier.name} tier"
 
 
-def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, backend: str, device: Device) -> StagePlan:
-    reasons = {}
+@dataclass(frozen=True)
+class _Fitter:
+    """Everything a stage's estimate depends on except sequence length and batch, and the budget."""
+
+    spec: ModelSpec
+    stage: str  # memory.estimate's stage: sft, dpo or orpo
+    lora_r: int
+    targets: tuple[str, ...]
+    grad_ckpt: str
+    optim: str
+    dtype: str
+    backend: str
+    load_in_4bit: bool
+    budget_gib: float
+
+    def at(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> MemoryEstimate:
+        return estimate(spec or self.spec, self.stage, max_seq_len=max_seq_len, batch_size=batch_size,
+                        lora_r=self.lora_r, target_modules=self.targets, grad_ckpt=self.grad_ckpt, optim=self.optim,
+                        dtype=self.dtype, backend=self.backend, load_in_4bit=self.load_in_4bit)
+
+    def fits(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> bool:
+        return self.at(max_seq_len, batch_size, spec).total_gib <= self.budget_gib
+
+    def longest_seq(self, upto: int, batch_size: int = 1, spec: ModelSpec | None = None) -> int | None:
+        """The longest ladder length <= upto (or upto itself when below the ladder) that fits."""
+        ladder = [s for s in SEQ_LADDER if s <= upto] or [upto]
+        return next((s for s in ladder if self.fits(s, batch_size, spec)), None)
+
+    def largest_batch(self, max_seq_len: int, upto: int) -> int | None:
+        """The largest power-of-two batch <= upto that fits at this sequence length."""
+        sizes = [2**i for i in range(int(math.log2(max(upto, 1))), -1, -1)]
+        return next((b for b in sizes if self.fits(max_seq_len, b)), None)
+
+
+class _NothingFits(Exception):
+    """A stage does not fit even at the shortest sequence and batch 1 (turned into a UserError)."""
+
+    def __init__(self, stage: str, target_seq: int):
+        super().__init__(stage)
+        self.stage, self.target_seq = stage, target_seq
+
+
+def _targets(recipe: Recipe) -> tuple[tuple[str, ...], str | None]:
+    """The LoRA targets the estimate can count, and a note about any it cannot."""
+    wanted = tuple(recipe.lora.target_modules)
+    if "all-linear" in wanted:
+        return ALL_LINEAR, None
+    known = tuple(t for t in wanted if t in ALL_LINEAR)
+    other = [t for t in wanted if t not in ALL_LINEAR]
+    return known or ALL_LINEAR, (f"the estimate does not count adapters on {', '.join(other)}" if other else None)
+
+
+def _stage_targets(tier: Tier, stage: str, cfg: StageConfig) -> tuple[int, int]:
+    """(max_seq_len, effective batch) a stage aims for: the recipe's values, else the tier's."""
     dpo = stage == "dpo"
-    seq_default = tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len
-    bs_default = tier.dpo_batch_size if dpo else tier.batch_size
-    ga_default = tier.dpo_grad_accum if dpo else tier.grad_accum
+    seq = cfg.max_seq_len or (tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len)
+    bs = cfg.batch_size or (tier.dpo_batch_size if dpo else tier.batch_size)
+    ga = cfg.grad_accum or (tier.dpo_grad_accum if dpo else tier.grad_accum)
+    return seq, bs * ga
 
-    def pick(name, value, default, why):
-        if value is not None:
-            reasons[name] = "set by the recipe"
-            return value
-        reasons[name] = why
-        return default
 
-    seq = pick("max_seq_len", cfg.max_seq_len, seq_default,
-               f"{tier.name} tier default" + (" (DPO holds chosen+rejected: half the SFT length)" if dpo else ""))
-    bs = pick("batch_size", cfg.batch_size, bs_default, f"{tier.name} tier default")
-    ga = pick("grad_accum", cfg.grad_accum, ga_default, f"{tier.name} tier default")
+def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier: Tier, device: Device) -> UserError:
+    """Some stage does not fit at all: say how far over it is and name what fits every stage."""
+    fit = fits[failed.stage]
+    shortest = min(failed.target_seq, SEQ_LADDER[-1])
+    need = fit.at(shortest, 1).total_gib
+
+    def seqs_for(spec: ModelSpec, targets: dict[str, int]) -> str | None:
+        got = {s: f.longest_seq(targets[s], spec=spec) for s, f in fits.items()}
+        return None if None in got.values() else ", ".join(f"{s}.max_seq_len={n}" for s, n in got.items())
+
+    ideas = []
+    own_targets = {s: _stage_targets(tier, s, getattr(recipe, s))[0] for s in fits}
+    smaller = sorted((s for s in CATALOG.values() if s.family == fit.spec.family and s.params_b < fit.spec.params_b),
+                     key=lambda s: -s.params_b)
+    for spec in smaller:
+        seqs = seqs_for(spec, own_targets)
+        if seqs:
+            ideas.append(f"a smaller {spec.family} model: model.name={spec.name} fits ({seqs})")
+            break
+    for other in GPU_TIERS:
+        if other.min_total_gib < tier.min_total_gib and fit.spec.family in other.models:
+            spec = get_spec(other.models[fit.spec.family])
+            seqs = seqs_for(spec, {s: _stage_targets(other, s, getattr(recipe, s))[0] for s in fits}) if spec else None
+            if seqs:
+                ideas.append(f"a smaller tier: model.tier={other.name} ({spec.name}) fits ({seqs})")
+                break
+    return UserError(
+        f"{fit.spec.name} does not fit on {device.name} for {failed.stage}: even max_seq_len={shortest} at batch 1 "
+        f"needs about {need:.1f} GiB, and the budget is {fit.budget_gib:.1f} GiB "
+        f"({device.usable_vram_gib:.1f} GiB usable minus a {SAFETY_MARGIN_FRACTION:.0%} safety margin).",
+        ideas or ["nothing lowvram offers in this family fits: plan for a bigger card with --vram GIB"],
+        hint="Planning stopped before loading anything. Use one of the above as an override, "
+             "e.g. lowvram plan RECIPE model.name=NAME",
+    )
+
+
+def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: bool, set_bs: bool,
+                         device: Device) -> None:
+    """The recipe's own max_seq_len / batch_size win, unless they cannot fit: then say what would."""
+    need = fit.at(seq, bs).total_gib
+    if need <= fit.budget_gib:
+        return
+    if fit.longest_seq(seq) is None:
+        raise _NothingFits(stage, seq)
+    ideas = []
+    if bs > 1:
+        b = fit.largest_batch(seq, bs - 1)
+        if b is not None:
+            ideas.append(f"{stage}.batch_size={b} fits at max_seq_len={seq} (raise {stage}.grad_accum to keep the "
+                         f"effective batch)")
+    shorter = fit.longest_seq(seq - 1, bs)
+    if shorter is not None:
+        ideas.append(f"{stage}.max_seq_len={shorter} fits at batch_size={bs}")
+    elif bs > 1:
+        ideas.append(f"{stage}.max_seq_len={fit.longest_seq(seq)} fits at batch_size=1")
+    named = " with ".join(x for x, on in ((f"{stage}.max_seq_len={seq}", set_seq), (f"{stage}.batch_size={bs}", set_bs))
+                          if on)
+    raise UserError(
+        f"{named} needs about {need:.1f} GiB on {device.name}; the budget is {fit.budget_gib:.1f} GiB "
+        f"({device.usable_vram_gib:.1f} GiB usable minus a {SAFETY_MARGIN_FRACTION:.0%} safety margin).",
+        ideas,
+        hint="Set one of the above, or leave the setting empty so lowvram chooses a value that fits.",
+    )
+
+
+def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device) -> tuple[str, str, dict[str, str]]:
+    """(grad_ckpt, optim, reasons) for a stage."""
+    reasons = {}
     if cfg.grad_ckpt != "auto":
         ckpt = cfg.grad_ckpt
         reasons["grad_ckpt"] = "set by the recipe"
@@ -138,7 +293,58 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, backend: str, device: 
         optim, reasons["optim"] = tier.optim, "8-bit AdamW states (bitsandbytes) save 75% of optimizer memory"
     else:
         optim, reasons["optim"] = "adamw_torch", "bitsandbytes' 8-bit optimizer needs CUDA"
-    return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons)
+    return ckpt, optim, reasons
+
+
+def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: str, optim: str,
+                reasons: dict[str, str], fit: _Fitter | None) -> StagePlan:
+    dpo = stage == "dpo"
+    if fit is None:  # no VRAM budget (CPU, Apple, or a model whose dimensions are unknown)
+        def pick(name, value, default, why):
+            if value is not None:
+                reasons[name] = "set by the recipe"
+                return value
+            reasons[name] = why
+            return default
+
+        seq = pick("max_seq_len", cfg.max_seq_len, tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len,
+                   f"{tier.name} tier default" + (" (DPO holds chosen+rejected: half the SFT length)" if dpo else ""))
+        bs = pick("batch_size", cfg.batch_size, tier.dpo_batch_size if dpo else tier.batch_size,
+                  f"{tier.name} tier default")
+        ga = pick("grad_accum", cfg.grad_accum, tier.dpo_grad_accum if dpo else tier.grad_accum,
+                  f"{tier.name} tier default")
+        return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons)
+
+    target_seq, target_eff = _stage_targets(tier, stage, cfg)
+    what = {"sft": "SFT", "dpo": "DPO (chosen+rejected and a reference forward)",
+            "orpo": "ORPO (chosen+rejected)"}[fit.stage]
+    if cfg.max_seq_len is not None:
+        seq, reasons["max_seq_len"] = cfg.max_seq_len, "set by the recipe"
+    else:
+        seq = fit.longest_seq(target_seq)
+        if seq is None:
+            raise _NothingFits(stage, target_seq)
+        why = f"{tier.name} tier target {target_seq}" + (" (DPO: half the SFT length)" if dpo else "")
+        if seq == target_seq:
+            reasons["max_seq_len"] = f"{why}; fits at batch 1 ({fit.at(seq, 1).total_gib:.1f} GiB)"
+        else:
+            reasons["max_seq_len"] = (f"{why} would need {fit.at(target_seq, 1).total_gib:.1f} GiB at batch 1; "
+                                      f"{seq} is the longest of {', '.join(map(str, SEQ_LADDER))} that fits")
+    if cfg.batch_size is not None:
+        bs, reasons["batch_size"] = cfg.batch_size, "set by the recipe"
+    else:
+        bs = fit.largest_batch(seq, target_eff) or 1
+        reasons["batch_size"] = (f"largest power of two up to the effective batch {target_eff} that fits {what} "
+                                 f"at seq {seq}")
+    _check_recipe_values(fit, stage, seq, bs, cfg.max_seq_len is not None, cfg.batch_size is not None, device)
+    if cfg.grad_accum is not None:
+        ga, reasons["grad_accum"] = cfg.grad_accum, "set by the recipe"
+    else:
+        ga = max(1, math.ceil(target_eff / bs))
+        reasons["grad_accum"] = f"keeps the effective batch at {target_eff} (batch {bs} x {ga})"
+    est = fit.at(seq, bs)
+    reasons["memory"] = f"estimated peak {est.total_gib:.1f} GiB of a {fit.budget_gib:.1f} GiB budget"
+    return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons, est, round(fit.budget_gib, 3))
 
 
 def make_plan(recipe: Recipe, device: Device) -> Plan:
@@ -169,5 +375,46 @@ def make_plan(recipe: Recipe, device: Device) -> Plan:
         "load_in_4bit": q4_reason,
         "lora": "set by the recipe" if recipe.lora.r else f"{tier.name} tier default",
     }
-    stages = {s: _stage_plan(s, getattr(recipe, s), tier, backend, device) for s in recipe.stages()}
+    budgeted = device.kind == "cuda" and spec is not None
+    if device.kind != "cuda":
+        reasons["memory"] = "no CUDA card, so no VRAM budget to check the settings against"
+    elif spec is None:
+        reasons["memory"] = (f"dimensions of {model} unknown (not in lowvram's catalog, no local config.json): "
+                             "the tier's defaults, unchecked")
+    targets, note = _targets(recipe)
+    if note and budgeted:
+        reasons["lora"] += f"; {note}"
+    modes, fits = {}, {}
+    for s in recipe.stages():
+        modes[s] = _memory_modes(getattr(recipe, s), tier, backend, device)
+        if budgeted:
+            est_stage = "orpo" if s == "dpo" and recipe.dpo.method == "orpo" else s
+            fits[s] = _Fitter(spec, est_stage, r, targets, modes[s][0], modes[s][1], dtype, backend, q4,
+                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION))
+    try:
+        stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s)) for s in recipe.stages()}
+    except _NothingFits as failed:
+        raise _refuse(recipe, fits, failed, tier, device) from None
     return Plan(device, tier.name, model, backend, dtype, q4, r, alpha, stages, reasons)
+
+
+def tier_table(cards: dict[str, str] | None = None) -> list[dict]:
+    """The settings each GPU tier gets, as planned for a typical card of the tier, per model family.
+
+    The tier table is the planner's output: `scripts/tier_table.py` prints it for the README.
+    """
+    from lowvram.hardware import known_card
+    from lowvram.recipe import ModelConfig
+
+    cards = cards or {"24gb": "rtx4090", "16gb": "t4", "12gb": "rtx3060", "8gb": "rtx4060"}
+    rows = []
+    for tier in GPU_TIERS:
+        device = known_card(cards[tier.name])
+        for family in sorted(f for f in tier.models if f != "tiny"):
+            plan = make_plan(Recipe(model=ModelConfig(family=family, tier=tier.name)), device)
+            for sp in plan.stages.values():
+                rows.append({"tier": tier.name, "card": device.name, "family": family, "model": plan.model,
+                             "stage": sp.stage, "max_seq_len": sp.max_seq_len, "batch_size": sp.batch_size,
+                             "grad_accum": sp.grad_accum, "lora_r": plan.lora_r,
+                             "estimate_gib": round(sp.estimate.total_gib, 2), "budget_gib": round(sp.budget_gib, 2)})
+    return rows

@@ -1,0 +1,337 @@
+"""Peak VRAM of 4-bit LoRA training, predicted before anything loads.
+
+    from lowvram.memory import estimate
+    from lowvram.models import get_spec
+
+    est = estimate(get_spec("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"), "sft", max_seq_len=2048,
+                   batch_size=2, lora_r=16, grad_ckpt="unsloth", optim="adamw_8bit", dtype="fp16")
+    print(est.total_gib, est.lines())
+
+A pure function of the model's dimensions and the training settings: no torch, no download.
+The result is a breakdown in GiB whose lines add up to `total_gib`, the peak as `nvidia-smi` sees it.
+`reserved_gib` leaves out the CUDA context: it is what `torch.cuda.max_memory_reserved()` reports.
+
+How the peak is built (each term is a section below, each coefficient says where it comes from):
+- weights: linear layers in NF4 (0.5 byte/param + double-quant scales); embeddings and lm_head stay
+  16-bit (bitsandbytes quantizes nn.Linear only and skips lm_head); PEFT's
+  prepare_model_for_kbit_training upcasts those to fp32 in the hf backend.
+- LoRA: adapters, their gradients (fp32) and the optimizer states.
+- activations: what the forward keeps for the backward, per token, from the modules the backend
+  runs (Unsloth's fused kernels, or transformers + PEFT under autocast), times the tokens in one
+  micro-batch; gradient checkpointing keeps one layer input per layer instead (Unsloth's offloaded
+  mode sends even those to CPU RAM), plus one layer recomputed during the backward.
+- logits: batch x sequence x vocabulary. fp32 over a 128k-152k vocabulary dominates at short
+  sequences unless the loss is fused (Unsloth) or chunked (TRL >= 1.15's fused LM head).
+- ref forward (DPO): the no-grad reference forward over chosen+rejected, run while the policy's
+  activations are still held, plus the frozen copy of the adapter TRL keeps as the reference.
+  DPO and ORPO put chosen and rejected through the policy together: twice the tokens of SFT.
+- overhead: CUDA context (outside PyTorch's allocator), allocator slack and fragmentation, and the
+  16-bit buffer bitsandbytes dequantizes each 4-bit weight into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+from lowvram.models import ModelSpec
+
+GIB = 1024**3
+
+# ---------------------------------------------------------------- coefficients
+
+# bitsandbytes NF4 packs two 4-bit codes per byte.
+NF4_BYTES_PER_PARAM = 0.5
+# Double quantization (Unsloth and lowvram's hf backend both turn it on): blocks of 64 weights share
+# one absmax, stored in 8 bits, with one fp32 scale per 256 absmax values (QLoRA paper, section 2).
+NF4_SCALE_BYTES_PER_PARAM = 1 / 64 + 4 / (64 * 256)
+
+# LoRA adapters train in fp32 in both backends: PEFT upcasts adapters (autocast_adapter_dtype=True)
+# and fp16 mixed precision needs fp32 master weights. Their gradients are fp32 too.
+LORA_PARAM_BYTES = 4
+LORA_GRAD_BYTES = 4
+
+# Optimizer state bytes per trainable parameter.
+OPTIMIZER_STATE_BYTES: dict[str, float] = {
+    # bitsandbytes 8-bit AdamW: two uint8 moments plus an fp32 absmax per 2048-value block.
+    "adamw_8bit": 2 + 8 / 2048,
+    "paged_adamw_8bit": 2 + 8 / 2048,
+    "adamw_bnb_8bit": 2 + 8 / 2048,
+    # torch AdamW: two fp32 moments.
+    "adamw_torch": 8,
+    "adamw_torch_fused": 8,
+    "paged_adamw_32bit": 8,
+    "adafactor": 4,  # factored second moment is tiny; the update buffer is a full fp32 copy
+    "sgd": 0,
+}
+
+# CUDA context: driver state, kernel images and library handles. It lives outside PyTorch's allocator,
+# so nvidia-smi counts it and torch.cuda.max_memory_reserved() does not. About 0.3-0.6 GiB with lazy
+# module loading (CUDA >= 11.7); Unsloth's estimator budgets 1.4 GB for context plus runtime.
+CUDA_CONTEXT_GIB = 0.5
+
+# Reserved memory the allocator holds beyond live tensors, in two parts:
+# - a fixed slack: right after loading, the Unsloth T4 notebooks report 0.5 GiB more reserved than
+#   weights + adapters (Llama-3.1-8B: 5.98 GiB reserved vs 5.47; Mistral-7B: 4.52 vs 4.01).
+# - fragmentation of the per-step tensors: fms-acceleration's A100 runs (HF PEFT + bitsandbytes)
+#   report nvidia-smi peaks 1.29-1.41x torch's peak allocated; about 30% of the memory that comes
+#   and goes each step (activations, logits) is lost to blocks the caching allocator cannot reuse.
+ALLOCATOR_SLACK_GIB = 0.5
+ALLOCATOR_FRAGMENTATION = 0.30
+
+# TRL >= 1.15 scores tokens through the LM head in tiles of 4096 tokens x 32768 vocabulary entries
+# (trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+
+# transformers' own loss on full logits: the 16-bit logits, their fp32 upcast (ForCausalLMLoss),
+# the log-softmax output cross_entropy keeps for backward, and its fp32 gradient.
+FULL_LOGITS_FP32_EXTRA_BYTES = 4 + 4 + 4
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STAGES = ("sft", "dpo", "orpo")
+GRAD_CKPT = ("off", "standard", "unsloth")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """How one training stack spends memory. `STACKS` holds lowvram's two backends.
+
+    kernels:      "unsloth" (fused Triton kernels, LoRA folded into them) or "hf" (transformers
+                  modules + PEFT LoRA layers under autocast).
+    logits:       "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
+                  cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
+                  transformers' loss on full logits upcast to fp32 (TRL < 1.15, plain Trainer).
+    fp32_non_quantized: embeddings, norms and lm_head upcast to fp32 (PEFT's
+                  prepare_model_for_kbit_training, which lowvram's hf backend calls); the residual
+                  stream then runs in fp32 too.
+    """
+
+    name: str
+    kernels: str
+    logits: str
+    fp32_non_quantized: bool
+
+
+STACKS: dict[str, Stack] = {
+    # Conservative for Unsloth: newer releases chunk the cross-entropy further than one full buffer.
+    "unsloth": Stack("unsloth", kernels="unsloth", logits="fused_16bit", fp32_non_quantized=False),
+    "hf": Stack("hf", kernels="hf", logits="chunked", fp32_non_quantized=True),
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak VRAM of one training stage, in GiB. The lines add up to `total_gib`."""
+
+    weights_gib: float  # base model weights as loaded (4-bit linears, 16/32-bit embeddings and norms)
+    lora_gib: float  # adapters + their gradients + optimizer states
+    activations_gib: float  # kept for backward, plus one layer recomputed and its gradients
+    logits_gib: float  # LM head output and loss buffers
+    ref_forward_gib: float  # DPO reference: no-grad forward and the frozen reference adapter
+    overhead_gib: float  # CUDA context + allocator slack and fragmentation + 4-bit dequant buffer
+    total_gib: float
+    tokens: int  # tokens in one micro-batch through the policy (DPO: chosen + rejected)
+    details: dict[str, float] = field(default_factory=dict)  # the overhead's parts, trainable params
+
+    @property
+    def reserved_gib(self) -> float:
+        """What torch.cuda.max_memory_reserved() would report: the total without the CUDA context."""
+        return self.total_gib - self.details.get("cuda_context_gib", 0.0)
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("weights", self.weights_gib), ("LoRA+optimizer", self.lora_gib),
+                ("activations", self.activations_gib), ("logits", self.logits_gib),
+                ("ref forward", self.ref_forward_gib), ("overhead", self.overhead_gib), ("total", self.total_gib)]
+
+    def lines(self) -> list[str]:
+        return [f"{name:<15} {gib:6.2f} GiB" for name, gib in self.rows()]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reserved_gib": self.reserved_gib}
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def _linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each decoder linear layer."""
+    q = spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    h, m = spec.hidden_size, spec.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+
+
+def lora_params(spec: ModelSpec, lora_r: int, target_modules: Sequence[str] = ALL_LINEAR) -> int:
+    """Trainable LoRA parameters: r x (in + out) per targeted linear, in every layer."""
+    shapes = _linear_shapes(spec)
+    unknown = sorted(set(target_modules) - set(shapes))
+    if unknown:
+        raise ValueError(f"target modules {unknown} are not decoder linears; expected some of {list(shapes)}")
+    per_layer = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in set(target_modules))
+    return per_layer * spec.num_layers
+
+
+def _weights_bytes(spec: ModelSpec, load_in_4bit: bool, elem: int, stack: Stack) -> float:
+    linear = sum(i * o for i, o in _linear_shapes(spec).values()) * spec.num_layers
+    embeddings = spec.vocab_size * spec.hidden_size * (1 if spec.tied_embeddings else 2)
+    norms = spec.hidden_size * (2 * spec.num_layers + 1)
+    if not load_in_4bit:
+        return (linear + embeddings + norms) * elem
+    other_bytes = 4 if stack.fp32_non_quantized else elem
+    return linear * (NF4_BYTES_PER_PARAM + NF4_SCALE_BYTES_PER_PARAM) + (embeddings + norms) * other_bytes
+
+
+# ---------------------------------------------------------------- activations (bytes per token)
+
+def _layer_saved_bytes(spec: ModelSpec, stack: Stack, elem: int, targets: Sequence[str], load_in_4bit: bool) -> float:
+    """Bytes one decoder layer keeps for its backward, per token."""
+    h, m = spec.hidden_size, spec.intermediate_size
+    q = spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    if stack.kernels == "unsloth":
+        # unsloth/kernels/fast_lora.py: LoRA_QKV and LoRA_W save their input X, LoRA_MLP saves X and
+        # the gate and up outputs e, g (SwiGLU is recomputed in the backward); the RMSNorm kernel
+        # saves its input; attention saves q, k, v and its output. The LoRA matmuls reuse those inputs.
+        return elem * (h + h + (q + 2 * kv) + q + h + h + 2 * m)
+    # transformers + PEFT under autocast, checked against autograd's saved tensors on CPU
+    # (tests/test_memory.py):
+    # - each RMSNorm upcasts its input to fp32 and keeps it (4 bytes x hidden, two norms);
+    # - attention (SDPA / flash) keeps q, k, v and its output;
+    # - SiLU keeps the gate output, the product keeps SiLU's output and the up output;
+    # - each PEFT LoRA layer casts its input to the adapter's fp32 and autocast casts it back: lora_A
+    #   keeps its own 16-bit copy of the input, one per targeted linear.
+    # - bitsandbytes' MatMul4Bit keeps its input too (a frozen 16-bit nn.Linear does not): one for
+    #   q/k/v, o, gate/up and down each.
+    shapes = _linear_shapes(spec)
+    lora_inputs = sum(shapes[t][0] for t in set(targets))
+    base_inputs = (h + q + h + m) if load_in_4bit else 0
+    return 2 * 4 * h + elem * (2 * q + 2 * kv) + elem * 3 * m + elem * lora_inputs + elem * base_inputs
+
+
+def _layer_backward_bytes(spec: ModelSpec, stack: Stack, elem: int) -> float:
+    """Gradients alive while one layer runs its backward, per token."""
+    h, m = spec.hidden_size, spec.intermediate_size
+    q = spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    if stack.kernels == "unsloth":
+        # Unsloth's SwiGLU backward works in place in the saved gate/up buffers; the down-proj
+        # gradient (intermediate size) and two hidden-size input gradients are new.
+        return elem * max(m + 2 * h, q + 2 * kv + 2 * h)
+    # autograd: gradients of the down input, SiLU output and up output, plus input gradients.
+    return elem * max(3 * m + 3 * h, 2 * (q + 2 * kv) + 3 * h)
+
+
+def _layer_forward_bytes(spec: ModelSpec, elem: int) -> float:
+    """Working set of one layer's forward without grad (the DPO reference), per token."""
+    h, m = spec.hidden_size, spec.intermediate_size
+    return elem * (3 * h + 4 * m)  # residual, normed input, attention out; gate, up, SiLU, product
+
+
+def _head_bytes(spec: ModelSpec, stack: Stack, elem: int) -> float:
+    """The final norm and the LM head's input, kept for backward, per token."""
+    h = spec.hidden_size
+    return (4 * h if stack.kernels == "hf" else elem * h) + elem * h
+
+
+def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: bool) -> float:
+    v, h = spec.vocab_size, spec.hidden_size
+    if stack.logits == "full_fp32":
+        return tokens * v * (elem + (FULL_LOGITS_FP32_EXTRA_BYTES if grad else 4))
+    if stack.logits == "fused_16bit":
+        return tokens * v * elem + tokens * 4  # logits buffer (gradient in place) + fp32 logsumexp
+    if stack.logits == "chunked":
+        tile = min(tokens, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE) * elem
+        head_cast = min(v, TRL_VOCAB_TILE) * h * elem if stack.fp32_non_quantized else 0  # fp32 head tile cast
+        per_token = (4 + elem) * h if grad else 0  # fp32 hidden gradient + gathered hidden rows
+        return tile + head_cast + tokens * per_token
+    raise ValueError(f"unknown logits mode {stack.logits!r}")
+
+
+# ---------------------------------------------------------------- the estimate
+
+def estimate(
+    spec: ModelSpec,
+    stage: str = "sft",
+    *,
+    max_seq_len: int,
+    batch_size: int,
+    lora_r: int,
+    target_modules: Sequence[str] = ALL_LINEAR,
+    grad_ckpt: str = "unsloth",
+    optim: str = "adamw_8bit",
+    dtype: str = "bf16",
+    backend: str | Stack = "unsloth",
+    load_in_4bit: bool = True,
+) -> MemoryEstimate:
+    """Peak VRAM of one stage ("sft", "dpo" or "orpo") of LoRA training, as a breakdown in GiB.
+
+    `backend` names a stack in STACKS ("unsloth", "hf") or is a Stack for another implementation.
+    DPO and ORPO batches hold chosen and rejected together: twice SFT's tokens. DPO also runs the
+    no-grad reference forward; ORPO has no reference.
+    """
+    stack = STACKS[backend] if isinstance(backend, str) else backend
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if grad_ckpt not in GRAD_CKPT:
+        raise ValueError(f"grad_ckpt must be one of {GRAD_CKPT}, got {grad_ckpt!r}")
+    if grad_ckpt == "unsloth" and stack.kernels != "unsloth":
+        raise ValueError("offloaded ('unsloth') checkpointing needs the unsloth backend")
+    if optim not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optim must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optim!r}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if min(max_seq_len, batch_size, lora_r) < 1:
+        raise ValueError("max_seq_len, batch_size and lora_r must be positive")
+    elem = DTYPE_BYTES[dtype]
+    if not load_in_4bit:
+        stack = replace(stack, fp32_non_quantized=False)  # PEFT upcasts only around a quantized base
+    pairs = stage in ("dpo", "orpo")
+    tokens = batch_size * max_seq_len * (2 if pairs else 1)
+
+    weights = _weights_bytes(spec, load_in_4bit, elem, stack)
+    n_lora = lora_params(spec, lora_r, target_modules)
+    lora = n_lora * (LORA_PARAM_BYTES + LORA_GRAD_BYTES + OPTIMIZER_STATE_BYTES[optim])
+
+    # Activations: what the forward keeps, then one layer recomputed and back-propagated.
+    saved = _layer_saved_bytes(spec, stack, elem, target_modules, load_in_4bit)
+    residual = spec.hidden_size * (4 if stack.fp32_non_quantized else elem)
+    if grad_ckpt == "off":
+        kept = spec.num_layers * saved
+        recompute = 0.0
+    elif grad_ckpt == "standard":
+        kept = spec.num_layers * residual  # each layer's input
+        recompute = saved
+    else:  # Unsloth's offload: layer inputs go to CPU RAM; two are in flight on the GPU
+        kept = 2 * residual
+        recompute = saved
+    per_token = kept + recompute + _layer_backward_bytes(spec, stack, elem) + _head_bytes(spec, stack, elem)
+    activations = tokens * per_token
+
+    logits = _logits_bytes(spec, stack, elem, tokens, grad=True)
+
+    ref_forward = 0.0
+    if stage == "dpo":
+        # TRL runs the reference after the policy forward, so it stacks on the kept activations.
+        ref_forward = (tokens * _layer_forward_bytes(spec, elem) + _logits_bytes(spec, stack, elem, tokens, grad=False)
+                       + n_lora * LORA_PARAM_BYTES)  # the frozen "ref" copy of the SFT adapter
+
+    # bitsandbytes dequantizes a 4-bit weight into a 16-bit buffer for each matmul; forward and
+    # backward buffers of the largest linear can be alive together.
+    largest = max(i * o for i, o in _linear_shapes(spec).values())
+    dequant = 2 * largest * elem if load_in_4bit else 0.0
+    step_bytes = activations + logits + ref_forward + dequant
+    allocator = ALLOCATOR_SLACK_GIB * GIB + ALLOCATOR_FRAGMENTATION * step_bytes
+    context = CUDA_CONTEXT_GIB * GIB
+    overhead = context + allocator + dequant
+
+    parts = [weights, lora, activations, logits, ref_forward, overhead]
+    gib = [p / GIB for p in parts]
+    details = {
+        "cuda_context_gib": context / GIB,
+        "allocator_gib": allocator / GIB,
+        "dequant_buffer_gib": dequant / GIB,
+        "lora_params_m": n_lora / 1e6,
+    }
+    return MemoryEstimate(*gib, total_gib=sum(gib), tokens=tokens, details=details)

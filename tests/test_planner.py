@@ -1,0 +1,201 @@
+"""The planner: settings from the memory estimate, never over budget, refusals that name what fits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowvram.cli import main
+from lowvram.errors import UserError
+from lowvram.hardware import KNOWN_CARDS, Device, known_card, simulated_device
+from lowvram.memory import estimate
+from lowvram.models import get_spec
+from lowvram.planner import SAFETY_MARGIN_FRACTION, SEQ_LADDER, make_plan, tier_table
+from lowvram.recipe import load_recipe, shipped_recipes
+from lowvram.tiers import TIERS
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = Device("cpu", "CPU", 0, 0, None, "none")
+
+
+def reestimate(plan, stage: str, max_seq_len: int | None = None, batch_size: int | None = None):
+    """The estimate of a planned stage, recomputed from the plan's own fields."""
+    sp = plan.stages[stage]
+    recipe_stage = "orpo" if sp.reasons.get("batch_size", "").find("ORPO") >= 0 else stage
+    return estimate(get_spec(plan.model), recipe_stage, max_seq_len=max_seq_len or sp.max_seq_len,
+                    batch_size=batch_size or sp.batch_size, lora_r=plan.lora_r, grad_ckpt=sp.grad_ckpt,
+                    optim=sp.optim, dtype=plan.dtype, backend=plan.backend, load_in_4bit=plan.load_in_4bit)
+
+
+@pytest.mark.parametrize("card", sorted(KNOWN_CARDS))
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_shipped_recipes_plan_within_budget_on_every_card(name, card):
+    recipe, _ = load_recipe(name)
+    device = known_card(card)
+    plan = make_plan(recipe, device)
+    for stage, sp in plan.stages.items():
+        assert sp.budget_gib == pytest.approx(device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), abs=1e-3)
+        assert sp.estimate is not None and sp.fits
+        assert sp.estimate.total_gib <= sp.budget_gib
+        if recipe.dpo.method != "orpo" or stage != "dpo":
+            assert reestimate(plan, stage).total_gib == pytest.approx(sp.estimate.total_gib)
+        assert all(sp.reasons[k] for k in ("max_seq_len", "batch_size", "grad_accum", "grad_ckpt", "optim"))
+
+
+@pytest.mark.parametrize("vram", [5.6, 6.5, 8, 10, 11, 12, 14, 15, 16, 20, 24, 40, 80])
+@pytest.mark.parametrize("family", ["llama", "qwen", "mistral"])
+def test_planner_never_returns_settings_over_budget(vram, family):
+    recipe, _ = load_recipe("chat-assistant", [f"model.family={family}"])
+    try:
+        plan = make_plan(recipe, simulated_device(vram))
+    except UserError as e:  # a family the tier does not offer, or nothing fits: refused, never over budget
+        assert "tier has no" in e.message or "does not fit" in e.message
+        return
+    for sp in plan.stages.values():
+        assert sp.estimate.total_gib <= sp.budget_gib
+
+
+@pytest.mark.parametrize("card", ["rtx4090", "t4", "rtx3060", "rtx4060"])
+def test_chosen_settings_are_the_largest_that_fit(card):
+    recipe, _ = load_recipe("chat-assistant")
+    plan = make_plan(recipe, known_card(card))
+    tier = TIERS[plan.tier]
+    for stage, sp in plan.stages.items():
+        target_seq = tier.dpo_max_seq_len if stage == "dpo" else tier.sft_max_seq_len
+        target_eff = (tier.dpo_batch_size * tier.dpo_grad_accum if stage == "dpo"
+                      else tier.batch_size * tier.grad_accum)
+        longer = [s for s in SEQ_LADDER if sp.max_seq_len < s <= target_seq]
+        if longer:  # the next ladder step up would not have fit, even at batch 1
+            assert reestimate(plan, stage, max_seq_len=min(longer), batch_size=1).total_gib > sp.budget_gib
+        if 2 * sp.batch_size <= target_eff:
+            assert reestimate(plan, stage, batch_size=2 * sp.batch_size).total_gib > sp.budget_gib
+        assert sp.effective_batch == target_eff  # gradient accumulation keeps the effective batch
+
+
+def test_smaller_card_gets_shorter_or_smaller_settings_for_the_same_model():
+    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                                               "model.tier=24gb"])
+    big, small = make_plan(recipe, simulated_device(24)), make_plan(recipe, simulated_device(12))
+    for stage in big.stages:
+        b, s = big.stages[stage], small.stages[stage]
+        assert s.max_seq_len * s.batch_size < b.max_seq_len * b.batch_size
+        assert s.effective_batch == b.effective_batch
+
+
+def test_too_large_model_is_refused_with_what_would_fit():
+    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Qwen2.5-14B-Instruct-bnb-4bit"])
+    with pytest.raises(UserError) as e:
+        make_plan(recipe, known_card("rtx4060"))
+    err = e.value
+    assert "does not fit on NVIDIA GeForce RTX 4060" in err.message and "budget is 7.2 GiB" in err.message
+    suggestion = next(p for p in err.problems if "a smaller qwen model" in p)
+    override = suggestion.split(": ", 1)[1].split(" fits")[0]  # model.name=...
+    fixed, _ = load_recipe("chat-assistant", [override])
+    assert make_plan(fixed, known_card("rtx4060")).model == override.split("=", 1)[1]
+
+
+def test_forced_bigger_tier_is_refused_with_a_smaller_tier_that_fits():
+    # The 24 GB tier's Qwen is 14B: on an 8 GB card the planner names the tier whose Qwen fits.
+    recipe, _ = load_recipe("concise", ["model.tier=24gb"])
+    with pytest.raises(UserError) as e:
+        make_plan(recipe, known_card("rtx4060"))
+    tier_idea = next(p for p in e.value.problems if "model.tier=" in p)
+    tier = tier_idea.split("model.tier=")[1].split()[0]
+    fixed, _ = load_recipe("concise", [f"model.tier={tier}"])
+    plan = make_plan(fixed, known_card("rtx4060"))
+    assert all(sp.fits for sp in plan.stages.values())
+
+
+def test_recipe_values_win_but_over_budget_ones_are_refused_with_values_that_fit():
+    recipe, _ = load_recipe("chat-assistant", ["sft.max_seq_len=512", "sft.batch_size=2"])
+    plan = make_plan(recipe, known_card("t4"))
+    assert (plan.stages["sft"].max_seq_len, plan.stages["sft"].batch_size) == (512, 2)
+    assert plan.stages["sft"].reasons["max_seq_len"] == "set by the recipe"
+
+    recipe, _ = load_recipe("chat-assistant", ["sft.max_seq_len=8192", "sft.batch_size=4"])
+    with pytest.raises(UserError) as e:
+        make_plan(recipe, known_card("t4"))
+    assert "sft.max_seq_len=8192 with sft.batch_size=4 needs about" in e.value.message
+    for idea in e.value.problems:  # every suggestion, applied, plans within budget
+        setting = idea.split(" fits")[0]
+        keep = "sft.max_seq_len=8192" if "batch_size" in setting else "sft.batch_size=4"
+        fixed, _ = load_recipe("chat-assistant", [keep, setting])
+        assert make_plan(fixed, known_card("t4")).stages["sft"].fits
+
+
+def test_cpu_keeps_tier_defaults_without_a_budget():
+    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Qwen2.5-0.5B-Instruct"])
+    plan = make_plan(recipe, CPU)
+    cpu = TIERS["cpu"]
+    sft = plan.stages["sft"]
+    assert (sft.max_seq_len, sft.batch_size, sft.grad_accum) == (cpu.sft_max_seq_len, cpu.batch_size, cpu.grad_accum)
+    assert sft.estimate is None and sft.budget_gib is None and sft.fits is None
+    assert "no VRAM budget" in plan.reasons["memory"]
+    assert any("not estimated" in line for line in plan.lines())
+
+
+def test_tier_table_is_planner_output_that_fits():
+    rows = tier_table()
+    assert {r["tier"] for r in rows} == {"24gb", "16gb", "12gb", "8gb"}
+    for r in rows:
+        assert r["estimate_gib"] <= r["budget_gib"]
+    by_key = {(r["tier"], r["family"], r["stage"]): r for r in rows}
+    for (tier, family, stage), r in by_key.items():
+        if stage == "dpo":
+            assert r["max_seq_len"] <= by_key[(tier, family, "sft")]["max_seq_len"]
+
+
+def test_plan_command_prints_the_memory_table_and_json(capsys):
+    assert main(["plan", "chat-assistant", "--gpu", "t4"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("weights", "LoRA+optimizer", "activations", "logits", "ref forward", "overhead", "total",
+                   "budget", "sft (seq", "dpo (seq", "minus a 10% safety margin"):
+        assert needle in out
+    assert main(["plan", "chat-assistant", "--gpu", "t4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    dpo = data["stages"]["dpo"]
+    assert dpo["fits"] is True and dpo["estimate"]["ref_forward_gib"] > 0
+    assert dpo["estimate"]["total_gib"] <= dpo["budget_gib"]
+
+
+def test_refusal_exits_2_without_traceback():
+    res = subprocess.run([sys.executable, "-m", "lowvram", "plan", "chat-assistant", "--gpu", "rtx4060",
+                          "model.name=unsloth/Qwen2.5-14B-Instruct-bnb-4bit"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "does not fit" in res.stderr and "model.name=" in res.stderr and "Traceback" not in res.stderr
+
+
+def _calibration_module():
+    spec = importlib.util.spec_from_file_location("calibrate_vram", ROOT / "scripts" / "calibrate_vram.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_calibration_points_are_within_bound_and_beat_unsloth():
+    cal_mod = _calibration_module()
+    cal = cal_mod.calibrate()
+    assert len(cal.results) >= 4 and cal.ok
+    for r in cal.results:
+        assert abs(r.lowvram_error) <= cal_mod.ERROR_BOUND, r.point.label
+    assert cal.lowvram_mae < cal.unsloth_mae
+    assert all(p.why_not for p in cal.skipped)
+
+
+def test_calibration_check_fails_when_a_point_is_off(tmp_path, capsys):
+    cal_mod = _calibration_module()
+    lines = cal_mod.DATA.read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    peak = header.index("peak_gib")
+    rows[0][peak] = f"{float(rows[0][peak]) * 1.5:.2f}"  # as if the first row had measured 50% more
+    bad = tmp_path / "points.csv"
+    bad.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    assert cal_mod.main(["--csv", str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
