@@ -40,6 +40,16 @@ def _training_device(vram, gpu) -> Device:
                   min(planned.total_vram_gib, real.usable_vram_gib), cc, "torch")
 
 
+def _check_libraries(plan: Plan) -> None:
+    """Missing GPU libraries are a setup mistake: say so before anything loads."""
+    import importlib.util
+
+    needs_bnb = plan.load_in_4bit or any(sp.optim.endswith("8bit") for sp in plan.stages.values())
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("This plan uses bitsandbytes (4-bit weights / 8-bit AdamW), which is not installed.",
+                        hint="pip install 'lowvram[gpu]'  (or set model.load_in_4bit=false on a big enough card)")
+
+
 def new_run_dir(recipe: Recipe) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
@@ -108,6 +118,7 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
     plan = make_plan(recipe, device)
     print(f"Plan for {recipe.name} on {device.name}:")
     print("\n".join(plan.lines()), flush=True)
+    _check_libraries(plan)
     datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
 
     from lowvram.train import StageContext, resolve_model_path, run_stage
