@@ -5,6 +5,8 @@
     lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
     lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
     lowvram data check PATH             bad lines and weak pairs in training data, before training
+    lowvram export RUN_DIR --gguf q4_k_m  merge, GGUF + Ollama Modelfile, verified in llama.cpp
+    lowvram chat GGUF_OR_RUN_DIR        try an exported model
 
 Heavy libraries (torch, transformers, trl) are imported only by the commands that train or export.
 """
@@ -117,6 +119,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowvram.export import export_command
+
+    return export_command(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lowvram.export import chat_command
+
+    return chat_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowvram",
@@ -173,6 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--json", action="store_true", help="machine-readable output")
     _device_args(da)
     da.set_defaults(func=cmd_data)
+
+    ex = sub.add_parser("export", help="merge the adapter; write GGUF files, Ollama Modelfiles; verify in llama.cpp")
+    ex.add_argument("run_dir", help="run directory written by 'lowvram run'")
+    ex.add_argument("--gguf", nargs="*", metavar="TYPE",
+                    help="GGUF types: f16 bf16 q8_0 q4_k_m q5_k_m q6_k (default: the recipe's export.gguf)")
+    ex.add_argument("--merged", action="store_true", help="also keep the merged 16-bit Hugging Face folder")
+    ex.add_argument("--lora", action="store_true", help="copy the adapter (with its tokenizer) only")
+    ex.add_argument("--no-verify", action="store_true", help="skip comparing each GGUF with transformers")
+    ex.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/export)")
+    ex.add_argument("--system", metavar="TEXT", help="SYSTEM prompt for the Modelfile (default: the recipe's)")
+    ex.add_argument("--dtype", default="auto", choices=("auto", "bf16", "f16"), help="merged weights' dtype")
+    ex.set_defaults(func=cmd_export)
+
+    ch = sub.add_parser("chat", help="try an exported model in llama.cpp: one prompt, or interactive")
+    ch.add_argument("target", help="a .gguf file, or a run directory with exported GGUFs")
+    ch.add_argument("--prompt", "-p", help="ask once and exit (default: interactive)")
+    ch.add_argument("--system", help="system prompt (default: the run's recipe export.system_prompt)")
+    ch.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 TINY_NAME = "builtin:tiny-llama"
-TINY_VERSION = 1  # bump when the recipe below changes, so caches rebuild
+TINY_VERSION = 2  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does)
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -72,7 +72,9 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024):
         split_digits=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
+        # No dummy prefix: llama.cpp's SentencePiece tokenizer would put one after every special token,
+        # transformers (legacy=False) only at the start, so the two would disagree on every chat prompt.
+        add_dummy_prefix=False,
         pad_id=0,
         unk_id=1,
         bos_id=2,
@@ -93,6 +95,9 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024):
         bos_token="<s>",
         unk_token="<unk>",
         legacy=False,
+        add_prefix_space=False,  # saved in tokenizer_config.json; the GGUF converter copies it
+        # Special, so both transformers and llama.cpp read them as one token wherever they appear in text.
+        extra_special_tokens=[*SPECIAL_TOKENS, "</s>"],
     )
     tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(str(out_dir))

