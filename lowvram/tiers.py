@@ -1,14 +1,18 @@
-"""VRAM tiers: which model and which memory settings a card gets.
+"""VRAM tiers: which model a card gets, and what its training settings aim for.
 
 A tier is chosen from the card's total memory. Each tier names the default model of every
-family and the training settings that fit it. Where the numbers come from:
+family, the LoRA rank, and the targets its settings aim for: the longest sequence worth training
+on and the effective batch (batch_size x grad_accum). The actual sequence length, batch and
+accumulation are the memory planner's output (lowvram.planner, `lowvram plan`): the longest
+sequence up to the target and the largest batch whose estimated peak fits the card
+(scripts/tier_table.py prints what each tier gets). Only the cpu tier, which has no VRAM budget,
+uses these numbers as they are. Where the targets come from:
 - Unsloth's Colab notebooks: Llama-3.1-8B 4-bit, r=16, seq 2048, batch 2 peaks at 7.9 GiB on a
   T4 (shared/calibration/vram_points.csv), so 8B models belong on 16 GB cards and up.
 - DPO holds chosen and rejected together plus a no-grad reference forward: roughly SFT at twice
-  the batch, so DPO gets half the SFT sequence length at the same batch.
-- Below 12 GB the fp32 logits over a 128k-152k vocabulary dominate at short sequences, so the
-  8 GB tier uses 1-1.5B models and batch 1.
-The memory planner (`lowvram plan`) checks these numbers against its estimate for the card.
+  the batch, so DPO aims for half the SFT sequence length.
+- Below 12 GB the logits over a 128k-152k vocabulary dominate at short sequences, so the
+  8 GB tier uses 1-1.5B models.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Tier:
     min_total_gib: float  # a card with at least this much total memory gets the tier
     cards: str  # examples, for messages
     models: dict[str, str]  # family -> default model name
+    # Targets on GPU tiers (the planner fits the actual values to the card); used as-is on cpu.
     sft_max_seq_len: int
     dpo_max_seq_len: int
     batch_size: int
