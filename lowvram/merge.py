@@ -161,10 +161,10 @@ class SafetensorsWriter:
         nbytes = self._expect(name)
         import torch
 
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if nbytes else b""
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy() if nbytes else b""
         if len(data) != nbytes:
             raise RuntimeError(f"{name}: {len(data)} bytes written, {nbytes} declared")
-        self._f.write(data)
+        self._f.write(memoryview(data))  # no extra copy of the tensor
 
     def copy_from(self, entry: TensorEntry) -> None:
         """Copy a tensor's bytes from its source file without holding them (kernel copy when possible)."""
@@ -207,7 +207,7 @@ class SafetensorsWriter:
                     raise ValueError(f"{entry.file.name}: tensor {entry.name!r} is truncated")
                 left -= len(chunk)
                 t = torch.frombuffer(chunk, dtype=src_dtype).to(dst_dtype)
-                self._f.write(t.view(torch.uint8).numpy().tobytes())
+                self._f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 # ------------------------------------------------------------------ the base checkpoint
@@ -362,8 +362,9 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         if not m:
             if ".lora_" in name:
                 bad.append(f"{key}: not a LoRA A/B weight this merge understands")
-            else:  # modules_to_save: a full copy of a base tensor
-                replaced[name.replace(".modules_to_save", "").replace(".default", "")] = entry
+            else:  # modules_to_save, or a saved embedding's base layer: a full copy of a base tensor
+                base_name = name.replace(".modules_to_save", "").replace(".default", "").replace(".base_layer", "")
+                replaced[base_name] = entry
             continue
         module, which = m.group(1), m.group(2)
         if which.endswith("B"):
@@ -428,7 +429,10 @@ def _dequantize_4bit(entries: dict[str, TensorEntry], weight: str, state: dict):
     n = math.prod(shape)
     block = int(state["blocksize"])
     values = qmap[codes[:n]] * absmax.repeat_interleave(block)[:n]
-    return values.reshape(shape)
+    # In the dtype bitsandbytes itself dequantizes to (the model's compute dtype), so the merge starts
+    # from exactly the weights the adapter was trained against.
+    dtype = getattr(torch, str(state.get("dtype", "float32")).removeprefix("torch."), torch.float32)
+    return values.reshape(shape).to(dtype)
 
 
 # ------------------------------------------------------------------ the merge
@@ -529,7 +533,7 @@ def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_
     if replaced is not None:
         w = read_tensor(replaced).float()
     elif how.startswith("dequant"):
-        w = _dequantize_4bit(entries, name, _bnb_state(entries, name))
+        w = _dequantize_4bit(entries, name, _bnb_state(entries, name)).float()
     else:
         w = read_tensor(entry).float()
     if pair is not None:
