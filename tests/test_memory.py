@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from lowvram.memory import GIB, STACKS, Stack, estimate
@@ -27,7 +29,7 @@ def test_estimate_grows_with_sequence_batch_and_rank(spec, backend, ckpt, stage)
     batches = [est(spec, stage, batch=b, backend=backend, ckpt=ckpt).total_gib for b in (1, 2, 4, 8)]
     ranks = [est(spec, stage, r=r, backend=backend, ckpt=ckpt).total_gib for r in (4, 8, 16, 32, 64, 128)]
     for series in (seqs, batches, ranks):
-        assert all(a < b for a, b in zip(series, series[1:])), series
+        assert all(a < b for a, b in pairwise(series)), series
 
 
 @pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name.split("/")[-1])
@@ -82,8 +84,8 @@ def test_large_vocabulary_logits_dominate_short_sequences_activations_long_ones(
     assert est(LLAMA_8B, seq=2048).logits_gib > 3.5 * est(MISTRAL_7B, seq=2048).logits_gib
 
 
-@pytest.mark.parametrize("bad", [dict(stage="kto"), dict(ckpt="sometimes"), dict(optim="lion"), dict(dtype="fp8"),
-                                 dict(backend="hf", ckpt="unsloth"), dict(seq=0)])
+@pytest.mark.parametrize("bad", [{"stage": "kto"}, {"ckpt": "sometimes"}, {"optim": "lion"}, {"dtype": "fp8"},
+                                 {"backend": "hf", "ckpt": "unsloth"}, {"seq": 0}])
 def test_invalid_inputs_are_bugs_not_user_errors(bad):
     with pytest.raises(ValueError):
         est(**bad)
