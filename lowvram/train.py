@@ -438,10 +438,10 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
 
 def _quiet_libraries() -> None:
     """Per-dataset-map progress bars and weight-loading bars drown the training progress."""
+    import warnings
+
     import datasets
     import transformers
-
-    import warnings
 
     # transformers 5 renamed the checkpointing flags that TRL and PEFT still pass; nothing for the user to do
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
