@@ -245,6 +245,8 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
                if need_merge else {"adapter copy": adapter_bytes})
 
     _say(f"Exporting {run.run_dir} ({run.stage} adapter: {adapter.line()})")
+    for note in result.notes:
+        _say(f"  {note}")
     scratch = out_dir / f"{SCRATCH_PREFIX}{os.getpid()}"
     try:
         scratch.mkdir()
@@ -271,7 +273,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
                                           stop=_eos_tokens(run.tokenizer_dir)))
                 result.modelfiles[t] = mf
             if template_note:
-                result.notes.append(f"Modelfile has no TEMPLATE: {template_note}")
+                _say(f"  Modelfile has no TEMPLATE: {template_note}; Ollama will use the GGUF's chat template")
         # 5. verify (before the merged folder is moved: it reads it)
         if verify:
             rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system)
@@ -328,11 +330,11 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
             continue
         final = out_dir / f"{run.name}-{t}.gguf"
         t0 = time.perf_counter()
-        llamacpp.quantize(produced[intermediate], _partial(final), t)
+        note = llamacpp.quantize(produced[intermediate], _partial(final), t, log)
         _publish(_partial(final), final)
         result.files[t] = final
         _say(f"  {t}: {final.stat().st_size / 2**20:.1f} MiB with llama.cpp's quantizer from {intermediate} "
-             f"[{time.perf_counter() - t0:.1f} s]")
+             f"[{time.perf_counter() - t0:.1f} s]" + (f"; {note}" if note else ""))
 
 
 def _export_lora(run: RunInfo, out_dir: Path, scratch: Path) -> Path:
@@ -535,8 +537,6 @@ def export_command(args) -> int:
     result = export_run(run_dir, opts)
     run = inspect_run(run_dir)
     system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
-    for note in result.notes:
-        _say(f"  {note}")
     if result.verify_rows:
         _say("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n")
         _say(verify_table(result.verify_rows))

@@ -19,11 +19,13 @@ Both pieces come from PyPI, so export needs no git clone and no compiler, and wo
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,14 +110,33 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path) -> None:
                              "does not support yet.")
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path | str):
+    """Send file descriptor 2 to `path`: llama.cpp's C code writes warnings there directly."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _quiet() -> None:
     import llama_cpp._logger
 
     llama_cpp._logger.set_verbose(False)  # llama.cpp prints a line per tensor otherwise
 
 
-def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> None:
-    """llama.cpp's quantizer (`llama-quantize`), in-process: a 16-bit GGUF to q8_0 or a K-quant."""
+def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | None = None) -> str | None:
+    """llama.cpp's quantizer (`llama-quantize`), in-process: a 16-bit GGUF to q8_0 or a K-quant.
+
+    llama.cpp writes a line per tensor to stderr; that goes to `log_path`. Returns a note when some
+    tensors could not take the type (K-quants need rows of 256 values; llama.cpp then picks a
+    simpler type for them), else None.
+    """
     import llama_cpp
 
     if qtype not in QUANT_TYPES:
@@ -124,9 +145,18 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params.nthread = threads or _threads()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with _stderr_to(log_path):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) returned {rc}")
+        raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) returned {rc}; see {log_path}")
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        m = re.search(rb"(\d+) of (\d+) tensor\(s\) required fallback quantization", log.read())
+    if m:
+        return (f"{m.group(1).decode()} of {m.group(2).decode()} tensors are not {qtype} (rows not a multiple of "
+                f"the block size): llama.cpp used a simpler type for them")
+    return None
 
 
 # ------------------------------------------------------------------ running a GGUF
@@ -192,6 +222,20 @@ class GGUFModel:
         return out
 
 
+def context_length(gguf_path: Path) -> int | None:
+    """The context length a GGUF was trained with (its metadata), read without loading the weights."""
+    from llama_cpp import Llama
+
+    with _stderr_to(os.devnull):  # a vocabulary-only load warns about its (absent) context
+        llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        meta = llm.metadata
+        value = meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
+        return int(value) if value else None
+    finally:
+        llm.close()
+
+
 def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: int = 256,
          temperature: float = 0.7, n_ctx: int = 2048) -> int:
     """`lowvram chat`: one answer to `prompt`, or an interactive session when `prompt` is None.
@@ -201,6 +245,7 @@ def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: in
     from llama_cpp import Llama
 
     _quiet()
+    n_ctx = min(n_ctx, context_length(gguf_path) or n_ctx)  # more than it was trained on only warns and degrades
     llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False)
     ctx_max = llm.n_ctx()
     messages = [{"role": "system", "content": system}] if system else []
