@@ -257,7 +257,8 @@ def choose_base(base_json: Path) -> BaseChoice:
     try:
         info = json.loads(base_json.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"Cannot read {base_json}: {e}.", hint="The run directory is incomplete; re-run training.") from None
+        raise UserError(f"Cannot read {base_json}: {e}.",
+                        hint="The run directory is incomplete; re-run training.") from None
     model = info.get("model")
     original = info.get("base_16bit")
     if original and (p := local_checkpoint(original)) is not None and not _is_4bit(p):
