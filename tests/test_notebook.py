@@ -158,7 +158,7 @@ def test_colab_pins_cover_the_extras_and_satisfy_pyproject():
 # ------------------------------------------------------------------ running it
 
 
-def test_a_failing_command_stops_the_notebook(tmp_path, tiny_model_dir):
+def test_a_failing_command_stops_the_notebook(tmp_path):
     """`%lowvram` must fail the cell when lowvram fails; a bare `!lowvram` would carry on silently."""
     from nbclient.exceptions import CellExecutionError
 
