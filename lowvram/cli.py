@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recipe and "=" in recipe:  # `run --resume DIR key=value`: argparse took the override for the recipe
         recipe, overrides = None, [recipe, *overrides]
     return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
-                        run_dir=args.run_dir, stages=None)
+                        run_dir=args.run_dir, stages=None, export=not args.no_export)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -158,11 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(pl)
     pl.set_defaults(func=cmd_plan)
 
-    ru = sub.add_parser("run", help="run a recipe: SFT, then DPO, into a run directory")
+    ru = sub.add_parser("run", help="run a recipe: SFT, then DPO, then the recipe's GGUF export")
     ru.add_argument("recipe", nargs="?", help="shipped recipe name or path to a recipe .yaml")
     ru.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 sft.max_steps=20")
     ru.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     ru.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
+    ru.add_argument("--no-export", action="store_true", help="stop after training (export later: lowvram export RUN)")
     _device_args(ru)
     ru.set_defaults(func=cmd_run)
 

@@ -233,6 +233,12 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         out_dtype, _ = mg.merged_dtype(base.path, opts.dtype)
         plan = mg.plan_layout(base.path, adapter, base.quantized_4bit, out_dtype)
         merged_bytes = mg.merged_nbytes(plan)
+    if verify and merged_bytes > 0.8 * _available_ram_bytes():
+        # verification loads the merged model in transformers; on free Colab an 8B one does not fit
+        verify = False
+        result.notes.append(f"verification skipped: the merged model ({merged_bytes / 2**30:.1f} GiB) does not fit in "
+                            f"the {_available_ram_bytes() / 2**30:.1f} GiB of free RAM; rerun on a bigger machine "
+                            f"to verify")
     if types:
         from lowvram import llamacpp
 
@@ -536,7 +542,11 @@ def export_command(args) -> int:
     opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
                          lora=args.lora, verify=False if args.no_verify else None,
                          out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype)
-    run_dir = Path(args.run_dir)
+    return export_and_report(Path(args.run_dir), opts)
+
+
+def export_and_report(run_dir: Path, opts: ExportOptions) -> int:
+    """Export, then print the verification table and the commands to run the result; the exit status."""
     result = export_run(run_dir, opts)
     run = inspect_run(run_dir)
     system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt

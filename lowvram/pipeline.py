@@ -1,6 +1,6 @@
-"""`lowvram run`: recipe -> plan -> data check -> SFT -> DPO, in one run directory.
+"""`lowvram run`: recipe -> plan -> data check -> SFT -> DPO -> GGUF export, in one run directory.
 
-    lowvram run demo                     # new run in runs/demo-YYYYmmdd-HHMMSS
+    lowvram run demo                     # new run in runs/demo-YYYYmmdd-HHMMSS, then its GGUF export
     lowvram run --resume runs/demo-...   # continue after a crash, Ctrl-C or kill -9
 
 Layout of a run directory (export reads it):
@@ -91,7 +91,8 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
 
 
 def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
-                 run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None) -> int:
+                 run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
+                 export: bool = True) -> int:
     from lowvram.report import summary_lines, write_report
 
     recipe_dir: Path | None
@@ -143,4 +144,15 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
     print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")
-    return 0
+    if not export or not recipe.export.gguf or stages:
+        return 0
+    from lowvram.doctor import export_tools
+
+    ok, why = export_tools()
+    if not ok:
+        print(f"\nGGUF export skipped: {why}. Afterwards: lowvram export {rdir}")
+        return 0
+    from lowvram.export import ExportOptions, export_and_report
+
+    print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {rdir})", flush=True)
+    return export_and_report(rdir, ExportOptions())

@@ -38,6 +38,9 @@ def test_run_directory_has_everything_export_needs(demo_run):
                 "dpo/DONE", "plots/loss.png", "plots/reward_margin.png", "plots/preference_accuracy.png",
                 "plots/rewards_chosen_rejected.png"):
         assert (demo_run / rel).exists(), rel
+    for t in ("f16", "q8_0", "q4_k_m"):  # `lowvram run` ends with the recipe's GGUF export
+        assert (demo_run / "export" / f"demo-{t}.gguf").is_file(), t
+        assert "TEMPLATE" in (demo_run / "export" / f"demo-{t}.Modelfile").read_text()
     base = json.loads((demo_run / "base.json").read_text())
     assert base["model"] == "builtin:tiny-llama" and Path(base["model_path"]).is_dir()
     rows = [json.loads(x) for x in (demo_run / "metrics.jsonl").read_text().splitlines()]
@@ -120,12 +123,12 @@ def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
     ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
 ])
 def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides):
-    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), *overrides]) == 0
+    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", *overrides]) == 0
     assert (tmp_path / "r" / "dpo" / "DONE").is_file()
 
 
 def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path):
-    args = ["run", "orpo-tight", "--run-dir", str(tmp_path / "orpo"), "use_samples=true",
+    args = ["run", "orpo-tight", "--run-dir", str(tmp_path / "orpo"), "--no-export", "use_samples=true",
             "model.name=builtin:tiny-llama", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"]
     assert main(args) == 0
     assert (tmp_path / "orpo" / "dpo" / "adapter" / "adapter_config.json").is_file()
@@ -150,7 +153,7 @@ def _wait_for_checkpoint(ckpt_dir: Path, proc, timeout_s=120) -> None:
     raise AssertionError("no checkpoint appeared")
 
 
-LONG_SFT = ["dpo.enabled=false", "sft.epochs=100", "sft.save_steps=5"]
+LONG_SFT = ["--no-export", "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=5"]
 
 
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
@@ -165,7 +168,8 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
     before = len((run / "metrics.jsonl").read_text().splitlines())
 
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), f"sft.max_steps={ckpt_step + 3}"],
+    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
+                          f"sft.max_steps={ckpt_step + 3}"],
                          capture_output=True, text=True, env={**os.environ, **env})
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{ckpt_step}" in res.stdout
@@ -174,7 +178,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     assert steps[0] == ckpt_step + 1, steps  # not step 1
     assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == ckpt_step + 3
 
-    again = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run)], capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export"], capture_output=True,
                            text=True, env={**os.environ, **env})
     assert again.returncode == 0 and "[sft] already done, skipping" in again.stdout
 
