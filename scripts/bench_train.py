@@ -83,7 +83,9 @@ def child_trl(stage: str, model_dir: str, steps: int, workdir: Path) -> dict:
     common = dict(output_dir=str(workdir / f"trl-{stage}"), per_device_train_batch_size=BATCH,
                   gradient_accumulation_steps=1, learning_rate=LR, max_steps=steps, logging_steps=1, save_steps=100000,
                   report_to="none", disable_tqdm=True, use_cpu=True, seed=42, data_seed=42, lr_scheduler_type="linear",
-                  optim="adamw_torch", dataloader_num_workers=0)
+                  optim="adamw_torch", dataloader_num_workers=0,
+                  # what lowvram's CPU plan sets; TRL's own defaults are bf16 autocast and gradient checkpointing
+                  bf16=False, fp16=False, gradient_checkpointing=False)
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -163,7 +165,7 @@ def main() -> None:
                 for name, backend in variants:
                     variant = "trl" if name == "trl" else "lowvram"
                     results.setdefault((stage, name), []).append(run_child(variant, stage, model, args.steps, backend))
-        print(f"{'stage':<5} {'variant':<16} {'tokens/s':>10} {'peak RSS MiB':>13}")
+        print(f"{'stage':<5} {'variant':<16} {'tokens/s':>10} {'peak RSS MiB':>13} {'tokens':>8}")
         for stage in ("sft", "dpo"):
             meds = {}
             for name, _ in variants:
@@ -174,7 +176,7 @@ def main() -> None:
                 vram = ""
                 if "peak_vram_gib" in rs[0]:
                     vram = f"  peak VRAM {statistics.median(r['peak_vram_gib'] for r in rs):.2f} GiB"
-                print(f"{stage:<5} {name:<16} {tps:>10.0f} {rss:>13.0f}{vram}")
+                print(f"{stage:<5} {name:<16} {tps:>10.0f} {rss:>13.0f} {rs[0]['tokens']:>8.0f}{vram}")
             a, b = (variants[0][0], variants[1][0])
             print(f"{stage:<5} ratio {a}/{b}: tokens/s {meds[a][0] / meds[b][0]:.3f}, peak RSS {meds[a][1] / meds[b][1]:.3f}")
 
