@@ -114,7 +114,7 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
         recipe, path = load_recipe(recipe_name, overrides)
         recipe_dir = path.parent
         rdir = Path(run_dir) if run_dir else new_run_dir(recipe)
-    todo = [s for s in (stages or recipe.stages()) if getattr(recipe, s).enabled or stages]
+    todo = stages or recipe.stages()  # `lowvram sft`/`dpo` name their stage; `run` takes the enabled ones
     device = _training_device(vram, gpu)
     plan = make_plan(recipe, device)
     print(f"Plan for {recipe.name} on {device.name}:")

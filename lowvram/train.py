@@ -247,6 +247,12 @@ def _common_args(ctx: StageContext) -> dict:
     )
 
 
+def _eval_args(cfg, eval_ds) -> dict:
+    """Evaluate every eval_steps when asked; otherwise only before and after training (see _train_and_save)."""
+    periodic = eval_ds is not None and cfg.eval_steps is not None
+    return {"eval_strategy": "steps" if periodic else "no", "eval_steps": cfg.eval_steps}
+
+
 def _datasets(rows_train, rows_eval):
     from datasets import Dataset
 
@@ -309,8 +315,7 @@ def run_sft(ctx: StageContext, data) -> Path:
         max_length=ctx.sp.max_seq_len,
         packing=cfg.packing,
         assistant_only_loss=assistant_only,
-        eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
-        eval_steps=cfg.eval_steps,
+        **_eval_args(cfg, eval_ds),
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -326,33 +331,22 @@ def run_preference(ctx: StageContext, data) -> Path:
     model, tok = load_model(ctx, ctx.init_adapter)
     _check_has_template(tok, data.train, "preference")
     train_ds, eval_ds = _datasets(data.train, data.eval)
-    common = _common_args(ctx)
     callbacks = [make_callback("dpo", ctx.run_dir / "metrics.jsonl", cfg.method)]
+    kwargs = {**_common_args(ctx), **_eval_args(cfg, eval_ds), "beta": cfg.beta, "max_length": ctx.sp.max_seq_len}
     if cfg.method == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        args = ORPOConfig(**common, beta=cfg.beta, max_length=ctx.sp.max_seq_len,
-                          eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
-                          eval_steps=cfg.eval_steps)
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              processing_class=tok, callbacks=callbacks)
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
     elif cfg.method == "kto":
-        from trl import KTOConfig, KTOTrainer
-
         # Paired rows are fine: TRL unpairs them (chosen -> desirable, rejected -> undesirable).
-        args = KTOConfig(**common, beta=cfg.beta, max_length=ctx.sp.max_seq_len,
-                         eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
-                         eval_steps=cfg.eval_steps)
-        trainer = KTOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=callbacks)
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
     else:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
 
-        args = DPOConfig(**common, beta=cfg.beta, loss_type=[cfg.loss_type], max_length=ctx.sp.max_seq_len,
-                         eval_strategy=("steps" if cfg.eval_steps else "no") if eval_ds is not None else "no",
-                         eval_steps=cfg.eval_steps)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=callbacks)
+        kwargs["loss_type"] = [cfg.loss_type]
+    trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tok, callbacks=callbacks)
     _quiet(trainer)
     return _train_and_save(ctx, trainer, model, tok)
 
