@@ -21,7 +21,15 @@ import yaml
 from lowvram.data.formats import DATA_FORMATS
 from lowvram.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipes_dir() -> Path:
+    """Shipped recipes: lowvram/recipes/ in an installed wheel, the repository's recipes/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"  # pyproject maps the package lowvram.recipes to recipes/
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 SAMPLES_DIR = RECIPES_DIR / "data"
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "bco_pair")
