@@ -3,8 +3,10 @@
     path = ensure_tiny_model()          # cached under ~/.cache/lowvram (or $LOWVRAM_CACHE)
 
 The tokenizer is a SentencePiece model trained on lowvram's shipped sample data, the format
-llama.cpp's converter reads for llama-architecture models; the chat template is ChatML. Weights
-are random (seeded): the model learns what it knows from the recipe's SFT and DPO stages.
+llama.cpp's converter reads for llama-architecture models; the chat template is ChatML. The weights
+are pretrained for a few seconds, full-parameter, on the plain text of the SFT sample's messages (no
+chat markup), the way a real base model has read text before it is fine-tuned: SFT then teaches the
+chat format, and DPO a preference, through LoRA as on a real model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 TINY_NAME = "builtin:tiny-llama"
-TINY_VERSION = 2  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does)
+TINY_VERSION = 3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
+PRETRAIN_STEPS = 300  # about 35 s on 2 cores, once (the model is cached); enough to recall the sample facts
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -124,10 +127,47 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    _pretrain(model, tok, _plain_text(), PRETRAIN_STEPS, seed)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=im_end,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def _plain_text() -> list[str]:
+    """Every message of the SFT sample as a plain sentence: what the base model has 'read'."""
+    from lowvram.recipe import SAMPLES_DIR
+
+    texts = []
+    for line in (SAMPLES_DIR / "chat_sft.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
+    return texts
+
+
+def _pretrain(model, tok, texts: list[str], steps: int, seed: int, window: int = 48, batch: int = 32) -> None:
+    """Full-parameter causal-LM training on random windows of the texts, joined with </s>."""
+    import torch
+
+    sep = tok.convert_tokens_to_ids("</s>")
+    stream: list[int] = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False).input_ids + [sep]
+    data = torch.tensor(stream)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * (1 - i / steps))
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - window, (batch,), generator=gen)
+        ids = torch.stack([data[i : i + window] for i in starts])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def ensure_tiny_model() -> Path:
