@@ -108,7 +108,7 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024):
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write a random-init tiny Llama and its tokenizer to `out_dir`."""
+    """Write the tiny Llama (seeded init, then a short pretraining) and its tokenizer to `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
