@@ -34,18 +34,11 @@ def export_tools() -> tuple[bool, str]:
     return True, "llama.cpp converter and quantizer installed"
 
 
-def free_ram_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {ln.split(":")[0]: ln.split()[1] for ln in fh}
-        return int(info["MemAvailable"]) / 1024**2
-    except (OSError, KeyError, ValueError):
-        try:
-            import psutil
+def available_ram_bytes() -> int:
+    """RAM the OS can give a new allocation now (psutil is a core dependency, and light to import)."""
+    import psutil
 
-            return psutil.virtual_memory().available / 1024**3
-        except ImportError:
-            return None
+    return psutil.virtual_memory().available
 
 
 def doctor_rows(device: Device) -> list[tuple[str, str]]:
@@ -73,8 +66,7 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
         rows.append((dist, package_version(dist) or "not installed"))
     ok, why = export_tools()
     rows.append(("GGUF export", ("usable -- " if ok else "not usable -- ") + why))
-    ram = free_ram_gib()
-    rows.append(("free RAM", f"{ram:.1f} GiB" if ram is not None else "unknown"))
+    rows.append(("free RAM", f"{available_ram_bytes() / 1024**3:.1f} GiB"))
     disk = shutil.disk_usage(os.getcwd())
     rows.append(("free disk (here)", f"{disk.free / 1024**3:.1f} GiB"))
     rows.append(("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"))

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowvram.doctor import available_ram_bytes
 from lowvram.errors import UserError
 from lowvram.recipe import GGUF_TYPES
 
@@ -233,12 +234,12 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         out_dtype, _ = mg.merged_dtype(base.path, opts.dtype)
         plan = mg.plan_layout(base.path, adapter, base.quantized_4bit, out_dtype)
         merged_bytes = mg.merged_nbytes(plan)
-    if verify and merged_bytes > 0.8 * _available_ram_bytes():
+    free_ram = available_ram_bytes()
+    if verify and merged_bytes > 0.8 * free_ram:
         # verification loads the merged model in transformers; on free Colab an 8B one does not fit
         verify = False
         result.notes.append(f"verification skipped: the merged model ({merged_bytes / 2**30:.1f} GiB) does not fit in "
-                            f"the {_available_ram_bytes() / 2**30:.1f} GiB of free RAM; rerun on a bigger machine "
-                            f"to verify")
+                            f"the {free_ram / 2**30:.1f} GiB of free RAM; rerun on a bigger machine to verify")
     if types:
         from lowvram import llamacpp
 
@@ -397,7 +398,7 @@ def verify_ggufs(merged_dir: Path, ggufs: dict[str, Path], system: str | None) -
     # float32 arithmetic on the merged 16-bit weights is the reference; a model too big for that in
     # RAM is compared in its own 16-bit dtype instead (noisier, so near-ties are more frequent).
     merged_bytes = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    big = merged_bytes * 2 > 0.5 * _available_ram_bytes()
+    big = merged_bytes * 2 > 0.5 * available_ram_bytes()
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto" if big else torch.float32)
     model.eval()
     stop_ids = {i for i in [tok.eos_token_id] if i is not None}
@@ -468,12 +469,6 @@ def verify_ggufs(merged_dir: Path, ggufs: dict[str, Path], system: str | None) -
                      "greedy_same": same_all, "divergences": notes, "agree": agree_n / agree_d,
                      "ppl_hf": ppl_hf, "ppl_gguf": ppl_g, "ppl_change": ppl_g / ppl_hf - 1, "ok": ok})
     return rows
-
-
-def _available_ram_bytes() -> int:
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def _nll(logits, ids: list[int]) -> float:

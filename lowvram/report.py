@@ -93,7 +93,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
         for stage in stages:
-            logs = [r for r in _train_logs(rows, stage)]
+            logs = _train_logs(rows, stage)
             for key in keys:
                 pts = [(r["step"], r[key]) for r in logs if key in r]
                 if pts:
