@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,13 @@ def _no_simulated_card(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """The built-in tiny Llama, built once per test session in a private cache."""
-    cache = tmp_path_factory.mktemp("lowvram-cache")
+    """The built-in tiny Llama, built once per test session in a private cache.
+
+    LOWVRAM_TEST_CACHE names a cache folder to reuse across sessions instead (the tiny model is
+    rebuilt there only when its recipe version changes): for developers running tests repeatedly.
+    """
+    reuse = os.environ.get("LOWVRAM_TEST_CACHE")
+    cache = Path(reuse) if reuse else tmp_path_factory.mktemp("lowvram-cache")
     old = os.environ.get("LOWVRAM_CACHE")
     os.environ["LOWVRAM_CACHE"] = str(cache)
     from lowvram.tiny import ensure_tiny_model
