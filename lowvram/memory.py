@@ -21,12 +21,19 @@ How the peak is built (each term is a section below, each coefficient says where
   micro-batch; gradient checkpointing keeps one layer input per layer instead (Unsloth's offloaded
   mode sends even those to CPU RAM), plus one layer recomputed during the backward.
 - logits: batch x sequence x vocabulary. fp32 over a 128k-152k vocabulary dominates at short
-  sequences unless the loss is fused (Unsloth) or chunked (TRL >= 1.15's fused LM head).
+  sequences unless the loss is chunked: Unsloth's fused loss takes the tokens in chunks sized to
+  the memory it finds free (so pass `vram_gib`), TRL >= 1.15's LM head in fixed tiles.
+- phases (Unsloth SFT): the fused loss computes its gradient during the forward and frees its
+  chunk before the backward starts, so the peak is the larger of the loss phase and the backward
+  phase, not their sum.
 - ref forward (DPO): the no-grad reference forward over chosen+rejected, run while the policy's
   activations are still held, plus the frozen copy of the adapter TRL keeps as the reference.
   DPO and ORPO put chosen and rejected through the policy together: twice the tokens of SFT.
 - overhead: CUDA context (outside PyTorch's allocator), allocator slack and fragmentation, and the
-  16-bit buffer bitsandbytes dequantizes each 4-bit weight into.
+  16-bit buffer bitsandbytes dequantizes each 4-bit weight into. Fragmentation follows the
+  allocation pattern: Unsloth's per-layer temporaries repeat the same sizes layer after layer, so
+  the cache reuses them and costs about one extra block of the largest; transformers' loss makes
+  several differently sized full-logits copies, and costs a share of everything that comes and goes.
 """
 
 from __future__ import annotations
@@ -65,10 +72,12 @@ OPTIMIZER_STATE_BYTES: dict[str, float] = {
     "sgd": 0,
 }
 
-# CUDA context: driver state, kernel images and library handles. It lives outside PyTorch's allocator,
-# so nvidia-smi counts it and torch.cuda.max_memory_reserved() does not. About 0.3-0.6 GiB with lazy
-# module loading (CUDA >= 11.7); Unsloth's estimator budgets 1.4 GB for context plus runtime.
-CUDA_CONTEXT_GIB = 0.5
+# CUDA context: driver state, kernel images and library handles (cuBLAS, Triton, flash-attention).
+# It lives outside PyTorch's allocator, so nvidia-smi counts it and torch.cuda.max_memory_reserved()
+# does not. Unsloth's estimator budgets 1.4 GB (1.30 GiB) for "CUDA driver + PyTorch runtime",
+# calibrated on an RTX 5070 Ti (VRAM_ESTIMATION.md, section 7); the allocator's own slack, measured
+# below in reserved memory, is 0.5 GiB of that, which leaves 0.8 GiB for the context.
+CUDA_CONTEXT_GIB = 0.8
 
 # Reserved memory the allocator holds beyond live tensors, in two parts:
 # - a fixed slack: right after loading, the Unsloth T4 notebooks report 0.5 GiB more reserved than
@@ -78,6 +87,29 @@ CUDA_CONTEXT_GIB = 0.5
 #   and goes each step (activations, logits) is lost to blocks the caching allocator cannot reuse.
 ALLOCATOR_SLACK_GIB = 0.5
 ALLOCATOR_FRAGMENTATION = 0.30
+# Unsloth's backward runs one layer at a time with the same tensor sizes in every layer, so the
+# caching allocator hands the same blocks back each layer; what it loses is about one extra block of
+# the largest temporary (a tokens x intermediate_size activation), reserved when the cached blocks
+# are split. Cross-check, not a fit: with this one block, the per-token cost of Llama-3.1-8B at
+# r=32 comes to 225 KiB/token against the 227 KiB/token slope of Unsloth's published max-context
+# table (docs.unsloth.ai/basics/unsloth-benchmarks: 2,972 tokens at 8 GB ... 342,733 at 80 GB).
+UNSLOTH_FRAGMENTATION_BLOCKS = 1
+
+# Unsloth's fused cross-entropy (unsloth_zoo fused_losses/cross_entropy_loss.py,
+# unsloth_fused_ce_loss; unsloth/models/llama.py calls it with target_gb=None):
+# - it splits the tokens into chunks whose logits take at most half of the memory free when the
+#   loss first runs (get_chunk_size: target_gb = 0.5 x torch.cuda.mem_get_info free; the target is
+#   set for the fp32 logits, and torch.compile, its default, fuses the upcast into the kernel);
+# - each chunk computes loss and gradient at once (torch.func.grad_and_value over
+#   compute_fused_ce_loss): the 16-bit logits from the LM head, their fp32 upcast for
+#   cross_entropy, and the 16-bit gradient fed back through the head, 2 + 4 + 2 bytes per logit;
+# - the chunk is freed before the backward; only the hidden-state gradient (tokens x hidden) stays.
+# 8 bytes is the uncompiled path and an upper bound for the compiled one. Cross-check, not a fit:
+# Unsloth's Llama-3.2-3B conversational notebook (T4, batch 2 x 2048 of chat rows that fill it,
+# Unsloth 2024.10) reports 3.90 GiB of training memory over the loaded model; 4,096 x 128,256 x 8
+# bytes is 3.91 GiB, and activations and optimizer states add about 0.8 GiB more: an upper bound.
+UNSLOTH_CE_BYTES_PER_LOGIT = 2 + 4 + 2
+UNSLOTH_CE_FREE_SHARE = 0.5
 
 # TRL >= 1.15 scores tokens through the LM head in tiles of 4096 tokens x 32768 vocabulary entries
 # (trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
@@ -100,8 +132,10 @@ class Stack:
 
     kernels:      "unsloth" (fused Triton kernels, LoRA folded into them) or "hf" (transformers
                   modules + PEFT LoRA layers under autocast).
-    logits:       "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
-                  cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
+    logits:       "unsloth_chunked" Unsloth's fused loss, chunked to the free memory (SFT; DPO
+                  and ORPO need the logits themselves: 16-bit logits, log-softmax and gradient);
+                  "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
+                  older cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
                   transformers' loss on full logits upcast to fp32 (TRL < 1.15, plain Trainer).
     fp32_non_quantized: embeddings, norms and lm_head upcast to fp32 (PEFT's
                   prepare_model_for_kbit_training, which lowvram's hf backend calls); the residual
@@ -115,8 +149,7 @@ class Stack:
 
 
 STACKS: dict[str, Stack] = {
-    # Conservative for Unsloth: newer releases chunk the cross-entropy further than one full buffer.
-    "unsloth": Stack("unsloth", kernels="unsloth", logits="fused_16bit", fp32_non_quantized=False),
+    "unsloth": Stack("unsloth", kernels="unsloth", logits="unsloth_chunked", fp32_non_quantized=False),
     "hf": Stack("hf", kernels="hf", logits="chunked", fp32_non_quantized=True),
 }
 
@@ -241,12 +274,30 @@ def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: b
         return tokens * v * (elem + (FULL_LOGITS_FP32_EXTRA_BYTES if grad else 4))
     if stack.logits == "fused_16bit":
         return tokens * v * elem + tokens * 4  # logits buffer (gradient in place) + fp32 logsumexp
+    if stack.logits == "unsloth_chunked":
+        # DPO/ORPO on Unsloth: the model returns its logits (TRL needs them), and TRL's
+        # selective_log_softmax keeps each row's 16-bit log-softmax for the backward, which then
+        # writes a 16-bit gradient: three 16-bit buffers with grad, the logits alone without.
+        return tokens * v * elem * (3 if grad else 1) + tokens * 4
     if stack.logits == "chunked":
         tile = min(tokens, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE) * elem
         head_cast = min(v, TRL_VOCAB_TILE) * h * elem if stack.fp32_non_quantized else 0  # fp32 head tile cast
         per_token = (4 + elem) * h if grad else 0  # fp32 hidden gradient + gathered hidden rows
         return tile + head_cast + tokens * per_token
     raise ValueError(f"unknown logits mode {stack.logits!r}")
+
+
+def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | None) -> float:
+    """Working set of Unsloth's fused cross-entropy: one chunk's logits, upcast and gradient.
+
+    Chunks are sized to half of `free_bytes` (the memory free when the loss first runs), so the loss
+    takes the whole batch at 8 bytes a logit when that fits, and about half of what is free when it
+    does not. Without `free_bytes` (no card known) the whole batch is one chunk: the most it costs.
+    """
+    full = tokens * spec.vocab_size * UNSLOTH_CE_BYTES_PER_LOGIT
+    if free_bytes is None:
+        return full
+    return min(full, UNSLOTH_CE_FREE_SHARE * free_bytes)
 
 
 # ---------------------------------------------------------------- the estimate
@@ -264,12 +315,14 @@ def estimate(
     dtype: str = "bf16",
     backend: str | Stack = "unsloth",
     load_in_4bit: bool = True,
+    vram_gib: float | None = None,
 ) -> MemoryEstimate:
     """Peak VRAM of one stage ("sft", "dpo" or "orpo") of LoRA training, as a breakdown in GiB.
 
     `backend` names a stack in STACKS ("unsloth", "hf") or is a Stack for another implementation.
     DPO and ORPO batches hold chosen and rejected together: twice SFT's tokens. DPO also runs the
     no-grad reference forward; ORPO has no reference.
+    `vram_gib` is the card's memory, when known: Unsloth sizes its loss chunks to what is free.
     """
     stack = STACKS[backend] if isinstance(backend, str) else backend
     if stage not in STAGES:
@@ -307,9 +360,16 @@ def estimate(
         kept = 2 * residual
         recompute = saved
     per_token = kept + recompute + _layer_backward_bytes(spec, stack, elem) + _head_bytes(spec, stack, elem)
+    if grad_ckpt != "off":
+        per_token += residual  # the recomputed layer's output, alive while its backward runs
     activations = tokens * per_token
 
-    logits = _logits_bytes(spec, stack, elem, tokens, grad=True)
+    # bitsandbytes dequantizes a 4-bit weight into a 16-bit buffer for each matmul; forward and
+    # backward buffers of the largest linear can be alive together.
+    largest = max(i * o for i, o in _linear_shapes(spec).values())
+    dequant = 2 * largest * elem if load_in_4bit else 0.0
+    context = CUDA_CONTEXT_GIB * GIB
+    details: dict[str, float] = {}
 
     ref_forward = 0.0
     if stage == "dpo":
@@ -317,21 +377,41 @@ def estimate(
         ref_forward = (tokens * _layer_forward_bytes(spec, elem) + _logits_bytes(spec, stack, elem, tokens, grad=False)
                        + n_lora * LORA_PARAM_BYTES)  # the frozen "ref" copy of the SFT adapter
 
-    # bitsandbytes dequantizes a 4-bit weight into a 16-bit buffer for each matmul; forward and
-    # backward buffers of the largest linear can be alive together.
-    largest = max(i * o for i, o in _linear_shapes(spec).values())
-    dequant = 2 * largest * elem if load_in_4bit else 0.0
-    step_bytes = activations + logits + ref_forward + dequant
-    allocator = ALLOCATOR_SLACK_GIB * GIB + ALLOCATOR_FRAGMENTATION * step_bytes
-    context = CUDA_CONTEXT_GIB * GIB
+    if stack.logits == "unsloth_chunked" and stage == "sft":
+        # Two phases that do not overlap. The loss phase: the forward's kept tensors, the hidden-state
+        # gradient the fused loss hands to the backward, and one loss chunk. The backward phase: the
+        # activations above, the same hidden-state gradient, and the allocator's extra block.
+        grad_hidden = tokens * spec.hidden_size * elem
+        kept_forward = tokens * (kept + _head_bytes(spec, stack, elem))
+        fixed = weights + lora + dequant + ALLOCATOR_SLACK_GIB * GIB + context
+        free = None if vram_gib is None else vram_gib * GIB - fixed - kept_forward - grad_hidden
+        chunk = unsloth_ce_chunk_bytes(spec, tokens, None if free is None else max(free, 0.0))
+        loss_phase = kept_forward + grad_hidden + chunk
+        block = tokens * elem * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads
+                                    * spec.head_dim)
+        backward_phase = activations + grad_hidden + UNSLOTH_FRAGMENTATION_BLOCKS * block
+        # Report the backward phase as activations (+ the hidden-state gradient), what the loss phase
+        # needs beyond it as logits, and the extra block as fragmentation.
+        activations = activations + grad_hidden
+        logits = max(0.0, loss_phase - backward_phase)
+        allocator = ALLOCATOR_SLACK_GIB * GIB + UNSLOTH_FRAGMENTATION_BLOCKS * block
+        details.update(loss_phase_gib=loss_phase / GIB, backward_phase_gib=backward_phase / GIB,
+                       loss_chunk_gib=chunk / GIB)
+    else:
+        # DPO and ORPO need the logits themselves (TRL scores chosen against rejected), so they are
+        # materialised, next to the reference's: differently sized full buffers come and go, and
+        # fragmentation is a share of them, as measured for transformers + PEFT.
+        logits = _logits_bytes(spec, stack, elem, tokens, grad=True)
+        step_bytes = activations + logits + ref_forward + dequant
+        allocator = ALLOCATOR_SLACK_GIB * GIB + ALLOCATOR_FRAGMENTATION * step_bytes
     overhead = context + allocator + dequant
 
     parts = [weights, lora, activations, logits, ref_forward, overhead]
     gib = [p / GIB for p in parts]
-    details = {
+    details.update({
         "cuda_context_gib": context / GIB,
         "allocator_gib": allocator / GIB,
         "dequant_buffer_gib": dequant / GIB,
         "lora_params_m": n_lora / 1e6,
-    }
+    })
     return MemoryEstimate(*gib, total_gib=sum(gib), tokens=tokens, details=details)

@@ -162,11 +162,13 @@ class _Fitter:
     backend: str
     load_in_4bit: bool
     budget_gib: float
+    vram_gib: float | None = None  # the card's usable memory: Unsloth sizes its loss chunks to what is free
 
     def at(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> MemoryEstimate:
         return estimate(spec or self.spec, self.stage, max_seq_len=max_seq_len, batch_size=batch_size,
                         lora_r=self.lora_r, target_modules=self.targets, grad_ckpt=self.grad_ckpt, optim=self.optim,
-                        dtype=self.dtype, backend=self.backend, load_in_4bit=self.load_in_4bit)
+                        dtype=self.dtype, backend=self.backend, load_in_4bit=self.load_in_4bit,
+                        vram_gib=self.vram_gib)
 
     def fits(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> bool:
         return self.at(max_seq_len, batch_size, spec).total_gib <= self.budget_gib
@@ -390,7 +392,7 @@ def make_plan(recipe: Recipe, device: Device) -> Plan:
         if budgeted:
             est_stage = "orpo" if s == "dpo" and recipe.dpo.method == "orpo" else s
             fits[s] = _Fitter(spec, est_stage, r, targets, modes[s][0], modes[s][1], dtype, backend, q4,
-                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION))
+                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), device.usable_vram_gib)
     try:
         stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s)) for s in recipe.stages()}
     except _NothingFits as failed:

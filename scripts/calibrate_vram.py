@@ -15,7 +15,16 @@ How rows are represented (scripts/data/README.md has what was checked against ea
   CUDA context, so those rows are compared with the estimate's `reserved_gib`; nvidia-smi includes
   it, so those rows are compared with `total_gib`. Unsloth's formula is taken as published, with
   its 1.4 GB CUDA overhead: its documented total, and its better reading on every row here.
-- Dynamic padding rows are estimated at their max_seq_len, as the planner does: the worst batch.
+- Every row is estimated at its max_seq_len, as the planner does without the data: the worst
+  batch. Rows whose samples are "mostly far shorter" (Alpaca) never fill that batch, so for them
+  the estimate must be an upper bound (not below the measurement); rows whose batches fill
+  max_seq_len (packed, or chat rows longer than it) must be within +-20%, and the mean error over
+  those is compared with Unsloth's formula.
+- The card's memory is passed to the estimate (Unsloth sizes its loss chunks to the free memory):
+  a T4 reports 14.75 GiB in the notebooks, the A100 is the 80 GB one.
+- Max context: the longest sequence the estimate fits at batch 1 on each card size of Unsloth's
+  published table (Llama-3.1-8B, r=32, all linears), as a ratio to it. It must be at least 0.8 at
+  12/16/24/40/80 GB and never above 1.
 - torchtune rows are not represented: torchtune trains with its own NF4 (torchao), its own
   checkpointing and offloading, chunked cross-entropy and torch.compile; lowvram trains with
   Unsloth or transformers + PEFT, and its estimator describes those two.
@@ -37,6 +46,15 @@ from lowvram.models import CATALOG, ModelSpec, get_spec
 
 DATA = Path(__file__).resolve().parent / "data" / "vram_points.csv"
 ERROR_BOUND = 0.20
+
+# Unsloth's published max context for Llama-3.1-8B Instruct, 4-bit QLoRA on all linears, r=32,
+# batch 1, sequences padded to the length (docs.unsloth.ai/basics/unsloth-benchmarks, "Context
+# length benchmarks"; unsloth.ai/blog/llama3-3). Card GB -> tokens.
+UNSLOTH_MAX_CONTEXT = {8: 2_972, 12: 21_848, 16: 40_724, 24: 78_475, 40: 153_977, 48: 191_728, 80: 342_733}
+CONTEXT_CHECKED_GB = (12, 16, 24, 40, 80)
+CONTEXT_FLOOR = 0.8
+# Memory of the cards rows name, as torch reports it (GiB): the T4 notebooks print 14.748.
+CARD_GIB = {"T4": 14.75, "A100": 80.0, "RTX 4090": 24.0}
 
 # The models of the calibration rows, by the name the CSV gives them. Catalog entries where lowvram
 # ships the model; the two others from their published config.json.
@@ -75,6 +93,8 @@ class Setup:
     backend: str | Stack
     with_context: bool  # the measurement includes the CUDA context (nvidia-smi)
     repo_double_quant: bool  # what Unsloth's formula reads from the repo's quantization config
+    vram_gib: float | None = None  # the card's memory, when the row names it
+    short_rows: bool = False  # dynamic padding over samples mostly far shorter than max_seq_len
 
 
 @dataclass(frozen=True)
@@ -101,27 +121,49 @@ class Result:
     def unsloth_error(self) -> float:
         return self.unsloth_gib / self.point.measured_gib - 1
 
+    @property
+    def full_length(self) -> bool:
+        return not self.point.setup.short_rows
+
+    @property
+    def within(self) -> bool:
+        """Full-length rows: within the bound. Short-row measurements: the estimate is an upper bound."""
+        if self.full_length:
+            return abs(self.lowvram_error) <= ERROR_BOUND
+        return self.lowvram_error >= 0
+
 
 @dataclass(frozen=True)
 class Calibration:
     results: list[Result]
     skipped: list[Point]
+    context: list[tuple[int, int, int]] = ()  # (card GB, lowvram's max context, Unsloth's published)
+
+    @property
+    def full(self) -> list[Result]:
+        return [r for r in self.results if r.full_length]
 
     @property
     def lowvram_mae(self) -> float:
-        return sum(abs(r.lowvram_error) for r in self.results) / len(self.results)
+        return sum(abs(r.lowvram_error) for r in self.full) / max(len(self.full), 1)
 
     @property
     def unsloth_mae(self) -> float:
-        return sum(abs(r.unsloth_error) for r in self.results) / len(self.results)
+        return sum(abs(r.unsloth_error) for r in self.full) / max(len(self.full), 1)
 
     @property
     def out_of_bound(self) -> list[Result]:
-        return [r for r in self.results if abs(r.lowvram_error) > ERROR_BOUND]
+        return [r for r in self.results if not r.within]
+
+    @property
+    def context_failures(self) -> list[tuple[int, int, int]]:
+        return [(gb, ours, pub) for gb, ours, pub in self.context
+                if ours > pub or (gb in CONTEXT_CHECKED_GB and ours < CONTEXT_FLOOR * pub)]
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and not self.out_of_bound and self.lowvram_mae < self.unsloth_mae
+        return (bool(self.full) and not self.out_of_bound and self.lowvram_mae < self.unsloth_mae
+                and not self.context_failures)
 
 
 # ---------------------------------------------------------------- reading rows
@@ -148,7 +190,8 @@ def _lowvram_row(row: dict, label: str, measured: float) -> Point:
     setup = Setup(spec, opts.get("stage", "sft"), _leading_int(row["max_seq_len"]), _leading_int(row["batch"]),
                   _leading_int(row["lora_r"]), targets, _ckpt(row["grad_ckpt"]), opts.get("optim", "adamw_8bit"),
                   opts.get("dtype", "bf16"), opts.get("backend", "unsloth"), "nvidia" in row["kind"].lower(),
-                  spec.prequantized_4bit)
+                  spec.prequantized_4bit, float(opts["vram_gib"]) if "vram_gib" in opts else None,
+                  "far shorter" in row["max_seq_len"])
     return Point(label, row["stack"], measured, setup)
 
 
@@ -171,9 +214,11 @@ def read_points(csv_path: Path = DATA) -> list[Point]:
             if spec is None:
                 points.append(Point(label, stack, measured, None, f"no dimensions for {row['model']!r}"))
                 continue
+            card = next((gib for name, gib in CARD_GIB.items() if name in stack), None)
             common = {"spec": spec, "max_seq_len": _leading_int(row["max_seq_len"]),
                       "batch_size": _leading_int(row["batch"]), "lora_r": _leading_int(row["lora_r"]),
-                      "grad_ckpt": _ckpt(row["grad_ckpt"])}
+                      "grad_ckpt": _ckpt(row["grad_ckpt"]), "vram_gib": card,
+                      "short_rows": "far shorter" in row["max_seq_len"]}
             if stack.startswith("unsloth SFT"):
                 # The notebooks: all seven linears, adamw_8bit, fp16 on a T4, pre-quantized
                 # (double-quant) repos, peak read with max_memory_reserved().
@@ -198,7 +243,23 @@ def read_points(csv_path: Path = DATA) -> list[Point]:
 def lowvram_estimate(s: Setup) -> MemoryEstimate:
     return estimate(s.spec, s.stage, max_seq_len=s.max_seq_len, batch_size=s.batch_size, lora_r=s.lora_r,
                     target_modules=s.targets, grad_ckpt=s.grad_ckpt, optim=s.optim, dtype=s.dtype,
-                    backend=s.backend, load_in_4bit=True)
+                    backend=s.backend, load_in_4bit=True, vram_gib=s.vram_gib)
+
+
+LLAMA_8B = MODELS["Llama-3.1-8B"]
+
+
+def max_context(vram_gib: float, spec: ModelSpec = LLAMA_8B, lora_r: int = 32) -> int:
+    """The longest sequence whose estimated peak (with the CUDA context) fits a card, at batch 1."""
+    def fits(seq: int) -> bool:
+        return estimate(spec, "sft", max_seq_len=seq, batch_size=1, lora_r=lora_r, grad_ckpt="unsloth",
+                        optim="adamw_8bit", dtype="bf16", backend="unsloth", vram_gib=vram_gib).total_gib <= vram_gib
+
+    lo, hi = 0, 1 << 21
+    while lo < hi:  # the estimate grows with the sequence: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 # Unsloth Studio's constants, as VRAM_ESTIMATION.md states them.
@@ -244,7 +305,8 @@ def calibrate(csv_path: Path = DATA) -> Calibration:
         est = lowvram_estimate(p.setup)
         ours = est.total_gib if p.setup.with_context else est.reserved_gib
         results.append(Result(p, est, ours, unsloth_studio_gib(p.setup)))
-    return Calibration(results, skipped)
+    context = [(gb, max_context(gb), pub) for gb, pub in UNSLOTH_MAX_CONTEXT.items()]
+    return Calibration(results, skipped, context)
 
 
 # ---------------------------------------------------------------- report
@@ -271,20 +333,38 @@ def report(cal: Calibration, verbose: bool = False) -> list[str]:
         out += [f"  {p.label} ({p.stack}): {p.why_not}" for p in cal.skipped]
     if not cal.results:
         return out + ["\nNo row could be represented."]
-    worst = max(cal.results, key=lambda r: abs(r.lowvram_error))
-    worst_u = max(cal.results, key=lambda r: abs(r.unsloth_error))
+    full = cal.full or cal.results
+    worst = max(full, key=lambda r: abs(r.lowvram_error))
+    worst_u = max(full, key=lambda r: abs(r.unsloth_error))
+    short = [r for r in cal.results if not r.full_length]
     out += [
         "",
-        (f"lowvram: mean |error| {cal.lowvram_mae:.1%}, worst {worst.lowvram_error:+.1%} ({worst.point.label}), "
-         f"{len(cal.results) - len(cal.out_of_bound)}/{len(cal.results)} rows within +-{ERROR_BOUND:.0%}"),
-        f"Unsloth: mean |error| {cal.unsloth_mae:.1%}, worst {worst_u.unsloth_error:+.1%} ({worst_u.point.label})",
+        (f"rows that fill max_seq_len ({len(cal.full)}): lowvram mean |error| {cal.lowvram_mae:.1%}, worst "
+         f"{worst.lowvram_error:+.1%} ({worst.point.label}); Unsloth mean |error| {cal.unsloth_mae:.1%}, worst "
+         f"{worst_u.unsloth_error:+.1%} ({worst_u.point.label})"),
     ]
+    if short:
+        out.append(f"rows of short samples ({len(short)}, estimated at max_seq_len, so an upper bound): "
+                   + ", ".join(f"{r.point.label} {r.lowvram_error:+.1%}" for r in short))
+    out.append(f"{len(cal.results) - len(cal.out_of_bound)}/{len(cal.results)} rows pass "
+               f"(+-{ERROR_BOUND:.0%}, or an upper bound for short samples)")
+    if cal.context:
+        ctx = [(f"{gb} GB", f"{ours:,}", f"{pub:,}", f"{ours / pub:.2f}") for gb, ours, pub in cal.context]
+        out += ["", "Max context, Llama-3.1-8B r=32 batch 1 (the longest sequence whose estimate fits the card):",
+                table(ctx, ("card", "lowvram", "Unsloth published", "ratio"))]
+        checked = [ours / pub for gb, ours, pub in cal.context if gb in CONTEXT_CHECKED_GB]
+        out.append(f"ratio at {'/'.join(map(str, CONTEXT_CHECKED_GB))} GB: min {min(checked):.2f}, "
+                   f"max {max(checked):.2f} (needs {CONTEXT_FLOOR} to 1)")
     for r in cal.out_of_bound:
-        out.append(f"FAIL: {r.point.label} ({r.point.stack}) is off by {r.lowvram_error:+.1%}, beyond +-{ERROR_BOUND:.0%}")
+        what = f"beyond +-{ERROR_BOUND:.0%}" if r.full_length else "below the measurement (not an upper bound)"
+        out.append(f"FAIL: {r.point.label} ({r.point.stack}) is off by {r.lowvram_error:+.1%}, {what}")
     if cal.lowvram_mae >= cal.unsloth_mae:
         out.append("FAIL: lowvram's mean error is not below Unsloth's")
+    for gb, ours, pub in cal.context_failures:
+        out.append(f"FAIL: max context at {gb} GB is {ours:,} tokens, {ours / pub:.2f}x Unsloth's {pub:,}")
     if cal.ok:
-        out.append("OK: every represented row within the bound, and lowvram's mean error below Unsloth's")
+        out.append("OK: every row passes, lowvram's mean error is below Unsloth's, and the max context is "
+                   f"{CONTEXT_FLOOR}x to 1x Unsloth's table")
     return out
 
 

@@ -139,3 +139,29 @@ def test_hf_activation_model_matches_what_autograd_saves(targets):
 
     estimated = (per_token(3) - per_token(1)) / 2
     assert estimated == pytest.approx(measured, rel=0.10), (estimated, measured)
+
+
+def test_unsloth_loss_is_chunked_to_free_memory_not_a_full_logits_buffer():
+    # 78k tokens over a 128k vocabulary: a full 16-bit logits buffer alone would be 18.7 GiB.
+    full = 78_475 * 128_256 * 2 / GIB
+    on_24 = est(seq=78_475, r=32, vram_gib=24)
+    assert on_24.logits_gib < 0.1 * full
+    assert on_24.details["loss_chunk_gib"] <= 0.5 * 24  # half of what is free, at most
+    # Without a card the whole batch is one chunk: the most the loss can cost, never less.
+    assert est(seq=78_475, r=32).total_gib > on_24.total_gib
+    # Short batches fit one chunk: 16-bit logits, fp32 upcast and 16-bit gradient, 8 bytes a logit.
+    short = est(seq=2048, batch=2, vram_gib=24)
+    assert short.details["loss_chunk_gib"] == pytest.approx(4096 * 128256 * 8 / GIB)
+
+
+def test_unsloth_fragmentation_follows_the_largest_block_not_a_share_of_the_step():
+    # One extra block of the largest per-layer temporary: it grows with tokens x intermediate size,
+    # and does not grow with the vocabulary (the loss chunk is freed before the backward).
+    a = est(seq=32_768, vram_gib=80)
+    frag = a.details["allocator_gib"] - 0.5
+    assert frag == pytest.approx(32_768 * 14_336 * 2 / GIB)
+    big_vocab = est(spec=QWEN_7B, seq=32_768, vram_gib=80)
+    assert big_vocab.details["allocator_gib"] - 0.5 == pytest.approx(32_768 * 18_944 * 2 / GIB)
+    # transformers + PEFT: several full-size logits copies come and go, a share of the step stays.
+    hf = est(seq=4096, backend="hf")
+    assert hf.details["allocator_gib"] - 0.5 > 0.25 * (hf.activations_gib + hf.logits_gib)
