@@ -75,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe, path = load_recipe(args.recipe, args.overrides)
     plan = make_plan(recipe, _device(args))
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))  # strict JSON: no NaN or Infinity
         return 0
     print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
     print("\n".join(plan.lines()))

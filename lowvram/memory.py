@@ -374,7 +374,12 @@ def estimate(
     ref_forward = 0.0
     if stage == "dpo":
         # TRL runs the reference after the policy forward, so it stacks on the kept activations.
-        ref_forward = (tokens * _layer_forward_bytes(spec, elem) + _logits_bytes(spec, stack, elem, tokens, grad=False)
+        ref_logits = _logits_bytes(spec, stack, elem, tokens, grad=False)
+        if stack.logits == "unsloth_chunked":
+            # The reference's 16-bit logits live between the policy's forward (logits and log-softmax)
+            # and its backward (which adds the gradient buffer): inside the three buffers counted.
+            ref_logits = 0.0
+        ref_forward = (tokens * _layer_forward_bytes(spec, elem) + ref_logits
                        + n_lora * LORA_PARAM_BYTES)  # the frozen "ref" copy of the SFT adapter
 
     if stack.logits == "unsloth_chunked" and stage == "sft":

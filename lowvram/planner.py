@@ -24,12 +24,9 @@ from lowvram.hardware import Device
 from lowvram.memory import ALL_LINEAR, MemoryEstimate, estimate
 from lowvram.models import BUILTIN_PREFIX, CATALOG, ModelSpec, get_spec
 from lowvram.recipe import Recipe, StageConfig
-from lowvram.tiers import GPU_TIERS, Tier, select_tier
+from lowvram.tiers import GPU_TIERS, SAFETY_MARGIN_FRACTION, Tier, family_models, largest_fitting, select_tier
 
-# Held back from the card's usable memory for what the estimate cannot see: other processes, a
-# longer-than-usual batch, allocator behaviour. The estimate lands within -2%..+10% of the measured
-# peaks it can represent (scripts/calibrate_vram.py), so 10% keeps a plan on the safe side.
-SAFETY_MARGIN_FRACTION = 0.10
+__all__ = ["SAFETY_MARGIN_FRACTION", "SEQ_LADDER", "Plan", "StagePlan", "make_plan", "tier_table"]
 # Sequence lengths the planner chooses from, longest first.
 SEQ_LADDER = (8192, 4096, 2048, 1024, 512, 256)
 
@@ -137,15 +134,47 @@ def choose_backend(requested: str, device: Device) -> tuple[str, str]:
     return "hf", "CUDA GPU but Unsloth is not installed: transformers+PEFT+bitsandbytes (pip install 'lowvram[gpu]' for Unsloth)"
 
 
-def choose_model(recipe: Recipe, tier: Tier) -> tuple[str, str]:
+def choose_model(recipe: Recipe, tier: Tier, device: Device | None = None, *, backend: str = "unsloth",
+                 dtype: str = "bf16") -> tuple[str, str]:
+    """(model, reason): the recipe's model, else the largest of its family that fits this card.
+
+    On a CUDA card the choice is the estimator's: the largest model of the family whose SFT and DPO
+    estimates fit the budget at the tier's sequence targets and batch 1. Without one, the tier's.
+    """
     if recipe.model.name:
         return recipe.model.name, "set by the recipe (model.name)"
     fam = recipe.model.family
-    if fam not in tier.models:
-        offered = ", ".join(sorted(tier.models))
-        raise UserError(f"The {tier.name} tier has no {fam} model that fits.",
-                        hint=f"Pick model.family from {offered}, name a model with model.name, or plan for a bigger card.")
-    return tier.models[fam], f"default {fam} model for the {tier.name} tier"
+    if device is None or device.kind != "cuda" or fam == "tiny":
+        if fam not in tier.models:
+            offered = ", ".join(sorted(tier.models))
+            raise UserError(f"The {tier.name} tier has no {fam} model.",
+                            hint=f"Pick model.family from {offered}, name a model with model.name, "
+                                 "or plan for a bigger card.")
+        return tier.models[fam], f"default {fam} model for the {tier.name} tier"
+    budget = device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION)
+    targets = {_est_stage(recipe, s): _stage_targets(tier, s, getattr(recipe, s))[0] for s in recipe.stages()}
+    r = recipe.lora.r or tier.lora_r
+    ckpt = "unsloth" if backend == "unsloth" else "standard"
+    # The tier's targets first; when no member fits them (a forced tier, a small card), halve them:
+    # the planner then fits the sequence to the card anyway.
+    wanted = dict(targets)
+    while True:
+        spec, ests = largest_fitting(fam, budget, device.usable_vram_gib, targets, r, dtype=dtype, backend=backend,
+                                     grad_ckpt=ckpt, lora_targets=_targets(recipe)[0])
+        if spec is not None or min(targets.values()) <= SEQ_LADDER[-1]:
+            break
+        targets = {st: max(seq // 2, SEQ_LADDER[-1]) for st, seq in targets.items()}
+    if spec is None:  # nothing fits: plan the smallest, and let the planner refuse with what would fit
+        smallest = family_models(fam)[-1]
+        return smallest.name, f"smallest {fam} model (no member of the family fits this card)"
+    fitted = ", ".join(f"{st.upper()} seq {targets[st]} at batch 1 = {e.total_gib:.1f} GiB" for st, e in ests.items())
+    where = (f"the {tier.name} tier's targets" if targets == wanted
+             else f"{', '.join(map(str, targets.values()))} tokens (none fits the {tier.name} tier's targets)")
+    return spec.name, f"largest {fam} model whose estimate fits at {where} ({fitted}; budget {budget:.1f} GiB)"
+
+
+def _est_stage(recipe: Recipe, stage: str) -> str:
+    return "orpo" if stage == "dpo" and recipe.dpo.method == "orpo" else stage
 
 
 @dataclass(frozen=True)
@@ -178,6 +207,17 @@ class _Fitter:
         ladder = [s for s in SEQ_LADDER if s <= upto] or [upto]
         return next((s for s in ladder if self.fits(s, batch_size, spec)), None)
 
+    def max_seq(self, upto: int, batch_size: int = 1, spec: ModelSpec | None = None) -> int | None:
+        """The longest sequence <= upto that fits, computed (a multiple of 64 unless upto is shorter)."""
+        step = 64 if upto >= 64 else 1
+        lo, hi = 0, upto // step
+        while lo < hi:  # the estimate grows with the sequence: bisect over multiples of `step`
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.fits(mid * step, batch_size, spec) else (lo, mid - 1)
+        if lo == 0:
+            return upto if step == 1 and self.fits(upto, batch_size, spec) else None
+        return lo * step
+
     def largest_batch(self, max_seq_len: int, upto: int) -> int | None:
         """The largest power-of-two batch <= upto that fits at this sequence length."""
         sizes = [2**i for i in range(int(math.log2(max(upto, 1))), -1, -1)]
@@ -203,43 +243,49 @@ def _targets(recipe: Recipe) -> tuple[tuple[str, ...], str | None]:
 
 
 def _stage_targets(tier: Tier, stage: str, cfg: StageConfig) -> tuple[int, int]:
-    """(max_seq_len, effective batch) a stage aims for: the recipe's values, else the tier's."""
+    """(max_seq_len, effective batch) a stage aims for: the recipe's values, else the tier's.
+
+    The effective batch is the tier's unless the recipe sets both batch_size and grad_accum: setting
+    one of them changes how the effective batch is split, not its size.
+    """
     dpo = stage == "dpo"
     seq = cfg.max_seq_len or (tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len)
-    bs = cfg.batch_size or (tier.dpo_batch_size if dpo else tier.batch_size)
-    ga = cfg.grad_accum or (tier.dpo_grad_accum if dpo else tier.grad_accum)
-    return seq, bs * ga
+    if cfg.batch_size and cfg.grad_accum:
+        return seq, cfg.batch_size * cfg.grad_accum
+    tier_eff = (tier.dpo_batch_size * tier.dpo_grad_accum) if dpo else (tier.batch_size * tier.grad_accum)
+    return seq, tier_eff
+
+
+def _gib_pair(need: float, budget: float) -> tuple[str, str]:
+    """Two sizes printed with enough digits that a need over the budget never reads as equal to it."""
+    digits = 1
+    while digits < 3 and f"{need:.{digits}f}" == f"{budget:.{digits}f}":
+        digits += 1
+    return f"{need:.{digits}f}", f"{budget:.{digits}f}"
 
 
 def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier: Tier, device: Device) -> UserError:
     """Some stage does not fit at all: say how far over it is and name what fits every stage."""
     fit = fits[failed.stage]
     shortest = min(failed.target_seq, SEQ_LADDER[-1])
-    need = fit.at(shortest, 1).total_gib
+    need, budget = _gib_pair(fit.at(shortest, 1).total_gib, fit.budget_gib)
+    own_targets = {s: _stage_targets(tier, s, getattr(recipe, s))[0] for s in fits}
 
-    def seqs_for(spec: ModelSpec, targets: dict[str, int]) -> str | None:
-        got = {s: f.longest_seq(targets[s], spec=spec) for s, f in fits.items()}
+    def seqs_for(spec: ModelSpec) -> str | None:
+        got = {s: f.max_seq(own_targets[s], spec=spec) for s, f in fits.items()}
         return None if None in got.values() else ", ".join(f"{s}.max_seq_len={n}" for s, n in got.items())
 
     ideas = []
-    own_targets = {s: _stage_targets(tier, s, getattr(recipe, s))[0] for s in fits}
-    smaller = sorted((s for s in CATALOG.values() if s.family == fit.spec.family and s.params_b < fit.spec.params_b),
-                     key=lambda s: -s.params_b)
-    for spec in smaller:
-        seqs = seqs_for(spec, own_targets)
+    smaller = sorted((s for s in CATALOG.values() if s.family == fit.spec.family and s.params_b < fit.spec.params_b
+                      and s.prequantized_4bit == fit.spec.prequantized_4bit), key=lambda s: -s.params_b)
+    for spec in smaller:  # the largest smaller model that fits, with the longest sequences it allows
+        seqs = seqs_for(spec)
         if seqs:
             ideas.append(f"a smaller {spec.family} model: model.name={spec.name} fits ({seqs})")
             break
-    for other in GPU_TIERS:
-        if other.min_total_gib < tier.min_total_gib and fit.spec.family in other.models:
-            spec = get_spec(other.models[fit.spec.family])
-            seqs = seqs_for(spec, {s: _stage_targets(other, s, getattr(recipe, s))[0] for s in fits}) if spec else None
-            if seqs:
-                ideas.append(f"a smaller tier: model.tier={other.name} ({spec.name}) fits ({seqs})")
-                break
     return UserError(
         f"{fit.spec.name} does not fit on {device.name} for {failed.stage}: even max_seq_len={shortest} at batch 1 "
-        f"needs about {need:.1f} GiB, and the budget is {fit.budget_gib:.1f} GiB "
+        f"needs about {need} GiB, and the budget is {budget} GiB "
         f"({device.usable_vram_gib:.1f} GiB usable minus a {SAFETY_MARGIN_FRACTION:.0%} safety margin).",
         ideas or ["nothing lowvram offers in this family fits: plan for a bigger card with --vram GIB"],
         hint="Planning stopped before loading anything. Use one of the above as an override, "
@@ -249,27 +295,32 @@ def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier
 
 def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: bool, set_bs: bool,
                          device: Device) -> None:
-    """The recipe's own max_seq_len / batch_size win, unless they cannot fit: then say what would."""
+    """The recipe's own max_seq_len / batch_size win, unless they cannot fit: then say what would.
+
+    Suggestions are computed for this card: the largest batch at the recipe's length, and the
+    longest sequence at the recipe's batch (or at batch 1), not picked from a fixed list.
+    """
     need = fit.at(seq, bs).total_gib
     if need <= fit.budget_gib:
         return
-    if fit.longest_seq(seq) is None:
+    if fit.max_seq(seq) is None:
         raise _NothingFits(stage, seq)
     ideas = []
     if bs > 1:
         b = fit.largest_batch(seq, bs - 1)
         if b is not None:
-            ideas.append(f"{stage}.batch_size={b} fits at max_seq_len={seq} (raise {stage}.grad_accum to keep the "
-                         f"effective batch)")
-    shorter = fit.longest_seq(seq - 1, bs)
+            ideas.append(f"{stage}.batch_size={b} fits at max_seq_len={seq} (lowvram raises {stage}.grad_accum to "
+                         f"keep the effective batch)")
+    shorter = fit.max_seq(seq - 1, bs)
     if shorter is not None:
         ideas.append(f"{stage}.max_seq_len={shorter} fits at batch_size={bs}")
     elif bs > 1:
-        ideas.append(f"{stage}.max_seq_len={fit.longest_seq(seq)} fits at batch_size=1")
+        ideas.append(f"{stage}.max_seq_len={fit.max_seq(seq)} fits at batch_size=1")
     named = " with ".join(x for x, on in ((f"{stage}.max_seq_len={seq}", set_seq), (f"{stage}.batch_size={bs}", set_bs))
                           if on)
+    need_s, budget_s = _gib_pair(need, fit.budget_gib)
     raise UserError(
-        f"{named} needs about {need:.1f} GiB on {device.name}; the budget is {fit.budget_gib:.1f} GiB "
+        f"{named} needs about {need_s} GiB on {device.name}; the budget is {budget_s} GiB "
         f"({device.usable_vram_gib:.1f} GiB usable minus a {SAFETY_MARGIN_FRACTION:.0%} safety margin).",
         ideas,
         hint="Set one of the above, or leave the setting empty so lowvram chooses a value that fits.",
@@ -352,9 +403,9 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
 def make_plan(recipe: Recipe, device: Device) -> Plan:
     """Resolve every automatic setting of a recipe for a device; refuse what cannot work."""
     tier, tier_reason = select_tier(device, recipe.model.tier)
-    model, model_reason = choose_model(recipe, tier)
     backend, backend_reason = choose_backend(recipe.model.backend, device)
     dtype, dtype_reason = device.dtype_choice()
+    model, model_reason = choose_model(recipe, tier, device, backend=backend, dtype=dtype)
     spec: ModelSpec | None = get_spec(model)
     if recipe.model.load_in_4bit is not None:
         q4, q4_reason = recipe.model.load_in_4bit, "set by the recipe (model.load_in_4bit)"
@@ -390,7 +441,7 @@ def make_plan(recipe: Recipe, device: Device) -> Plan:
     for s in recipe.stages():
         modes[s] = _memory_modes(getattr(recipe, s), tier, backend, device)
         if budgeted:
-            est_stage = "orpo" if s == "dpo" and recipe.dpo.method == "orpo" else s
+            est_stage = _est_stage(recipe, s)
             fits[s] = _Fitter(spec, est_stage, r, targets, modes[s][0], modes[s][1], dtype, backend, q4,
                               device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), device.usable_vram_gib)
     try:
@@ -401,21 +452,26 @@ def make_plan(recipe: Recipe, device: Device) -> Plan:
 
 
 def tier_table(cards: dict[str, str] | None = None) -> list[dict]:
-    """The settings each GPU tier gets, as planned for a typical card of the tier, per model family.
+    """The settings each GPU tier gets, per model family, as planned for the tier's card.
 
+    By default the tier's card is a card of exactly the tier's size (24, 16, 12, 8 GiB), the one its
+    default models are computed for; `cards` maps a tier to a known card instead (e.g. {"16gb": "t4"}).
     The tier table is the planner's output: `scripts/tier_table.py` prints it for the README.
     """
-    from lowvram.hardware import known_card
+    from lowvram.hardware import known_card, simulated_device
     from lowvram.recipe import ModelConfig
 
-    cards = cards or {"24gb": "rtx4090", "16gb": "t4", "12gb": "rtx3060", "8gb": "rtx4060"}
     rows = []
     for tier in GPU_TIERS:
-        device = known_card(cards[tier.name])
+        if cards and tier.name in cards:
+            device = known_card(cards[tier.name])
+        else:
+            device = simulated_device(tier.vram_gib, name=f"{tier.vram_gib:g} GiB card")
         for family in sorted(f for f in tier.models if f != "tiny"):
             plan = make_plan(Recipe(model=ModelConfig(family=family, tier=tier.name)), device)
             for sp in plan.stages.values():
                 rows.append({"tier": tier.name, "card": device.name, "family": family, "model": plan.model,
+                             "params_b": get_spec(plan.model).params_b,
                              "stage": sp.stage, "max_seq_len": sp.max_seq_len, "batch_size": sp.batch_size,
                              "grad_accum": sp.grad_accum, "lora_r": plan.lora_r,
                              "estimate_gib": round(sp.estimate.total_gib, 2), "budget_gib": round(sp.budget_gib, 2)})

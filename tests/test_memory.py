@@ -165,3 +165,23 @@ def test_unsloth_fragmentation_follows_the_largest_block_not_a_share_of_the_step
     # transformers + PEFT: several full-size logits copies come and go, a share of the step stays.
     hf = est(seq=4096, backend="hf")
     assert hf.details["allocator_gib"] - 0.5 > 0.25 * (hf.activations_gib + hf.logits_gib)
+
+
+def test_head_dim_from_config_json_is_honoured(tmp_path):
+    import json
+
+    from lowvram.models import get_spec, spec_from_config
+
+    # google/gemma-2-9b-it: 16 heads of 256 over a 3584-wide residual (3584 / 16 would be 224).
+    gemma = {"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000}
+    spec = spec_from_config(gemma, "gemma-2-9b")
+    assert spec.head_dim == 256 and spec.tied_embeddings
+    assert spec.params_b == pytest.approx(9.24, abs=0.01)  # Google's published count
+    (tmp_path / "config.json").write_text(json.dumps(gemma))
+    assert get_spec(str(tmp_path)).head_dim == 256
+    narrower = spec_from_config({**gemma, "head_dim": None}, "no head_dim")
+    assert narrower.head_dim == 224
+    assert est(spec=spec).weights_gib > est(spec=narrower).weights_gib  # q/k/v/o are wider
+    # The shipped Mistral-Nemo entry: 32 heads of 128 over 5120.
+    assert CATALOG["unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit"].head_dim == 128

@@ -14,7 +14,7 @@ from lowvram.cli import main
 from lowvram.errors import UserError
 from lowvram.hardware import KNOWN_CARDS, Device, known_card, simulated_device
 from lowvram.memory import estimate
-from lowvram.models import get_spec
+from lowvram.models import CATALOG, get_spec
 from lowvram.planner import SAFETY_MARGIN_FRACTION, SEQ_LADDER, make_plan, tier_table
 from lowvram.recipe import load_recipe, shipped_recipes
 from lowvram.tiers import TIERS
@@ -99,16 +99,99 @@ def test_too_large_model_is_refused_with_what_would_fit():
     assert make_plan(fixed, known_card("rtx4060")).model == override.split("=", 1)[1]
 
 
-def test_forced_bigger_tier_is_refused_with_a_smaller_tier_that_fits():
-    # The 24 GB tier's Qwen is 14B: on an 8 GB card the planner names the tier whose Qwen fits.
+def test_forced_bigger_tier_on_a_small_card_gets_a_model_that_fits_this_card():
+    # The 24 GB tier's targets on an 8 GB card: the model is the largest the estimator fits here.
     recipe, _ = load_recipe("concise", ["model.tier=24gb"])
+    plan = make_plan(recipe, known_card("rtx4060"))
+    assert plan.tier == "24gb" and all(sp.fits for sp in plan.stages.values())
+    assert get_spec(plan.model).params_b < 8 and "largest" in plan.reasons["model"]
+
+
+@pytest.mark.parametrize("vram,tier", [(12, "12gb"), (16, "16gb"), (24, "24gb")])
+@pytest.mark.parametrize("family", ["llama", "qwen", "mistral", "gemma", "phi"])
+def test_default_model_is_the_largest_of_its_family_the_estimator_fits(vram, tier, family):
+    recipe, _ = load_recipe("chat-assistant", [f"model.family={family}"])
+    device = simulated_device(vram)
+    t = TIERS[tier]
+    budget = vram * (1 - SAFETY_MARGIN_FRACTION)
+    try:
+        plan = make_plan(recipe, device)
+    except UserError as e:  # no member of the family fits this card at the tier's targets
+        assert "does not fit" in e.message
+        return
+    chosen = get_spec(plan.model)
+    assert plan.tier == tier and chosen.family == family
+    targets = {"sft": t.sft_max_seq_len, "dpo": t.dpo_max_seq_len}
+    r = t.lora_r
+
+    def fits(spec):
+        return all(estimate(spec, st, max_seq_len=seq, batch_size=1, lora_r=r, vram_gib=vram,
+                            dtype=plan.dtype).total_gib <= budget for st, seq in targets.items())
+
+    assert fits(chosen)
+    larger = [s for s in CATALOG.values() if s.family == family and s.prequantized_4bit
+              and s.params_b > chosen.params_b]
+    assert not any(fits(s) for s in larger), [s.name for s in larger if fits(s)]
+
+
+def test_12gb_chat_plan_gets_an_8b_class_model_and_24gb_more_than_8b():
+    recipe, _ = load_recipe("chat-assistant")
+    assert get_spec(make_plan(recipe, known_card("rtx3060")).model).params_b >= 7
+    qwen, _ = load_recipe("chat-assistant", ["model.family=qwen"])
+    assert get_spec(make_plan(qwen, known_card("rtx4090")).model).params_b > 8
+
+
+@pytest.mark.parametrize("card,override,effective", [("rtx4090", "sft.batch_size=1", 8),
+                                                     ("rtx3060", "sft.batch_size=2", 8),
+                                                     ("rtx4090", "dpo.batch_size=1", 8)])
+def test_setting_batch_size_keeps_the_tiers_effective_batch(card, override, effective):
+    recipe, _ = load_recipe("chat-assistant", [override])
+    plan = make_plan(recipe, known_card(card))
+    stage = override.split(".")[0]
+    sp = plan.stages[stage]
+    assert sp.batch_size == int(override.split("=")[1])
+    assert sp.effective_batch == effective, plan.lines()
+    both, _ = load_recipe("chat-assistant", [override, f"{stage}.grad_accum=3"])
+    assert make_plan(both, known_card(card)).stages[stage].effective_batch == int(override.split("=")[1]) * 3
+
+
+def test_refusal_suggests_the_longest_sequence_that_fits_computed_for_the_card():
+    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                                               "sft.max_seq_len=131072", "lora.r=32"])
+    device = simulated_device(24)
     with pytest.raises(UserError) as e:
-        make_plan(recipe, known_card("rtx4060"))
-    tier_idea = next(p for p in e.value.problems if "model.tier=" in p)
-    tier = tier_idea.split("model.tier=")[1].split()[0]
-    fixed, _ = load_recipe("concise", [f"model.tier={tier}"])
-    plan = make_plan(fixed, known_card("rtx4060"))
-    assert all(sp.fits for sp in plan.stages.values())
+        make_plan(recipe, device)
+    need, budget = e.value.message.split("needs about ")[1].split(" GiB")[0], e.value.message.split("budget is ")[1]
+    assert need != budget.split(" GiB")[0]  # a need over the budget never prints as equal to it
+    idea = next(p for p in e.value.problems if p.startswith("sft.max_seq_len="))
+    seq = int(idea.split("=")[1].split()[0])
+    assert seq > 8192 and seq not in SEQ_LADDER  # computed, not the next entry of a fixed list
+    fixed, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                                              f"sft.max_seq_len={seq}", "lora.r=32"])
+    assert make_plan(fixed, device).stages["sft"].fits
+    over, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                                             f"sft.max_seq_len={seq + 64}", "lora.r=32"])
+    with pytest.raises(UserError):
+        make_plan(over, device)
+
+
+@pytest.mark.parametrize("vram", ["inf", "nan", "-inf", "1e400", "0", "-3"])
+def test_non_finite_or_non_positive_vram_is_refused(vram, capsys):
+    assert main(["plan", "chat-assistant", f"--vram={vram}", "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "--vram must be a positive, finite number" in out.err
+
+
+@pytest.mark.parametrize("args", [["--vram", "12"], ["--vram", "5000"], ["--gpu", "t4"], ["--vram", "0.5"]])
+def test_plan_json_is_strict_json_or_a_clear_error(args, capsys):
+    code = main(["plan", "chat-assistant", *args, "--json"])
+    out = capsys.readouterr()
+    if code == 0:
+        def refuse(const):
+            raise ValueError(f"not strict JSON: {const}")
+        json.loads(out.out, parse_constant=refuse)
+    else:
+        assert code == 2 and out.out == "" and out.err
 
 
 def test_recipe_values_win_but_over_budget_ones_are_refused_with_values_that_fit():
