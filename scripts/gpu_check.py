@@ -275,12 +275,18 @@ class Runner:
                                                         "error": f"exit {proc.returncode}: {text[-600:]}"}
         res["wall_s"] = round(time.monotonic() - info["t0"], 1)
         res.update(_run_facts(info["run_dir"]))
+        res.update(info.get("extra") or {})
         res.update(extra or {})
         self.results.append(res)
         with (self.out / "results.jsonl").open("a") as fh:
             fh.write(json.dumps(res) + "\n")
         print(json.dumps(res), flush=True)
         return res
+
+    def _start_job(self, j: dict):
+        proc, info = self.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False))
+        info["extra"] = {"catalog_estimate_gib": j.get("user_plan")}
+        return proc, info
 
     def run_parallel(self, jobs: list[dict], headroom_gib: float = 0.6) -> None:
         """Run jobs concurrently while their memory caps fit the card (peaks are per process; speed is not compared)."""
@@ -289,11 +295,10 @@ class Runner:
             used = sum(i["budget"] for _, i in running)
             while pending and used + pending[0]["budget"] + headroom_gib * (len(running) + 1) <= self.total:
                 j = pending.pop(0)
-                running.append(self.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False)))
+                running.append(self._start_job(j))
                 used += j["budget"]
             if not running and pending:  # one job alone larger than the headroom rule: run it by itself
-                j = pending.pop(0)
-                running.append(self.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False)))
+                running.append(self._start_job(pending.pop(0)))
             time.sleep(2)
             for pair in [p for p in running if p[0].poll() is not None]:
                 running.remove(pair)
@@ -430,6 +435,14 @@ def main() -> None:
         sft, pref = write_full_length_data(work / f"data-{tag}", tiny, tokens, rows)
         return [f"sft.data.path={sft}", f"dpo.data.path={pref}"]
 
+    def planned(plan) -> list[str]:
+        """The settings a user of the catalog model gets, pinned: the local random copy has no
+        quantization_config, so left alone the planner could pick other values for it."""
+        return [f"{s}.{k}={getattr(sp, k)}" for s, sp in plan.stages.items() for k in ("max_seq_len", "batch_size", "grad_accum")]
+
+    def user_plan(plan) -> dict:
+        return {s: round(sp.estimate.total_gib, 3) for s, sp in plan.stages.items() if sp.estimate is not None}
+
     # Which model each tier gets, from the planner itself (and the settings it plans for it).
     jobs_by_model: dict[str, list[dict]] = {}
     tiers = [] if args.skip_tiers else [t for t in args.tiers.split(",") if t]
@@ -442,7 +455,9 @@ def main() -> None:
                 longest = max(sp.max_seq_len for sp in plan.stages.values())
                 rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
                 job = {"job": f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", "budget": budget, "t4": t4,
-                       "overrides": [f"model.tier={tier}", *base, *data_for(f"{longest}-{rows}", longest, rows)]}
+                       "overrides": [f"model.tier={tier}", *base, *planned(plan),
+                                     *data_for(f"{longest}-{rows}", longest, rows)],
+                       "user_plan": user_plan(plan)}
                 jobs_by_model.setdefault(plan.model, []).append(job)
                 if args.compare_hf and tier == args.compare_tier and not t4 and family == families[0]:
                     jobs_by_model[plan.model].append({**job, "job": job["job"].replace("unsloth", "hf"), "hf": True,
@@ -456,6 +471,8 @@ def main() -> None:
             jobs_by_model.setdefault(plan.model, []).append(
                 {"job": f"{small}-llama-{method}", "budget": CARDS[small], "method": method,
                  "overrides": [f"model.tier={small}", *base, *extra, *data_for("m1024", 1024, 8 * steps * 2)]})
+            if method == "kto":  # TRL's KTO needs two rows per device batch
+                jobs_by_model[plan.model][-1]["overrides"] += ["dpo.batch_size=2"]
 
     # Build every model first (one folder each), then run: memory jobs concurrently when --parallel,
     # the Unsloth-vs-PEFT pair one at a time (their speed is compared), then the preference variants.
@@ -477,7 +494,8 @@ def main() -> None:
             runner.run_parallel(jobs)
         else:
             for j in jobs:
-                runner.finish(*runner.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False)))
+                runner.finish(*runner.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False)),
+                              {"catalog_estimate_gib": j.get("user_plan")})
     for d in model_dirs.values():
         shutil.rmtree(d, ignore_errors=True)
 
