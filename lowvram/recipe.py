@@ -99,6 +99,8 @@ class StageConfig:
     logging_steps: int = _f(1, "Log metrics every N steps.", gt=0)
     save_steps: int = _f(50, "Write a resumable checkpoint every N steps.", gt=0)
     eval_steps: int | None = _f(None, "Evaluate every N steps when there is eval data; empty = at the end only.", gt=0)
+    oom_step_down: bool = _f(True, "On CUDA out-of-memory, halve the batch (doubling accumulation), then the "
+                                   "sequence, and resume from the last checkpoint; false stops instead.")
 
 
 @dataclass(frozen=True)

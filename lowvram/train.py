@@ -452,4 +452,7 @@ def run_stage(ctx: StageContext, data) -> Path:
         unsloth_backend.activate()  # before TRL is imported below
     _quiet_libraries()
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    return run_sft(ctx, data) if ctx.stage == "sft" else run_preference(ctx, data)
+    from lowvram.oom import run_with_step_down  # CUDA out-of-memory: smaller settings, resume (lowvram/oom.py)
+
+    train = run_sft if ctx.stage == "sft" else run_preference
+    return run_with_step_down(ctx, lambda c: train(c, data))
