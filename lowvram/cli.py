@@ -69,11 +69,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowvram.planner import make_plan
+    from lowvram.lengths import plan_with_data
     from lowvram.recipe import load_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides)
-    plan = make_plan(recipe, _device(args))
+    plan = plan_with_data(recipe, _device(args), path.parent)  # sized for the data's own lengths when local
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))  # strict JSON: no NaN or Infinity
         return 0

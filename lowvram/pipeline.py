@@ -19,7 +19,8 @@ import yaml
 
 from lowvram.errors import UserError
 from lowvram.hardware import Device, detect_device
-from lowvram.planner import Plan, make_plan
+from lowvram.lengths import plan_with_data
+from lowvram.planner import Plan
 from lowvram.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
 
 
@@ -116,7 +117,7 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
         rdir = Path(run_dir) if run_dir else new_run_dir(recipe)
     todo = stages or recipe.stages()  # `lowvram sft`/`dpo` name their stage; `run` takes the enabled ones
     device = _training_device(vram, gpu)
-    plan = make_plan(recipe, device)
+    plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
     print("\n".join(plan.lines()), flush=True)
     _check_libraries(plan)

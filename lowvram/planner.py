@@ -42,6 +42,7 @@ class StagePlan:
     reasons: dict[str, str] = field(default_factory=dict)
     estimate: MemoryEstimate | None = None  # peak VRAM at these settings; None without a CUDA card
     budget_gib: float | None = None  # usable VRAM minus the safety margin; None without a CUDA card
+    data_lengths: dict | None = None  # token lengths of the stage's data when it was planned from them
 
     @property
     def effective_batch(self) -> int:
@@ -95,7 +96,12 @@ class Plan:
             return [f"{'memory':<9} not estimated: {self.reasons.get('memory', 'no CUDA card, so no VRAM budget')}"]
         from lowvram.ui import table
 
-        headers = ("memory (GiB)", *(f"{sp.stage} (seq {sp.max_seq_len} x batch {sp.batch_size})" for sp in planned))
+        def seq(sp: StagePlan) -> str:  # the length the estimate used: the data's longest row when known
+            if sp.data_lengths and sp.data_lengths["max"] < sp.max_seq_len:
+                return f"{sp.data_lengths['max']} (data)"
+            return str(sp.max_seq_len)
+
+        headers = ("memory (GiB)", *(f"{sp.stage} (seq {seq(sp)} x batch {sp.batch_size})" for sp in planned))
         rows = [(name, *(f"{dict(sp.estimate.rows())[name]:.2f}" for sp in planned))
                 for name, _ in planned[0].estimate.rows()]
         rows.append(("budget", *(f"{sp.budget_gib:.2f}" for sp in planned)))
@@ -192,8 +198,11 @@ class _Fitter:
     load_in_4bit: bool
     budget_gib: float
     vram_gib: float | None = None  # the card's usable memory: Unsloth sizes its loss chunks to what is free
+    data_max: int | None = None  # the data's longest row: with dynamic padding no batch is longer
 
     def at(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> MemoryEstimate:
+        if self.data_max is not None:
+            max_seq_len = min(max_seq_len, self.data_max)  # the worst batch the data forms after truncation
         return estimate(spec or self.spec, self.stage, max_seq_len=max_seq_len, batch_size=batch_size,
                         lora_r=self.lora_r, target_modules=self.targets, grad_ckpt=self.grad_ckpt, optim=self.optim,
                         dtype=self.dtype, backend=self.backend, load_in_4bit=self.load_in_4bit,
@@ -350,7 +359,7 @@ def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device) ->
 
 
 def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: str, optim: str,
-                reasons: dict[str, str], fit: _Fitter | None) -> StagePlan:
+                reasons: dict[str, str], fit: _Fitter | None, lengths=None, note: str | None = None) -> StagePlan:
     dpo = stage == "dpo"
     if fit is None:  # no VRAM budget (CPU, Apple, or a model whose dimensions are unknown)
         def pick(name, value, default, why):
@@ -397,11 +406,26 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
         reasons["grad_accum"] = f"keeps the effective batch at {target_eff} (batch {bs} x {ga})"
     est = fit.at(seq, bs)
     reasons["memory"] = f"estimated peak {est.total_gib:.1f} GiB of a {fit.budget_gib:.1f} GiB budget"
-    return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons, est, round(fit.budget_gib, 3))
+    if lengths is not None:
+        worst = min(seq, lengths.longest)
+        reasons["lengths"] = (f"{lengths.summary()} ({lengths.counted_with}); the worst batch this data forms is "
+                              f"{bs} x {worst:,} tokens" + (" after truncation" if lengths.longest > seq else ""))
+    elif note:
+        reasons["lengths"] = note
+    return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons, est, round(fit.budget_gib, 3),
+                     lengths.to_dict() if lengths is not None else None)
 
 
-def make_plan(recipe: Recipe, device: Device) -> Plan:
-    """Resolve every automatic setting of a recipe for a device; refuse what cannot work."""
+def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
+              data_notes: dict[str, str] | None = None) -> Plan:
+    """Resolve every automatic setting of a recipe for a device; refuse what cannot work.
+
+    `data_lengths` maps a stage to the token lengths of its data (lowvram.lengths.DataLengths):
+    the stage is then planned for the worst batch that data forms, not for max_seq_len.
+    `data_notes` says, per stage, why it was planned without them. lowvram.lengths.plan_with_data
+    fills both.
+    """
+    data_lengths, data_notes = data_lengths or {}, data_notes or {}
     tier, tier_reason = select_tier(device, recipe.model.tier)
     backend, backend_reason = choose_backend(recipe.model.backend, device)
     dtype, dtype_reason = device.dtype_choice()
@@ -442,10 +466,13 @@ def make_plan(recipe: Recipe, device: Device) -> Plan:
         modes[s] = _memory_modes(getattr(recipe, s), tier, backend, device)
         if budgeted:
             est_stage = _est_stage(recipe, s)
+            longest = data_lengths[s].longest if s in data_lengths else None
             fits[s] = _Fitter(spec, est_stage, r, targets, modes[s][0], modes[s][1], dtype, backend, q4,
-                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), device.usable_vram_gib)
+                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), device.usable_vram_gib, longest)
     try:
-        stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s)) for s in recipe.stages()}
+        stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s),
+                                 data_lengths.get(s) if s in fits else None, data_notes.get(s))
+                  for s in recipe.stages()}
     except _NothingFits as failed:
         raise _refuse(recipe, fits, failed, tier, device) from None
     return Plan(device, tier.name, model, backend, dtype, q4, r, alpha, stages, reasons)

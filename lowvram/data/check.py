@@ -365,9 +365,9 @@ def _conversational(parsed: ParsedRows) -> bool:
     return "messages" in canon or isinstance(canon.get("prompt"), list)
 
 
-def token_budget(parsed: ParsedRows, max_seq_len: int, budget_from: str, tokenizer: Any = None,
-                 tokenizer_label: str = "", chat_template: str | None = None) -> TokenBudget:
-    """Token length of each example (the longer side of a pair) against max_seq_len."""
+def token_lengths(parsed: ParsedRows, tokenizer: Any = None, tokenizer_label: str = "",
+                  chat_template: str | None = None) -> tuple[list[int], str, bool]:
+    """(tokens per example, how they were counted, approximate?): the longer side of a pair, untruncated."""
     if tokenizer is not None:
         template = chat_template if chat_template and not getattr(tokenizer, "chat_template", None) else None
         if getattr(tokenizer, "chat_template", None) or template:
@@ -392,6 +392,13 @@ def token_budget(parsed: ParsedRows, max_seq_len: int, budget_from: str, tokeniz
         approximate = True
         how = (f"an approximation ({CHARS_PER_TOKEN:g} characters per token, {TOKENS_PER_MESSAGE} per message for "
                f"chat markup; {tokenizer_label or 'no tokenizer'} not available locally)")
+    return lengths, how, approximate
+
+
+def token_budget(parsed: ParsedRows, max_seq_len: int, budget_from: str, tokenizer: Any = None,
+                 tokenizer_label: str = "", chat_template: str | None = None) -> TokenBudget:
+    """Token length of each example (the longer side of a pair) against max_seq_len."""
+    lengths, how, approximate = token_lengths(parsed, tokenizer, tokenizer_label, chat_template)
     over = tuple(loc for (loc, _, _), n in zip(parsed.rows, lengths) if n > max_seq_len)
     return TokenBudget(max_seq_len, budget_from, how, approximate, over, max(lengths), statistics.median(lengths),
                        len(lengths))
