@@ -91,8 +91,9 @@ ALLOCATOR_FRAGMENTATION = 0.30
 # caching allocator hands the same blocks back each layer; what it loses is about one extra block of
 # the largest temporary (a tokens x intermediate_size activation), reserved when the cached blocks
 # are split. Cross-check, not a fit: with this one block, the per-token cost of Llama-3.1-8B at
-# r=32 comes to 225 KiB/token against the 227 KiB/token slope of Unsloth's published max-context
-# table (docs.unsloth.ai/basics/unsloth-benchmarks: 2,972 tokens at 8 GB ... 342,733 at 80 GB).
+# r=32 near its longest context comes to 228 KiB/token against the 222 KiB/token slope of Unsloth's
+# published max-context table (docs.unsloth.ai/basics/unsloth-benchmarks: 2,972 tokens at 8 GB ...
+# 342,733 at 80 GB, 18,876 tokens per 4 GB); scripts/calibrate_vram.py prints the ratios.
 UNSLOTH_FRAGMENTATION_BLOCKS = 1
 
 # Unsloth's fused cross-entropy (unsloth_zoo fused_losses/cross_entropy_loss.py,

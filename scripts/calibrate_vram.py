@@ -346,6 +346,10 @@ def report(cal: Calibration, verbose: bool = False) -> list[str]:
     if short:
         out.append(f"rows of short samples ({len(short)}, estimated at max_seq_len, so an upper bound): "
                    + ", ".join(f"{r.point.label} {r.lowvram_error:+.1%}" for r in short))
+        every = cal.results
+        out.append(f"all {len(every)} rows: lowvram mean |error| "
+                   f"{sum(abs(r.lowvram_error) for r in every) / len(every):.1%}, Unsloth "
+                   f"{sum(abs(r.unsloth_error) for r in every) / len(every):.1%}")
     out.append(f"{len(cal.results) - len(cal.out_of_bound)}/{len(cal.results)} rows pass "
                f"(+-{ERROR_BOUND:.0%}, or an upper bound for short samples)")
     if cal.context:
