@@ -401,6 +401,11 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     ckpt_dir = ctx.stage_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir)
     if resume_from is not None:
+        from lowvram.adapters import restore_policy
+
+        # the Trainer restores the optimizer and step; under transformers 5.17 not the policy adapter of a
+        # checkpoint that also holds DPO's ref/ adapter (lowvram.adapters), so load it here under every version
+        restore_policy(model, resume_from)
         print(f"[{ctx.stage}] resuming from {resume_from.name}", flush=True)
     elif trainer.eval_dataset is not None:
         before = _evaluate(trainer, ctx, "before")

@@ -217,3 +217,72 @@ def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
     seq = plan.stages["dpo"].max_seq_len
     text = _oom_message(StageContext(tmp_path, recipe, plan, "dpo", "unused")).render()
     assert f"dpo.max_seq_len from {seq} to {seq // 2}" in text
+
+
+def _wait_for_step(ckpt_dir: Path, proc, step: int, timeout_s=300) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if any(int(p.name.split("-")[1]) >= step and (p / "trainer_state.json").is_file()
+               for p in ckpt_dir.glob("checkpoint-*")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError("training ended before the checkpoint: " + proc.stderr.read())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no checkpoint at step {step} appeared")
+
+
+def _margins(run: Path, rows_from: int = 0, rows_to: int | None = None) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[rows_from:rows_to]]
+    return {r["step"]: r["rewards/margins"] for r in rows if r.get("stage") == "dpo" and "rewards/margins" in r}
+
+
+def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """kill -9 during DPO, resume: the policy adapter is the checkpoint's, and the margin curve goes on.
+
+    transformers 5.17 (what Unsloth pins) reloads only the checkpoint's `ref/` subfolder adapter on
+    resume, so the policy silently restarted from the SFT adapter (margin back to 0) before lowvram
+    loaded it itself. The GPU-versions CI leg (make test-gpu-versions) runs this under 5.17.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lowvram import train
+
+    run = tmp_path / "dpo-killed"
+    proc = _spawn(["run", "demo", "--run-dir", str(run), "--no-export", "sft.max_steps=6", "dpo.epochs=100",
+                   "dpo.save_steps=5", "dpo.learning_rate=1e-3"], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    _wait_for_step(run / "dpo" / "checkpoints", proc, 10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = train.latest_checkpoint(run / "dpo" / "checkpoints")
+    step = int(ckpt.name.split("-")[1])
+    n_before = len((run / "metrics.jsonl").read_text().splitlines())
+    before = _margins(run)
+    trained = sum(before[s] for s in range(step - 3, step + 1)) / 4  # the curve just before the checkpoint
+    assert trained > 0.1, before  # DPO moved the policy away from its reference
+
+    at_resume = {}
+    real_callback = train.make_callback
+
+    def spying_callback(stage, metrics_path, method="dpo"):
+        cb = real_callback(stage, metrics_path, method)
+        begin = cb.on_train_begin
+
+        def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
+            at_resume.update({k: v.detach().clone() for k, v in
+                              get_peft_model_state_dict(model, adapter_name="default").items()})
+            return begin(args, state, control, model=model, **kw)
+
+        cb.on_train_begin = on_train_begin
+        return cb
+
+    monkeypatch.setattr(train, "make_callback", spying_callback)
+    assert main(["run", "--resume", str(run), "--no-export", f"dpo.max_steps={step + 2}"]) == 0
+
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert at_resume.keys() == saved.keys()
+    assert all(at_resume[k].float().equal(saved[k].float()) for k in saved), "policy adapter is not the checkpoint's"
+    first = _margins(run, n_before)[step + 1]
+    print(f"margin: {trained:+.3f} over the 4 steps to checkpoint-{step}, {first:+.3f} at step {step + 1} after resume")
+    assert first > 0.5 * trained, (trained, first)  # a policy restarted from its reference logs ~0
