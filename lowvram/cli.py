@@ -1,7 +1,7 @@
 """The `lowvram` command. `main(argv) -> int` so tests can call it.
 
     lowvram doctor                      what this machine can do
-    lowvram recipes [show|copy] NAME    the shipped recipes
+    lowvram recipes [show|copy] NAME    the shipped recipes (`recipes templates`: named chat templates)
     lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
     lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
     lowvram data check PATH             bad lines and weak pairs in training data, before training
@@ -47,6 +47,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from lowvram.recipe import find_recipe, recipe_summary, shipped_recipes
     from lowvram.ui import table
 
+    if args.action == "templates":
+        from lowvram.templates import templates_table
+
+        print(templates_table())
+        print("\nUse one for a base model without a chat template: model.chat_template=NAME (or the Jinja text).")
+        return 0
     if args.action == "list":
         rows = [(name, recipe_summary(path)) for name, path in shipped_recipes().items()]
         print(table(rows, ("recipe", "what it does")))
@@ -74,6 +80,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     recipe, path = load_recipe(args.recipe, args.overrides)
     plan = plan_with_data(recipe, _device(args), path.parent)  # sized for the data's own lengths when local
+    from lowvram.templates import preflight
+
+    preflight(recipe, plan.model, path.parent)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))  # strict JSON: no NaN or Infinity
         return 0
@@ -113,8 +122,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from lowvram.data.check import check_command
 
-    return check_command(args.path, kind=args.kind, fmt=args.format, recipe_name=args.recipe, strict=args.strict,
-                         as_json=args.json, device_fn=lambda: _device(args))
+    path, overrides = args.path, list(args.overrides or [])
+    if path and "=" in path and not Path(path).exists():  # `data check --recipe R key=value`: no PATH given
+        path, overrides = None, [path, *overrides]
+    if overrides and not args.recipe:
+        raise UserError(f"Overrides ({' '.join(overrides)}) apply to a recipe; pass --recipe too.",
+                        hint="lowvram data check --recipe RECIPE [PATH] [key=value ...]")
+    return check_command(path, kind=args.kind, fmt=args.format, recipe_name=args.recipe, strict=args.strict,
+                         as_json=args.json, device_fn=lambda: _device(args), overrides=overrides)
 
 
 # ------------------------------------------------------------------ parser
@@ -145,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     r = sub.add_parser("recipes", help="list, show or copy the shipped recipes")
-    r.add_argument("action", nargs="?", default="list", choices=("list", "show", "copy"))
+    r.add_argument("action", nargs="?", default="list", choices=("list", "show", "copy", "templates"),
+                   help="list (default), show NAME, copy NAME [DEST], or templates: the named chat templates")
     r.add_argument("name", nargs="?", help="recipe name (for show and copy)")
     r.add_argument("dest", nargs="?", help="where to copy it (copy)")
     r.add_argument("--force", action="store_true", help="overwrite the destination (copy)")
@@ -181,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
     da.add_argument("path", nargs="?", help="data file, folder or Hub dataset (default with --recipe: its stages' data)")
+    da.add_argument("overrides", nargs="*", help="dotted overrides of the --recipe, e.g. model.name=./my-model")
     da.add_argument("--kind", choices=("sft", "preference"), help="what the data is for (default: from its columns)")
     da.add_argument("--format", metavar="F", help="data format instead of auto-detection (see README: Data)")
     da.add_argument("--recipe", metavar="R", help="check against a recipe: its column mapping and token budget")

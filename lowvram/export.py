@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lowvram.doctor import available_ram_bytes
 from lowvram.errors import UserError
+from lowvram.ollama import SYSTEM_MODES
 from lowvram.recipe import GGUF_TYPES
 
 STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both
@@ -55,6 +56,7 @@ class RunInfo:
     system_prompt: str | None
     recipe_gguf: tuple[str, ...]
     recipe_verify: bool
+    chat_template: str | None = None  # the recipe's model.chat_template (a name or Jinja)
 
 
 def inspect_run(run_dir: Path) -> RunInfo:
@@ -91,7 +93,8 @@ def inspect_run(run_dir: Path) -> RunInfo:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name if recipe else run_dir.name).strip("-.") or "model"
     return RunInfo(run_dir, name, stage, adapter, run_dir / "tokenizer", run_dir / "base.json",
                    recipe.export.system_prompt if recipe else None,
-                   tuple(recipe.export.gguf) if recipe else ("q4_k_m",), recipe.export.verify if recipe else True)
+                   tuple(recipe.export.gguf) if recipe else ("q4_k_m",), recipe.export.verify if recipe else True,
+                   recipe.model.chat_template if recipe else None)
 
 
 def check_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -246,7 +249,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         result.notes.append(llamacpp.check_converter())
         if any(t in llamacpp.QUANT_TYPES for t in types) or verify:
             result.notes.append(llamacpp.check_runtime())
-    fmt, template_note = _chat_format(run.tokenizer_dir) if types else (None, None)
+    fmt, end_of_turn = _chat_format(run, system) if types else (None, None)
     intermediate = _quant_source(types, out_dtype)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
     check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
@@ -270,20 +273,28 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         t0 = time.perf_counter()
         merged_dir = scratch / "merged"
         report = mg.merge_lora(base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, plan=plan)
+        if end_of_turn:
+            from lowvram.gguf_checks import set_end_of_turn
+
+            note = set_end_of_turn(merged_dir, end_of_turn)
+            if note:
+                _say(f"  {note}")
         _say(f"  merge: {report.line().replace(str(merged_dir), 'the scratch folder')} "
              f"[{time.perf_counter() - t0:.1f} s]")
         # 3. GGUF
         if types:
-            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result)
+            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result, end_of_turn)
             for t in types:
                 mf = out_dir / f"{run.name}-{t}.Modelfile"
                 from lowvram.ollama import modelfile
 
-                _write_text(mf, modelfile(result.files[t].name, fmt, system, note=template_note,
-                                          stop=_eos_tokens(run.tokenizer_dir)))
+                _write_text(mf, modelfile(result.files[t].name, fmt, system,
+                                          stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
                 result.modelfiles[t] = mf
-            if template_note:
-                _say(f"  Modelfile has no TEMPLATE: {template_note}; Ollama will use the GGUF's chat template")
+            stops = ", ".join(dict.fromkeys([*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
+            _say("  Modelfile: " + (f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[fmt.system_mode]})"
+                                     if fmt else "TEMPLATE passes the prompt as is (no chat template)")
+                 + f"; stop {stops}")
         # 5. verify (before the merged folder is moved: it reads it)
         if verify:
             rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system)
@@ -316,7 +327,7 @@ def _quant_source(types: tuple[str, ...], merged_dtype: str) -> str | None:
 
 
 def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: Path, out_dir: Path,
-                 result: ExportResult) -> None:
+                 result: ExportResult, end_of_turn: str | None = None) -> None:
     from lowvram import llamacpp
 
     log = out_dir / "export.log"
@@ -328,7 +339,12 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
         final = out_dir / f"{run.name}-{t}.gguf"
         temp = _partial(final) if t in types else scratch / final.name
         t0 = time.perf_counter()
-        llamacpp.convert(merged_dir, temp, t, log)
+        llamacpp.convert(merged_dir, temp, t, log, model_name=run.name)
+        if not produced:  # the quantized types share this vocabulary: one check covers them all
+            from lowvram.gguf_checks import check_gguf_tokenizer
+
+            info = check_gguf_tokenizer(temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name)
+            _say(f"  GGUF {info.line()}")
         if t in types:
             _publish(temp, final)
             result.files[t] = final
@@ -356,17 +372,38 @@ def _export_lora(run: RunInfo, out_dir: Path, scratch: Path) -> Path:
     return final
 
 
-def _chat_format(tokenizer_dir: Path):
-    """(ChatFormat, None) or (None, why there is no TEMPLATE)."""
+def _chat_format(run: RunInfo, system: str | None):
+    """(ChatFormat or None, end-of-turn token). None: the tokenizer has no chat template (a plain-text model).
+
+    UserError when the chat template has no Go TEMPLATE equivalent: with no TEMPLATE, Ollama picks one
+    of its own by edit distance and would prompt the model differently from how it was trained.
+    """
     from transformers import AutoTokenizer
 
     from lowvram.ollama import TemplateUnsupported, from_tokenizer
+    from lowvram.templates import resolve_chat_template
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = AutoTokenizer.from_pretrained(str(run.tokenizer_dir))
     try:
-        return from_tokenizer(tok), None
+        named = resolve_chat_template(run.chat_template)
+    except UserError:
+        named = None
+    hint_eot = named.turn_end(tok.eos_token) if named else None
+    if not getattr(tok, "chat_template", None):
+        return None, tok.eos_token
+    try:
+        fmt = from_tokenizer(tok, hint_eot)
     except TemplateUnsupported as e:
-        return None, str(e)
+        raise UserError(f"Cannot write an Ollama TEMPLATE for this model's chat template: {e}.",
+                        hint="Ollama does not run Jinja, and without a TEMPLATE it would guess another format. "
+                             "Train with a named template (lowvram recipes templates) or one of the same shape: "
+                             "each message wrapped alone, the system prompt its own turn or inside a user turn."
+                        ) from None
+    if system and not fmt.takes_system:
+        raise UserError(f"A system prompt ({system!r}) was asked for, but this chat template has no place for one: "
+                        f"system messages are {SYSTEM_MODES[fmt.system_mode]}.",
+                        hint="Drop export.system_prompt (or --system), or train with a template that takes one.")
+    return fmt, (fmt.stop[0] if fmt.stop else tok.eos_token)
 
 
 def _eos_tokens(tokenizer_dir: Path) -> list[str]:

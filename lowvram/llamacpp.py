@@ -89,7 +89,7 @@ def check_runtime() -> str:
 
 # ------------------------------------------------------------------ convert and quantize
 
-def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path) -> None:
+def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path, model_name: str | None = None) -> None:
     """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_path`.
 
     A child process keeps the converter's imports and memory out of ours. It reads tensors lazily
@@ -98,6 +98,8 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path) -> None:
     if outtype not in CONVERTER_TYPES:
         raise ValueError(f"convert writes {CONVERTER_TYPES}, got {outtype!r}")
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    if model_name:
+        cmd += ["--model-name", model_name]  # general.name; else the converter names it after the folder
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -220,6 +222,35 @@ class GGUFModel:
                 break
             self.llm.eval([nxt])
         return out
+
+
+class VocabView:
+    """A GGUF's tokenizer and metadata, loaded without its weights."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.metadata = dict(llm.metadata)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as llama.cpp reads `text`: special tokens parsed, no BOS added."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
+
+    def token_text(self, token_id: int) -> str:
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def gguf_vocab(gguf_path: Path):
+    """`with gguf_vocab(path) as v: v.tokenize(text)`: the tokenizer alone (fast, no weights read)."""
+    from llama_cpp import Llama
+
+    _quiet()
+    with _stderr_to(os.devnull):
+        llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        yield VocabView(llm)
+    finally:
+        llm.close()
 
 
 def context_length(gguf_path: Path) -> int | None:

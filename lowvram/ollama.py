@@ -8,9 +8,11 @@ How the TEMPLATE is derived, rather than guessed from the model's name: probe co
 (system + user, user only, several turns) with unique marker strings as contents are rendered
 through the tokenizer's chat template. The text around the markers gives each role's prefix and
 suffix, the generation prompt and any default system prompt the template injects. The result is
-then re-rendered in Python for every probe and compared with the Jinja output; if any differs
-(templates that fold the system prompt into the first user turn, or reorder messages), no TEMPLATE
-is written and Ollama falls back to the chat template stored in the GGUF, and the reason is given.
+then re-rendered in Python for every probe and compared with the Jinja output. A system prompt may
+be its own turn, folded into the first user message (Gemma) or the last one (Mistral [INST]), or
+ignored or refused by the template; each shape has its Go TEMPLATE. A template of another shape
+raises TemplateUnsupported with the reason, and export stops rather than write a Modelfile that
+Ollama would misread (with no TEMPLATE, Ollama guesses one from a list by edit distance).
 
 The Go template uses `.Messages` (Ollama puts the Modelfile's SYSTEM there as a system message).
 Literal pieces are Go string literals, so whitespace and newlines survive `{{-` trimming exactly.
@@ -29,9 +31,22 @@ class TemplateUnsupported(Exception):
     """The chat template is not a per-message format a Go TEMPLATE can reproduce; the message says why."""
 
 
+SYSTEM_MODES = {
+    "turn": "its own turn",
+    "first_user": "folded into the first user turn",
+    "last_user": "folded into the last user turn",
+    "ignored": "ignored by the template",
+    "refused": "refused by the template (it raises on a system message)",
+}
+
+
 @dataclass(frozen=True)
 class ChatFormat:
-    """A chat template reduced to per-role wrappers: prefix + content + suffix, then the generation prompt."""
+    """A chat template reduced to per-role wrappers: prefix + content + suffix, then the generation prompt.
+
+    `system_mode` says where a system prompt goes: its own turn (prefix/suffix["system"]), or folded
+    into the first or the last user message as fold[0] + system + fold[1] + content, or nowhere.
+    """
 
     bos: str  # text the Jinja template starts with that is the BOS token (llama.cpp/Ollama add BOS themselves)
     prefix: dict[str, str]
@@ -39,29 +54,67 @@ class ChatFormat:
     generation_prompt: str
     default_system: str | None  # what the template says when the conversation has no system message
     stop: tuple[str, ...]  # end-of-turn tokens for PARAMETER stop
+    system_mode: str = "turn"
+    fold: tuple[str, str] = ("", "")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt as the Go TEMPLATE produces it (without the BOS text)."""
         out = ""
-        if self.default_system is not None and not any(m["role"] == "system" for m in messages):
-            out += self.prefix["system"] + self.default_system + self.suffix["system"]
-        for m in messages:
-            out += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
+        if self.system_mode == "turn":
+            if self.default_system is not None and not any(m["role"] == "system" for m in messages):
+                out += self.prefix["system"] + self.default_system + self.suffix["system"]
+            for m in messages:
+                out += self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]]
+            return out + (self.generation_prompt if add_generation_prompt else "")
+        # Ollama joins every system message into .System with blank lines between them
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        target = None
+        if system and users and self.system_mode == "first_user":
+            target = users[0]
+        elif system and self.system_mode == "last_user" and messages[-1]["role"] == "user":
+            target = len(messages) - 1
+        for i, m in enumerate(messages):
+            if m["role"] == "system":
+                continue
+            content = self.fold[0] + system + self.fold[1] + m["content"] if i == target else m["content"]
+            out += self.prefix[m["role"]] + content + self.suffix[m["role"]]
         return out + (self.generation_prompt if add_generation_prompt else "")
+
+    @property
+    def takes_system(self) -> bool:
+        return self.system_mode in ("turn", "first_user", "last_user")
 
     def go_template(self) -> str:
         """The Ollama TEMPLATE (Go text/template) equivalent of the chat template."""
         q = _go_string
         lines = []
-        if self.default_system is not None:
-            lines += ['{{- $system := false }}',
-                      '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = true }}{{ end }}{{ end }}',
-                      '{{- if not $system }}' + q(self.prefix["system"] + self.default_system + self.suffix["system"])
-                      + '{{ end }}']
-        lines.append("{{- range .Messages }}")
-        for i, role in enumerate(ROLES):
-            head = "{{- if" if i == 0 else "{{- else if"
-            lines.append(f'{head} eq .Role "{role}" }}}}{q(self.prefix[role])}{{{{ .Content }}}}{q(self.suffix[role])}')
+        if self.system_mode == "turn":
+            if self.default_system is not None:
+                lines += ['{{- $system := false }}',
+                          '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = true }}{{ end }}{{ end }}',
+                          '{{- if not $system }}'
+                          + q(self.prefix["system"] + self.default_system + self.suffix["system"]) + '{{ end }}']
+            lines.append("{{- range .Messages }}")
+            for i, role in enumerate(ROLES):
+                head = "{{- if" if i == 0 else "{{- else if"
+                lines.append(f'{head} eq .Role "{role}" }}}}{q(self.prefix[role])}{{{{ .Content }}}}'
+                             f'{q(self.suffix[role])}')
+            lines += ["{{- end }}", "{{- end }}" + q(self.generation_prompt)]
+            return "\n".join(lines)
+        fold = ""
+        if self.system_mode == "first_user":
+            lines.append("{{- $first := true }}")
+            fold = ("{{ if and $.System $first }}" + q(self.fold[0]) + "{{ $.System }}" + q(self.fold[1])
+                    + "{{ end }}{{ $first = false }}")
+        elif self.system_mode == "last_user":
+            fold = ("{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}" + q(self.fold[0]) + "{{ $.System }}"
+                    + q(self.fold[1]) + "{{ end }}")
+        lines.append("{{- range $i, $_ := .Messages }}")
+        lines.append(f'{{{{- if eq .Role "user" }}}}{q(self.prefix["user"])}{fold}{{{{ .Content }}}}'
+                     f'{q(self.suffix["user"])}')
+        lines.append(f'{{{{- else if eq .Role "assistant" }}}}{q(self.prefix["assistant"])}{{{{ .Content }}}}'
+                     f'{q(self.suffix["assistant"])}')
         lines += ["{{- end }}", "{{- end }}" + q(self.generation_prompt)]
         return "\n".join(lines)
 
@@ -83,7 +136,8 @@ def _split(text: str, marks: list[str]) -> list[str]:
     pieces = []
     for mark in marks:
         if text.count(mark) != 1:
-            raise TemplateUnsupported(f"marker content appears {text.count(mark)} times in the rendered prompt")
+            raise TemplateUnsupported(f"a message's content appears {text.count(mark)} times where it should "
+                                      "appear once, in order")
         head, text = text.split(mark)
         pieces.append(head)
     return pieces + [text]
@@ -106,59 +160,83 @@ def _cut_after_stop(between: str, stops: list[str]) -> int:
 
 
 def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[str],
-                       eos_tokens: list[str]) -> ChatFormat:
+                       eos_tokens: list[str], end_of_turn: str | None = None) -> ChatFormat:
     """Reduce a chat template to a ChatFormat, or raise TemplateUnsupported saying why.
 
     `template_fn(messages, add_generation_prompt) -> str` renders with the model's own template
     (see `from_tokenizer`); `special_tokens` are the tokenizer's added special tokens, among which
-    the end-of-turn token is found; `eos_tokens` always go into the stop list.
+    the end-of-turn token is found (or `end_of_turn` names it); `eos_tokens` always go into the stop list.
     """
     S, U, A, U2 = MARK["system"], MARK["user"], MARK["assistant"], MARK["user2"]
-    msgs = {"system": {"role": "system", "content": S}, "user": {"role": "user", "content": U},
-            "assistant": {"role": "assistant", "content": A}, "user2": {"role": "user", "content": U2}}
-    full = _render(template_fn, [msgs["system"], msgs["user"], msgs["assistant"], msgs["user2"]], True)
-    user_only = _render(template_fn, [msgs["user"]], True)
-    user_only_nogen = _render(template_fn, [msgs["user"]], False)
-    if not user_only.startswith(user_only_nogen):
-        raise TemplateUnsupported("the generation prompt is not appended at the end")
-    gen = user_only[len(user_only_nogen):]
+    sys_m, user = {"role": "system", "content": S}, {"role": "user", "content": U}
+    asst, user2 = {"role": "assistant", "content": A}, {"role": "user", "content": U2}
 
-    p0, p1, p2, p3, p4 = _split(full, [S, U, A, U2])
-    q0, q1 = _split(user_only, [U])
-    bos = bos_token if bos_token and p0.startswith(bos_token) and q0.startswith(bos_token) else ""
-    p0, q0 = p0[len(bos):], q0[len(bos):]
-    if not q1.endswith(gen) or not p4.endswith(gen):
+    # 1. the per-message format, from conversations without a system message
+    one = _render(template_fn, [user], True)
+    one_nogen = _render(template_fn, [user], False)
+    if not one.startswith(one_nogen):
+        raise TemplateUnsupported("the generation prompt is not appended at the end")
+    gen = one[len(one_nogen):]
+    multi = _render(template_fn, [user, asst, user2], True)
+    m0, m1, m2, m3 = _split(multi, [U, A, U2])
+    q0, q1 = _split(one, [U])
+    bos = bos_token if bos_token and m0.startswith(bos_token) and q0.startswith(bos_token) else ""
+    m0, q0 = m0[len(bos):], q0[len(bos):]
+    if m0 != q0:
+        raise TemplateUnsupported("the first user message is wrapped differently in longer conversations")
+    if not q1.endswith(gen) or not m3.endswith(gen):
         raise TemplateUnsupported("the text after the last user message does not end with the generation prompt")
     user_suffix = q1[: len(q1) - len(gen)]
-    if p4[: len(p4) - len(gen)] != user_suffix or not p2.startswith(user_suffix):
+    if m3[: len(m3) - len(gen)] != user_suffix or not m1.startswith(user_suffix):
         raise TemplateUnsupported("the user suffix depends on the position of the message")
-    asst_prefix = p2[len(user_suffix):]
-
-    # The end-of-turn token: the first special token after the assistant's content.
-    stops = [t for t in special_tokens if t and t in p3 and t != bos_token]
-    stops.sort(key=p3.find)
-    eot = stops[:1]
-    cut = _cut_after_stop(p3, eot)
-    asst_suffix, user_prefix = p3[:cut], p3[cut:]
-    if not p1.endswith(user_prefix):
-        raise TemplateUnsupported("the system message is not followed by a user message in its usual form "
-                                  "(the template may fold the system prompt into the first user turn)")
-    system_suffix = p1[: len(p1) - len(user_prefix)]
-    system_prefix = p0
+    asst_prefix = m1[len(user_suffix):]
+    # The end-of-turn token: the named one, else the first special token after the assistant's content.
+    stops = [end_of_turn] if end_of_turn and end_of_turn in m2 else []
+    if not stops:
+        stops = sorted((t for t in special_tokens if t and t in m2 and t != bos_token), key=m2.find)[:1]
+    cut = _cut_after_stop(m2, stops)
+    asst_suffix, user_prefix = m2[:cut], m2[cut:]
     if not q0.endswith(user_prefix):
         raise TemplateUnsupported("the first user message is wrapped differently from later ones")
     head = q0[: len(q0) - len(user_prefix)]
-    default_system = None
-    if head:
-        if not (head.startswith(system_prefix) and head.endswith(system_suffix)):
-            raise TemplateUnsupported("the template adds text before a conversation without a system message")
-        default_system = head[len(system_prefix): len(head) - len(system_suffix)]
 
-    stop_list = list(dict.fromkeys(eot + [t for t in eos_tokens if t]))
-    fmt = ChatFormat(bos, {"system": system_prefix, "user": user_prefix, "assistant": asst_prefix},
-                     {"system": system_suffix, "user": user_suffix, "assistant": asst_suffix}, gen,
-                     default_system, tuple(stop_list))
+    # 2. where a system prompt goes
+    prefix = {"user": user_prefix, "assistant": asst_prefix, "system": ""}
+    suffix = {"user": user_suffix, "assistant": asst_suffix, "system": ""}
+    mode, fold, default_system = "turn", ("", ""), None
+    try:
+        with_sys = _render(template_fn, [sys_m, user], True)
+    except TemplateUnsupported:
+        mode = "refused"
+    if mode != "refused" and S not in with_sys:
+        if with_sys != one:
+            raise TemplateUnsupported("a system message changes the prompt without appearing in it")
+        mode = "ignored"
+    if mode in ("refused", "ignored") and head:
+        raise TemplateUnsupported("the template adds text before the first user message but takes no system prompt")
+    if mode not in ("refused", "ignored"):
+        s0, s1, s2 = _split(with_sys, [S, U])
+        s0 = s0[len(bos):] if bos and s0.startswith(bos) else s0
+        if s2 != user_suffix + gen:
+            raise TemplateUnsupported("the user message after a system message ends differently")
+        if s1.endswith(user_prefix) and user_prefix:
+            prefix["system"], suffix["system"] = s0, s1[: len(s1) - len(user_prefix)]
+            if head:
+                if not (head.startswith(prefix["system"]) and head.endswith(suffix["system"])):
+                    raise TemplateUnsupported("the template adds text before a conversation without a system message")
+                default_system = head[len(prefix["system"]): len(head) - len(suffix["system"])]
+        elif s0.startswith(head + user_prefix) and not head:
+            fold = (s0[len(user_prefix):], s1)
+            longer = _render(template_fn, [sys_m, user, asst, user2], True)
+            mode = "first_user" if longer.find(S) < longer.find(U) else "last_user"
+        else:
+            raise TemplateUnsupported("the system prompt is neither its own turn nor part of a user message")
+
+    stop_list = list(dict.fromkeys(stops + [t for t in eos_tokens if t]))
+    fmt = ChatFormat(bos, prefix, suffix, gen, default_system, tuple(stop_list), mode, fold)
     for conv in probe_conversations():  # the reduction must reproduce the template exactly
+        if mode == "refused" and any(m["role"] == "system" for m in conv):
+            continue
         want = _render(template_fn, conv, True)
         want = want[len(bos):] if bos and want.startswith(bos) else want
         if fmt.render(conv) != want:
@@ -180,7 +258,7 @@ def probe_conversations() -> list[list[dict]]:
     ]
 
 
-def from_tokenizer(tokenizer) -> ChatFormat:
+def from_tokenizer(tokenizer, end_of_turn: str | None = None) -> ChatFormat:
     """`derive_chat_format` for a transformers tokenizer (the one saved in the run directory)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateUnsupported("the tokenizer has no chat template")
@@ -191,18 +269,29 @@ def from_tokenizer(tokenizer) -> ChatFormat:
     specials = [str(t) for t in tokenizer.all_special_tokens]
     specials += [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     eos = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return derive_chat_format(fn, tokenizer.bos_token, list(dict.fromkeys(specials)), eos)
+    return derive_chat_format(fn, tokenizer.bos_token, list(dict.fromkeys(specials)), eos, end_of_turn)
+
+
+RAW_TEMPLATE = "{{ .Prompt }}"
 
 
 def modelfile(gguf_name: str, fmt: ChatFormat | None, system: str | None = None,
               note: str | None = None, stop: list[str] | None = None) -> str:
-    """Modelfile text: FROM, TEMPLATE, PARAMETER stop, optional SYSTEM."""
+    """Modelfile text: FROM, TEMPLATE, PARAMETER stop, optional SYSTEM.
+
+    `fmt` None means a model without a chat template (trained on plain text): the prompt goes in as is.
+    A SYSTEM prompt for a template that has no place for one raises TemplateUnsupported.
+    """
     lines = ["# Written by lowvram export. Create the model: ollama create NAME -f <this file>", f"FROM ./{gguf_name}"]
     if fmt is not None:
+        if system and not fmt.takes_system:
+            raise TemplateUnsupported(f"a SYSTEM prompt was asked for, but the chat template has no place for one "
+                                      f"(system messages are {SYSTEM_MODES[fmt.system_mode]})")
         lines.append(f'TEMPLATE """{fmt.go_template()}"""')
-    elif note:
-        lines.append(f"# No TEMPLATE: {note}. Ollama uses the chat template stored in the GGUF.")
-    for s in (fmt.stop if fmt else tuple(stop or ())):
+    else:
+        lines.append(f"# {note or 'No chat template: the model was trained on plain text'}; the prompt goes in as is.")
+        lines.append(f'TEMPLATE """{RAW_TEMPLATE}"""')
+    for s in dict.fromkeys((fmt.stop if fmt else ()) + tuple(stop or ())):
         lines.append(f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}")
     if system:
         if '"""' in system:

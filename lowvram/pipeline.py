@@ -12,6 +12,8 @@ A stage with a DONE file is never redone; one without resumes from its newest ch
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +93,26 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
     (run_dir / "base.json").write_text(json.dumps(base, indent=2))
 
 
+def _has_progress(rdir: Path) -> bool:
+    return any(rdir.glob("*/DONE")) or any(rdir.glob("*/checkpoints/checkpoint-*"))
+
+
+def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_path: str, recipe_dir: Path | None,
+                adapter: Path | None, datasets: dict) -> None:
+    from lowvram.train import StageContext, run_stage
+
+    for stage in todo:
+        done = rdir / stage / "DONE"
+        if done.is_file():
+            print(f"[{stage}] already done, skipping", flush=True)
+        else:
+            t0 = time.monotonic()
+            ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
+            run_stage(ctx, datasets[stage])
+            print(f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rdir / stage / 'adapter'}", flush=True)
+        adapter = rdir / stage / "adapter"
+
+
 def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
                  run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
                  export: bool = True) -> int:
@@ -121,27 +143,28 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
     print(f"Plan for {recipe.name} on {device.name}:")
     print("\n".join(plan.lines()), flush=True)
     _check_libraries(plan)
+    from lowvram.templates import preflight
+
+    preflight(recipe, plan.model, recipe_dir, todo)
     datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
 
-    from lowvram.train import StageContext, resolve_model_path, run_stage
+    from lowvram.train import resolve_model_path
 
     model_path = resolve_model_path(plan.model)
+    fresh = not resume and not rdir.exists()
     if not resume:
         _write_run_files(rdir, recipe, plan, model_path)
     else:
         (rdir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     print(f"Run directory: {rdir}", flush=True)
     adapter = Path(init_adapter) if init_adapter else None
-    for stage in todo:
-        done = rdir / stage / "DONE"
-        if done.is_file():
-            print(f"[{stage}] already done, skipping", flush=True)
-        else:
-            t0 = time.monotonic()
-            ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
-            run_stage(ctx, datasets[stage])
-            print(f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rdir / stage / 'adapter'}", flush=True)
-        adapter = rdir / stage / "adapter"
+    try:
+        _run_stages(rdir, recipe, plan, todo, model_path, recipe_dir, adapter, datasets)
+    except BaseException:
+        if fresh and not _has_progress(rdir):  # failed before any checkpoint: leave no empty run behind
+            shutil.rmtree(rdir, ignore_errors=True)
+            print(f"Removed {rdir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
+        raise
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
     print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")

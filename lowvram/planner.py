@@ -358,6 +358,15 @@ def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device) ->
     return ckpt, optim, reasons
 
 
+def _dpo_length_note(dpo_seq: int, sft_seq: int) -> str:
+    """Why the DPO length is what it is, true to the numbers (it is not always shorter than SFT's)."""
+    if dpo_seq * 2 == sft_seq:
+        return " (DPO holds chosen+rejected: half the SFT length)"
+    if dpo_seq < sft_seq:
+        return f" (DPO holds chosen+rejected: shorter than the SFT length {sft_seq})"
+    return " (the same length as SFT)" if dpo_seq == sft_seq else f" (longer than the SFT length {sft_seq})"
+
+
 def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: str, optim: str,
                 reasons: dict[str, str], fit: _Fitter | None, lengths=None, note: str | None = None) -> StagePlan:
     dpo = stage == "dpo"
@@ -370,7 +379,8 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
             return default
 
         seq = pick("max_seq_len", cfg.max_seq_len, tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len,
-                   f"{tier.name} tier default" + (" (DPO holds chosen+rejected: half the SFT length)" if dpo else ""))
+                   f"{tier.name} tier default" + (_dpo_length_note(tier.dpo_max_seq_len, tier.sft_max_seq_len)
+                                                  if dpo else ""))
         bs = pick("batch_size", cfg.batch_size, tier.dpo_batch_size if dpo else tier.batch_size,
                   f"{tier.name} tier default")
         ga = pick("grad_accum", cfg.grad_accum, tier.dpo_grad_accum if dpo else tier.grad_accum,
@@ -386,7 +396,8 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
         seq = fit.longest_seq(target_seq)
         if seq is None:
             raise _NothingFits(stage, target_seq)
-        why = f"{tier.name} tier target {target_seq}" + (" (DPO: half the SFT length)" if dpo else "")
+        why = f"{tier.name} tier target {target_seq}" + (_dpo_length_note(target_seq, tier.sft_max_seq_len)
+                                                          if dpo else "")
         if seq == target_seq:
             reasons["max_seq_len"] = f"{why}; fits at batch 1 ({fit.at(seq, 1).total_gib:.1f} GiB)"
         else:

@@ -53,7 +53,8 @@ class ModelConfig:
     backend: str = _f("auto", "Training backend: auto, unsloth (CUDA + Unsloth) or hf (transformers+PEFT).",
                       choices=("auto", "unsloth", "hf"))
     load_in_4bit: bool | None = _f(None, "Load the base in 4-bit; auto means yes on CUDA, no elsewhere.")
-    chat_template: str | None = _f(None, "Jinja chat template for a tokenizer that has none.")
+    chat_template: str | None = _f(None, "Chat template for a base model without one: a name (chatml, qwen-2.5, "
+                                   "llama-3, gemma, mistral, phi-4, alpaca; lowvram recipes templates) or Jinja text.")
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,12 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         hint = difflib.get_close_matches(r.model.tier, tier_names(), n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         errors.append(f"model.tier: {r.model.tier!r} is not a tier; use auto, {', '.join(tier_names())}{extra}")
+    if r.model.chat_template:
+        from lowvram.templates import template_problem
+
+        problem = template_problem(r.model.chat_template)
+        if problem:
+            errors.append(problem)
     if not r.stages():
         errors.append("sft.enabled and dpo.enabled are both false: nothing to train")
     for stage in r.stages():

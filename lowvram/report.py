@@ -29,10 +29,15 @@ def _train_logs(rows: list[dict], stage: str) -> list[dict]:
     return [r for r in rows if r.get("stage") == stage and "loss" in r and "eval" not in r]
 
 
+def _window(n: int, k: int = 3) -> int:
+    """How many logged losses _head_tail averages at each end."""
+    return max(1, min(k, n // 2))
+
+
 def _head_tail(values: list[float], k: int = 3) -> tuple[float, float] | None:
     if len(values) < 2:
         return None
-    k = max(1, min(k, len(values) // 2))
+    k = _window(len(values), k)
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
@@ -43,7 +48,7 @@ def summarize(run_dir: Path) -> dict:
     ht = _head_tail([r["loss"] for r in sft])
     if ht:
         out["sft"] = {"loss_start": round(ht[0], 4), "loss_end": round(ht[1], 4), "steps": sft[-1]["step"],
-                      "loss_fell": ht[1] < ht[0]}
+                      "loss_fell": ht[1] < ht[0], "loss_window": _window(len(sft))}
     dpo = _train_logs(rows, "dpo")
     if dpo:
         d: dict = {"steps": dpo[-1]["step"]}
@@ -125,8 +130,10 @@ def summary_lines(summary: dict) -> list[str]:
     lines = []
     if "sft" in summary:
         s = summary["sft"]
-        lines.append(f"SFT   loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} over {s['steps']} steps"
-                     f" ({'fell' if s['loss_fell'] else 'did NOT fall'})")
+        k = s.get("loss_window", 3)
+        which = "logged step" if k == 1 else f"{k} logged steps"
+        lines.append(f"SFT   training loss (mean of the first {which} -> the last): {s['loss_start']:.3f} -> "
+                     f"{s['loss_end']:.3f} over {s['steps']} steps ({'fell' if s['loss_fell'] else 'did NOT fall'})")
     if "dpo" in summary:
         d = summary["dpo"]
         if "loss_start" in d:

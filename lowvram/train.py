@@ -180,7 +180,9 @@ def load_tokenizer(source: str, recipe: Recipe):
         raise UserError(f"Cannot load the tokenizer of {source!r}: {e}",
                         hint="Offline? Use a model already in the Hugging Face cache or a local folder.") from None
     if recipe.model.chat_template:
-        tok.chat_template = recipe.model.chat_template
+        from lowvram.templates import chat_template_text
+
+        tok.chat_template = chat_template_text(recipe.model.chat_template)
     if tok.pad_token is None:
         # Padding is masked out of the loss, so reusing EOS as pad is safe for training.
         tok.pad_token = tok.eos_token
@@ -196,7 +198,9 @@ def load_model(ctx: StageContext, adapter: Path | None):
         model, tok = unsloth_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter,
                                                        grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len)
         if ctx.recipe.model.chat_template:
-            tok.chat_template = ctx.recipe.model.chat_template
+            from lowvram.templates import chat_template_text
+
+            tok.chat_template = chat_template_text(ctx.recipe.model.chat_template)
         return model, tok
     from lowvram import hf_backend
 

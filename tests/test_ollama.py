@@ -119,10 +119,85 @@ def test_go_renders_other_template_shapes_like_jinja(tiny_tok, name, template, b
         assert fmt.suffix["user"] == "<|eot_id|>" and fmt.prefix["user"].startswith("<|start_header_id|>user")
 
 
-def test_folded_system_prompt_is_refused_with_a_reason(tiny_tok):
+def test_a_template_of_another_shape_is_refused_with_a_reason(tiny_tok):
+    # Llama 2 puts BOS before every user turn: not a per-message format llama.cpp's single BOS reproduces.
     fn = _jinja(tiny_tok, LLAMA2, "<s>", "</s>")
-    with pytest.raises(TemplateUnsupported, match="system"):
+    with pytest.raises(TemplateUnsupported, match="wrapped differently"):
         derive_chat_format(fn, "<s>", ["<s>", "</s>"], ["</s>"])
-    text = modelfile("m.gguf", None, note="the template folds the system prompt into the first user turn",
-                     stop=["</s>"])
-    assert "TEMPLATE" not in text.replace("# No TEMPLATE", "") and 'PARAMETER stop "</s>"' in text
+
+
+BOS_EOS = {"llama-3": ("<|begin_of_text|>", "<|end_of_text|>"), "gemma": ("<bos>", "<eos>"),
+           "mistral": ("<s>", "</s>"), "alpaca": ("<s>", "</s>")}
+SYSTEM_MODE = {"chatml": "turn", "qwen-2.5": "turn", "llama-3": "turn", "phi-4": "turn", "alpaca": "turn",
+               "gemma": "first_user", "mistral": "last_user"}
+IGNORES_SYSTEM = (
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+REFUSES_SYSTEM = (
+    "{{ bos_token }}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{%- endif %}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' + message['content']"
+    " + '<end_of_turn>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+
+
+def _named_format(tiny_tok, name):
+    from lowvram.templates import NAMED_TEMPLATES
+
+    t = NAMED_TEMPLATES[name]
+    bos, eos = BOS_EOS.get(name, ("", "<|endoftext|>"))
+    fn = _jinja(tiny_tok, t.jinja, bos, eos)
+    specials = [x for x in (bos, eos, *t.control_tokens) if x]
+    return fn, derive_chat_format(fn, bos or None, specials, [eos], t.turn_end(eos)), bos, eos
+
+
+def _conversations_with_and_without_system():
+    sys_ = {"role": "system", "content": "Be brief.\nNo lists."}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Name a colour."}]
+    return [turns[:1], [sys_, *turns[:1]], turns, [sys_, *turns], *probe_conversations(), *EXTRA]
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen-2.5", "llama-3", "gemma", "mistral", "phi-4", "alpaca"])
+def test_every_named_template_reduces_to_its_shape(tiny_tok, name):
+    fn, fmt, bos, eos = _named_format(tiny_tok, name)
+    assert fmt.system_mode == SYSTEM_MODE[name]
+    from lowvram.templates import NAMED_TEMPLATES
+
+    assert fmt.stop[0] == NAMED_TEMPLATES[name].turn_end(eos)
+    for conv in _conversations_with_and_without_system():
+        assert fmt.render(conv) == fn(conv, True).removeprefix(bos)
+
+
+@needs_go
+@pytest.mark.parametrize("name", ["chatml", "qwen-2.5", "llama-3", "gemma", "mistral", "phi-4", "alpaca"])
+def test_go_renders_every_named_template_like_jinja(tiny_tok, name):
+    fn, fmt, bos, eos = _named_format(tiny_tok, name)
+    convs = _conversations_with_and_without_system()
+    want = [fn(c, True).removeprefix(bos) for c in convs]
+    text = modelfile("m.gguf", fmt, system="Be brief.")
+    assert _go_render(_template_from_modelfile(text), convs) == want
+    assert f"PARAMETER stop {json.dumps(fmt.stop[0])}" in text
+
+
+@needs_go
+@pytest.mark.parametrize("template,mode", [(IGNORES_SYSTEM, "ignored"), (REFUSES_SYSTEM, "refused")])
+def test_templates_without_a_system_role(tiny_tok, template, mode):
+    bos = "<bos>" if mode == "refused" else ""
+    fn = _jinja(tiny_tok, template, bos, "<eos>")
+    fmt = derive_chat_format(fn, bos or None, ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
+                                               "<bos>"], ["<eos>"])
+    assert fmt.system_mode == mode and not fmt.takes_system
+    convs = [c for c in _conversations_with_and_without_system()
+             if mode == "ignored" or not any(m["role"] == "system" for m in c)]
+    assert _go_render(_template_from_modelfile(modelfile("m.gguf", fmt)), convs) == [
+        fn(c, True).removeprefix(bos) for c in convs]
+    with pytest.raises(TemplateUnsupported, match="no place for one"):
+        modelfile("m.gguf", fmt, system="Be brief.")
+
+
+def test_plain_text_model_gets_a_raw_prompt_template_and_its_stop():
+    text = modelfile("m.gguf", None, stop=["</s>"])
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and 'PARAMETER stop "</s>"' in text

@@ -369,7 +369,7 @@ def token_lengths(parsed: ParsedRows, tokenizer: Any = None, tokenizer_label: st
                   chat_template: str | None = None) -> tuple[list[int], str, bool]:
     """(tokens per example, how they were counted, approximate?): the longer side of a pair, untruncated."""
     if tokenizer is not None:
-        template = chat_template if chat_template and not getattr(tokenizer, "chat_template", None) else None
+        template = chat_template or None  # the recipe's model.chat_template wins, as in training
         if getattr(tokenizer, "chat_template", None) or template:
             def render(msgs):
                 return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
@@ -444,7 +444,7 @@ def local_tokenizer(model: str) -> tuple[Any, str]:
 # ------------------------------------------------------------------ the command
 
 def check_command(path: str | None, kind: str | None = None, fmt: str | None = None, recipe_name: str | None = None,
-                  strict: bool = False, as_json: bool = False, device_fn=None) -> int:
+                  strict: bool = False, as_json: bool = False, device_fn=None, overrides: list[str] | None = None) -> int:
     """`lowvram data check`: print the report(s); exit status 0 clean, 1 errors (or warnings with strict)."""
     from lowvram.errors import UserError
     from lowvram.recipe import DataConfig
@@ -456,7 +456,7 @@ def check_command(path: str | None, kind: str | None = None, fmt: str | None = N
                             hint="Example: lowvram data check prefs.jsonl --kind preference")
         reports.append(check_data(DataConfig(path=path, format=fmt or "auto"), kind))
     else:
-        reports += _check_recipe(path, kind, fmt, recipe_name, device_fn)
+        reports += _check_recipe(path, kind, fmt, recipe_name, device_fn, overrides)
     code = max(r.exit_code(strict) for r in reports)
     if as_json:
         import json
@@ -467,16 +467,17 @@ def check_command(path: str | None, kind: str | None = None, fmt: str | None = N
     return code
 
 
-def _check_recipe(path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn
-                  ) -> list[CheckReport]:
+def _check_recipe(path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn,
+                  overrides: list[str] | None = None) -> list[CheckReport]:
     """Each stage's data of a recipe (or PATH checked as the stage its kind belongs to), with its token budget."""
     import dataclasses
 
     from lowvram.errors import UserError
     from lowvram.hardware import detect_device
     from lowvram.recipe import DataConfig, load_recipe
+    from lowvram.templates import CHAT_FORMATS, chat_template_text, check_chat_template, check_model_path
 
-    recipe, recipe_path = load_recipe(recipe_name)
+    recipe, recipe_path = load_recipe(recipe_name, overrides)
     stage_of = {"sft": "sft", "preference": "dpo"}
     if path:
         if kind is None and len(recipe.stages()) == 1:
@@ -504,9 +505,13 @@ def _check_recipe(path: str | None, kind: str | None, fmt: str | None, recipe_na
             data = dataclasses.replace(data, format=fmt)
         report = check_data(data, "sft" if stage == "sft" else "preference", use_samples, base_dir, stage=stage)
         max_seq_len, budget_from, model = stage_budget(recipe, stage, device)
+        if report.format in CHAT_FORMATS:  # the run would refuse it: say so now, with the options
+            check_model_path(model)
+            check_chat_template(recipe, model, True)
         if model not in tokenizers:
             tokenizers[model] = local_tokenizer(model)
         tokenizer, label = tokenizers[model]
-        add_token_budget(report, max_seq_len, budget_from, tokenizer, label, recipe.model.chat_template)
+        add_token_budget(report, max_seq_len, budget_from, tokenizer, label,
+                         chat_template_text(recipe.model.chat_template))
         reports.append(report)
     return reports

@@ -37,14 +37,16 @@ func main() {
 	out := []string{}
 	for _, msgs := range in.Conversations {
 		v := Values{Messages: msgs}
+		systems := []string{}
 		for _, m := range msgs {
 			if m.Role == "system" {
-				v.System = m.Content
+				systems = append(systems, m.Content)
 			}
 			if m.Role == "user" {
 				v.Prompt = m.Content
 			}
 		}
+		v.System = strings.Join(systems, "\n\n") // as Ollama collates system messages
 		var b strings.Builder
 		if err := tmpl.Execute(&b, v); err != nil {
 			panic(err)

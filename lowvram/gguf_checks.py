@@ -1,0 +1,151 @@
+"""What a GGUF must carry to chat like the trained model: its end-of-turn token as EOS, the chat
+template, the run's name, and a tokenizer that splits text exactly as the Hugging Face one does.
+
+    set_end_of_turn(merged_dir, "<end_of_turn>")      # before conversion: the converter reads it
+    info = check_gguf_tokenizer(gguf, merged_dir)     # after: UserError naming the first input that differs
+    print(info.line())                                # "tokenizer llama (SentencePiece), pre-tokenizer default, ..."
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowvram.errors import UserError
+
+# Inputs a tokenizer port gets wrong first: Unicode (accents, CJK, emoji, combining marks, RTL), digit
+# runs, whitespace runs (spaces, tabs, newlines), code, contractions, and text glued to special tokens.
+PROBES = (
+    "Hello world",
+    "hello World HELLO wOrLd",
+    "  two leading spaces, then     five, then a tab\tand\nnew\n\nlines\n",
+    "\n\n\n",
+    "   ",
+    "digits 0 12 345 6789 1234567890 3.14159 -42 1e-5 1,000,000 2026-11-22",
+    "café naïve façade résumé Ünïcödé",
+    "日本語のテキスト 中文 한국어",
+    "emoji 🙂🚀👍🏽 and ZWJ 👨‍👩‍👧",
+    "combining e\u0301 and precomposed é",
+    "Arabic مرحبا and Hebrew שלום",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "<div class=\"x\">a &amp; b</div>",
+    "It's, they're, I'll, we've, don't -- quotes \"like this\" and 'this'.",
+    "URL https://example.com/path?q=1&r=2 and email a.b@example.org",
+    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE",
+    "trailing spaces   ",
+    "a",
+    "",
+)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def set_end_of_turn(model_dir: Path, end_of_turn: str) -> str | None:
+    """Make `end_of_turn` the EOS that llama.cpp's converter writes (and generation stops on).
+
+    The turn end of a chat template (Gemma's <end_of_turn>, Llama 3's <|eot_id|>) is often not the
+    tokenizer's EOS (<eos>, <|end_of_text|>); llama.cpp stops on EOS, so without this a chat never ends.
+    Returns a line saying what changed, or None when it already was the EOS.
+    """
+    tc_path = model_dir / "tokenizer_config.json"
+    tc = _read_json(tc_path)
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos == end_of_turn:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    eot_id = tok.convert_tokens_to_ids(end_of_turn)
+    if eot_id is None or eot_id == tok.unk_token_id:
+        raise UserError(f"The chat template ends a turn with {end_of_turn!r}, which is not a token of this tokenizer.",
+                        hint="Use a chat template whose control tokens the tokenizer has (lowvram recipes templates).")
+    tc["eos_token"] = end_of_turn
+    tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False), encoding="utf-8")
+    gc_path = model_dir / "generation_config.json"
+    gc = _read_json(gc_path)
+    old = gc.get("eos_token_id")
+    old = old if isinstance(old, list) else [old] if old is not None else []
+    gc["eos_token_id"] = list(dict.fromkeys([eot_id, *old, *([tok.eos_token_id] if tok.eos_token_id is not None else [])]))
+    gc_path.write_text(json.dumps(gc, indent=2), encoding="utf-8")
+    return f"end of turn {end_of_turn} (id {eot_id}) becomes the GGUF's EOS (was {eos})"
+
+
+@dataclass(frozen=True)
+class GGUFTokenizerInfo:
+    model: str  # tokenizer.ggml.model: llama (SentencePiece), gpt2 (BPE), ...
+    pre: str | None  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp applies
+    eos: str | None
+    name: str | None
+    has_template: bool
+    probes: int
+
+    def line(self) -> str:
+        kind = {"llama": "SentencePiece", "gpt2": "BPE", "t5": "Unigram", "bert": "WordPiece"}.get(self.model, "")
+        return (f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
+                f"EOS {self.eos}, chat template {'stored' if self.has_template else 'MISSING'}, "
+                f"name {self.name!r}; tokenizes {self.probes} probes exactly as transformers")
+
+
+def probe_texts(tokenizer) -> list[str]:
+    """PROBES plus the tokenizer's special tokens inside text, and a chat prompt when it has a template."""
+    texts = list(PROBES)
+    specials = [t for t in dict.fromkeys(tokenizer.all_special_tokens) if t]
+    if specials:
+        texts.append("x" + "y ".join(specials) + " z")
+        texts.append("\n".join(f"{s}text{s}" for s in specials))
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋, what's 2+2?"},
+                {"role": "assistant", "content": "4."}, {"role": "user", "content": "  And\tnow?\n"}]
+        for conv in (msgs, msgs[1:]):
+            try:
+                texts.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+            except Exception:  # a template that refuses the system role
+                continue
+    return texts
+
+
+def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None = None,
+                         expect_name: str | None = None) -> GGUFTokenizerInfo:
+    """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference."""
+    from transformers import AutoTokenizer
+
+    from lowvram.llamacpp import gguf_vocab
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = probe_texts(tok)
+    with gguf_vocab(gguf_path) as vocab:
+        meta = vocab.metadata
+        for text in texts:
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            got = vocab.tokenize(text)
+            if got != want:
+                k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                raise UserError(
+                    f"The GGUF's tokenizer splits {text!r} differently from the model's own tokenizer.",
+                    [f"transformers: {want[max(0, k - 2): k + 6]} ({tok.convert_ids_to_tokens(want[k: k + 4])})",
+                     f"llama.cpp:    {got[max(0, k - 2): k + 6]} (from token {k} on)",
+                     f"GGUF tokenizer {meta.get('tokenizer.ggml.model')}, pre-tokenizer "
+                     f"{meta.get('tokenizer.ggml.pre')}"],
+                    hint="llama.cpp's converter picked a tokenizer that does not match this model (a BPE "
+                         "pre-tokenizer is chosen by a hash of known models). Ship the base's tokenizer.model "
+                         "(SentencePiece) with it, or report the model to llama.cpp.")
+        eos_id = meta.get("tokenizer.ggml.eos_token_id")
+        eos = vocab.token_text(int(eos_id)) if eos_id is not None else None
+    if expect_eos is not None and eos != expect_eos:
+        raise UserError(f"The GGUF's EOS is {eos!r}, not the end-of-turn token {expect_eos!r}: generation would "
+                        "not stop at the end of an answer.",
+                        hint="This is a bug in lowvram's export; please report it with export.log.")
+    info = GGUFTokenizerInfo(meta.get("tokenizer.ggml.model", "?"), meta.get("tokenizer.ggml.pre"), eos,
+                             meta.get("general.name"), bool(meta.get("tokenizer.chat_template")), len(texts))
+    if expect_name is not None and info.name != expect_name:
+        raise UserError(f"The GGUF's general.name is {info.name!r}, expected {expect_name!r}.",
+                        hint="This is a bug in lowvram's export; please report it with export.log.")
+    return info
