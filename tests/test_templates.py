@@ -108,3 +108,27 @@ def test_copied_recipes_document_model_name_and_chat_template():
 def test_readme_documents_the_template_field():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "model.chat_template" in readme and "lowvram recipes templates" in readme
+
+
+def test_dpo_length_reason_matches_the_numbers(capsys):
+    # The cpu tier gives DPO the SFT length; the reason used to say "half the SFT length" regardless.
+    assert main(["plan", "chat-assistant", "model.family=qwen", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    sft, dpo = plan["stages"]["sft"], plan["stages"]["dpo"]
+    why = dpo["reasons"]["max_seq_len"]
+    assert dpo["max_seq_len"] == sft["max_seq_len"]
+    assert "half" not in why and "same length as SFT" in why
+    assert main(["plan", "chat-assistant", "--vram", "12", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    if plan["stages"]["dpo"]["max_seq_len"] * 2 == plan["stages"]["sft"]["max_seq_len"]:
+        assert "half the SFT length" in plan["stages"]["dpo"]["reasons"]["max_seq_len"]
+
+
+def test_summary_labels_the_sft_loss_as_a_mean_of_logged_steps(tmp_path):
+    from lowvram.report import summarize, summary_lines
+
+    rows = [{"stage": "sft", "step": i, "loss": 5.0 - i * 0.4} for i in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    line = summary_lines(summarize(tmp_path))[0]
+    assert "training loss" in line and "mean of the first 3 logged steps" in line
+    assert "4.200 -> 1.400" in line and "over 10 steps" in line
