@@ -2,7 +2,7 @@
 
 Run on a CUDA machine with lowvram[gpu] installed (../shared/GPU.md says how on an offline machine):
     python scripts/gpu_check.py --out /tmp/gpu-check                    # every tier (llama), SFT + DPO
-    python scripts/gpu_check.py --tiers 24gb --families qwen,mistral    # other families
+    python scripts/gpu_check.py --tiers 24gb --families qwen,mistral    # other families (--tiers "": none)
     python scripts/gpu_check.py --t4 --methods kto,orpo --compare-hf --long-context --resume-check
 
 What one job is: build the model with random bf16 weights at its real dimensions (the family's own
@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -283,27 +284,6 @@ class Runner:
         print(json.dumps(res), flush=True)
         return res
 
-    def _start_job(self, j: dict):
-        proc, info = self.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False))
-        info["extra"] = {"catalog_estimate_gib": j.get("user_plan")}
-        return proc, info
-
-    def run_parallel(self, jobs: list[dict], headroom_gib: float = 0.6) -> None:
-        """Run jobs concurrently while their memory caps fit the card (peaks are per process; speed is not compared)."""
-        pending, running = list(jobs), []
-        while pending or running:
-            used = sum(i["budget"] for _, i in running)
-            while pending and used + pending[0]["budget"] + headroom_gib * (len(running) + 1) <= self.total:
-                j = pending.pop(0)
-                running.append(self._start_job(j))
-                used += j["budget"]
-            if not running and pending:  # one job alone larger than the headroom rule: run it by itself
-                running.append(self._start_job(pending.pop(0)))
-            time.sleep(2)
-            for pair in [p for p in running if p[0].poll() is not None]:
-                running.remove(pair)
-                self.finish(*pair)
-
 
 def _run_facts(run_dir: Path) -> dict:
     """The plan's settings and estimates, tokens/s over full-length rows, and the first logged margin."""
@@ -386,16 +366,16 @@ def _versions() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu-check", help="results folder")
-    ap.add_argument("--tiers", default="24gb,16gb,12gb,8gb")
+    ap.add_argument("--tiers", default="24gb,16gb,12gb,8gb", help="tiers to run (empty: none)")
     ap.add_argument("--families", default="llama")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
     ap.add_argument("--t4", action="store_true")
     ap.add_argument("--compare-hf", action="store_true")
-    ap.add_argument("--compare-tier", default="12gb", help="tier whose llama job --compare-hf runs on both backends")
+    ap.add_argument("--compare-model", default="unsloth/Llama-3.2-3B-Instruct-bnb-4bit")
+    ap.add_argument("--compare-gib", type=float, default=12.0, help="card the compared settings are planned for")
     ap.add_argument("--methods", default="", help="e.g. kto,orpo,ipo: run on the smallest tier beside DPO")
     ap.add_argument("--long-context", action="store_true")
     ap.add_argument("--resume-check", action="store_true")
-    ap.add_argument("--skip-tiers", action="store_true", help="only the extra checks")
     ap.add_argument("--parallel", action="store_true", help="run memory-only jobs concurrently (speed not compared)")
     ap.add_argument("--work", default=None, help="scratch folder for models and runs (default OUT/work)")
     # child mode
@@ -443,96 +423,131 @@ def main() -> None:
     def user_plan(plan) -> dict:
         return {s: round(sp.estimate.total_gib, 3) for s, sp in plan.stages.items() if sp.estimate is not None}
 
-    # Which model each tier gets, from the planner itself (and the settings it plans for it).
-    jobs_by_model: dict[str, list[dict]] = {}
-    tiers = [] if args.skip_tiers else [t for t in args.tiers.split(",") if t]
-    families = [f for f in args.families.split(",") if f]
+    def job(name, model, budget, overrides, **kw) -> dict:
+        return {"job": name, "model": model, "budget": budget, "overrides": overrides, **kw}
+
+    # Groups run concurrently (with --parallel) under the card's memory; the jobs of a group in order.
+    groups: list[list[dict]] = []
+    tiers = [t for t in args.tiers.split(",") if t]
     for tier in tiers:
-        for family in families:
+        for family in [f for f in args.families.split(",") if f]:
             for t4 in ([False, True] if args.t4 and tier == "16gb" else [False]):
                 budget = T4_GIB if t4 else CARDS[tier]
-                plan = _plan([f"model.family={family}", f"model.tier={tier}", "use_samples=true"], budget, t4)
+                try:
+                    plan = _plan([f"model.family={family}", f"model.tier={tier}", "use_samples=true"], budget, t4)
+                except Exception as e:  # the planner refuses this family on this card: that is a result too
+                    runner.results.append({"job": f"{tier}-{family}", "ok": False, "error": f"planner: {e}"[:300]})
+                    continue
                 longest = max(sp.max_seq_len for sp in plan.stages.values())
                 rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
-                job = {"job": f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", "budget": budget, "t4": t4,
-                       "overrides": [f"model.tier={tier}", *base, *planned(plan),
-                                     *data_for(f"{longest}-{rows}", longest, rows)],
-                       "user_plan": user_plan(plan)}
-                jobs_by_model.setdefault(plan.model, []).append(job)
-                if args.compare_hf and tier == args.compare_tier and not t4 and family == families[0]:
-                    jobs_by_model[plan.model].append({**job, "job": job["job"].replace("unsloth", "hf"), "hf": True,
-                                                      "overrides": [*job["overrides"], "model.backend=hf"]})
+                groups.append([job(f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", plan.model, budget,
+                                   [f"model.tier={tier}", *base, *planned(plan), *data_for(f"{longest}-{rows}", longest, rows)],
+                                   t4=t4, user_plan=user_plan(plan))])
     if args.methods:
         small = tiers[-1] if tiers else "8gb"
         plan = _plan([f"model.tier={small}", "model.family=llama", "use_samples=true"], CARDS[small], False)
         for method in args.methods.split(","):
             extra = [f"dpo.method={method}"] if method in ("kto", "orpo") else [f"dpo.loss_type={method}"]
             extra += ["sft.enabled=false"] if method == "orpo" else []  # ORPO is a single stage from the base
-            jobs_by_model.setdefault(plan.model, []).append(
-                {"job": f"{small}-llama-{method}", "budget": CARDS[small], "method": method,
-                 "overrides": [f"model.tier={small}", *base, *extra, *data_for("m1024", 1024, 8 * steps * 2)]})
-            if method == "kto":  # TRL's KTO needs two rows per device batch
-                jobs_by_model[plan.model][-1]["overrides"] += ["dpo.batch_size=2"]
+            groups.append([job(f"{small}-llama-{method}", plan.model, CARDS[small],
+                               [f"model.tier={small}", *base, *extra, *data_for("m1024", 1024, 8 * steps * 2)])])
+    if args.resume_check:
+        ov = [*base, "model.tier=8gb", "sft.max_steps=3", "sft.learning_rate=1e-3", "dpo.max_steps=8",
+              "dpo.save_steps=3", "dpo.learning_rate=5e-4", "sft.batch_size=1", "sft.grad_accum=1", "sft.max_seq_len=512",
+              "dpo.batch_size=1", "dpo.grad_accum=2", "dpo.max_seq_len=512", *data_for("resume", 512, 32)]
+        small = "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"
+        groups.append([job("resume-killed", small, 8.0, ov, run="resume", kill_after="dpo/checkpoints/checkpoint-3"),
+                       job("resume-resumed", small, 8.0, [], run="resume", resume=True)])
+    if args.long_context:
+        groups.append([job("long-context-24gb", LONG_CONTEXT_MODEL, 24.0, None, long_context=True)])
+    speed: list[dict] = []
+    if args.compare_hf:
+        plan = _plan([f"model.name={args.compare_model}", "model.backend=hf", "use_samples=true"], args.compare_gib, False)
+        longest = max(sp.max_seq_len for sp in plan.stages.values())
+        rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
+        ov = [*base, *planned(plan), *data_for(f"cmp-{longest}-{rows}", longest, rows)]
+        for backend in ("unsloth", "hf"):  # same settings: the ones the plain backend's plan fits
+            speed.append(job(f"speed-{backend}", args.compare_model, args.compare_gib, [*ov, f"model.backend={backend}"],
+                             user_plan=user_plan(plan)))
 
-    # Build every model first (one folder each), then run: memory jobs concurrently when --parallel,
-    # the Unsloth-vs-PEFT pair one at a time (their speed is compared), then the preference variants.
+    # Every model once, at its real dimensions.
     model_dirs: dict[str, Path] = {}
-    for i, model in enumerate(jobs_by_model):
-        model_dirs[model] = work / f"model-{i}"
-        shutil.rmtree(model_dirs[model], ignore_errors=True)
-        t0 = time.monotonic()
-        build_random_model(model, model_dirs[model])
-        print(f"built {model} at real dimensions in {time.monotonic() - t0:.0f} s", flush=True)
-    phases: dict[str, list[dict]] = {"tiers": [], "speed": [], "methods": []}
-    for model, jobs in jobs_by_model.items():
-        for j in jobs:
-            j["model_dir"] = model_dirs[model]
-            speed = args.compare_hf and j["job"].startswith(args.compare_tier + "-") and "-t4" not in j["job"]
-            phases["speed" if speed else ("methods" if j.get("method") else "tiers")].append(j)
-    for name, jobs in phases.items():
-        if args.parallel and name != "speed":
-            runner.run_parallel(jobs)
-        else:
-            for j in jobs:
-                runner.finish(*runner.start(j["job"], j["model_dir"], j["budget"], j["overrides"], t4=j.get("t4", False)),
-                              {"catalog_estimate_gib": j.get("user_plan")})
+    for j in [j for g in groups for j in g] + speed:
+        if j["model"] not in model_dirs:
+            model_dirs[j["model"]] = work / f"model-{len(model_dirs)}"
+            shutil.rmtree(model_dirs[j["model"]], ignore_errors=True)
+            t0 = time.monotonic()
+            build_random_model(j["model"], model_dirs[j["model"]])
+            print(f"built {j['model']} at real dimensions in {time.monotonic() - t0:.0f} s", flush=True)
+    for j in [j for g in groups for j in g]:
+        if j.get("long_context"):
+            seq = longest_planned_seq(str(model_dirs[j["model"]]), j["budget"])
+            print(f"planner's longest SFT sequence for {j['model']} r=32 batch 1 at {j['budget']:g} GiB: {seq}", flush=True)
+            j["overrides"] = [*base, "model.tier=24gb", "lora.r=32", "sft.batch_size=1", "sft.grad_accum=1",
+                              f"sft.max_seq_len={seq}", "sft.max_steps=2", "dpo.enabled=false", *data_for("long", seq, 4)]
+            j["extra"] = {"planned_longest_seq": seq}
+
+    gate = _Gate(total)
+
+    def run_group(group: list[dict]) -> None:
+        for j in group:
+            gate.acquire(j["budget"])
+            try:
+                run_dir = work / f"run-{j.get('run', j['job'])}"
+                proc, info = runner.start(j["job"], model_dirs[j["model"]], j["budget"], j["overrides"] or [],
+                                          t4=j.get("t4", False), resume=j.get("resume", False), run_dir=run_dir)
+                extra = {"catalog_estimate_gib": j.get("user_plan"), **j.get("extra", {})}
+                if j.get("kill_after"):
+                    marker = run_dir / j["kill_after"] / "trainer_state.json"
+                    while proc.poll() is None and not marker.is_file():
+                        time.sleep(0.5)
+                    time.sleep(1.0)  # the checkpoint is written; kill -9 the whole process group mid-training
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        extra["killed_after"] = j["kill_after"]
+                runner.finish(proc, info, extra)
+            finally:
+                gate.release(j["budget"])
+
+    if args.parallel:
+        threads = [threading.Thread(target=run_group, args=(g,)) for g in groups]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for g in groups:
+            run_group(g)
+    for j in speed:  # alone on the GPU: their tokens/s are compared
+        run_group([j])
     for d in model_dirs.values():
         shutil.rmtree(d, ignore_errors=True)
-
-    if args.resume_check:
-        model_dir = work / "model"
-        shutil.rmtree(model_dir, ignore_errors=True)
-        build_random_model("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", model_dir)
-        run_dir = work / "run-resume"
-        ov = [*base, "model.tier=8gb", "sft.max_steps=3", "sft.learning_rate=1e-3", "dpo.max_steps=8",
-              "dpo.save_steps=3", "dpo.learning_rate=5e-4", "sft.batch_size=1", "sft.grad_accum=1",
-              "dpo.batch_size=1", "dpo.grad_accum=2", *data_for("resume", 512, 32)]
-        proc, info = runner.start("resume-killed", model_dir, 8.0, ov, run_dir=run_dir)
-        ckpt = run_dir / "dpo" / "checkpoints" / "checkpoint-3" / "trainer_state.json"
-        while proc.poll() is None and not ckpt.is_file():
-            time.sleep(0.5)
-        time.sleep(1.0)  # let the checkpoint finish writing, then kill -9 mid-training
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        runner.finish(proc, info, {"killed_after": "dpo checkpoint-3"})
-        proc, info = runner.start("resume-resumed", model_dir, 8.0, [], resume=True, run_dir=run_dir)
-        runner.finish(proc, info)
-        shutil.rmtree(model_dir, ignore_errors=True)
-
-    if args.long_context:
-        model_dir = work / "model"
-        shutil.rmtree(model_dir, ignore_errors=True)
-        build_random_model(LONG_CONTEXT_MODEL, model_dir)
-        seq = longest_planned_seq(str(model_dir), CARDS["24gb"])
-        print(f"planner's longest SFT sequence for {LONG_CONTEXT_MODEL} r=32 batch 1 at 24 GiB: {seq}", flush=True)
-        ov = [*base, "model.tier=24gb", "lora.r=32", "sft.batch_size=1", "sft.grad_accum=1", f"sft.max_seq_len={seq}",
-              "sft.max_steps=2", "dpo.enabled=false", *data_for("long", seq, 4)]
-        runner.finish(*runner.start("long-context-24gb", model_dir, 24.0, ov), {"planned_longest_seq": seq})
-        shutil.rmtree(model_dir, ignore_errors=True)
-
     lines = [header, "", *_table(runner.results)]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+class _Gate:
+    """Admit a job while the memory caps of the running ones, plus a CUDA context each, fit the card."""
+
+    HEADROOM_GIB = 0.6
+
+    def __init__(self, total_gib: float):
+        self.total, self.used, self.n = total_gib, 0.0, 0
+        self.cv = threading.Condition()
+
+    def acquire(self, gib: float) -> None:
+        with self.cv:
+            while self.n and self.used + gib + self.HEADROOM_GIB * (self.n + 1) > self.total:
+                self.cv.wait()
+            self.used += gib
+            self.n += 1
+
+    def release(self, gib: float) -> None:
+        with self.cv:
+            self.used -= gib
+            self.n -= 1
+            self.cv.notify_all()
 
 
 if __name__ == "__main__":
