@@ -113,13 +113,36 @@ def record_peak(ctx, step_downs: int = 0) -> dict:
     return out
 
 
+def _keep_earlier_step_downs(ctx, log: Path):
+    """(ctx, steps): a resumed stage keeps the smaller settings an earlier out-of-memory led to.
+
+    Only ever smaller: a setting the new plan already has at or below the logged one stays.
+    """
+    if not log.is_file():
+        return ctx, 0
+    entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    changes: dict = {}
+    for entry in entries:
+        changes.update(entry["to"])
+    sp = ctx.sp
+    keep = {k: v for k, v in changes.items() if k in ("batch_size", "max_seq_len") and v < getattr(sp, k)}
+    if "batch_size" in keep:  # the same effective batch, split as the earlier step-down split it
+        keep["grad_accum"] = max(1, sp.effective_batch // keep["batch_size"])
+    if not keep:
+        return ctx, len(entries)
+    why = (f"an earlier out-of-memory in this run stepped {ctx.stage} down ({log.name}): "
+           + ", ".join(f"{k} {getattr(sp, k)} -> {v}" for k, v in keep.items()))
+    print(f"[{ctx.stage}] keeping smaller settings: {why}", flush=True)
+    return _with_settings(ctx, keep, why), len(entries)
+
+
 def run_with_step_down(ctx, train: Callable) -> Path:
     """Run `train(ctx)`; on CUDA out-of-memory, step the settings down and resume from the checkpoint."""
     from lowvram.train import latest_checkpoint
 
     log = Path(ctx.stage_dir) / "step_down.jsonl"
     enabled = getattr(getattr(ctx.recipe, ctx.stage), "oom_step_down", True)
-    steps = 0
+    ctx, steps = _keep_earlier_step_downs(ctx, log) if enabled else (ctx, 0)
     while True:
         cuda = _cuda()
         if cuda is not None:

@@ -86,3 +86,29 @@ def test_step_down_order_batch_first_then_sequence():
     assert next_settings(_sp(1, 8, 2048))[0] == {"max_seq_len": 1024}
     assert next_settings(_sp(2, 4, 1024), min_batch=2)[0] == {"max_seq_len": 512}  # KTO keeps two rows
     assert next_settings(_sp(1, 8, MIN_SEQ_LEN)) is None
+
+
+def test_a_resumed_stage_keeps_what_an_earlier_out_of_memory_stepped_down_to(tmp_path):
+    import dataclasses
+
+    from lowvram.hardware import Device
+    from lowvram.oom import run_with_step_down
+    from lowvram.planner import make_plan
+    from lowvram.recipe import load_recipe
+    from lowvram.train import StageContext
+
+    recipe, _ = load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2"])
+    plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
+    ctx = StageContext(tmp_path, recipe, plan, "sft", "builtin:tiny-llama")
+    ctx.stage_dir.mkdir()
+    (ctx.stage_dir / "step_down.jsonl").write_text(json.dumps(
+        {"step": 1, "from": {"batch_size": 4, "grad_accum": 2, "max_seq_len": 128},
+         "to": {"batch_size": 2, "grad_accum": 4}, "why": "", "resumed_from": "checkpoint-3"}) + "\n")
+    seen = []
+    run_with_step_down(ctx, lambda c: seen.append(c.sp) or tmp_path)
+    assert (seen[0].batch_size, seen[0].grad_accum) == (2, 4)  # same effective batch 8, the smaller split
+    # Off: the plan's own settings.
+    off = dataclasses.replace(ctx, recipe=load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2",
+                                                               "sft.oom_step_down=false"])[0])
+    run_with_step_down(off, lambda c: seen.append(c.sp) or tmp_path)
+    assert seen[1].batch_size == 4
