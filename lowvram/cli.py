@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/export)")
     ex.add_argument("--system", metavar="TEXT", help="SYSTEM prompt for the Modelfile (default: the recipe's)")
     ex.add_argument("--dtype", default="auto", choices=("auto", "bf16", "f16"), help="merged weights' dtype")
+    ex.add_argument("--strict", action="store_true", help="exit 1 when verification warns, not only when it fails")
     ex.set_defaults(func=cmd_export)
 
     ch = sub.add_parser("chat", help="try an exported model in llama.cpp: one prompt, or interactive")

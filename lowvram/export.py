@@ -30,13 +30,13 @@ from lowvram.doctor import available_ram_bytes
 from lowvram.errors import UserError
 from lowvram.ollama import SYSTEM_MODES
 from lowvram.recipe import GGUF_TYPES
+from lowvram.verify import explain, verify_ggufs, verify_table  # verification lives in verify.py
 
 STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both
 PARTIAL = ".partial"
 SCRATCH_PREFIX = ".lowvram-export-"
-GREEDY_TOKENS = 24
-EXACT_TYPES = ("f16", "bf16", "q8_0")  # greedy output must match the merged model (up to near-ties)
-PREFERRED_CHAT_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16")
+FAITHFUL_ORDER = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")  # most faithful to the trained model first
+VERIFY_FILE = "verify.json"
 DISK_MARGIN = 1.1  # 10% over the estimate, plus a fixed reserve below
 DISK_RESERVE_BYTES = 64 << 20
 
@@ -123,6 +123,7 @@ class ExportOptions:
     out_dir: Path | None = None  # default RUN/export
     system_prompt: str | None = None  # default: the recipe's export.system_prompt
     dtype: str = "auto"  # merged dtype: auto, bf16 or f16
+    strict: bool = False  # a verification warning also exits 1
 
 
 @dataclass
@@ -297,9 +298,13 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
                  + f"; stop {stops}")
         # 5. verify (before the merged folder is moved: it reads it)
         if verify:
-            rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system)
+            rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system if fmt is None or
+                                fmt.takes_system else None)
             result.verify_rows = rows
-            result.verified_ok = all(r["ok"] for r in rows)
+            result.verified_ok = all(r["status"] != "FAIL" for r in rows)
+            _write_text(out_dir / VERIFY_FILE, json.dumps(
+                {r["type"]: {k: r[k] for k in ("status", "reasons", "agree", "ppl_change", "tokens_same")}
+                 for r in rows}, indent=2))
         if opts.merged:
             final = out_dir / "merged"
             _publish(merged_dir, final)
@@ -413,123 +418,6 @@ def _eos_tokens(tokenizer_dir: Path) -> list[str]:
     return [eos] if eos else []
 
 
-# ------------------------------------------------------------------ verification
-
-def verify_ggufs(merged_dir: Path, ggufs: dict[str, Path], system: str | None) -> list[dict]:
-    """Compare each GGUF with the merged model in transformers; one row per type.
-
-    - tokens: llama.cpp's token ids equal transformers' on every prompt (required).
-    - greedy: the first GREEDY_TOKENS argmax tokens after each chat prompt. For f16/bf16/q8_0 they
-      must be equal, or diverge only where transformers' top two logits are closer than the logit
-      error measured on the same text (a near-tie any rounding can flip).
-    - agree / ppl: teacher-forced top-1 agreement and perplexity on sample conversations.
-    """
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowvram.llamacpp import GGUFModel
-    from lowvram.ollama import probe_conversations
-
-    tok = AutoTokenizer.from_pretrained(str(merged_dir))
-    # float32 arithmetic on the merged 16-bit weights is the reference; a model too big for that in
-    # RAM is compared in its own 16-bit dtype instead (noisier, so near-ties are more frequent).
-    merged_bytes = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    big = merged_bytes * 2 > 0.5 * available_ram_bytes()
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto" if big else torch.float32)
-    model.eval()
-    stop_ids = {i for i in [tok.eos_token_id] if i is not None}
-    sys_msg = [{"role": "system", "content": system}] if system else []
-    prompts = [tok.apply_chat_template(sys_msg + [{"role": "user", "content": q}], tokenize=False,
-                                       add_generation_prompt=True)
-               for q in ("What is the capital of France?", "Write one sentence about the sea.", "Why is the sky blue?")]
-    texts = [tok.apply_chat_template(c, tokenize=False) for c in probe_conversations()]
-    plain = ["Hello world", "  two spaces, tabs\tand\nnew lines\n", "digits 12345 3.14 café 日本 🙂"]
-
-    def ids_of(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    @torch.no_grad()
-    def hf_logits(ids: list[int]) -> np.ndarray:
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-    @torch.no_grad()
-    def hf_greedy(ids: list[int]) -> list[int]:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                             eos_token_id=list(stop_ids) or None, pad_token_id=tok.pad_token_id)
-        return out[0, len(ids):].tolist()
-
-    ref_greedy = [hf_greedy(ids_of(p)) for p in prompts]
-    ref_logits = [hf_logits(ids_of(t)) for t in texts]
-    rows = []
-    for t, path in ggufs.items():
-        with GGUFModel(path, n_ctx=1024) as g:
-            tok_ok = all(g.tokenize(x) == ids_of(x) for x in prompts + texts + plain)
-            same_all, notes, n_same, n_total = True, [], 0, 0
-            for p, ref in zip(prompts, ref_greedy):
-                ids = ids_of(p)
-                got = g.greedy(ids, GREEDY_TOKENS, stop_ids)
-                k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-                n_same += k
-                n_total += len(ref)
-                if k < len(ref) or len(got) != len(ref):
-                    if k >= min(len(ref), len(got)):  # one stopped earlier: count it as a divergence at k
-                        k = min(len(ref), len(got)) - 1
-                    seq = ids + ref[:k]
-                    h = hf_logits(seq)
-                    gap = float(h[-1, ref[k]] - h[-1, got[k]])
-                    noise = float(np.abs(h - g.logits(seq)).max())
-                    near_tie = gap <= 2 * noise
-                    same_all = False
-                    notes.append((k, gap, noise, near_tie))
-            agree_n = agree_d = 0
-            nll_hf = nll_g = 0.0
-            for text, h in zip(texts, ref_logits):
-                ids = ids_of(text)
-                gl = g.logits(ids)
-                agree_n += int((h.argmax(-1) == gl.argmax(-1)).sum())
-                agree_d += len(ids)
-                nll_hf += _nll(h, ids)
-                nll_g += _nll(gl, ids)
-            n_pred = sum(len(ids_of(x)) - 1 for x in texts)
-        ppl_hf, ppl_g = float(np.exp(nll_hf / n_pred)), float(np.exp(nll_g / n_pred))
-        if same_all:
-            greedy = f"same {n_same}/{n_total}"
-        elif t not in EXACT_TYPES:  # K-quants are expected to drift: report how far they agree
-            greedy = f"{n_same}/{n_total} before first difference"
-        elif all(n[3] for n in notes):
-            greedy = f"same up to near-ties ({n_same}/{n_total})"
-        else:
-            greedy = f"DIFFERS ({n_same}/{n_total})"
-        ok = tok_ok and (t not in EXACT_TYPES or same_all or all(n[3] for n in notes))
-        rows.append({"type": t, "size_mib": path.stat().st_size / 2**20, "tokens_same": tok_ok, "greedy": greedy,
-                     "greedy_same": same_all, "divergences": notes, "agree": agree_n / agree_d,
-                     "ppl_hf": ppl_hf, "ppl_gguf": ppl_g, "ppl_change": ppl_g / ppl_hf - 1, "ok": ok})
-    return rows
-
-
-def _nll(logits, ids: list[int]) -> float:
-    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64 log-softmax)."""
-    import numpy as np
-
-    lg = logits[:-1].astype(np.float64)
-    lg -= lg.max(-1, keepdims=True)
-    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
-
-
-def verify_table(rows: list[dict]) -> str:
-    from lowvram.ui import table
-
-    out = []
-    for r in rows:
-        out.append((r["type"], f"{r['size_mib']:.1f} MiB", "same" if r["tokens_same"] else "DIFFERENT", r["greedy"],
-                    f"{100 * r['agree']:.1f}%", f"{r['ppl_hf']:.2f} -> {r['ppl_gguf']:.2f} ({100 * r['ppl_change']:+.2f}%)",
-                    "ok" if r["ok"] else "FAIL"))
-    return table(out, ("type", "size", "tokens", f"greedy ({GREEDY_TOKENS} tokens x 3)", "top-1 agree",
-                       "perplexity hf -> gguf", "check"))
-
-
 # ------------------------------------------------------------------ commands to print
 
 def usage_lines(result: ExportResult, name: str, system: str | None) -> list[str]:
@@ -557,10 +445,22 @@ def find_gguf(target: Path) -> Path:
         raise UserError(f"No such file or directory {str(target)!r}.", hint="Pass a GGUF file or a run directory.")
     for folder in (target / "export", target):
         found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-        for t in PREFERRED_CHAT_TYPES:
-            for f in found:
-                if f.name.endswith(f"-{t}.gguf"):
-                    return f
+        status = {}
+        if (folder / VERIFY_FILE).is_file():
+            try:
+                status = {t: v.get("status") for t, v in json.loads((folder / VERIFY_FILE).read_text()).items()}
+            except (OSError, ValueError, AttributeError):
+                status = {}
+        ranked = [(t, f) for t in FAITHFUL_ORDER for f in found if f.name.endswith(f"-{t}.gguf")]
+        ranked.sort(key=lambda tf: status.get(tf[0]) == "FAIL")  # stable: a failed file only as a last resort
+        if ranked:
+            t, f = ranked[0]
+            others = ", ".join(x for x, _ in ranked[1:])
+            why = f"verification: {status[t]}" if t in status else "not verified"
+            print(f"Using {f.name}: the most faithful to the trained model of the exported types"
+                  + (f" (also: {others})" if others else "") + f"; {why}. Pass a .gguf file to pick another.",
+                  flush=True)
+            return f
         if found:
             return found[0]
     raise UserError(f"No GGUF file in {target} or {target / 'export'}.",
@@ -573,7 +473,8 @@ def export_command(args) -> int:
     """`lowvram export RUN_DIR [--gguf TYPE ...] [--merged] [--lora] [--no-verify] [--out DIR]`."""
     opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
                          lora=args.lora, verify=False if args.no_verify else None,
-                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype)
+                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype,
+                         strict=getattr(args, "strict", False))
     return export_and_report(Path(args.run_dir), opts)
 
 
@@ -590,9 +491,14 @@ def export_and_report(run_dir: Path, opts: ExportOptions) -> int:
         for line in usage_lines(result, run.name, system):
             _say(f"  {line}")
         _say(f"  lowvram chat {result.files[next(iter(result.modelfiles))]}")
-    if not result.verified_ok:
-        bad = [r["type"] for r in result.verify_rows if not r["ok"]]
-        print(f"error: verification failed for {', '.join(bad)}: llama.cpp disagrees with transformers "
+    flagged = [r for r in result.verify_rows if r["status"] != "ok"]
+    for r in flagged:
+        _say("\n" + explain(r, r.get("n_params")))
+    failed = [r["type"] for r in flagged if r["status"] == "FAIL"]
+    warned = [r["type"] for r in flagged if r["status"] == "warn"]
+    if failed or (opts.strict and warned):
+        what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
+        print(f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
               f"(see the table). The files are kept for inspection.", file=sys.stderr)
         return 1
     return 0

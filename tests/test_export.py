@@ -165,7 +165,59 @@ def test_chat_one_shot(exported, capsys):
     rc, out, err = _run_cli(["chat", str(run), "--prompt", "What is the capital of France?", "--max-tokens", "8",
                              "--temperature", "0"], capsys)
     assert rc == 0, err
+    # says which file it uses, and takes the most faithful one (it used to pick q4_k_m silently)
+    assert "Using fixture-f16.gguf" in out and "q4_k_m" in out
     assert out.strip()
+
+
+def _reverse_rows(path: Path, name_part: str) -> int:
+    """Corrupt a GGUF in place the way a bad quantizer would: every matching tensor's rows in reverse order."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    n = 0
+    for tensor in reader.tensors:
+        if name_part in tensor.name and tensor.data.ndim == 2 and tensor.data.shape[0] > 1:
+            tensor.data[:] = tensor.data[::-1].copy()
+            n += 1
+    reader.data.flush()
+    return n
+
+
+def test_broken_k_quant_is_marked_fail_with_an_explanation(exported, tmp_path):
+    import shutil
+
+    from lowvram.verify import explain, verify_ggufs, verify_table
+
+    run, *_ = exported
+    exp = run / "export"
+    broken = tmp_path / "fixture-q4_k_m.gguf"
+    shutil.copy2(exp / "fixture-q4_k_m.gguf", broken)
+    assert _reverse_rows(broken, "ffn_down") + _reverse_rows(broken, "attn_output") >= 4
+    rows = verify_ggufs(exp / "merged", {"q4_k_m": broken}, SYSTEM)
+    row = rows[0]
+    assert row["status"] == "FAIL", verify_table(rows)
+    assert any("perplexity" in r or "agreement" in r for r in row["reasons"])
+    assert verify_table(rows).splitlines()[-1].rstrip().endswith("FAIL")
+    assert "q5_k_m, q6_k, q8_0" in explain(row, row["n_params"])
+
+
+def test_export_exit_status_follows_the_worst_status(fixture_run, tmp_path, capsys, monkeypatch):
+    import lowvram.export as ex
+
+    def fake_rows(status):
+        def verify(merged_dir, ggufs, system, *a, **k):
+            return [{"type": t, "size_mib": 1.0, "tokens_same": True, "greedy": "same 1/1", "agree": 0.9,
+                     "ppl_hf": 2.0, "ppl_gguf": 2.0, "ppl_change": 0.0, "status": status, "reasons": ["x"],
+                     "n_params": 1} for t in ggufs]
+        return verify
+
+    for status, strict, code in (("warn", False, 0), ("warn", True, 1), ("FAIL", False, 1)):
+        monkeypatch.setattr(ex, "verify_ggufs", fake_rows(status))
+        run = copy_run(fixture_run, tmp_path / f"run-{status}-{strict}")
+        assert main(["export", str(run), "--gguf", "f16"] + (["--strict"] if strict else [])) == code
+        out = capsys.readouterr().out
+        assert f"f16: {status}" in out
 
 
 # ------------------------------------------------------------------ bad input: one message, nothing written
