@@ -67,10 +67,20 @@ def is_local(recipe: Recipe, stage: str, recipe_dir: Path | None) -> bool:
     return path.exists() and (looks_like_local_path(data.path) or path.is_file() or path.is_dir())
 
 
+def _builtin_built() -> bool:
+    """Planning must not build the tiny model (a minute of CPU) just to count tokens."""
+    from lowvram.tiny import TINY_VERSION, cache_dir
+
+    return (cache_dir() / f"tiny-llama-v{TINY_VERSION}" / "tokenizer_config.json").is_file()
+
+
 def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | None) -> tuple[DataLengths | None, str]:
     """(lengths or None, why): the stage's rows counted with the model's tokenizer, when both are local."""
     from lowvram.data.check import check_data, local_tokenizer, token_lengths
+    from lowvram.models import BUILTIN_PREFIX
 
+    if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
+        return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
     if not is_local(recipe, stage, recipe_dir):
         return None, "the data is not on this machine (a Hub dataset): planned at max_seq_len, the worst case"
     report = check_data(getattr(recipe, stage).data, "sft" if stage == "sft" else "preference", recipe.use_samples,
