@@ -1,13 +1,19 @@
 """The transformers + PEFT backend: CPU, Apple, or CUDA without Unsloth (bitsandbytes 4-bit there).
 
-    model, tokenizer = load_for_training(plan, recipe, model_path, adapter=None)
+    model = load_for_training(plan, recipe, model_path, adapter=None)
 
 Returns a `PeftModel` whose LoRA adapter is trainable. With `adapter`, that adapter is loaded and
 training continues it (DPO after SFT); without, a fresh adapter is added.
+
+With `plan.load_in_4bit` the base's linear layers are bitsandbytes NF4 with double quantization,
+computing in the plan's dtype: the QLoRA path of every CUDA user without Unsloth. bitsandbytes
+(>= 0.49) also runs it on CPU, slowly, which is how the tests exercise it without a GPU.
 """
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from lowvram.planner import Plan
@@ -35,26 +41,79 @@ def lora_config(plan: Plan, recipe: Recipe):
     )
 
 
+def quantization_config(plan: Plan):
+    """NF4 with double quantization, computing in the plan's dtype (what Unsloth's 4-bit checkpoints use)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(plan),
+    )
+
+
+def device_map(plan: Plan) -> dict:
+    """Everything on the one training device: the current CUDA card, or the CPU."""
+    import torch
+
+    return {"": torch.cuda.current_device()} if plan.device.kind == "cuda" else {"": "cpu"}
+
+
+def prepare_4bit_model(model, dtype, grad_ckpt: str = "off") -> dict[str, int]:
+    """PEFT's `prepare_model_for_kbit_training`, without paying fp32 for the embeddings.
+
+    PEFT freezes the base and upcasts every weight bitsandbytes did not quantize to fp32: norms,
+    biases, and the input embeddings and lm_head, vocabulary x hidden each (2 GiB of fp32 on the
+    8B Llama, whose 4-bit linears take 3.5 GiB). Frozen embeddings gain nothing from fp32: a lookup,
+    and a matmul that autocast runs in the compute dtype anyway. So here norms and biases become fp32
+    (tiny, and the stability PEFT adds them for) and the embeddings stay in the compute dtype, never
+    upcast, so their fp32 copy is not even allocated for a moment. Returns bytes per dtype of the
+    non-quantized weights, for the log line.
+    """
+    import torch
+
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None and getattr(m, "weight", None) is not None}
+    by_dtype: dict[str, int] = {}
+    for param in model.parameters():
+        param.requires_grad = False
+        if param.__class__.__name__ == "Params4bit":
+            continue
+        want = dtype if id(param) in embeddings else torch.float32
+        if param.dtype in (torch.float16, torch.bfloat16, torch.float32) and param.dtype != want:
+            param.data = param.data.to(want)
+        key = str(param.dtype).removeprefix("torch.")
+        by_dtype[key] = by_dtype.get(key, 0) + param.numel() * param.element_size()
+    for module in model.modules():
+        # bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit weight in place, for a faster
+        # kernel, the first time it runs without grad (the evaluation before training). That kernel
+        # has no backward, so training after it would lose the gradient paths through the base
+        # layers, and it asserts on layers whose width is not a multiple of 32. Off: one layout on
+        # every CPU, the same dequantize-and-matmul that CUDA runs.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if grad_ckpt != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return by_dtype
+
+
 def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
                       grad_ckpt: str = "off"):
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch_dtype(plan)}
     if plan.load_in_4bit:
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(plan),
-        )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["quantization_config"] = quantization_config(plan)
+        kwargs["device_map"] = device_map(plan)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if plan.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt != "off")
+        other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
+        parts = ", ".join(f"{n / 2**20:,.1f} MiB {k}" for k, n in sorted(other.items()))
+        print(f"[4-bit] NF4 linears with double quantization, computing in {plan.dtype}; other weights: {parts} "
+              f"(embeddings in {plan.dtype}, norms fp32)", flush=True)
     elif grad_ckpt != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -63,3 +122,28 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
     else:
         model = get_peft_model(model, lora_config(plan, recipe))
     return model
+
+
+@contextmanager
+def fp32_adapters(model, stage: str = ""):
+    """Around a TRL trainer's constructor: keep the trainable LoRA weights fp32 master weights.
+
+    TRL (1.15, 1.16) casts every trainable weight of a 4-bit model to bf16 when it builds its SFT, DPO
+    or KTO trainer, whatever the training dtype. bf16 keeps 8 bits of mantissa: an Adam step of 5e-6
+    (DPO's learning rate) on a weight of 0.01 is below half a bf16 ulp and rounds away, and under fp16
+    autocast (a T4) the masters would not even be in the autocast dtype. The tensors are put back as
+    they were, bit for bit, so DPO's frozen "ref" copy (taken before TRL's cast) still equals the policy.
+    """
+    import torch
+
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad and p.dtype == torch.float32]
+    yield
+    restored = 0
+    for p, data in kept:
+        if p.dtype != data.dtype:
+            p.data = data
+            restored += 1
+    if restored:
+        where = f"[{stage}] " if stage else ""
+        print(f"{where}LoRA weights kept in fp32 ({restored} tensors that TRL cast to bf16 for the 4-bit base)",
+              file=sys.stderr, flush=True)

@@ -336,7 +336,8 @@ def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: b
     )
 
 
-def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device) -> tuple[str, str, dict[str, str]]:
+def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device,
+                  load_in_4bit: bool = False) -> tuple[str, str, dict[str, str]]:
     """(grad_ckpt, optim, reasons) for a stage."""
     reasons = {}
     if cfg.grad_ckpt != "auto":
@@ -353,8 +354,10 @@ def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device) ->
         ckpt, reasons["grad_ckpt"] = "standard", "transformers' standard checkpointing (Unsloth's offload needs Unsloth)"
     if device.kind == "cuda":
         optim, reasons["optim"] = tier.optim, "8-bit AdamW states (bitsandbytes) save 75% of optimizer memory"
+    elif load_in_4bit:
+        optim, reasons["optim"] = "adamw_8bit", "4-bit on CPU runs the GPU path's QLoRA: bitsandbytes' 8-bit AdamW too"
     else:
-        optim, reasons["optim"] = "adamw_torch", "bitsandbytes' 8-bit optimizer needs CUDA"
+        optim, reasons["optim"] = "adamw_torch", "full-precision CPU training: plain AdamW (8-bit states matter on GPUs)"
     return ckpt, optim, reasons
 
 
@@ -447,12 +450,20 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
     elif device.kind == "cuda" and not model.startswith(BUILTIN_PREFIX):
         q4, q4_reason = True, "QLoRA: 4-bit base weights on CUDA"
     else:
-        q4, q4_reason = False, "bitsandbytes 4-bit needs CUDA" if device.kind != "cuda" else "tiny built-in model"
-    if device.kind != "cuda" and (q4 or (spec is not None and spec.prequantized_4bit)):
-        alt = spec.base_16bit if spec is not None and spec.base_16bit else None
-        raise UserError(f"{model} is stored in bitsandbytes 4-bit, which needs a CUDA GPU; this machine has none.",
-                        hint=f"Use the 16-bit original instead: model.name={alt}" if alt else
-                        "Pick a 16-bit model with model.name=..., or run on a CUDA GPU.")
+        q4, q4_reason = False, ("no CUDA GPU: full precision (model.load_in_4bit=true runs NF4 on CPU, slowly)"
+                                if device.kind != "cuda" else "tiny built-in model")
+    prequantized = spec is not None and spec.prequantized_4bit
+    if device.kind == "mps" and (q4 or prequantized):
+        raise UserError(f"bitsandbytes 4-bit ({model}) runs on CUDA GPUs and CPUs, not on Apple GPUs.",
+                        hint="Use a 16-bit model with model.name=..., or model.load_in_4bit=false.")
+    if device.kind == "cpu" and prequantized and not q4:
+        alt = spec.base_16bit if spec.base_16bit else None
+        raise UserError(f"{model} is stored in bitsandbytes 4-bit; on a CPU lowvram trains in full precision by default.",
+                        hint=(f"Use the 16-bit original: model.name={alt}, or " if alt else "") +
+                        "set model.load_in_4bit=true to train the 4-bit checkpoint on the CPU (real, but slow).")
+    if device.kind == "cpu" and q4:
+        q4_reason += ("; bitsandbytes runs NF4 on the CPU without fast kernels: several times slower than "
+                      "full precision, for checking the GPU path or saving RAM")
     r = recipe.lora.r or tier.lora_r
     alpha = recipe.lora.alpha or (r if recipe.lora.r else tier.lora_alpha)
     reasons = {
@@ -474,7 +485,7 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
         reasons["lora"] += f"; {note}"
     modes, fits = {}, {}
     for s in recipe.stages():
-        modes[s] = _memory_modes(getattr(recipe, s), tier, backend, device)
+        modes[s] = _memory_modes(getattr(recipe, s), tier, backend, device, q4)
         if budgeted:
             est_stage = _est_stage(recipe, s)
             longest = data_lengths[s].longest if s in data_lengths else None

@@ -109,7 +109,7 @@ TIERS: dict[str, Tier] = {
              2048, 1024, 1, 8, 1, 8, 16, 16, "unsloth", "adamw_8bit"),
         Tier("8gb", 5.5, 8.0, "RTX 3060 Ti, RTX 3070, RTX 4060, RTX 3080 10GB",
              1024, 512, 1, 8, 1, 8, 8, 8, "unsloth", "adamw_8bit"),
-        # No CUDA: full-precision LoRA on CPU or Apple; small models only, no 4-bit.
+        # No CUDA: full-precision LoRA on CPU or Apple, small models; 4-bit (CPU only) if the recipe asks.
         Tier("cpu", 0.0, 0.0, "CPU or Apple silicon",
              512, 512, 2, 1, 2, 1, 8, 16, "off", "adamw_torch",
              {"qwen": "unsloth/Qwen2.5-0.5B-Instruct", "tiny": "builtin:tiny-llama"}),
@@ -130,7 +130,7 @@ def select_tier(device: Device, requested: str = "auto") -> tuple[Tier, str]:
         return TIERS[requested], f"{requested} tier: set by the recipe (model.tier)"
     if device.kind != "cuda":
         what = "Apple GPU" if device.kind == "mps" else "no CUDA GPU"
-        return TIERS["cpu"], f"cpu tier: {what}, so no 4-bit loading; small models in full precision"
+        return TIERS["cpu"], f"cpu tier: {what}, small models in full precision (4-bit only if the recipe asks)"
     total = device.total_vram_gib
     for tier in GPU_TIERS:
         if total >= tier.min_total_gib:

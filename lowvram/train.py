@@ -322,8 +322,9 @@ def run_sft(ctx: StageContext, data) -> Path:
         **_eval_args(cfg, eval_ds),
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")])
+    with _fp32_adapters(ctx, model):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")])
     _quiet(trainer)
     return _train_and_save(ctx, trainer, model, tok)
 
@@ -349,13 +350,25 @@ def run_preference(ctx: StageContext, data) -> Path:
         from trl import DPOTrainer as Trainer
 
         kwargs["loss_type"] = [cfg.loss_type]
-    trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tok, callbacks=callbacks)
+    with _fp32_adapters(ctx, model):
+        trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tok, callbacks=callbacks)
     _quiet(trainer)
     return _train_and_save(ctx, trainer, model, tok)
 
 
 # ------------------------------------------------------------------ shared
+
+def _fp32_adapters(ctx: StageContext, model):
+    """TRL casts a 4-bit model's LoRA weights to bf16 in its constructors; the hf backend keeps them fp32."""
+    from contextlib import nullcontext
+
+    if ctx.plan.backend != "hf" or not ctx.plan.load_in_4bit:
+        return nullcontext()
+    from lowvram.hf_backend import fp32_adapters
+
+    return fp32_adapters(model, ctx.stage)
+
 
 def _quiet(trainer) -> None:
     """Our callback prints progress; drop the Trainer's raw dict printer."""
