@@ -99,6 +99,10 @@ def prepare_4bit_model(model, dtype, grad_ckpt: str = "off") -> dict[str, int]:
     return by_dtype
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KiB"
+
+
 def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
                       grad_ckpt: str = "off"):
     from peft import PeftModel, get_peft_model
@@ -111,7 +115,7 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if plan.load_in_4bit:
         other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
-        parts = ", ".join(f"{n / 2**20:,.1f} MiB {k}" for k, n in sorted(other.items()))
+        parts = ", ".join(f"{_size(n)} {k}" for k, n in sorted(other.items()))
         print(f"[4-bit] NF4 linears with double quantization, computing in {plan.dtype}; other weights: {parts} "
               f"(embeddings in {plan.dtype}, norms fp32)", flush=True)
     elif grad_ckpt != "off":

@@ -1,7 +1,6 @@
 """Regenerate tests/data/bnb4bit.safetensors: weights quantized and dequantized by bitsandbytes itself.
 
-    pip install --target /tmp/bnb --no-deps bitsandbytes==0.50.2     # CPU works; not a lowvram dependency
-    PYTHONPATH=/tmp/bnb python scripts/make_bnb_fixture.py
+    python scripts/make_bnb_fixture.py      # bitsandbytes comes with the test extra (CPU works)
 
 lowvram dequantizes 4-bit bases in plain torch (lowvram/merge.py) so export runs without
 bitsandbytes or a GPU. This file pins that code to bitsandbytes' own results: for NF4 and FP4,
