@@ -17,6 +17,8 @@ the planner's estimate, tokens/s over full-length rows, and the preference stage
 at its first logged step (0 when the reference is the SFT policy).
 
 Extra checks:
+  --tests           first the test suite's `gpu` tests (tests/test_gpu.py): the Unsloth backend and the
+                    transformers+PEFT+bitsandbytes 4-bit path end to end on the tiny model, bf16 and fp16
   --compare-hf      the same jobs through the transformers+PEFT+bitsandbytes backend, one job at a time,
                     for tokens/s and peak memory at equal settings (Unsloth vs PEFT)
   --t4              the 16gb tier capped at 15 GiB in fp16 (Colab T4: no bf16)
@@ -377,6 +379,7 @@ def main() -> None:
     ap.add_argument("--long-context", action="store_true")
     ap.add_argument("--resume-check", action="store_true")
     ap.add_argument("--parallel", action="store_true", help="run memory-only jobs concurrently (speed not compared)")
+    ap.add_argument("--tests", action="store_true", help="first run the test suite's `gpu` tests (tests/test_gpu.py)")
     ap.add_argument("--work", default=None, help="scratch folder for models and runs (default OUT/work)")
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -395,6 +398,11 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU; none is visible.")
+    if args.tests:  # the Unsloth backend and the 4-bit path end to end on the tiny model, as pytest tests
+        root = Path(__file__).resolve().parent.parent
+        res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", str(root / "tests")], cwd=root)
+        if res.returncode != 0:
+            print(f"gpu tests failed (exit {res.returncode})", flush=True)
     from lowvram.tiny import ensure_tiny_model
 
     out = Path(args.out)

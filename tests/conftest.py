@@ -14,6 +14,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: without a CUDA device torch can see, they are skipped, saying so."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU; torch {torch.__version__} sees none "
+                                   "(on a GPU machine: python scripts/gpu_check.py --tests)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _no_simulated_card(monkeypatch):
     """A developer's LOWVRAM_VRAM_GIB / LOWVRAM_GPU must not leak into tests."""
