@@ -13,8 +13,9 @@ The result is a breakdown in GiB whose lines add up to `total_gib`, the peak as 
 
 How the peak is built (each term is a section below, each coefficient says where it comes from):
 - weights: linear layers in NF4 (0.5 byte/param + double-quant scales); embeddings and lm_head stay
-  16-bit (bitsandbytes quantizes nn.Linear only and skips lm_head); PEFT's
-  prepare_model_for_kbit_training upcasts those to fp32 in the hf backend.
+  16-bit (bitsandbytes quantizes nn.Linear only and skips lm_head); the hf backend keeps norms in
+  fp32, as PEFT's prepare_model_for_kbit_training does, but not the embeddings (PEFT upcasts those
+  too: scripts/bench_4bit_weights.py measures both).
 - LoRA: adapters, their gradients (fp32) and the optimizer states.
 - activations: what the forward keeps for the backward, per token, from the modules the backend
   runs (Unsloth's fused kernels, or transformers + PEFT under autocast), times the tokens in one
@@ -138,9 +139,9 @@ class Stack:
                   "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
                   older cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
                   transformers' loss on full logits upcast to fp32 (TRL < 1.15, plain Trainer).
-    fp32_non_quantized: embeddings, norms and lm_head upcast to fp32 (PEFT's
-                  prepare_model_for_kbit_training, which lowvram's hf backend calls); the residual
-                  stream then runs in fp32 too.
+    fp32_non_quantized: norms upcast to fp32 around a 4-bit base (lowvram's hf backend, like PEFT's
+                  prepare_model_for_kbit_training; unlike PEFT it leaves the embeddings and lm_head
+                  in the compute dtype); the residual stream then runs in fp32 too.
     """
 
     name: str
@@ -213,8 +214,8 @@ def _weights_bytes(spec: ModelSpec, load_in_4bit: bool, elem: int, stack: Stack)
     norms = spec.hidden_size * (2 * spec.num_layers + 1)
     if not load_in_4bit:
         return (linear + embeddings + norms) * elem
-    other_bytes = 4 if stack.fp32_non_quantized else elem
-    return linear * (NF4_BYTES_PER_PARAM + NF4_SCALE_BYTES_PER_PARAM) + (embeddings + norms) * other_bytes
+    norm_bytes = 4 if stack.fp32_non_quantized else elem
+    return linear * (NF4_BYTES_PER_PARAM + NF4_SCALE_BYTES_PER_PARAM) + embeddings * elem + norms * norm_bytes
 
 
 # ---------------------------------------------------------------- activations (bytes per token)
@@ -282,9 +283,10 @@ def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: b
         return tokens * v * elem * (3 if grad else 1) + tokens * 4
     if stack.logits == "chunked":
         tile = min(tokens, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE) * elem
-        head_cast = min(v, TRL_VOCAB_TILE) * h * elem if stack.fp32_non_quantized else 0  # fp32 head tile cast
+        # the lm_head is in the compute dtype (the hf backend does not upcast it), so TRL's
+        # weight[tile].to(compute_dtype) is a view, not a copy
         per_token = (4 + elem) * h if grad else 0  # fp32 hidden gradient + gathered hidden rows
-        return tile + head_cast + tokens * per_token
+        return tile + tokens * per_token
     raise ValueError(f"unknown logits mode {stack.logits!r}")
 
 

@@ -66,14 +66,16 @@ def test_weights_follow_quantization_and_embeddings():
     q4 = est(load_in_4bit=True).weights_gib
     full = est(load_in_4bit=False).weights_gib
     assert 5.0 < q4 < 5.6 and 14.5 < full < 15.5
-    # PEFT's prepare_model_for_kbit_training (hf backend) keeps the embeddings in fp32: about 2 GiB more.
-    assert est(backend="hf").weights_gib - q4 == pytest.approx(2 * 128256 * 4096 * 2 / GIB, rel=0.01)
+    # The hf backend upcasts only the norms to fp32 (PEFT's prepare_model_for_kbit_training would
+    # upcast the embeddings too: 2 GiB more on this model; scripts/bench_4bit_weights.py measures it).
+    norms = 4096 * (2 * 32 + 1)
+    assert est(backend="hf").weights_gib - q4 == pytest.approx(norms * (4 - 2) / GIB, rel=0.01)
 
 
 def test_large_vocabulary_logits_dominate_short_sequences_activations_long_ones():
     # TRL's chunked LM head (lowvram's hf backend) bounds the logits; activations keep growing.
     short, long = est(seq=256, backend="hf"), est(seq=8192, backend="hf")
-    assert short.logits_gib > short.activations_gib
+    assert short.logits_gib < 0.05  # tiles of 4096 tokens x 32768 entries, never batch x seq x vocab
     assert long.activations_gib > 3 * long.logits_gib
     # transformers' own loss upcasts full logits to fp32: over Qwen's 152k vocabulary they are the
     # largest per-step term even at 4096 tokens.
