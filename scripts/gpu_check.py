@@ -370,6 +370,7 @@ def main() -> None:
     ap.add_argument("--out", default="gpu-check", help="results folder")
     ap.add_argument("--tiers", default="24gb,16gb,12gb,8gb", help="tiers to run (empty: none)")
     ap.add_argument("--families", default="llama")
+    ap.add_argument("--also", default="", help="more tier:family jobs, e.g. 12gb:qwen,24gb:mistral")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
     ap.add_argument("--t4", action="store_true")
     ap.add_argument("--compare-hf", action="store_true")
@@ -437,20 +438,21 @@ def main() -> None:
     # Groups run concurrently (with --parallel) under the card's memory; the jobs of a group in order.
     groups: list[list[dict]] = []
     tiers = [t for t in args.tiers.split(",") if t]
-    for tier in tiers:
-        for family in [f for f in args.families.split(",") if f]:
-            for t4 in ([False, True] if args.t4 and tier == "16gb" else [False]):
-                budget = T4_GIB if t4 else CARDS[tier]
-                try:
-                    plan = _plan([f"model.family={family}", f"model.tier={tier}", "use_samples=true"], budget, t4)
-                except Exception as e:  # the planner refuses this family on this card: that is a result too
-                    runner.results.append({"job": f"{tier}-{family}", "ok": False, "error": f"planner: {e}"[:300]})
-                    continue
-                longest = max(sp.max_seq_len for sp in plan.stages.values())
-                rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
-                groups.append([job(f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", plan.model, budget,
-                                   [f"model.tier={tier}", *base, *planned(plan), *data_for(f"{longest}-{rows}", longest, rows)],
-                                   t4=t4, user_plan=user_plan(plan))])
+    pairs = [(t, f) for t in tiers for f in args.families.split(",") if f]
+    pairs += [tuple(x.split(":")) for x in args.also.split(",") if x]
+    for tier, family in pairs:
+        for t4 in ([False, True] if args.t4 and tier == "16gb" and family == "llama" else [False]):
+            budget = T4_GIB if t4 else CARDS[tier]
+            try:
+                plan = _plan([f"model.family={family}", f"model.tier={tier}", "use_samples=true"], budget, t4)
+            except Exception as e:  # the planner refuses this family on this card: that is a result too
+                runner.results.append({"job": f"{tier}-{family}", "ok": False, "error": f"planner: {e}"[:300]})
+                continue
+            longest = max(sp.max_seq_len for sp in plan.stages.values())
+            rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
+            groups.append([job(f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", plan.model, budget,
+                               [f"model.tier={tier}", *base, *planned(plan), *data_for(f"{longest}-{rows}", longest, rows)],
+                               t4=t4, user_plan=user_plan(plan))])
     if args.methods:
         small = tiers[-1] if tiers else "8gb"
         plan = _plan([f"model.tier={small}", "model.family=llama", "use_samples=true"], CARDS[small], False)
@@ -492,7 +494,7 @@ def main() -> None:
             seq = longest_planned_seq(str(model_dirs[j["model"]]), j["budget"])
             print(f"planner's longest SFT sequence for {j['model']} r=32 batch 1 at {j['budget']:g} GiB: {seq}", flush=True)
             j["overrides"] = [*base, "model.tier=24gb", "lora.r=32", "sft.batch_size=1", "sft.grad_accum=1",
-                              f"sft.max_seq_len={seq}", "sft.max_steps=2", "dpo.enabled=false", *data_for("long", seq, 4)]
+                              f"sft.max_seq_len={seq}", "sft.max_steps=1", "dpo.enabled=false", *data_for("long", seq, 4)]
             j["extra"] = {"planned_longest_seq": seq}
 
     gate = _Gate(total)
