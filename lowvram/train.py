@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowvram.adapters import save_policy
 from lowvram.errors import OutOfMemory, UserError
 from lowvram.planner import Plan, StagePlan
 from lowvram.recipe import Recipe
@@ -354,7 +355,23 @@ def run_preference(ctx: StageContext, data) -> Path:
         trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tok, callbacks=callbacks)
     _quiet(trainer)
+    if cfg.method != "orpo":
+        _check_reference(ctx, trainer, model, callbacks[0])
     return _train_and_save(ctx, trainer, model, tok)
+
+
+def _check_reference(ctx: StageContext, trainer, model, progress) -> None:
+    """DPO/KTO: stop unless the reference is a frozen copy of the SFT policy and the rewards start at 0."""
+    from lowvram.adapters import check_reference, check_start_rewards, start_rewards
+
+    print(f"[dpo] reference: {check_reference(model, ctx.init_adapter)}", flush=True)
+    if latest_checkpoint(ctx.stage_dir / "checkpoints") is None:  # a resumed policy has moved on
+        trainer.remove_callback(progress)  # a check, not a result: keep it out of metrics.jsonl
+        try:
+            rewards = start_rewards(trainer, ctx.sp.batch_size)
+        finally:
+            trainer.add_callback(progress)
+        print(f"[dpo] reference: {check_start_rewards(rewards)}", flush=True)
 
 
 # ------------------------------------------------------------------ shared
@@ -440,7 +457,7 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     if after:
         (ctx.stage_dir / "eval_after.json").write_text(json.dumps(after, indent=2))
     adapter_dir = ctx.stage_dir / "adapter"
-    model.save_pretrained(str(adapter_dir))
+    save_policy(model, adapter_dir)
     tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
     stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
              "train_loss": result.metrics.get("train_loss")}
@@ -477,4 +494,22 @@ def run_stage(ctx: StageContext, data) -> Path:
     from lowvram.oom import run_with_step_down  # CUDA out-of-memory: smaller settings, resume (lowvram/oom.py)
 
     train = run_sft if ctx.stage == "sft" else run_preference
-    return run_with_step_down(ctx, lambda c: train(c, data))
+    try:
+        return run_with_step_down(ctx, lambda c: train(c, data))
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free the finished stage's model, trainer and optimizer before the next stage loads in this process.
+
+    Their modules form reference cycles (PEFT's layers, Unsloth's patched forwards), so the weights
+    outlive the objects until the garbage collector runs; on a GPU the cached blocks go back too.
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
 import os
 import signal
@@ -22,7 +25,11 @@ QUICK = ["sft.epochs=1", "dpo.epochs=1"]
 @pytest.fixture(scope="module")
 def demo_run(tiny_model_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "demo"
-    assert main(["run", "demo", "--run-dir", str(run), *QUICK]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["run", "demo", "--run-dir", str(run), *QUICK])
+    (run.parent / "stdout.txt").write_text(out.getvalue())
+    assert code == 0, out.getvalue()
     return run
 
 
@@ -97,6 +104,91 @@ def test_dpo_reference_is_the_sft_policy(demo_run, tiny_model_dir):
     assert (with_adapter - without).abs().max() > 1e-3  # had the reference been the base, margins would not start at 0
 
 
+def test_dpo_reference_is_checked_and_only_the_policy_is_saved(demo_run):
+    """lowvram checked that TRL's reference is a frozen copy of the SFT adapter and the rewards start at 0."""
+    out = (demo_run.parent / "stdout.txt").read_text()
+    assert f"[dpo] reference: a frozen copy of the SFT adapter ({demo_run / 'sft' / 'adapter'})" in out
+    assert "[dpo] reference: at step 0 the policy equals its reference: chosen +0.0000, rejected +0.0000, " \
+           "margins +0.0000" in out
+    adapter = demo_run / "dpo" / "adapter"
+    assert not (adapter / "ref").exists() and sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []
+    assert json.loads((adapter / "adapter_config.json").read_text())["inference_mode"] is True
+
+
+def test_reference_check_stops_a_reference_that_is_not_the_sft_policy(tiny_model_dir, tmp_path):
+    """Real PEFT models: no ref adapter, a trainable one, or one that differs from the SFT adapter all stop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowvram.adapters import BadReference, check_reference, check_start_rewards
+
+    def lora():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), lora())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a trained SFT adapter
+    model.save_pretrained(str(tmp_path / "sft"))
+    with pytest.raises(BadReference, match="no frozen reference adapter"):
+        check_reference(model, tmp_path / "sft")
+
+    model.add_adapter("ref", lora())  # as TRL does: a copy of the policy, frozen
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".default." in n:
+                model.get_parameter(n.replace(".default.", ".ref.")).copy_(p)
+    assert "a frozen copy of the SFT adapter" in check_reference(model, tmp_path / "sft")
+
+    ref_b = next(p for n, p in model.named_parameters() if ".ref." in n and "lora_B" in n)
+    ref_b.requires_grad_(True)
+    with pytest.raises(BadReference, match="being trained"):
+        check_reference(model, tmp_path / "sft")
+    ref_b.requires_grad_(False)
+    with torch.no_grad():
+        ref_b.zero_()  # a reference that is the base model, not the SFT policy
+    with pytest.raises(BadReference, match="differs from the policy"):
+        check_reference(model, tmp_path / "sft")
+
+    assert "margins +0.0000" in check_start_rewards({"rewards/margins": 0.0})
+    with pytest.raises(BadReference, match="margins \\+0.3000"):
+        check_start_rewards({"rewards/chosen": 0.1, "rewards/rejected": -0.2, "rewards/margins": 0.3})
+
+
+def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Two stages in one process: the SFT model's weights are freed before DPO loads its model.
+
+    The model, trainer and optimizer objects go with their last reference, but their modules form
+    reference cycles that keep the weights (on a GPU: its memory) until the garbage collector runs.
+    """
+    import weakref
+
+    from lowvram import train
+
+    loaded, alive_when_dpo_loads = [], []
+    real_load = train.load_model
+
+    def load_model(ctx, adapter):
+        if ctx.stage == "dpo":
+            alive_when_dpo_loads.extend(ref() is not None for ref in loaded)
+        model, tok = real_load(ctx, adapter)
+        params = dict(model.named_parameters())  # the tensors that hold (GPU) memory, base and LoRA
+        loaded.extend(weakref.ref(params[n]) for n in (next(n for n in params if "lora_" not in n),
+                                                         next(n for n in params if "lora_B" in n)))
+        return model, tok
+
+    monkeypatch.setattr(train, "load_model", load_model)
+    gc.disable()  # as when the collector has not happened to run yet: only lowvram's own cleanup frees cycles
+    try:
+        assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", "sft.max_steps=2",
+                     "dpo.max_steps=1"]) == 0
+    finally:
+        gc.enable()
+    assert alive_when_dpo_loads == [False, False]
+
+
 def test_invalid_recipe_is_rejected_before_anything_loads(tmp_path, capsys):
     run = tmp_path / "never"
     assert main(["run", "demo", "--run-dir", str(run), "sft.learning_rate=-1", "dpo.loss_type=sigmod"]) == 2
@@ -122,9 +214,13 @@ def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
     ["sft.enabled=false", "dpo.loss_type=hinge", "dpo.max_steps=2"],
     ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
 ])
-def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides):
+def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
     assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", *overrides]) == 0
     assert (tmp_path / "r" / "dpo" / "DONE").is_file()
+    assert not (tmp_path / "r" / "dpo" / "adapter" / "ref").exists()
+    out = capsys.readouterr().out
+    assert "[dpo] reference: a frozen copy of a fresh adapter (the base model)" in out
+    assert "[dpo] reference: at step 0 the policy equals its reference: chosen +0.0000, rejected +0.0000" in out
 
 
 def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path):
