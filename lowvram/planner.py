@@ -15,6 +15,7 @@ Nothing here imports torch: planning happens before anything loads.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
@@ -430,6 +431,35 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
                      lengths.to_dict() if lengths is not None else None)
 
 
+# TRL's KTOTrainer refuses a per-device batch below 2: its KL reference point is estimated from the
+# mismatched completions within a batch. recipe.py rejects dpo.batch_size=1 with method kto.
+KTO_MIN_BATCH = 2
+
+
+def _kto_min_batch(sp: StagePlan, cfg: StageConfig, fit: _Fitter | None) -> StagePlan:
+    """KTO: raise a planned per-device batch of 1 to KTO_MIN_BATCH (shortening the sequence if it must)."""
+    if sp.batch_size >= KTO_MIN_BATCH:
+        return sp
+    reasons, seq = dict(sp.reasons), sp.max_seq_len
+    if fit is not None and not fit.fits(seq, KTO_MIN_BATCH):
+        shorter = None if cfg.max_seq_len is not None else fit.longest_seq(seq, KTO_MIN_BATCH)
+        if shorter is None:
+            raise _NothingFits(sp.stage, seq)
+        reasons["max_seq_len"] = f"{seq} fits only at batch 1; {shorter} is the longest that fits KTO's batch of 2"
+        seq = shorter
+    reasons["batch_size"] = (f"{KTO_MIN_BATCH}: KTO needs at least {KTO_MIN_BATCH} per device (TRL estimates its "
+                             f"KL reference point within a batch), not the 1 planned otherwise")
+    ga = sp.grad_accum
+    if cfg.grad_accum is None:
+        ga = max(1, math.ceil(sp.effective_batch / KTO_MIN_BATCH))
+        reasons["grad_accum"] = f"keeps the effective batch at {sp.effective_batch} (batch {KTO_MIN_BATCH} x {ga})"
+    est = fit.at(seq, KTO_MIN_BATCH) if fit is not None else None
+    if est is not None:
+        reasons["memory"] = f"estimated peak {est.total_gib:.1f} GiB of a {fit.budget_gib:.1f} GiB budget"
+    return dataclasses.replace(sp, max_seq_len=seq, batch_size=KTO_MIN_BATCH, grad_accum=ga, reasons=reasons,
+                               estimate=est)
+
+
 def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
               data_notes: dict[str, str] | None = None) -> Plan:
     """Resolve every automatic setting of a recipe for a device; refuse what cannot work.
@@ -495,6 +525,8 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
         stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s),
                                  data_lengths.get(s) if s in fits else None, data_notes.get(s))
                   for s in recipe.stages()}
+        if "dpo" in stages and recipe.dpo.method == "kto":
+            stages["dpo"] = _kto_min_batch(stages["dpo"], recipe.dpo, fits.get("dpo"))
     except _NothingFits as failed:
         raise _refuse(recipe, fits, failed, tier, device) from None
     return Plan(device, tier.name, model, backend, dtype, q4, r, alpha, stages, reasons)

@@ -282,6 +282,10 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
                 errors.append(f"{stage}.data.sample: no shipped sample {data.sample!r} in {SAMPLES_DIR}")
         elif not data.path:
             errors.append(f"{stage}.data.path: empty; name a Hub dataset or a local file (or set use_samples=true)")
+    if r.dpo.enabled and r.dpo.method == "kto" and r.dpo.batch_size == 1:
+        errors.append("dpo.batch_size: KTO needs at least 2 examples per device batch (TRL estimates its KL "
+                      "reference point within a batch); set dpo.batch_size=2 (halve dpo.grad_accum to keep the "
+                      "effective batch), or leave it empty")
     if r.dpo.enabled and r.dpo.method != "dpo" and r.dpo.loss_type != "sigmoid":
         errors.append(f"dpo.loss_type: only applies to method dpo; {r.dpo.method.upper()} has its own loss")
 

@@ -412,8 +412,9 @@ def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
 def _oom_message(ctx: StageContext) -> OutOfMemory:
     sp = ctx.sp
     st = ctx.stage
-    if sp.batch_size > 1:
-        new_bs = max(1, sp.batch_size // 2)
+    floor = 2 if st == "dpo" and ctx.recipe.dpo.method == "kto" else 1  # KTO needs 2 per device
+    if sp.batch_size > floor:
+        new_bs = max(floor, sp.batch_size // 2)
         new_ga = sp.grad_accum * sp.batch_size // new_bs
         fix = (f"Lower {st}.batch_size to {new_bs} with {st}.grad_accum={new_ga} (same effective batch "
                f"{sp.effective_batch})")

@@ -170,3 +170,11 @@ def test_recipe_values_beat_tier_defaults():
     plan = make_plan(recipe, simulated_device(24))
     assert plan.stages["sft"].max_seq_len == 512 and plan.stages["sft"].batch_size == 4
     assert plan.stages["sft"].reasons["max_seq_len"] == "set by the recipe"
+
+
+def test_kto_at_batch_one_is_refused_with_the_fix():
+    with pytest.raises(UserError) as err:
+        load_recipe("chat-assistant", ["dpo.method=kto", "dpo.batch_size=1"])
+    assert "dpo.batch_size: KTO needs at least 2" in err.value.render() and "dpo.batch_size=2" in err.value.render()
+    load_recipe("chat-assistant", ["dpo.method=kto", "dpo.batch_size=2"])
+    load_recipe("chat-assistant", ["dpo.batch_size=1"])  # DPO itself is fine at 1
