@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowvram-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-gpu-versions lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The GPU leg: the training and resume tests again under the oldest libraries the `gpu` extra (Unsloth)
+# allows that run on CPU (constraints-gpu-versions.txt: transformers 5.17, TRL 1.16, datasets 4.x), so
+# version-specific behaviour of the GPU stack is caught here. A second venv, without the export extra:
+# the one test that needs llama.cpp's tools is left to `make test`.
+GPUVERS_VENV ?= .venv-gpuvers
+GPUVERS_STAMP := $(GPUVERS_VENV)/.lowvram-installed
+
+$(GPUVERS_STAMP): pyproject.toml constraints-gpu-versions.txt
+	$(PY) -m venv $(GPUVERS_VENV)
+	$(GPUVERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPUVERS_VENV)/bin/python -m pip install -q -c constraints-gpu-versions.txt torch==2.13.0
+	$(GPUVERS_VENV)/bin/python -m pip install -q -c constraints-gpu-versions.txt -e '.[test]'
+	touch $(GPUVERS_STAMP)
+
+test-gpu-versions: $(GPUVERS_STAMP)
+	$(GPUVERS_VENV)/bin/python -c "import transformers, trl; print('GPU leg: transformers', transformers.__version__, 'trl', trl.__version__)"
+	HF_HUB_OFFLINE=1 $(GPUVERS_VENV)/bin/python -m pytest -q tests/test_train.py \
+		--deselect tests/test_train.py::test_run_directory_has_everything_export_needs
+
 lint: $(STAMP)
 	$(BIN)/ruff check lowvram tests scripts recipes
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(GPUVERS_VENV) runs
