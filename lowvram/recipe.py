@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -195,7 +196,13 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             except ValueError:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer too big for a float
+            ok = False
+        if ok and not math.isfinite(value):  # .inf / .nan would train a NaN model
+            errors.append(f"{path}: must be a finite number, got {value}")
+            return None
     elif tp is str:
         ok = isinstance(value, str)
     elif origin is tuple:
@@ -271,6 +278,9 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         problem = template_problem(r.model.chat_template)
         if problem:
             errors.append(problem)
+    if (not r.name.strip() or r.name in (".", "..") or any(c in r.name for c in "/\\\0")
+            or Path(r.name).is_absolute()):
+        errors.append(f"name: {r.name!r} cannot name a folder inside output_dir (no '/', '\\', '..' or empty)")
     if not r.stages():
         errors.append("sft.enabled and dpo.enabled are both false: nothing to train")
     for stage in r.stages():

@@ -12,17 +12,65 @@ import json
 from pathlib import Path
 
 
+def _parse_lines(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill -9: skip it, keep the rest
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _kind(row: dict) -> str:
+    if "eval" in row:
+        return f"eval:{row['eval']}"
+    if any(str(k).startswith("eval_") for k in row):
+        return "eval"
+    return "end" if "train_runtime" in row else "train"  # the Trainer's closing record shares the last step
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl, each (stage, step, kind) once: a later record replaces an earlier one.
+
+    After a resume the steps between the checkpoint and the interruption are trained again; the file
+    is trimmed when that happens (`supersede_metrics`), and this also holds for files written before.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    latest: dict[tuple, dict] = {}
+    for row in _parse_lines(path):
+        latest.pop((row.get("stage"), row.get("step"), _kind(row)), None)  # re-inserted last: file order kept
+        latest[(row.get("stage"), row.get("step"), _kind(row))] = row
+    return list(latest.values())
+
+
+def supersede_metrics(run_dir: Path, stage: str, resumed_step: int | None) -> int:
+    """Drop `stage`'s records after `resumed_step` (all of them when it is None): they are about to be
+    trained and logged again. Lines cut short by a kill go too. Returns how many lines were dropped."""
+    from lowvram.fileio import atomic_write_text
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill -9: skip it, keep the rest
-    return rows
+            continue
+        if isinstance(row, dict) and row.get("stage") == stage:
+            step = row.get("step")
+            if resumed_step is None or not isinstance(step, int) or step > resumed_step:
+                continue
+        keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+    return len(lines) - len(keep)
 
 
 def _train_logs(rows: list[dict], stage: str) -> list[dict]:
@@ -122,7 +170,9 @@ def write_plots(run_dir: Path) -> list[Path]:
 def write_report(run_dir: Path) -> dict:
     summary = summarize(run_dir)
     summary["plots"] = [str(p.relative_to(run_dir)) for p in write_plots(run_dir)]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from lowvram.fileio import atomic_write_text
+
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

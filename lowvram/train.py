@@ -215,9 +215,31 @@ def load_model(ctx: StageContext, adapter: Path | None):
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written)."""
-    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest complete checkpoint (every file written and readable; see lowvram.checkpoints)."""
+    from lowvram.checkpoints import newest_complete
+
+    return newest_complete(ckpt_dir)[0]
+
+
+def _resume_point(ctx: StageContext) -> Path | None:
+    """The checkpoint to resume from; newer incomplete ones are named, with why, and set aside."""
+    from lowvram.checkpoints import checkpoint_step, newest_complete, set_aside
+    from lowvram.report import supersede_metrics
+
+    resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints")
+    for path, why in skipped:
+        moved = set_aside(path)
+        print(f"[{ctx.stage}] skipped {path.name}: {why}; it is incomplete (moved to {moved.name}, "
+              "delete it to free the space)", flush=True)
+    # the steps after the checkpoint are trained again: their old metrics lines would be logged twice
+    supersede_metrics(ctx.run_dir, ctx.stage, checkpoint_step(resume_from) if resume_from else None)
+    return resume_from
+
+
+def _resume_cmd(ctx: StageContext, *overrides: str) -> str:
+    import shlex
+
+    return shlex.join(["lowvram", "run", "--resume", str(ctx.run_dir), *overrides])
 
 
 def _common_args(ctx: StageContext) -> dict:
@@ -426,15 +448,21 @@ def _oom_message(ctx: StageContext) -> OutOfMemory:
     return OutOfMemory(
         f"CUDA ran out of memory in {st} at batch {sp.batch_size}, sequence length {sp.max_seq_len}.",
         [fix + "."],
-        hint=f"Resume from the last checkpoint with: lowvram run --resume {ctx.run_dir} {overrides}",
+        hint=f"Resume from the last checkpoint with: {_resume_cmd(ctx, *overrides.split())}",
     )
 
 
 def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     import torch
 
-    ckpt_dir = ctx.stage_dir / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir)
+    from lowvram.checkpoints import completion_callback
+    from lowvram.fileio import atomic_write_text
+    from lowvram.guards import divergence_error, finite_callback, nonfinite_parameters
+
+    guard = finite_callback(fp16=ctx.plan.dtype == "fp16")
+    trainer.add_callback(completion_callback())
+    trainer.add_callback(guard)  # last: it sees the save decision of every other callback
+    resume_from = _resume_point(ctx)
     if resume_from is not None:
         from lowvram.adapters import restore_policy
 
@@ -445,28 +473,37 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     elif trainer.eval_dataset is not None:
         before = _evaluate(trainer, ctx, "before")
         if before:
-            (ctx.stage_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+            atomic_write_text(ctx.stage_dir / "eval_before.json", json.dumps(before, indent=2))
     try:
         with graceful_interrupt():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.cuda.OutOfMemoryError:
         raise _oom_message(ctx) from None
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of this step; say where the last one is
+        ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
+        where = (f"The newest complete checkpoint is {ckpt} (step {ckpt.name.split('-')[-1]}); later steps are lost."
+                 if ckpt else f"No checkpoint was saved yet: resuming starts {ctx.stage} again.")
+        raise Interrupted(f"Stopped {ctx.stage} at once at step {trainer.state.global_step}. {where}",
+                          hint=f"Resume with: {_resume_cmd(ctx)}") from None
+    if guard.problem:
+        raise divergence_error(ctx.stage, guard.problem, ctx.run_dir, ctx.recipe, guard.step)
     if _Stop.requested:
         raise Interrupted(f"Stopped {ctx.stage} at step {trainer.state.global_step}; a checkpoint was saved.",
-                          hint=f"Resume with: lowvram run --resume {ctx.run_dir}")
+                          hint=f"Resume with: {_resume_cmd(ctx)}")
+    stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
+             "train_loss": result.metrics.get("train_loss")}
+    bad = nonfinite_parameters(model)
+    if bad or not math.isfinite(stats["train_loss"] or 0.0):
+        what = f"non-finite weights in {', '.join(bad[:3])}" if bad else f"the training loss is {stats['train_loss']}"
+        raise divergence_error(ctx.stage, what, ctx.run_dir, ctx.recipe, trainer.state.global_step)
     after = _evaluate(trainer, ctx, "after")
     if after:
-        (ctx.stage_dir / "eval_after.json").write_text(json.dumps(after, indent=2))
+        atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
     adapter_dir = ctx.stage_dir / "adapter"
     save_policy(model, adapter_dir)
     tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
-    stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
-             "train_loss": result.metrics.get("train_loss")}
-    if not math.isfinite(stats["train_loss"] or 0.0):
-        raise UserError(f"{ctx.stage} diverged: the training loss is {stats['train_loss']}.",
-                        hint=f"Lower {ctx.stage}.learning_rate and run again.")
-    (ctx.stage_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
-    (ctx.stage_dir / "DONE").write_text(json.dumps(stats))
+    atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
+    atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
     return adapter_dir
 
 

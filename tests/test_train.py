@@ -252,26 +252,42 @@ def _wait_for_checkpoint(ckpt_dir: Path, proc, timeout_s=120) -> None:
 LONG_SFT = ["--no-export", "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=5"]
 
 
+def _sft_steps(run: Path) -> list[int]:
+    """The training steps logged in metrics.jsonl, in file order (a line cut short by a kill is skipped)."""
+    steps = []
+    path = run / "metrics.jsonl"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("stage") == "sft" and "loss" in r and "eval" not in r:
+            steps.append(r["step"])
+    return steps
+
+
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     run = tmp_path / "killed"
     env = {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
     proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], env)
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     from lowvram.train import latest_checkpoint
 
     ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
-    before = len((run / "metrics.jsonl").read_text().splitlines())
+    while max(_sft_steps(run), default=0) <= ckpt_step + 1 and proc.poll() is None:
+        time.sleep(0.05)  # kill it once steps after the checkpoint are logged: they will be trained again
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
+    assert max(_sft_steps(run)) > ckpt_step
 
     res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
                           f"sft.max_steps={ckpt_step + 3}"],
                          capture_output=True, text=True, env={**os.environ, **env})
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{ckpt_step}" in res.stdout
-    resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[before:]]
-    steps = [r["step"] for r in resumed if r.get("stage") == "sft" and "loss" in r]
-    assert steps[0] == ckpt_step + 1, steps  # not step 1
+    # each step once: the lines logged after the checkpoint by the killed process are superseded
+    assert _sft_steps(run) == list(range(1, ckpt_step + 4))
     assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == ckpt_step + 3
 
     again = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export"], capture_output=True,
@@ -292,6 +308,23 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     state = json.loads((latest_checkpoint(run / "sft" / "checkpoints") / "trainer_state.json").read_text())
     stopped_at = int(err.split("at step ")[1].split(";")[0])
     assert state["global_step"] == stopped_at  # the checkpoint is the step we stopped at
+
+
+def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_dir, tmp_path):
+    run = tmp_path / "twice"
+    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    from lowvram.train import latest_checkpoint
+
+    newest = latest_checkpoint(run / "sft" / "checkpoints")
+    assert f"The newest complete checkpoint is {newest}" in err, err
+    assert f"Resume with: lowvram run --resume {run}" in err
 
 
 def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
