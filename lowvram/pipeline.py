@@ -11,13 +11,14 @@ A stage with a DONE file is never redone; one without resumes from its newest ch
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 from lowvram.errors import UserError
 from lowvram.hardware import Device, detect_device
@@ -80,21 +81,45 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
     return out
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """UserError unless `folder` (or the nearest existing folder above it, where it will be made) is writable."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"Cannot create the {what} {folder}: {p} is a file, not a folder.",
+                        hint="Choose another place (--run-dir DIR, or output_dir=DIR in the recipe).")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write the {what} {folder}: {p} is read-only for this user.",
+                        hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).")
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the run directory {run_dir}: {e.strerror or e}.",
+                        hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).") from None
+
+
 def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
+    from lowvram.fileio import atomic_write_text
     from lowvram.models import get_spec
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
     spec = get_spec(plan.model)
     local = Path(model_path).is_dir()
     base = {"model": plan.model, "model_path": str(Path(model_path).resolve()) if local else None,
             "base_16bit": spec.base_16bit if spec else None, "load_in_4bit": plan.load_in_4bit}
-    (run_dir / "base.json").write_text(json.dumps(base, indent=2))
+    atomic_write_text(run_dir / "base.json", json.dumps(base, indent=2))
 
 
 def _has_progress(rdir: Path) -> bool:
-    return any(rdir.glob("*/DONE")) or any(rdir.glob("*/checkpoints/checkpoint-*"))
+    """Anything worth keeping: a finished stage, a checkpoint, or logged metrics (say, of a stage that diverged)."""
+    metrics = rdir / "metrics.jsonl"
+    return (any(rdir.glob("*/DONE")) or any(rdir.glob("*/checkpoints/checkpoint-*"))
+            or (metrics.is_file() and metrics.stat().st_size > 0))
 
 
 def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_path: str, recipe_dir: Path | None,
@@ -116,6 +141,22 @@ def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_p
 def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
                  run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
                  export: bool = True) -> int:
+    """Train (and export) with the run directory locked: a second process on it stops at once."""
+    with contextlib.ExitStack() as stack:
+        return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
+
+
+def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
+    from lowvram.runlock import folder_lock
+
+    note = stack.enter_context(folder_lock(rdir, "run"))
+    if note:
+        print(f"Note: {note}.", flush=True)
+
+
+def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages,
+                  init_adapter, export) -> int:
+    from lowvram.recipe import read_recipe_file
     from lowvram.report import summary_lines, write_report
 
     recipe_dir: Path | None
@@ -126,8 +167,10 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
                             hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
         if recipe_name:
             raise UserError("--resume continues the run's own recipe; do not name another one.",
-                            hint=f"lowvram run --resume {rdir} [key=value ...]")
-        data = apply_overrides(yaml.safe_load((rdir / "recipe.yaml").read_text()), overrides)
+                            hint=f"lowvram run --resume {shlex.quote(str(rdir))} [key=value ...]")
+        check_writable(rdir, "run directory")
+        _lock_run_dir(stack, rdir)
+        data = apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides)
         recipe = parse_recipe(data, source=str(rdir / "recipe.yaml"))
         recipe_dir = None
         print(f"Resuming {rdir}", flush=True)
@@ -137,12 +180,17 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
         recipe, path = load_recipe(recipe_name, overrides)
         recipe_dir = path.parent
         rdir = Path(run_dir) if run_dir else new_run_dir(recipe)
+        check_writable(rdir, "run directory")
     todo = stages or recipe.stages()  # `lowvram sft`/`dpo` name their stage; `run` takes the enabled ones
+    from lowvram.offline import network_policy
+
+    network = network_policy(recipe, recipe.model.name, todo)  # before any Hugging Face library is imported
     device = _training_device(vram, gpu)
     plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
     print("\n".join(plan.lines()), flush=True)
     _check_libraries(plan)
+    print(network, flush=True)
     from lowvram.templates import preflight
 
     preflight(recipe, plan.model, recipe_dir, todo)
@@ -153,9 +201,13 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
     model_path = resolve_model_path(plan.model)
     fresh = not resume and not rdir.exists()
     if not resume:
+        _make_run_dir(rdir)
+        _lock_run_dir(stack, rdir)
         _write_run_files(rdir, recipe, plan, model_path)
     else:
-        (rdir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        from lowvram.fileio import atomic_write_text
+
+        atomic_write_text(rdir / "recipe.yaml", dump_recipe(recipe))
     print(f"Run directory: {rdir}", flush=True)
     adapter = Path(init_adapter) if init_adapter else None
     try:
@@ -174,9 +226,9 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
 
     ok, why = export_tools()
     if not ok:
-        print(f"\nGGUF export skipped: {why}. Afterwards: lowvram export {rdir}")
+        print(f"\nGGUF export skipped: {why}. Afterwards: lowvram export {shlex.quote(str(rdir))}")
         return 0
     from lowvram.export import ExportOptions, export_and_report
 
-    print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {rdir})", flush=True)
+    print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
     return export_and_report(rdir, ExportOptions())

