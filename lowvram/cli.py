@@ -69,7 +69,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         dest = dest / path.name
     if dest.exists() and not args.force:
         raise UserError(f"{dest} already exists.", hint="Pick another destination or pass --force to overwrite it.")
-    shutil.copyfile(path, dest)
+    try:
+        shutil.copyfile(path, dest)
+    except OSError as e:
+        raise UserError(f"Cannot copy {path.stem} to {dest}: {e.strerror or e}.",
+                        hint="Pick a destination in an existing, writable folder.") from None
     print(f"Copied {path.stem} to {dest}. Edit it, then: lowvram run {dest}")
     return 0
 

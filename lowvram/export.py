@@ -78,6 +78,12 @@ def inspect_run(run_dir: Path) -> RunInfo:
     for rel in ("base.json", "tokenizer/tokenizer_config.json"):
         if not (run_dir / rel).is_file():
             problems.append(f"{rel} is missing")
+    for f in [run_dir / "base.json", *sorted((run_dir / "tokenizer").glob("*.json"))]:
+        if f.is_file():  # a file cut short or overwritten would otherwise fail deep inside a library
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                problems.append(f"{f.relative_to(run_dir)} is corrupt: {e}")
     if problems:
         raise UserError(f"{run_dir} is not a complete run directory:", problems,
                         hint=f"Finish training first: lowvram run --resume {run_dir}")

@@ -273,12 +273,32 @@ def gguf_vocab(gguf_path: Path):
         llm.close()
 
 
+def check_gguf_file(path: Path) -> None:
+    """UserError unless `path` starts like a GGUF file (magic bytes); llama.cpp itself checks the rest."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise UserError(f"Cannot read {path}: {e.strerror or e}.") from None
+    if head[:4] != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF').",
+                        hint="Pass a .gguf written by 'lowvram export', or its run directory.")
+
+
+def _load_error(path: Path, e: Exception) -> UserError:
+    return UserError(f"llama.cpp cannot load {path}: it is truncated or corrupt ({e}).",
+                     hint="Export it again: lowvram export RUN_DIR")
+
+
 def context_length(gguf_path: Path) -> int | None:
     """The context length a GGUF was trained with (its metadata), read without loading the weights."""
     from llama_cpp import Llama
 
     with _stderr_to(os.devnull):  # a vocabulary-only load warns about its (absent) context
-        llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+        try:
+            llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+        except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
+            raise _load_error(gguf_path, e) from None
     try:
         meta = llm.metadata
         value = meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
@@ -296,8 +316,12 @@ def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: in
     from llama_cpp import Llama
 
     _quiet()
+    check_gguf_file(gguf_path)
     n_ctx = min(n_ctx, context_length(gguf_path) or n_ctx)  # more than it was trained on only warns and degrades
-    llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False)
+    try:
+        llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False)
+    except ValueError as e:
+        raise _load_error(gguf_path, e) from None
     ctx_max = llm.n_ctx()
     messages = [{"role": "system", "content": system}] if system else []
 

@@ -90,7 +90,8 @@ class StageConfig:
     epochs: float = _f(1.0, "Passes over the data.", gt=0)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 lets epochs decide.", ge=-1)
     learning_rate: float = _f(2e-4, "Peak learning rate.", gt=0, le=1)
-    max_seq_len: int | None = _f(None, "Longest tokenized example; empty = the tier's.", gt=0)
+    max_seq_len: int | None = _f(None, "Longest tokenized example; empty = the tier's. At least 16: shorter holds "
+                                 "no prompt and answer.", ge=16)
     batch_size: int | None = _f(None, "Per-device batch; empty = the tier's.", gt=0)
     grad_accum: int | None = _f(None, "Gradient accumulation steps; empty = the tier's.", gt=0)
     grad_ckpt: str = _f("auto", "Gradient checkpointing: auto, unsloth (offloaded), standard or off.",

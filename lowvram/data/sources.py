@@ -105,15 +105,26 @@ def type_name(value: Any) -> str:
 
 # ------------------------------------------------------------------ local files
 
+def _walk_error(err: OSError) -> None:
+    raise UserError(f"Cannot read the data folder {err.filename}: {err.strerror or err}.",
+                    hint="Every file in a data folder is training data: fix its permissions, or move it out.")
+
+
 def local_files(path: Path) -> list[Path]:
-    """The data files of a file or a folder (searched recursively, sorted), or UserError."""
+    """The data files of a file or a folder (searched recursively, sorted), or UserError.
+
+    A subfolder that cannot be listed is an error, not a silent skip (its rows would be missing).
+    """
     if path.is_file():
         if path.suffix.lower() not in FILE_KINDS:
             raise UserError(f"{path}: unknown data file type {path.suffix!r}.",
                             hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files (or a folder of them).")
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_KINDS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = []
+    for root, dirs, names in os.walk(path, onerror=_walk_error):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / n for n in names if not n.startswith(".")]
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in FILE_KINDS)
     if not files:
         raise UserError(f"{path}: the folder holds no data files.",
                         hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files.")
@@ -136,11 +147,65 @@ def read_file(path: Path) -> list[Record]:
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"Cannot read {path}: {e.strerror or e}.") from None
+    _sniff(data, str(path))
     if kind == "jsonl":
         return _read_jsonl(data, str(path))
     if kind == "json":
         return _read_json(data, str(path))
     return _read_csv(data, str(path), delimiter="\t" if kind == "tsv" else ",")
+
+
+MAX_RECORD_BYTES = 16 << 20  # no training example is this long: refuse before any model loads
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"PK\x03\x04": "zip"}
+
+
+def _sniff(data: bytes, name: str) -> None:
+    """DataFileError for a whole file that is not text data at all: empty, compressed, or UTF-16/32."""
+    if not data.strip():
+        raise DataFileError(Location(name), "the file is empty.")
+    for magic, what in _COMPRESSED.items():
+        if data.startswith(magic):
+            raise DataFileError(Location(name), f"the file is {what}-compressed, not text.",
+                                hint=f"Decompress it first (for gzip: gunzip -k {name}) and point the recipe at the result.")
+    if data[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE) or data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) \
+            or data[:4096].count(b"\x00") > len(data[:4096]) // 4:
+        raise DataFileError(Location(name), "the file is UTF-16 or UTF-32 encoded (it is full of zero bytes); "
+                            "lowvram reads UTF-8.", hint=f"Convert it: iconv -f UTF-16 -t UTF-8 {name} > fixed.jsonl")
+
+
+def _bad_strings(obj: Any) -> str | None:
+    """A description of the first string in `obj` that is not valid Unicode (a lone surrogate), or None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"invalid Unicode: a lone surrogate \\u{ord(x[e.start]):04x} (an escaped UTF-16 half) at "
+                        f"character {e.start + 1} of a string")
+        elif isinstance(x, dict):
+            stack += list(x.keys()) + list(x.values())
+        elif isinstance(x, list):
+            stack += x
+    return None
+
+
+def _parse_line(text: str) -> tuple[Any, str | None, str | None]:
+    """(object, problem code, message) for one JSON text; the object is None when there is a problem."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, "invalid_json", f"invalid JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return None, "invalid_json", "JSON nested too deeply to read (thousands of levels)"
+    except ValueError as e:  # an integer of more than 4300 digits
+        return None, "invalid_json", f"invalid JSON: {str(e).split(';')[0]}"
+    bad = _bad_strings(obj)
+    if bad:
+        return None, "bad_value", bad
+    return obj, None, None
 
 
 def _split_lines(data: bytes) -> list[bytes]:
@@ -168,16 +233,40 @@ def _read_jsonl(data: bytes, name: str) -> list[Record]:
         if bad:
             records.append(Record(loc, None, Problem(loc, "undecodable", bad)))
             continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except json.JSONDecodeError as e:
-            records.append(Record(loc, None, Problem(loc, "invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")))
+        if len(raw) > MAX_RECORD_BYTES:
+            records.append(Record(loc, None, Problem(loc, "too_long", f"the line is {len(raw) / 2**20:.0f} MiB, longer "
+                                                     f"than any training example ({MAX_RECORD_BYTES >> 20} MiB at most)")))
+            continue
+        obj, code, msg = _parse_line(raw.decode("utf-8"))
+        if code:
+            records.append(Record(loc, None, Problem(loc, code, msg)))
             continue
         if not isinstance(obj, dict):
             records.append(Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}")))
             continue
         records.append(Record(loc, obj))
+    if records and all(r.row is None for r in records):
+        _unreadable_file(data, name, records)
     return records
+
+
+def _unreadable_file(data: bytes, name: str, records: list[Record]) -> None:
+    """No line of a JSONL file could be read: say what the whole file is, with its first bad line."""
+    first = records[0].problem
+    if all(r.problem and r.problem.code == "undecodable" for r in records):
+        raise DataFileError(Location(name), f"no line is UTF-8: the file is in another encoding (Latin-1? "
+                            f"Windows-1252?); first bad line: {first}.",
+                            hint=f"Convert it: iconv -f LATIN1 -t UTF-8 {name} > fixed.jsonl")
+    try:
+        json.loads(data.decode("utf-8", errors="replace"))
+        whole_json = len(records) > 1  # several lines that only parse together
+    except (ValueError, RecursionError):
+        whole_json = False
+    if whole_json:
+        raise DataFileError(Location(name), "the file is one pretty-printed JSON document, not one JSON object per "
+                            f"line (JSONL): {first}.", hint="Rename it to .json (lowvram reads JSON arrays too), or "
+                            "write one object per line.")
+    raise DataFileError(Location(name), f"no line of the file could be read; the first: {first}.")
 
 
 def _decode_marking_bad_lines(data: bytes) -> tuple[str, dict[int, str]]:
@@ -203,6 +292,10 @@ def _read_json(data: bytes, name: str) -> list[Record]:
             if e.msg == "Extra data":  # one object per line in a file named .json
                 return _read_jsonl(data, name)
             raise DataFileError(Location(name, line=e.lineno), f"invalid JSON at column {e.colno}: {e.msg}.") from None
+        except RecursionError:
+            raise DataFileError(Location(name), "JSON nested too deeply to read (thousands of levels).") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise DataFileError(Location(name), f"invalid JSON: {str(e).split(';')[0]}.") from None
         return _records_from_object(obj, name)
     # Walk the array element by element so each record knows its line.
     decoder = json.JSONDecoder()
@@ -220,6 +313,9 @@ def _read_json(data: bytes, name: str) -> list[Record]:
             raise DataFileError(Location(name, line=e.lineno), f"invalid JSON at column {e.colno}: {e.msg}.",
                                 hint="A broken JSON array cannot be read past the error. Fix it there, or store the data "
                                  "as JSONL (one object per line), where a bad line can be skipped.") from None
+        except (RecursionError, ValueError) as e:
+            what = "JSON nested too deeply to read" if isinstance(e, RecursionError) else str(e).split(";")[0]
+            raise DataFileError(Location(name, line=line), f"invalid JSON in record {len(records) + 1}: {what}.") from None
         loc = Location(name, line=line, record=len(records) + 1)
         span = range(line, line + text.count("\n", pos, end) + 1)
         what = next((bad_lines[n] for n in span if n in bad_lines), None)
@@ -227,6 +323,8 @@ def _read_json(data: bytes, name: str) -> list[Record]:
             records.append(Record(loc, None, Problem(loc, "undecodable", what)))
         elif not isinstance(obj, dict):
             records.append(Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}")))
+        elif _bad_strings(obj):
+            records.append(Record(loc, None, Problem(loc, "bad_value", _bad_strings(obj))))
         else:
             records.append(Record(loc, obj))
         line += text.count("\n", pos, end)

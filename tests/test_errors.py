@@ -1,0 +1,142 @@
+"""Bad input of every kind ends with one clear message and an exit status, never a traceback (table-driven).
+
+Each case builds its bad input in a temporary folder, runs the CLI in-process and checks the exit status
+(2: a usage mistake, 1: bad data), a fragment of the message, and that nothing was left half-written.
+The cases come from attacking lowvram as a careless or hostile user would (issue 17).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lowvram.cli import main
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+GOOD_LINE = json.dumps(GOOD) + "\n"
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path], list[str]]  # tmp -> argv
+    code: int
+    says: str
+
+
+def _data(name: str, content: str | bytes, says: str, suffix: str = ".jsonl") -> Case:
+    return Case(name, lambda t: ["data", "check", str(_write(t / f"d{suffix}", content)), "--kind", "sft"], 1, says)
+
+
+def _run_on_data(content: str | bytes, t: Path) -> list[str]:
+    data = _write(t / "data.jsonl", content)
+    return ["run", "demo", "--run-dir", str(t / "run"), "--no-export", "use_samples=false", f"sft.data.path={data}",
+            "dpo.enabled=false"]
+
+
+def _resume_with_recipe(text: str) -> Callable[[Path], list[str]]:
+    def build(t: Path) -> list[str]:
+        _write(t / "run" / "recipe.yaml", text)
+        return ["run", "--resume", str(t / "run"), "--no-export"]
+    return build
+
+
+CASES = [
+    # ---- data: each refused with what is wrong and where, before any model loads
+    _data("deep nesting", GOOD_LINE + "[" * 100_000 + "]" * 100_000 + "\n", "line 2: JSON nested too deeply"),
+    _data("huge integer", GOOD_LINE + '{"messages": [], "n": ' + "9" * 5000 + "}\n", "line 2: invalid JSON: Exceeds the limit"),
+    _data("lone surrogate", GOOD_LINE + '{"messages": [{"role": "user", "content": "hi \\ud800"}, '
+          '{"role": "assistant", "content": "yo"}]}\n', "line 2: invalid Unicode: a lone surrogate \\ud800"),
+    _data("UTF-16 file", GOOD_LINE.encode("utf-16"), "UTF-16 or UTF-32 encoded"),
+    _data("Latin-1 file", GOOD_LINE.replace("hello", "h\u00e9llo").encode("latin-1"),
+          "no line is UTF-8: the file is in another encoding"),
+    _data("gzip file", gzip.compress(GOOD_LINE.encode()), "gzip-compressed"),
+    _data("pretty-printed JSON in .jsonl", json.dumps(GOOD, indent=2), "one pretty-printed JSON document"),
+    _data("empty file", "", "the file is empty"),
+    _data("whitespace-only file", "\n  \n", "the file is empty"),
+    _data("deep nesting in a .json array", "[" + json.dumps(GOOD) + ", " + "[" * 100_000 + "]" * 100_000 + "]",
+          "nested too deeply", suffix=".json"),
+    Case("17 MiB example", lambda t: ["data", "check", str(_write(t / "big.jsonl", GOOD_LINE + json.dumps(
+        {"messages": [{"role": "user", "content": "x" * (17 << 20)}, {"role": "assistant", "content": "y"}]}) + "\n")),
+        "--kind", "sft"], 1, "longer than any training example"),
+    Case("run on a gzip data file", lambda t: _run_on_data(gzip.compress(GOOD_LINE.encode()), t), 1, "gzip-compressed"),
+    # ---- recipes and values
+    Case("name with ../", lambda t: ["run", "demo", "--run-dir", str(t / "run"), "name=../../escape"], 2,
+         "cannot name a folder inside output_dir"),
+    Case("absolute name", lambda t: ["plan", "demo", "name=/etc/x"], 2, "cannot name a folder"),
+    Case("max_seq_len of 1", lambda t: ["plan", "demo", "sft.max_seq_len=1"], 2, "sft.max_seq_len: must be >= 16"),
+    Case("infinite learning rate", lambda t: ["plan", "demo", "sft.learning_rate=.inf"], 2, "must be a finite number"),
+    # ---- files and folders
+    Case("output_dir under a file", lambda t: ["run", "demo", f"output_dir={_write(t / 'f', 'x')}/runs"], 2,
+         "is a file, not a folder"),
+    Case("--run-dir under a file", lambda t: ["run", "demo", "--run-dir", f"{_write(t / 'f', 'x')}/run"], 2,
+         "is a file, not a folder"),
+    Case("--resume: missing folder", lambda t: ["run", "--resume", str(t / "nope")], 2, "not a lowvram run directory"),
+    Case("--resume: corrupt recipe.yaml", _resume_with_recipe("name: [unclosed\n  sft: {"), 2, "not valid YAML"),
+    Case("--resume: empty recipe.yaml", _resume_with_recipe(""), 2, "the recipe file is empty"),
+    Case("--resume: recipe.yaml is a list", _resume_with_recipe("- a\n- b\n"), 2, "must be a YAML mapping"),
+    Case("recipes copy into a missing folder", lambda t: ["recipes", "copy", "demo", str(t / "no" / "such" / "x.yaml")],
+         2, "Cannot copy demo"),
+    Case("chat: not a GGUF", lambda t: ["chat", str(_write(t / "m.gguf", b"not a model at all")), "-p", "hi"], 2,
+         "is not a GGUF file"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_one_clear_message(case, tmp_path, capsys, tiny_model_dir):
+    if case.name.startswith("chat"):
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+    before = set(tmp_path.rglob("*"))
+    argv = case.build(tmp_path)
+    made = set(tmp_path.rglob("*")) - before
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == case.code, out[-2000:] + err[-2000:]
+    assert case.says in out + err, (out + err)[-3000:]  # `data check` reports in its table (stdout)
+    assert "Traceback" not in out + err
+    if case.code == 2:
+        assert err.startswith("error:") and err.count("error:") == 1, err
+    assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("*.gguf.partial"))
+    written = set(tmp_path.rglob("*")) - before - made
+    assert not [p for p in written if p.name not in ("run",)], written  # nothing written (at most an empty run dir)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes read-only folders")
+@pytest.mark.parametrize("what", ["run", "resume", "recipes copy", "data folder"])
+def test_read_only_and_unreadable_folders(what, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if what == "run":
+        argv = ["run", "demo", "--run-dir", str(locked / "run")]
+    elif what == "resume":
+        from lowvram.recipe import dump_recipe, load_recipe
+
+        (locked / "recipe.yaml").write_text(dump_recipe(load_recipe("demo")[0]))
+        argv = ["run", "--resume", str(locked)]
+    elif what == "recipes copy":
+        argv = ["recipes", "copy", "demo", str(locked / "x.yaml")]
+    else:
+        _write(tmp_path / "data" / "a.jsonl", GOOD_LINE)
+        _write(tmp_path / "data" / "sub" / "b.jsonl", GOOD_LINE)
+        locked = tmp_path / "data" / "sub"
+        argv = ["data", "check", str(tmp_path / "data"), "--kind", "sft"]
+    locked.chmod(0o500 if what != "data folder" else 0o000)
+    try:
+        rc = main(argv)
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert ("read-only" in err or "Cannot" in err), err
