@@ -66,7 +66,7 @@ def test_all_mistakes_are_listed_at_once():
     assert len(e.value.problems) == 8, problems
     assert "model.famliy: unknown key (did you mean 'model.family'?)" in problems
     assert "model.tier: '20gb' is not a tier" in problems
-    assert "sft.max_seq_len: must be > 0, got 0" in problems
+    assert "sft.max_seq_len: must be >= 16, got 0" in problems
     assert "sft.learning_rate: must be > 0, got -1" in problems
     assert "sft.packing: expected true or false, got 'yes'" in problems
     assert "dpo.beta: expected a number, got 'high'" in problems
