@@ -492,7 +492,7 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
                         hint=(f"Use the 16-bit original: model.name={alt}, or " if alt else "") +
                         "set model.load_in_4bit=true to train the 4-bit checkpoint on the CPU (real, but slow).")
     if device.kind == "cpu" and q4:
-        q4_reason += ("; bitsandbytes runs NF4 on the CPU without fast kernels: several times slower than "
+        q4_reason += ("; bitsandbytes dequantizes every 4-bit weight for each matmul on the CPU: slower than "
                       "full precision, for checking the GPU path or saving RAM")
     r = recipe.lora.r or tier.lora_r
     alpha = recipe.lora.alpha or (r if recipe.lora.r else tier.lora_alpha)
