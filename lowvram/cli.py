@@ -92,6 +92,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
     print("\n".join(plan.lines()))
+    from lowvram.templates import turn_token_note
+
+    note = turn_token_note(recipe, plan.model)
+    if note:
+        print(note)
     return 0
 
 

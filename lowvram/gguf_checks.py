@@ -86,12 +86,14 @@ class GGUFTokenizerInfo:
     name: str | None
     has_template: bool
     probes: int
+    repaired: bool = False  # SentencePiece scores rebuilt from tokenizer.json's merges
 
     def line(self) -> str:
         kind = {"llama": "SentencePiece", "gpt2": "BPE", "t5": "Unigram", "bert": "WordPiece"}.get(self.model, "")
         return (f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
                 f"EOS {self.eos}, chat template {'stored' if self.has_template else 'MISSING'}, "
-                f"name {self.name!r}; tokenizes {self.probes} probes exactly as transformers")
+                f"name {self.name!r}; tokenizes {self.probes} probes exactly as transformers"
+                + (" (after rebuilding its merge scores from tokenizer.json)" if self.repaired else ""))
 
 
 def probe_texts(tokenizer) -> list[str]:
@@ -112,40 +114,94 @@ def probe_texts(tokenizer) -> list[str]:
     return texts
 
 
-def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None = None,
-                         expect_name: str | None = None) -> GGUFTokenizerInfo:
-    """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference."""
-    from transformers import AutoTokenizer
-
+def _first_mismatch(gguf_path: Path, tok, texts: list[str]):
+    """(text, transformers ids, llama.cpp ids, metadata) of the first probe tokenized differently, else (None, .., meta)."""
     from lowvram.llamacpp import gguf_vocab
 
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    texts = probe_texts(tok)
     with gguf_vocab(gguf_path) as vocab:
-        meta = vocab.metadata
+        meta = dict(vocab.metadata)
+        eos_id = meta.get("tokenizer.ggml.eos_token_id")
+        meta["eos_text"] = vocab.token_text(int(eos_id)) if eos_id is not None else None
         for text in texts:
             want = tok(text, add_special_tokens=False)["input_ids"]
             got = vocab.tokenize(text)
             if got != want:
-                k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-                raise UserError(
-                    f"The GGUF's tokenizer splits {text!r} differently from the model's own tokenizer.",
-                    [f"transformers: {want[max(0, k - 2): k + 6]} ({tok.convert_ids_to_tokens(want[k: k + 4])})",
-                     f"llama.cpp:    {got[max(0, k - 2): k + 6]} (from token {k} on)",
-                     f"GGUF tokenizer {meta.get('tokenizer.ggml.model')}, pre-tokenizer "
-                     f"{meta.get('tokenizer.ggml.pre')}"],
-                    hint="llama.cpp's converter picked a tokenizer that does not match this model (a BPE "
-                         "pre-tokenizer is chosen by a hash of known models). Ship the base's tokenizer.model "
-                         "(SentencePiece) with it, or report the model to llama.cpp.")
-        eos_id = meta.get("tokenizer.ggml.eos_token_id")
-        eos = vocab.token_text(int(eos_id)) if eos_id is not None else None
+                return text, want, got, meta
+    return None, None, None, meta
+
+
+def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None = None,
+                         expect_name: str | None = None) -> GGUFTokenizerInfo:
+    """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference.
+
+    A SentencePiece-BPE vocabulary converted without tokenizer.model gets its merge scores rebuilt
+    (repair_spm_scores) and is checked again before giving up.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = probe_texts(tok)
+    text, want, got, meta = _first_mismatch(gguf_path, tok, texts)
+    repaired = False
+    if text is not None and repair_spm_scores(gguf_path, hf_dir):
+        repaired = True
+        text, want, got, meta = _first_mismatch(gguf_path, tok, texts)
+    if text is not None:
+        k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        raise UserError(
+            f"The GGUF's tokenizer splits {text!r} differently from the model's own tokenizer.",
+            [f"transformers: {want[max(0, k - 2): k + 6]} ({tok.convert_ids_to_tokens(want[k: k + 4])})",
+             f"llama.cpp:    {got[max(0, k - 2): k + 6]} (from token {k} on)",
+             f"GGUF tokenizer {meta.get('tokenizer.ggml.model')}, pre-tokenizer {meta.get('tokenizer.ggml.pre')}"],
+            hint="llama.cpp's converter picked a tokenizer that does not match this model (a BPE pre-tokenizer is "
+                 "chosen by a hash of known models). Ship the base's tokenizer.model (SentencePiece) with it, or "
+                 "report the model to llama.cpp.")
+    eos = meta["eos_text"]
     if expect_eos is not None and eos != expect_eos:
         raise UserError(f"The GGUF's EOS is {eos!r}, not the end-of-turn token {expect_eos!r}: generation would "
                         "not stop at the end of an answer.",
                         hint="This is a bug in lowvram's export; please report it with export.log.")
     info = GGUFTokenizerInfo(meta.get("tokenizer.ggml.model", "?"), meta.get("tokenizer.ggml.pre"), eos,
-                             meta.get("general.name"), bool(meta.get("tokenizer.chat_template")), len(texts))
+                             meta.get("general.name"), bool(meta.get("tokenizer.chat_template")), len(texts),
+                             repaired)
     if expect_name is not None and info.name != expect_name:
         raise UserError(f"The GGUF's general.name is {info.name!r}, expected {expect_name!r}.",
                         hint="This is a bug in lowvram's export; please report it with export.log.")
+    if getattr(tok, "chat_template", None) and not info.has_template:
+        raise UserError("The GGUF carries no chat template although the model has one.",
+                        hint="This is a bug in lowvram's export; please report it with export.log.")
     return info
+
+
+def repair_spm_scores(gguf_path: Path, hf_dir: Path) -> bool:
+    """Rewrite a SentencePiece-type GGUF's token scores from tokenizer.json's BPE merges, in place.
+
+    Without tokenizer.model, llama.cpp's converter reads a SentencePiece-BPE vocabulary from
+    tokenizer.json but not the merge priorities, and llama.cpp's tokenizer then merges in another
+    order. Its SentencePiece tokenizer applies the merge whose result scores highest, so each merged
+    token scoring minus its merge rank reproduces the BPE exactly. True when scores were rewritten.
+    """
+    from gguf import GGUFReader
+
+    tj = _read_json(hf_dir / "tokenizer.json")
+    model = tj.get("model") or {}
+    merges, vocab = model.get("merges"), model.get("vocab")
+    if model.get("type") != "BPE" or not merges or not isinstance(vocab, dict):
+        return False
+    score: dict[int, float] = {}
+    for rank, merge in enumerate(merges):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        tid = vocab.get(a + b)
+        if tid is not None and tid not in score:
+            score[tid] = -float(rank)
+    reader = GGUFReader(str(gguf_path), "r+")
+    field = reader.fields.get("tokenizer.ggml.scores")
+    model_name = reader.fields.get("tokenizer.ggml.model")
+    if field is None or model_name is None or bytes(model_name.parts[model_name.data[0]]).decode() != "llama":
+        return False
+    floor = -float(len(merges)) - 1.0  # tokens no merge produces: below every merge
+    for i, idx in enumerate(field.data):
+        field.parts[idx][0] = score.get(i, floor)
+    reader.data.flush()
+    del reader
+    return True

@@ -28,10 +28,11 @@ def torch_dtype(plan: Plan):
     return getattr(torch, TORCH_DTYPES[plan.dtype])
 
 
-def lora_config(plan: Plan, recipe: Recipe):
+def lora_config(plan: Plan, recipe: Recipe, trainable_token_indices: dict | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
+        trainable_token_indices=trainable_token_indices or None,  # untrained turn tokens (special_tokens.py)
         r=plan.lora_r,
         lora_alpha=plan.lora_alpha,
         lora_dropout=recipe.lora.dropout,
@@ -104,7 +105,7 @@ def _size(nbytes: int) -> str:
 
 
 def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
-                      grad_ckpt: str = "off"):
+                      grad_ckpt: str = "off", prepare_tokens=None):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -121,10 +122,12 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
     elif grad_ckpt != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if adapter is not None:
+    # prepare_tokens(model) -> {module: token ids} fixes untrained turn tokens before the adapter wraps them
+    tokens = prepare_tokens(model) if prepare_tokens else None
+    if adapter is not None:  # its trainable tokens, if any, come with it
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     else:
-        model = get_peft_model(model, lora_config(plan, recipe))
+        model = get_peft_model(model, lora_config(plan, recipe, tokens))
     return model
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.special_tokens import rows_for_merge
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -307,9 +308,11 @@ class Adapter:
     alpha: float
     pairs: dict[str, LoraPair]  # base weight name -> pair
     replaced: dict[str, TensorEntry] = field(default_factory=dict)  # modules_to_save: full new weights
+    rows: dict[str, tuple] = field(default_factory=dict)  # trainable tokens: weight -> (row values, indices)
 
     def line(self) -> str:
         extra = f", {len(self.replaced)} full tensors" if self.replaced else ""
+        extra += f", rows of {', '.join(self.rows)}" if self.rows else ""
         return f"LoRA r={self.rank} alpha={self.alpha:g} on {len(self.pairs)} weights{extra} ({self.path})"
 
 
@@ -339,8 +342,6 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         problems.append(f"peft_type is {cfg.get('peft_type')!r}; only LoRA adapters can be merged")
     if cfg.get("use_dora"):
         problems.append("use_dora is true: DoRA magnitudes are not supported by the streaming merge")
-    if cfg.get("trainable_token_indices"):
-        problems.append("trainable_token_indices is set: trainable-token adapters are not supported")
     if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0 or not isinstance(cfg.get("lora_alpha", 8), (int, float)):
         problems.append(f"r={cfg.get('r')!r}, lora_alpha={cfg.get('lora_alpha')!r}: expected positive numbers")
     if problems:
@@ -355,8 +356,20 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     pairs: dict[str, LoraPair] = {}
     replaced: dict[str, TensorEntry] = {}
     bad: list[str] = []
+    token_cfg = cfg.get("trainable_token_indices") or {}
+    rows: dict[str, tuple] = {}
     for key, entry in entries.items():
         name = key.removeprefix("base_model.model.")
+        tt = re.fullmatch(r"(.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?", name)
+        if tt:  # PEFT trainable tokens: the full new values of some rows of an embedding
+            module = tt.group(1)
+            idx = token_cfg if isinstance(token_cfg, list) else next(
+                (v for k, v in token_cfg.items() if module == k or module.endswith("." + k)), None)
+            if not idx or len(idx) != entry.shape[0]:
+                bad.append(f"{key}: {entry.shape[0]} rows, but trainable_token_indices gives {idx!r}")
+            else:
+                rows[module + ".weight"] = (entry, list(idx))
+            continue
         # Saved names: X.lora_A.weight (linear) or X.lora_embedding_A (embedding), maybe with an adapter name.
         m = (re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", name)
              or re.fullmatch(r"(.+)\.lora_(embedding_A|embedding_B)(?:\.[^.]+)?", name))
@@ -388,11 +401,12 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             continue
         scale = a_mod / (math.sqrt(r_mod) if rslora else r_mod)
         pairs[module + ".weight"] = LoraPair(module + ".weight", a, b, scale, transpose=embedding or fan_in_fan_out)
+    rows.update(rows_for_merge(adapter_dir))  # lowvram's trained turn-token rows (special_tokens.py)
     if not pairs and not replaced:
         bad.append("no LoRA weights found")
     if bad:
         raise UserError(f"Adapter weights {weights} do not look like a PEFT LoRA adapter:", bad[:8], hint=hint)
-    return Adapter(adapter_dir, rank, alpha, pairs, replaced)
+    return Adapter(adapter_dir, rank, alpha, pairs, replaced, rows)
 
 
 # ------------------------------------------------------------------ 4-bit dequantization
@@ -502,6 +516,10 @@ def plan_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtyp
                 how = "dequant+merge" if how == "dequant" else "merge"
             if name in adapter.replaced:
                 how = "replace"
+            if name in adapter.rows and how in ("copy", "convert"):
+                how = "merge"
+            elif name in adapter.rows and how == "dequant":
+                how = "dequant+merge"
             seen[name] = shape
             rows.append((name, dtype, shape, e, how, entries if how.startswith("dequant") else None))
         plan.append((shard, rows))
@@ -519,6 +537,11 @@ def plan_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtyp
             problems.append(f"{name}: saved in the adapter (modules_to_save), absent from the base")
         elif seen[name] != entry.shape:
             problems.append(f"{name}: base shape {list(seen[name])}, adapter copy {list(entry.shape)}")
+    for name, (values, idx) in adapter.rows.items():
+        if name not in seen:
+            problems.append(f"{name}: trained rows saved in the adapter, absent from the base")
+        elif len(seen[name]) != 2 or seen[name][1] != values.shape[1] or max(idx) >= seen[name][0]:
+            problems.append(f"{name}: base shape {list(seen[name])}, trained rows {list(values.shape)} at {idx}")
     if problems:
         raise UserError(f"The adapter in {adapter.path} does not fit the base {base_dir}:", problems[:8],
                         hint="Was it trained on another model? Export needs the base the run trained.")
@@ -529,7 +552,7 @@ def merged_nbytes(plan) -> int:
     return sum(math.prod(shape) * DTYPE_BYTES[dtype] for _, rows in plan for _, dtype, shape, *_ in rows)
 
 
-def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_out: str):
+def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_out: str, rows=None):
     name, _, shape, entry, how, entries = row
     if replaced is not None:
         w = read_tensor(replaced).float()
@@ -543,6 +566,9 @@ def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_
             w.addmm_(a.t(), b.t(), alpha=pair.scale)  # (B @ A)^T = A^T @ B^T, without a temporary
         else:
             w.addmm_(b, a, alpha=pair.scale)  # in place: no second full-size matrix
+    if rows is not None:  # trainable tokens: those rows are replaced by their trained values
+        values, idx = rows
+        w[idx] = (read_tensor(values) if isinstance(values, TensorEntry) else values).float().reshape(len(idx), -1)
     return w.reshape(shape).to(_torch_dtype(st_out))
 
 
@@ -572,7 +598,8 @@ def merge_lora(base: BaseChoice, adapter: Adapter, out_dir: Path, tokenizer_dir:
                     w.convert_from(entry, dtype_)
                     copied += 1
                 else:
-                    w.write(name, _merged_weight(row, adapter.pairs.get(name), adapter.replaced.get(name), st_out))
+                    w.write(name, _merged_weight(row, adapter.pairs.get(name), adapter.replaced.get(name), st_out,
+                                                 adapter.rows.get(name)))
                     merged += how != "dequant"
                     copied += how == "dequant"
             nbytes += w.nbytes

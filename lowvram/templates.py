@@ -327,3 +327,21 @@ def preflight(recipe, model: str, recipe_dir: Path | None, stages: list[str] | N
         cfg = getattr(recipe, stage).data
         if stage_data_is_chat(cfg, recipe.use_samples, recipe_dir, kind):
             check_chat_template(recipe, model, True)
+
+
+def turn_token_note(recipe, model: str) -> str | None:
+    """The plan's line on untrained turn tokens: what fixing them would cost, before the model loads."""
+    from lowvram.models import get_spec
+
+    named = resolve_chat_template(recipe.model.chat_template) if recipe.model.chat_template else None
+    if named is None:
+        return None
+    n = len(dict.fromkeys([*named.control_tokens, named.end_of_turn or "eos"]))
+    spec = get_spec(model)
+    cost = ""
+    if spec is not None:
+        from lowvram.special_tokens import memory_note
+
+        cost = f"; if so, training them costs {memory_note(n, spec.hidden_size, spec.tied_embeddings, spec.vocab_size)}"
+    return (f"turn tokens: the {named.name} template's {n} control tokens are checked in the base when it loads; "
+            f"untrained ones get the mean of trained rows and train with the adapter{cost}")

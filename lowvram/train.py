@@ -207,11 +207,24 @@ def load_model(ctx: StageContext, adapter: Path | None):
 
     tok = load_tokenizer(ctx.model_path, ctx.recipe)
     try:
-        model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt)
+        model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt,
+                                             prepare_tokens=lambda m: _turn_tokens(m, tok, ctx))
+        from lowvram.special_tokens import trainable_row_params
+
+        for rows in trainable_row_params(model):  # PEFT froze them with the base; SFT trains them, DPO keeps them
+            rows.requires_grad_(ctx.stage == "sft")
     except OSError as e:
         raise UserError(f"Cannot load model {ctx.model_path!r}: {e}",
                         hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.") from None
     return model, tok
+
+
+def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:
+    """Untrained turn tokens of the chat template: fixed and made trainable (lowvram/special_tokens.py)."""
+    from lowvram.special_tokens import prepare
+
+    prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter if ctx.stage != "sft" else None)
+    return None  # its own row wrappers, not PEFT's trainable tokens (see special_tokens.make_rows_trainable)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -501,6 +514,9 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
     adapter_dir = ctx.stage_dir / "adapter"
     save_policy(model, adapter_dir)
+    from lowvram.special_tokens import save_rows
+
+    save_rows(model, adapter_dir)  # trained turn-token rows, if any
     tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
     atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
     atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now

