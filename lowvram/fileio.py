@@ -9,8 +9,12 @@ half-written NAME (rename within one filesystem is atomic).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from pathlib import Path
+
+FULL_BELOW_BYTES = 1 << 20  # "full": less than this is free
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -30,3 +34,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether `exc` (raised while writing under `path`) is a full disk.
+
+    torch.save and safetensors report a failed write as their own RuntimeError, without the errno:
+    then the free space decides.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < FULL_BELOW_BYTES
+    except OSError:
+        return False

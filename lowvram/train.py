@@ -550,6 +550,15 @@ def run_stage(ctx: StageContext, data) -> Path:
     train = run_sft if ctx.stage == "sft" else run_preference
     try:
         return run_with_step_down(ctx, lambda c: train(c, data))
+    except (OSError, RuntimeError) as e:
+        from lowvram.fileio import disk_full
+
+        if not disk_full(e, ctx.stage_dir):
+            raise
+        ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
+        where = f"The newest complete checkpoint is {ckpt.name}." if ckpt else "No checkpoint was completed."
+        raise UserError(f"The disk is full: {ctx.stage} could not write to {ctx.run_dir} ({str(e)[:200]}). {where}",
+                        hint=f"Free some space, then resume: {_resume_cmd(ctx)}") from None
     finally:
         release_memory()
 

@@ -85,3 +85,71 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_full_disk_and_logs_each_step_o
     assert steps == [1, 2, 3, 4, 5, 6]  # 3 and 4 were trained twice, logged once
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sft"]["steps"] == 6
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MiB filesystem (tmpfs), for filling up; needs root and mount, else the test is skipped."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "lowvram-test", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the filesystem is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (256 << 10))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, small_disk):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = small_disk / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), "--no-export",
+                             "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "sft" / "checkpoints" / "checkpoint-2" / MARKER).is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        filler = _fill(small_disk)  # the disk fills up under the running training
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err[-3000:]
+    assert "The disk is full" in err and "Traceback" not in err, err[-3000:]
+    assert f"lowvram run --resume {run}" in err
+    good, _ = newest_complete(run / "sft" / "checkpoints")
+    assert good is not None and f"newest complete checkpoint is {good.name}" in err
+    os.unlink(filler)  # space freed: resume from the newest complete checkpoint
+    step = int(good.name.split("-")[1])
+    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
+                          f"sft.max_steps={step + 2}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {good.name}" in res.stdout
+    assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == step + 2
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows if r.get("stage") == "sft" and "loss" in r and "eval" not in r]
+    assert steps == list(range(1, step + 3))
