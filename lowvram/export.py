@@ -294,8 +294,17 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         if note:
             result.notes.append(note)
         _clean_leftovers(out_dir)
-        return _export_locked(run, opts, result, out_dir, adapter, base, plan, types, verify, system, fmt,
-                              end_of_turn, intermediate, need_merge)
+        try:
+            return _export_locked(run, opts, result, out_dir, adapter, base, plan, types, verify, system, fmt,
+                                  end_of_turn, intermediate, need_merge)
+        except (OSError, RuntimeError) as e:
+            from lowvram.fileio import disk_full
+
+            if not disk_full(e, out_dir):
+                raise
+            raise UserError(f"The disk is full: export could not write to {out_dir} ({str(e)[:200]}).",
+                            hint="Free some space (nothing half-written was kept), export fewer types, "
+                                 "or write elsewhere with --out DIR.") from None
 
 
 def _check_adapter_finite(run: RunInfo) -> None:

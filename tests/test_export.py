@@ -488,3 +488,35 @@ def test_printed_commands_are_shell_quoted(tmp_path):
     argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + first], capture_output=True,
                           check=True).stdout.decode().split("\0")[:-1]
     assert argv == ["ollama", "create", "m:f16", "-f", str(out / "m-f16.Modelfile")]
+
+
+def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
+    """The disk fills up while llama.cpp's converter writes (a real tmpfs): the message says so, nothing is kept."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "lowvram-test", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        run = copy_run(fixture_run, tmp_path / "run")
+        out = mnt / "out"
+        proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify",
+                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not _converters_writing(out):
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.communicate()[1]
+        with open(mnt / "filler", "wb") as f:  # the disk fills up under the converter
+            try:
+                while True:
+                    f.write(b"\0" * (256 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert "The disk is full" in err and "Traceback" not in err, err[-3000:]
+        assert "architecture" not in err  # not the converter's generic "unsupported model" hint
+        assert not list(out.glob("*.gguf")) and not list(out.glob(".lowvram-export-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
