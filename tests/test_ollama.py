@@ -201,3 +201,42 @@ def test_templates_without_a_system_role(tiny_tok, template, mode):
 def test_plain_text_model_gets_a_raw_prompt_template_and_its_stop():
     text = modelfile("m.gguf", None, stop=["</s>"])
     assert 'TEMPLATE """{{ .Prompt }}"""' in text and 'PARAMETER stop "</s>"' in text
+
+
+# ------------------------------------------------------------------ strings Ollama's Modelfile parser would change
+
+def test_stop_strings_are_written_without_escapes_ollama_does_not_read():
+    """A Modelfile value has no escape sequences: json.dumps' \\n or \\" would reach Ollama as backslashes."""
+    text = modelfile("m.gguf", None, stop=["</s>", "line\nbreak", 'say "hi"'])
+    assert 'PARAMETER stop "</s>"' in text
+    assert 'PARAMETER stop "line\nbreak"' in text  # a real newline inside the quotes, as Ollama keeps it
+    assert 'PARAMETER stop """say "hi\""""' in text
+    assert "\\" not in text
+
+
+@pytest.mark.parametrize("system, why", [
+    ('a """ b', 'contains """'), ("no\u00a0break", "U+00A0 NO-BREAK SPACE"), ("zero\u200bwidth", "U+200B"),
+    ("bell\x07", "U+0007"),
+])
+def test_modelfile_refuses_what_ollama_would_drop_or_cut(system, why):
+    from lowvram.ollama import modelfile_problems
+
+    assert any(why in p for p in modelfile_problems(system)), modelfile_problems(system)
+    with pytest.raises(ValueError):
+        modelfile("m.gguf", None, system=system)
+    assert modelfile_problems("Tabs\tand\nnewlines, café, 日本, 🙂 and \"quotes\" are fine") == []
+
+
+NBSP_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\u00a0\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\u00a0\n{% endif %}")
+
+
+@needs_go
+def test_template_literal_with_a_no_break_space_survives_the_modelfile(tiny_tok):
+    """The TEMPLATE's literal pieces escape U+00A0 (Go reads \\u00a0), so Ollama's parser cannot drop it."""
+    fn = _jinja(tiny_tok, NBSP_CHATML, "", "<|im_end|>")
+    fmt = derive_chat_format(fn, None, ["<|im_start|>", "<|im_end|>"], ["<|im_end|>"])
+    text = modelfile("m.gguf", fmt)
+    assert "\u00a0" not in text and "\\u00a0" in text
+    convs = probe_conversations()
+    assert _go_render(_template_from_modelfile(text), convs) == [fn(c, True) for c in convs]
