@@ -520,3 +520,23 @@ def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
         assert not list(out.glob("*.gguf")) and not list(out.glob(".lowvram-export-*"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("what", ["truncated GGUF to chat", "corrupt tokenizer_config.json to export",
+                                  "corrupt base.json to export"])
+def test_corrupt_files_get_one_message(exported, tmp_path, capsys, what):
+    run, rc, *_ = exported
+    assert rc == 0
+    if what.startswith("truncated"):
+        gguf = tmp_path / "cut.gguf"
+        gguf.write_bytes((run / "export" / "fixture-f16.gguf").read_bytes()[:300_000])
+        argv = ["chat", str(gguf), "-p", "hi", "--max-tokens", "2"]
+        says = "truncated or corrupt"
+    else:
+        bad = copy_run(run, tmp_path / "run")
+        rel = "tokenizer/tokenizer_config.json" if "tokenizer" in what else "base.json"
+        (bad / rel).write_text('{"cut short')
+        argv = ["export", str(bad), "--gguf", "f16"]
+        says = f"{rel} is corrupt"
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 2 and says in err and "Traceback" not in err, err
