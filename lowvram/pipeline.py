@@ -146,6 +146,20 @@ def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=N
         return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
 
 
+def _unsloth_first(recipe: Recipe, device: Device) -> None:
+    """Import Unsloth before anything imports transformers, TRL or PEFT when it will train.
+
+    Its patches apply only to what is imported after it, and planning from the data's lengths
+    loads the model's tokenizer (transformers) before the first stage starts.
+    """
+    from lowvram.planner import choose_backend
+
+    if choose_backend(recipe.model.backend, device)[0] == "unsloth":
+        from lowvram import unsloth_backend
+
+        unsloth_backend.activate()
+
+
 def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
     from lowvram.runlock import folder_lock
 
@@ -186,6 +200,7 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
 
     network = network_policy(recipe, recipe.model.name, todo)  # before any Hugging Face library is imported
     device = _training_device(vram, gpu)
+    _unsloth_first(recipe, device)
     plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
     print("\n".join(plan.lines()), flush=True)

@@ -198,6 +198,11 @@ def _resume_probe(report: dict):
 
 
 def child(args) -> None:
+    if "model.backend=hf" not in args.overrides:
+        try:  # before this harness imports transformers (the resume probe does): Unsloth patches what follows it
+            import unsloth  # noqa: F401
+        except Exception:
+            pass
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory / 1024**3
