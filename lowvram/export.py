@@ -278,6 +278,9 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     _check_adapter_finite(run)
     intermediate = _quant_source(types, out_dtype)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
+    from lowvram.fileio import check_writable
+
+    check_writable(out_dir, "export folder", hint="Write elsewhere with --out DIR.")
     check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
                if need_merge else {"adapter copy": adapter_bytes})
     try:

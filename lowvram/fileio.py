@@ -53,3 +53,16 @@ def disk_full(exc: BaseException, path: Path) -> bool:
         return shutil.disk_usage(p).free < FULL_BELOW_BYTES
     except OSError:
         return False
+
+
+def check_writable(folder: Path, what: str, hint: str) -> None:
+    """UserError unless `folder` (or the nearest existing folder above it, where it will be made) is writable."""
+    from lowvram.errors import UserError
+
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"Cannot create the {what} {folder}: {p} is a file, not a folder.", hint=hint)
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot create the {what} {folder}: {p} is read-only for this user.", hint=hint)

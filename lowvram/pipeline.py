@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -82,16 +81,9 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """UserError unless `folder` (or the nearest existing folder above it, where it will be made) is writable."""
-    p = Path(folder)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"Cannot create the {what} {folder}: {p} is a file, not a folder.",
-                        hint="Choose another place (--run-dir DIR, or output_dir=DIR in the recipe).")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot write the {what} {folder}: {p} is read-only for this user.",
-                        hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).")
+    from lowvram.fileio import check_writable as check
+
+    check(folder, what, hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).")
 
 
 def _make_run_dir(run_dir: Path) -> None:

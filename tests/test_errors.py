@@ -113,30 +113,59 @@ def test_bad_input_gets_one_clear_message(case, tmp_path, capsys, tiny_model_dir
     assert not [p for p in written if p.name not in ("run",)], written  # nothing written (at most an empty run dir)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes read-only folders")
-@pytest.mark.parametrize("what", ["run", "resume", "recipes copy", "data folder"])
-def test_read_only_and_unreadable_folders(what, tmp_path, capsys):
+def _read_only(folder: Path):
+    """Make `folder` read-only for this process: a read-only tmpfs for root (who ignores permissions), else chmod.
+
+    Returns a function that undoes it; skips the test where neither works.
+    """
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    staged = folder.with_name(folder.name + "-staged")
+    folder.rename(staged)
+    folder.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "lowvram-test", str(folder)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    for p in staged.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    return lambda: subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("what, says", [
+    ("run", "read-only"), ("resume", "read-only"), ("recipes copy", "Cannot copy demo"),
+])
+def test_read_only_folders(what, says, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
-    if what == "run":
-        argv = ["run", "demo", "--run-dir", str(locked / "run")]
-    elif what == "resume":
+    if what == "resume":
         from lowvram.recipe import dump_recipe, load_recipe
 
         (locked / "recipe.yaml").write_text(dump_recipe(load_recipe("demo")[0]))
-        argv = ["run", "--resume", str(locked)]
-    elif what == "recipes copy":
-        argv = ["recipes", "copy", "demo", str(locked / "x.yaml")]
-    else:
-        _write(tmp_path / "data" / "a.jsonl", GOOD_LINE)
-        _write(tmp_path / "data" / "sub" / "b.jsonl", GOOD_LINE)
-        locked = tmp_path / "data" / "sub"
-        argv = ["data", "check", str(tmp_path / "data"), "--kind", "sft"]
-    locked.chmod(0o500 if what != "data folder" else 0o000)
+    undo = _read_only(locked)
     try:
+        argv = {"run": ["run", "demo", "--run-dir", str(locked / "run")],
+                "resume": ["run", "--resume", str(locked)],
+                "recipes copy": ["recipes", "copy", "demo", str(locked / "x.yaml")]}[what]
         rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "Traceback" not in err, err
+        assert [p.name for p in locked.iterdir()] == (["recipe.yaml"] if what == "resume" else [])
     finally:
-        locked.chmod(0o755)
+        undo()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can list any folder")
+def test_unreadable_subfolder_of_data_is_an_error_not_a_skip(tmp_path, capsys):
+    _write(tmp_path / "data" / "a.jsonl", GOOD_LINE)
+    _write(tmp_path / "data" / "sub" / "b.jsonl", GOOD_LINE)
+    (tmp_path / "data" / "sub").chmod(0o000)
+    try:
+        rc = main(["data", "check", str(tmp_path / "data"), "--kind", "sft"])
+    finally:
+        (tmp_path / "data" / "sub").chmod(0o755)
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err
-    assert ("read-only" in err or "Cannot" in err), err
+    assert rc == 2 and "Cannot read the data folder" in err and "Traceback" not in err, err

@@ -540,3 +540,17 @@ def test_corrupt_files_get_one_message(exported, tmp_path, capsys, what):
         says = f"{rel} is corrupt"
     rc, out, err = _run_cli(argv, capsys)
     assert rc == 2 and says in err and "Traceback" not in err, err
+
+
+def test_read_only_export_folder(fixture_run, tmp_path, capsys):
+    from test_errors import _read_only
+
+    run = copy_run(fixture_run, tmp_path / "run")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    undo = _read_only(locked)
+    try:
+        rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "--out", str(locked / "out")], capsys)
+        assert rc == 2 and "Cannot create the export folder" in err and "Traceback" not in err, err
+    finally:
+        undo()
