@@ -7,6 +7,8 @@
     lowvram data check PATH             bad lines and weak pairs in training data, before training
     lowvram export RUN_DIR --gguf q4_k_m  merge, GGUF + Ollama Modelfile, verified in llama.cpp
     lowvram chat GGUF_OR_RUN_DIR        try an exported model
+    lowvram eval RUN_DIR [--best-of N]  base vs SFT vs final on held-out prompts: KL, length, rewards
+    lowvram report RUN_DIR              rebuild RUN_DIR/report.html
 
 Heavy libraries (torch, transformers, trl) are imported only by the commands that train or export.
 """
@@ -161,6 +163,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat_command(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowvram.evaluate import eval_command
+
+    code = eval_command(args.run_dir, best_of=args.best_of, prompts=args.prompts)
+    from lowvram.report_html import write_html
+
+    print(f"Report: {write_html(Path(args.run_dir))}")
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowvram.report_html import report_command
+
+    return report_command(args.run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowvram",
@@ -241,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
     ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     ch.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="answer held-out prompts with the base, SFT and final models; KL, length, rewards")
+    ev.add_argument("run_dir", help="run directory written by 'lowvram run'")
+    ev.add_argument("--best-of", type=int, metavar="N",
+                    help="also sample N SFT answers per prompt and rank them (default: the recipe's eval.best_of)")
+    ev.add_argument("--prompts", type=int, metavar="K", help="answer at most K held-out prompts (default: eval.prompts)")
+    ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="rebuild RUN_DIR/report.html: plan, data, curves, answers, rewards, export")
+    rp.add_argument("run_dir", help="run directory written by 'lowvram run'")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -227,6 +227,9 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
     print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")
+    from lowvram.report_html import after_training
+
+    after_training(rdir, recipe, plan, model_path)  # RUN/rm/ (rm.enabled), RUN/eval/ (lowvram eval) and RUN/report.html (lowvram report)
     if not export or not recipe.export.gguf or stages:
         return 0
     from lowvram.doctor import export_tools
@@ -238,4 +241,8 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     from lowvram.export import ExportOptions, export_and_report
 
     print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
-    return export_and_report(rdir, ExportOptions())
+    code = export_and_report(rdir, ExportOptions())
+    from lowvram.report_html import write_html
+
+    write_html(rdir)  # now with the export verification table
+    return code

@@ -122,6 +122,27 @@ class DPOConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class RewardModelConfig(StageConfig):
+    enabled: bool = _f(False, "Train a reward model on the preference pairs after the policy stages (lowvram eval "
+                              "scores answers with it and ranks best-of-N samples).")
+    data: DataConfig = _f(help="Preference pairs; empty = the dpo stage's data.", factory=DataConfig)
+    learning_rate: float = _f(1e-4, "Peak learning rate.", gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = _f(True, "After training, answer held-out prompts with the base, SFT and final models and "
+                             "write RUN/eval/ (lowvram eval RUN_DIR does it again).")
+    prompts: int = _f(16, "Held-out preference prompts to answer (the first ones of the eval split).", gt=0)
+    max_new_tokens: int = _f(64, "Longest answer, in tokens.", gt=0)
+    kl_samples: int = _f(2, "Sampled answers per prompt for the KL estimate (more: less noise, more time).", gt=0)
+    kl_warn_nats: float = _f(10.0, "Warn when KL(policy || reference) on held-out prompts passes this many nats.",
+                             gt=0)
+    best_of: int = _f(0, "N for best-of-N from the SFT model, ranked by the reward model (or DPO's implicit "
+                         "reward); 0 = off.", ge=0)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     gguf: tuple[str, ...] = _f(help=f"GGUF types to write: {', '.join(GGUF_TYPES)}.", choices=GGUF_TYPES,
                               factory=lambda: ("q4_k_m",))
@@ -140,6 +161,10 @@ class Recipe:
     lora: LoraConfig = _f(help="LoRA adapter.", factory=LoraConfig)
     sft: SFTConfig = _f(help="Supervised fine-tuning stage.", factory=SFTConfig)
     dpo: DPOConfig = _f(help="Preference stage (DPO or ORPO).", factory=DPOConfig)
+    rm: RewardModelConfig = _f(help="Reward model (TRL RewardTrainer, LoRA + a scalar head), off by default.",
+                               factory=RewardModelConfig)
+    eval: EvalConfig = _f(help="What preference tuning did: KL to the reference, answers side by side.",
+                          factory=EvalConfig)
     export: ExportConfig = _f(help="GGUF export.", factory=ExportConfig)
 
     def to_dict(self) -> dict:

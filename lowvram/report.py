@@ -113,14 +113,44 @@ def summarize(run_dir: Path) -> dict:
                 "reward_margin": e.get("rewards/margins"),
                 # how much more likely the policy finds the chosen answer than the rejected one
                 "logp_margin": (e["logps/chosen"] - e["logps/rejected"]) if "logps/chosen" in e else None,
+                # KL(policy || reference) from the policy's own samples on held-out prompts (lowvram/evaluate.py)
+                "kl": e.get("kl"),
+                "answer_tokens": e.get("kl_mean_tokens"),
             }
         b, a = d.get("heldout_before"), d.get("heldout_after")
         if b and a and a["reward_accuracy"] is not None and b["reward_accuracy"] is not None:
             d["heldout_accuracy_rose"] = a["reward_accuracy"] > b["reward_accuracy"]
             if a["logp_margin"] is not None and b["logp_margin"] is not None:
                 d["heldout_logp_margin_rose"] = a["logp_margin"] > b["logp_margin"]
+        kl = (d.get("heldout_after") or {}).get("kl")
+        if kl is not None:
+            d["kl_warn_nats"] = kl_warn_nats(run_dir)
+            d["kl_too_high"] = kl > d["kl_warn_nats"]
         out["dpo"] = d
     return out
+
+
+def kl_warn_nats(run_dir: Path) -> float:
+    """The run's eval.kl_warn_nats (10 nats unless the recipe says otherwise)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        return float((recipe.get("eval") or {}).get("kl_warn_nats", 10.0))
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 10.0
+
+
+def heldout_points(rows: list[dict], stage: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a held-out metric: the before/after evaluations and the periodic ones (eval_steps)."""
+    pts: dict[int, float] = {}
+    for r in rows:
+        if r.get("stage") != stage:
+            continue
+        value = r.get(key) if "eval" in r else r.get(f"eval_{key}")
+        if isinstance(value, (int, float)):
+            pts[r["step"]] = value
+    return sorted(pts.items())
 
 
 PLOTS = [
@@ -128,7 +158,11 @@ PLOTS = [
     ("reward_margin", "rewards/margins", ["dpo"]),
     ("preference_accuracy", "rewards/accuracies", ["dpo"]),
     ("rewards_chosen_rejected", ("rewards/chosen", "rewards/rejected"), ["dpo"]),
+    # measured only on held-out prompts, at each evaluation (lowvram/evaluate.py)
+    ("kl_to_reference", "kl", ["dpo"]),
+    ("answer_length", "kl_mean_tokens", ["dpo"]),
 ]
+YLABELS = {"kl_to_reference": "KL(policy || reference), nats", "answer_length": "sampled answer, tokens"}
 
 
 def write_plots(run_dir: Path) -> list[Path]:
@@ -148,14 +182,21 @@ def write_plots(run_dir: Path) -> list[Path]:
         for stage in stages:
             logs = _train_logs(rows, stage)
             for key in keys:
+                label = f"{stage} {key}" if len(stages) + len(keys) > 2 else key
                 pts = [(r["step"], r[key]) for r in logs if key in r]
                 if pts:
-                    ax.plot(*zip(*pts), label=f"{stage} {key}" if len(stages) + len(keys) > 2 else key)
+                    line = ax.plot(*zip(*pts), label=label)[0]
+                    drawn = True
+                held = heldout_points(rows, stage, key)
+                if held:
+                    ax.plot(*zip(*held), "o--", color=line.get_color() if pts else None, label=f"{label} (held-out)")
                     drawn = True
         if not drawn:
             plt.close(fig)
             continue
         ax.set_xlabel("optimizer step")
+        if name in YLABELS:
+            ax.set_ylabel(YLABELS[name])
         ax.set_title(name.replace("_", " "))
         ax.legend()
         ax.grid(alpha=0.3)
@@ -196,4 +237,14 @@ def summary_lines(summary: dict) -> list[str]:
                      if b.get(k) is not None and a.get(k) is not None]
             if shown:
                 lines.append("      held-out " + "; ".join(shown))
+            if b.get("kl") is not None and a.get("kl") is not None:
+                length = (f"; sampled answer length {b['answer_tokens']:.1f} -> {a['answer_tokens']:.1f} tokens"
+                          if b.get("answer_tokens") is not None and a.get("answer_tokens") is not None else "")
+                lines.append(f"      KL(policy || reference) on held-out prompts {b['kl']:.2f} -> {a['kl']:.2f} nats"
+                             + length)
+        if d.get("kl_too_high"):
+            lines.append(f"WARNING: the policy drifted {a['kl']:.1f} nats from the reference (more than "
+                         f"eval.kl_warn_nats={d['kl_warn_nats']:g}): it may have learned to game the preference "
+                         "(length, filler) rather than answer better. Read its answers (lowvram eval); lower "
+                         "dpo.learning_rate or raise dpo.beta.")
     return lines

@@ -88,7 +88,8 @@ def graceful_interrupt():
 KEY_METRICS = {
     "sft": [("loss", "loss", "{:.3f}"), ("mean_token_accuracy", "tok_acc", "{:.2f}")],
     "dpo": [("loss", "loss", "{:.3f}"), ("rewards/accuracies", "pref_acc", "{:.2f}"),
-            ("rewards/margins", "margin", "{:+.3f}")],
+            ("rewards/margins", "margin", "{:+.3f}"), ("kl", "KL", "{:.2f} nats")],
+    "rm": [("loss", "loss", "{:.3f}"), ("accuracy", "pair_acc", "{:.2f}"), ("margin", "margin", "{:+.3f}")],
 }
 
 
@@ -142,7 +143,7 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
             else:
                 parts = [f"[{stage}] step {step}/{total}"]
             prefix = "eval_" if eval_mode else ""
-            for key, label, fmt in KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "sft"]:
+            for key, label, fmt in KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "rm" if stage == "rm" else "sft"]:
                 if prefix + key in logs:
                     parts.append(f"{label} {fmt.format(logs[prefix + key])}")
             if not eval_mode:
@@ -386,12 +387,17 @@ def run_preference(ctx: StageContext, data) -> Path:
         from trl import DPOTrainer as Trainer
 
         kwargs["loss_type"] = [cfg.loss_type]
+    progress = callbacks[0]
+    if cfg.method in ("dpo", "kto") and data.eval:  # KL(policy || reference) at each held-out evaluation
+        from lowvram.evaluate import kl_callback
+
+        callbacks.insert(0, kl_callback(data.eval, tok, ctx.recipe))  # first: it adds to the row the logger writes
     with _fp32_adapters(ctx, model):
         trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tok, callbacks=callbacks)
     _quiet(trainer)
     if cfg.method != "orpo":
-        _check_reference(ctx, trainer, model, callbacks[0])
+        _check_reference(ctx, trainer, model, progress)
     return _train_and_save(ctx, trainer, model, tok)
 
 

@@ -1,0 +1,169 @@
+"""What DPO did, measured from real generations on the tiny Llama: KL to the reference, lowvram eval,
+the reward model, best-of-N, and report.html rendered in a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lowvram.cli import main
+
+pytestmark = pytest.mark.slow
+
+# the demo recipe (rm on, best-of-4), shortened
+QUICK = ["sft.epochs=1", "dpo.epochs=1", "rm.max_steps=12", "eval.prompts=6", "eval.max_new_tokens=24"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    rdir = tmp_path_factory.mktemp("runs") / "demo"
+    assert main(["run", "demo", "--run-dir", str(rdir), "--no-export", *QUICK]) == 0
+    return rdir
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_another(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.evaluate import kl_to_reference
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                           LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))  # random A and B: the adapter changes the model
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, p in model.named_parameters():  # what TRL does: the reference is a copy of the policy adapter
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(p.data)
+    prompts = ["What is the capital of France?", "Name a primary colour."]
+    same = kl_to_reference(model, tok, prompts, samples=3, max_new_tokens=16, seed=1)
+    assert same["kl_answers"] == 6 and same["kl_mean_tokens"] > 0
+    assert abs(same["kl"]) < 1e-5
+    base = kl_to_reference(model, tok, prompts, reference=None, samples=3, max_new_tokens=16, seed=1)
+    assert base["kl"] > 0.05  # against the base (adapters off) the same samples are more likely under the policy
+    assert [n for n, p in model.named_parameters() if p.requires_grad] and all(
+        ".default." in n for n, p in model.named_parameters() if p.requires_grad)  # trainability left as it was
+
+
+def test_kl_is_logged_zero_before_dpo_and_positive_after(run):
+    rows = [r for r in _jsonl(run / "metrics.jsonl") if r.get("stage") == "dpo" and "eval" in r]
+    by = {r["eval"]: r for r in rows}
+    assert by["before"]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is a copy of the SFT policy
+    assert by["after"]["kl"] > 0.05
+    assert by["after"]["kl_answers"] == 6 * 2  # eval.prompts x eval.kl_samples
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dpo"]["heldout_after"]["kl"] == by["after"]["kl"]
+    assert summary["dpo"]["kl_warn_nats"] == 10.0
+    assert summary["dpo"]["kl_too_high"] == (by["after"]["kl"] > 10)
+    assert (run / "plots" / "kl_to_reference.png").is_file() and (run / "plots" / "answer_length.png").is_file()
+
+
+def test_kl_warning_follows_the_recipe_threshold(run, tmp_path, capsys):
+    from lowvram.report import summarize, summary_lines
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*adapter*", "checkpoints", "eval", "plots"))
+    recipe = (copy / "recipe.yaml").read_text()
+    after = json.loads((copy / "summary.json").read_text())["dpo"]["heldout_after"]["kl"]
+    (copy / "recipe.yaml").write_text(re.sub(r"kl_warn_nats: .*", f"kl_warn_nats: {after / 2}", recipe))
+    lines = summary_lines(summarize(copy))
+    assert any(x.startswith("WARNING: the policy drifted") for x in lines)
+
+
+def test_eval_answers_every_prompt_with_every_model(run):
+    answers = _jsonl(run / "eval" / "answers.jsonl")
+    greedy = [a for a in answers if a["mode"] == "greedy"]
+    assert {a["model"] for a in greedy} == {"base", "sft", "final"}
+    assert len(greedy) == 3 * 6 and all(a["tokens"] > 0 for a in greedy)
+    assert len([a for a in answers if a["mode"] == "sample"]) == 3 * 6 * 2
+    models = {m["model"]: m for m in _jsonl(run / "eval" / "models.jsonl")}
+    assert models["sft"]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the SFT model
+    assert models["final"]["kl"] > 0.05
+    assert models["sft"]["implicit_margin_vs_sft"] == pytest.approx(0.0, abs=1e-6)
+    assert models["sft"]["rm_win_rate_vs_sft"] == 0.5  # ties with itself on every prompt
+    mean_len = sum(a["tokens"] for a in greedy if a["model"] == "final") / 6
+    assert models["final"]["mean_answer_tokens"] == pytest.approx(mean_len)
+    # DPO on "short beats padded" pairs: the implicit reward prefers the final model's answers to SFT's
+    assert models["final"]["implicit_margin_vs_sft"] > 0
+
+
+def test_reward_model_and_best_of_n(run):
+    rm = json.loads((run / "rm" / "eval_after.json").read_text())
+    before = json.loads((run / "rm" / "eval_before.json").read_text())
+    assert rm["accuracy"] > before["accuracy"] and rm["accuracy"] >= 0.75  # chosen (short) outscores rejected
+    b = json.loads((run / "eval" / "summary.json").read_text())["best_of_n"]
+    assert b["n"] == 4 and b["scorer"] == "reward model"
+    rows = _jsonl(run / "eval" / "best_of_n.jsonl")
+    assert len(rows) == 6
+    for r in rows:
+        assert len(r["candidate_scores"]) == 4 and r["best_of_n_score"] == max(r["candidate_scores"])
+    assert b["generated_tokens_best_of_n"] > b["generated_tokens_final"]
+    assert b["generation_cost_ratio"] == pytest.approx(b["generated_tokens_best_of_n"] / b["generated_tokens_final"],
+                                                       abs=0.01)
+
+
+def test_eval_is_seeded_and_reruns_the_same(run, capsys):
+    before = (run / "eval" / "answers.jsonl").read_text()
+    assert main(["eval", str(run), "--best-of", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Best-of-2 SFT vs final" in out and "Report:" in out
+    assert (run / "eval" / "answers.jsonl").read_text() == before
+    assert json.loads((run / "eval" / "summary.json").read_text())["best_of_n"]["n"] == 2
+
+
+def test_eval_and_report_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a lowvram run directory" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--hide-scrollbars"]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_a_real_browser(run, tmp_path):
+    from PIL import Image
+
+    assert main(["report", str(run)]) == 0
+    page = run / "report.html"
+    text = page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # self-contained: nothing to fetch
+    profile = tmp_path / "profile"
+    dom = subprocess.run([_chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    for heading in ("Plan and memory", "Data check", "Training curves", "Base vs SFT vs final",
+                    "Answers side by side", "Reward model and best-of-N", "Export verification"):
+        assert f">{heading}</h2>" in dom, heading
+    models = {m["model"]: m for m in _jsonl(run / "eval" / "models.jsonl")}
+    assert f"{models['final']['kl']:.2f}" in dom  # the numbers on the page are the eval's
+    first = next(a for a in _jsonl(run / "eval" / "answers.jsonl") if a["model"] == "final" and a["mode"] == "greedy")
+    assert first["answer"][:20].replace("&", "&amp;").replace("<", "&lt;") in dom
+    assert "best-of-4 (SFT)" in dom and "held-out pair accuracy" in dom
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
+    assert len(images) >= 6  # loss, margin, accuracy, rewards, KL, answer length
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 2400)
+    assert len(set(img.resize((60, 120)).getdata())) > 20  # text and plots drawn, not a blank page
