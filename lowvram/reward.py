@@ -37,12 +37,13 @@ def _load_classifier(model_path: str, plan, adapter: Path | None = None, trainab
 
     kwargs: dict = {"num_labels": 1,
                     "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)}
-    if plan.load_in_4bit and torch.cuda.is_available():
+    if plan.load_in_4bit:  # as the policy's base (lowvram/hf_backend.py)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     torch.manual_seed(0)  # the new score head starts the same way every time
     model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
     if adapter is not None:

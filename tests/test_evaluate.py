@@ -17,8 +17,9 @@ from lowvram.cli import main
 
 pytestmark = pytest.mark.slow
 
-# the demo recipe (rm on, best-of-4), shortened
-QUICK = ["sft.epochs=1", "dpo.epochs=1", "rm.max_steps=12", "eval.prompts=6", "eval.max_new_tokens=24"]
+# the demo recipe (rm on, best-of-4), shortened; DPO's step is larger so that 13 steps move the policy clearly
+QUICK = ["sft.epochs=1", "dpo.epochs=1", "dpo.learning_rate=1e-3", "rm.max_steps=12", "eval.prompts=6",
+         "eval.max_new_tokens=24"]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +97,28 @@ def test_eval_answers_every_prompt_with_every_model(run):
     assert models["sft"]["rm_win_rate_vs_sft"] == 0.5  # ties with itself on every prompt
     mean_len = sum(a["tokens"] for a in greedy if a["model"] == "final") / 6
     assert models["final"]["mean_answer_tokens"] == pytest.approx(mean_len)
-    # DPO on "short beats padded" pairs: the implicit reward prefers the final model's answers to SFT's
-    assert models["final"]["implicit_margin_vs_sft"] > 0
+    # the margin is the mean of per-answer implicit rewards, final minus SFT, prompt by prompt
+    reward = {(a["model"], a["prompt"]): a["implicit_reward"] for a in greedy}
+    prompts = {a["prompt"] for a in greedy}
+    margin = sum(reward["final", p] - reward["sft", p] for p in prompts) / len(prompts)
+    assert models["final"]["implicit_margin_vs_sft"] == pytest.approx(margin, abs=1e-3)
 
 
 def test_reward_model_and_best_of_n(run):
-    rm = json.loads((run / "rm" / "eval_after.json").read_text())
-    before = json.loads((run / "rm" / "eval_before.json").read_text())
-    assert rm["accuracy"] > before["accuracy"] and rm["accuracy"] >= 0.75  # chosen (short) outscores rejected
+    from lowvram.data import load_preference_data
+    from lowvram.recipe import load_recipe
+    from lowvram.reward import load_scorer, rm_data_config
+
+    held_out = json.loads((run / "rm" / "eval_after.json").read_text())["accuracy"]
+    assert 0 <= held_out <= 1
+    # the scorer lowvram eval uses reads pairs as the RewardTrainer did: it ranks the training pairs it learned
+    recipe, _ = load_recipe("demo")
+    data = load_preference_data(rm_data_config(recipe), True, seed=recipe.seed)
+    score = load_scorer(run)
+    prompts = [r["prompt"] for r in data.train]
+    chosen = score(prompts, [r["chosen"][-1]["content"] for r in data.train])
+    rejected = score(prompts, [r["rejected"][-1]["content"] for r in data.train])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) >= 0.7
     b = json.loads((run / "eval" / "summary.json").read_text())["best_of_n"]
     assert b["n"] == 4 and b["scorer"] == "reward model"
     rows = _jsonl(run / "eval" / "best_of_n.jsonl")
@@ -115,13 +130,29 @@ def test_reward_model_and_best_of_n(run):
                                                        abs=0.01)
 
 
-def test_eval_is_seeded_and_reruns_the_same(run, capsys):
-    before = (run / "eval" / "answers.jsonl").read_text()
-    assert main(["eval", str(run), "--best-of", "2"]) == 0
+def test_sampling_is_seeded(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.evaluate import generate
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    prompts = ["What is the capital of Peru?", "What sound does a cow make?"]
+    a = generate(model, tok, prompts, sample=True, n=3, seed=7, max_new_tokens=12)
+    assert a == generate(model, tok, prompts, sample=True, n=3, seed=7, max_new_tokens=12)
+    assert a != generate(model, tok, prompts, sample=True, n=3, seed=8, max_new_tokens=12)
+    assert len(a) == 2 and all(len(group) == 3 for group in a)
+
+
+def test_eval_command_reruns_on_a_run_directory(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(["eval", str(copy), "--best-of", "2", "--prompts", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Best-of-2 SFT vs final" in out and "Report:" in out
-    assert (run / "eval" / "answers.jsonl").read_text() == before
-    assert json.loads((run / "eval" / "summary.json").read_text())["best_of_n"]["n"] == 2
+    assert "Best-of-2 SFT vs final, by the reward model" in out and "Report:" in out
+    assert json.loads((copy / "eval" / "summary.json").read_text())["best_of_n"]["n"] == 2
+    assert len(_jsonl(copy / "eval" / "best_of_n.jsonl")) == 2
+    assert "best-of-2 (SFT)" in (copy / "report.html").read_text()
 
 
 def test_eval_and_report_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
@@ -156,7 +187,7 @@ def test_report_renders_in_a_real_browser(run, tmp_path):
     assert f"{models['final']['kl']:.2f}" in dom  # the numbers on the page are the eval's
     first = next(a for a in _jsonl(run / "eval" / "answers.jsonl") if a["model"] == "final" and a["mode"] == "greedy")
     assert first["answer"][:20].replace("&", "&amp;").replace("<", "&lt;") in dom
-    assert "best-of-4 (SFT)" in dom and "held-out pair accuracy" in dom
+    assert "best-of-4 (SFT)" in dom and "held-out pair accuracy" in dom and "Extra cost" in dom
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
     assert len(images) >= 6  # loss, margin, accuracy, rewards, KL, answer length
     for data in images:
