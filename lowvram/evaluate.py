@@ -424,8 +424,9 @@ def _best_of_n(model, tok, prompts, raw_prompts, labels, n, recipe, greedy, name
             "generated_tokens_best_of_n": cand_tokens, "generated_tokens_final": final_tokens,
             "generation_cost_ratio": round(cand_tokens / final_tokens, 2) if final_tokens else None,
             "generate_s_best_of_n": round(gen_s, 2), "generate_s_final": per_model["final"]["generate_s"],
-            "cost_note": (f"best-of-{n} generates {n} answers per prompt ({cand_tokens} tokens) and scores each with "
-                          f"the {scorer_name}; the final model generates one ({final_tokens} tokens)")}
+            "cost_note": (f"best-of-{n} samples {n} SFT answers per prompt at temperature 1 ({cand_tokens} tokens) "
+                          f"and scores each with the {scorer_name}; the final model answers once, greedily "
+                          f"({final_tokens} tokens)")}
 
 
 def summary_lines(summary: dict) -> list[str]:
