@@ -23,7 +23,7 @@ NOTEBOOK = ROOT / "notebooks" / "colab_t4.ipynb"
 CONSTRAINTS = ROOT / "notebooks" / "colab-constraints.txt"
 # The CPU run is the demo, shortened: the test proves every cell works, not that the tiny model learns
 # (tests/test_train.py covers that). Injected after the recipe cell, the way papermill injects parameters.
-SHORTEN = 'OVERRIDES += ["sft.epochs=1", "dpo.epochs=1"]\nOVERRIDE_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES)'
+SHORTEN = 'OVERRIDES += ["sft.epochs=1", "dpo.epochs=1", "rm.enabled=false", "eval.enabled=false"]\nOVERRIDE_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES)'
 
 
 def _read():

@@ -28,7 +28,8 @@ from lowvram.recipe import load_recipe
 
 CPU = Device("cpu", "CPU", 0, 0, None, "none")
 # 4-bit on CPU is slower than fp32: a few steps of each stage, checkpoints every 4
-Q4 = ["model.load_in_4bit=true", "sft.max_steps=8", "sft.save_steps=4", "dpo.max_steps=6", "dpo.save_steps=3"]
+Q4 = ["model.load_in_4bit=true", "sft.max_steps=8", "sft.save_steps=4", "dpo.max_steps=6", "dpo.save_steps=3",
+      "rm.enabled=false", "eval.enabled=false"]
 
 
 # ------------------------------------------------------------------ planning (fast)

@@ -19,7 +19,7 @@ from lowvram.cli import main
 
 pytestmark = pytest.mark.slow
 
-QUICK = ["sft.epochs=1", "dpo.epochs=1"]
+QUICK = ["sft.epochs=1", "dpo.epochs=1", "rm.enabled=false", "eval.enabled=false"]  # rm, eval: tests/test_evaluate.py
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypat
     gc.disable()  # as when the collector has not happened to run yet: only lowvram's own cleanup frees cycles
     try:
         assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", "sft.max_steps=2",
-                     "dpo.max_steps=1"]) == 0
+                     "dpo.max_steps=1", "rm.enabled=false", "eval.enabled=false"]) == 0
     finally:
         gc.enable()
     assert alive_when_dpo_loads == [False, False]
@@ -215,7 +215,8 @@ def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
     ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
 ])
 def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
-    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", *overrides]) == 0
+    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", *overrides, "rm.enabled=false",
+                 "eval.enabled=false"]) == 0
     assert (tmp_path / "r" / "dpo" / "DONE").is_file()
     assert not (tmp_path / "r" / "dpo" / "adapter" / "ref").exists()
     out = capsys.readouterr().out
