@@ -23,7 +23,9 @@ How the peak is built (each term is a section below, each coefficient says where
   mode sends even those to CPU RAM), plus one layer recomputed during the backward.
 - logits: batch x sequence x vocabulary. fp32 over a 128k-152k vocabulary dominates at short
   sequences unless the loss is chunked: Unsloth's fused loss takes the tokens in chunks sized to
-  the memory it finds free (so pass `vram_gib`), TRL >= 1.15's LM head in fixed tiles.
+  the memory it finds free (so pass `vram_gib`) and, since unsloth_zoo 2026.10, at most 2 GiB;
+  TRL >= 1.15's LM head in fixed tiles, which DPO uses on both backends (it bypasses Unsloth's
+  head); ORPO on Unsloth gets the full 16-bit logits.
 - phases (Unsloth SFT): the fused loss computes its gradient during the forward and frees its
   chunk before the backward starts, so the peak is the larger of the loss phase and the backward
   phase, not their sum.
@@ -112,6 +114,33 @@ UNSLOTH_FRAGMENTATION_BLOCKS = 1
 # bytes is 3.91 GiB, and activations and optimizer states add about 0.8 GiB more: an upper bound.
 UNSLOTH_CE_BYTES_PER_LOGIT = 2 + 4 + 2
 UNSLOTH_CE_FREE_SHARE = 0.5
+# unsloth_zoo 2026.10.9 (the version lowvram's GPU check ran) routes that loss through a chunked CE by
+# default (fused_losses/cross_entropy_loss.py: _use_chunked_ce, UNSLOTH_CHUNKED_CE=1 and
+# UNSLOTH_FUSED_LINEAR=1 unless turned off): its forward keeps only a per-token logsumexp and the
+# backward recomputes each chunk. fused_losses/chunked_logprob.py, chunked_logprob_rows: a chunk
+# holds min(2 GiB (_CHUNK_GB), half the free memory) at 8 bytes a logit (_BYTES_PER_LOGIT), and never
+# more rows than max(512 (_MIN_ROWS), tokens / 8): at least 8 chunks for a large batch. So on a
+# large card the chunk no longer grows with the free memory. Older Unsloth (the 2024 notebooks) sized
+# one chunk to half the free memory alone: Stack.ce_chunk_cap_gib=None describes it.
+UNSLOTH_CE_CHUNK_CAP_GIB = 2.0
+UNSLOTH_CE_MIN_ROWS = 512
+UNSLOTH_CE_MIN_CHUNKS = 8
+
+# DPO (and KTO) on TRL >= 1.15 never calls the model's own LM head: DPOTrainer.__init__ patches the
+# causal LM with trl.trainer.utils.add_fused_lm_head, and _compute_loss calls
+# model(..., fused_lm_head=True), which runs the backbone (`self.base_model`, Unsloth's fast
+# LlamaModel forward) and scores the labelled positions through _ChunkedLogProbFunction in tiles of
+# TRL_TOKEN_TILE x TRL_VOCAB_TILE (below): no batch x sequence x vocabulary logits, 16- or 32-bit,
+# for the policy or the reference. Chosen and rejected go through it concatenated, as one batch of
+# 2 x batch rows ("batch is [chosen, rejected]"); the reference forward runs after the policy
+# forward, under no_grad, with the "ref" adapter. Unsloth 2026.10.7 does not change this: its DPO
+# patches (unsloth/models/rl_replacements.py) rewrite `concatenated_forward`, which TRL 1.15's
+# DPOTrainer no longer has, and only with UNSLOTH_FUSED_PREFERENCE_LOSS=1. So a DPO step on the
+# Unsloth backend costs TRL's tiles, like the hf backend, and its allocator pattern is Unsloth's
+# per-layer one (no full-logits buffers come and go). Measured on an H100 (scripts/data/README.md):
+# reserved minus allocated is 0.07-0.46 GiB in every Unsloth DPO run.
+# ORPO (trl.experimental.orpo, TRL 1.15) still calls model(...) without labels, so Unsloth's
+# CausalLM forward returns the full 16-bit logits (unsloth/models/llama.py): "unsloth_chunked" below.
 
 # TRL >= 1.15 scores tokens through the LM head in tiles of 4096 tokens x 32768 vocabulary entries
 # (trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE).
@@ -135,10 +164,14 @@ class Stack:
     kernels:      "unsloth" (fused Triton kernels, LoRA folded into them) or "hf" (transformers
                   modules + PEFT LoRA layers under autocast).
     logits:       "unsloth_chunked" Unsloth's fused loss, chunked to the free memory (SFT; DPO
-                  and ORPO need the logits themselves: 16-bit logits, log-softmax and gradient);
+                  ORPO needs the logits themselves: 16-bit logits, log-softmax and gradient; DPO
+                  uses TRL's fused LM head instead, "chunked");
                   "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
                   older cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
                   transformers' loss on full logits upcast to fp32 (TRL < 1.15, plain Trainer).
+    ce_chunk_cap_gib: the most one chunk of Unsloth's SFT loss holds (unsloth_zoo >= 2026.10's chunked CE,
+                  which also splits a batch in at least 8 chunks); None for the older loss sized to the
+                  free memory alone.
     fp32_non_quantized: norms upcast to fp32 around a 4-bit base (lowvram's hf backend, like PEFT's
                   prepare_model_for_kbit_training; unlike PEFT it leaves the embeddings and lm_head
                   in the compute dtype); the residual stream then runs in fp32 too.
@@ -148,10 +181,12 @@ class Stack:
     kernels: str
     logits: str
     fp32_non_quantized: bool
+    ce_chunk_cap_gib: float | None = None  # Unsloth's SFT loss chunk cap (UNSLOTH_CE_CHUNK_CAP_GIB); None: none
 
 
 STACKS: dict[str, Stack] = {
-    "unsloth": Stack("unsloth", kernels="unsloth", logits="unsloth_chunked", fp32_non_quantized=False),
+    "unsloth": Stack("unsloth", kernels="unsloth", logits="unsloth_chunked", fp32_non_quantized=False,
+                     ce_chunk_cap_gib=UNSLOTH_CE_CHUNK_CAP_GIB),
     "hf": Stack("hf", kernels="hf", logits="chunked", fp32_non_quantized=True),
 }
 
@@ -277,7 +312,7 @@ def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: b
     if stack.logits == "fused_16bit":
         return tokens * v * elem + tokens * 4  # logits buffer (gradient in place) + fp32 logsumexp
     if stack.logits == "unsloth_chunked":
-        # DPO/ORPO on Unsloth: the model returns its logits (TRL needs them), and TRL's
+        # ORPO on Unsloth: the model returns its logits (TRL needs them), and TRL's
         # selective_log_softmax keeps each row's 16-bit log-softmax for the backward, which then
         # writes a 16-bit gradient: three 16-bit buffers with grad, the logits alone without.
         return tokens * v * elem * (3 if grad else 1) + tokens * 4
@@ -290,14 +325,21 @@ def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: b
     raise ValueError(f"unknown logits mode {stack.logits!r}")
 
 
-def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | None) -> float:
+def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | None,
+                           cap_gib: float | None = UNSLOTH_CE_CHUNK_CAP_GIB) -> float:
     """Working set of Unsloth's fused cross-entropy: one chunk's logits, upcast and gradient.
 
     Chunks are sized to half of `free_bytes` (the memory free when the loss first runs), so the loss
     takes the whole batch at 8 bytes a logit when that fits, and about half of what is free when it
     does not. Without `free_bytes` (no card known) the whole batch is one chunk: the most it costs.
+    With `cap_gib` (unsloth_zoo >= 2026.10) a chunk also holds at most `cap_gib` and at most
+    max(512, tokens / 8) rows, whatever is free.
     """
-    full = tokens * spec.vocab_size * UNSLOTH_CE_BYTES_PER_LOGIT
+    per_row = spec.vocab_size * UNSLOTH_CE_BYTES_PER_LOGIT
+    full = tokens * per_row
+    if cap_gib is not None:
+        rows = max(UNSLOTH_CE_MIN_ROWS, -(-tokens // UNSLOTH_CE_MIN_CHUNKS))
+        full = min(full, cap_gib * GIB, rows * per_row)
     if free_bytes is None:
         return full
     return min(full, UNSLOTH_CE_FREE_SHARE * free_bytes)
@@ -343,6 +385,8 @@ def estimate(
     elem = DTYPE_BYTES[dtype]
     if not load_in_4bit:
         stack = replace(stack, fp32_non_quantized=False)  # PEFT upcasts only around a quantized base
+    if stage == "dpo" and stack.logits == "unsloth_chunked":
+        stack = replace(stack, logits="chunked")  # TRL's fused LM head, not Unsloth's (see the note above TRL_TOKEN_TILE)
     pairs = stage in ("dpo", "orpo")
     tokens = batch_size * max_seq_len * (2 if pairs else 1)
 
@@ -378,10 +422,6 @@ def estimate(
     if stage == "dpo":
         # TRL runs the reference after the policy forward, so it stacks on the kept activations.
         ref_logits = _logits_bytes(spec, stack, elem, tokens, grad=False)
-        if stack.logits == "unsloth_chunked":
-            # The reference's 16-bit logits live between the policy's forward (logits and log-softmax)
-            # and its backward (which adds the gradient buffer): inside the three buffers counted.
-            ref_logits = 0.0
         ref_forward = (tokens * _layer_forward_bytes(spec, elem) + ref_logits
                        + n_lora * LORA_PARAM_BYTES)  # the frozen "ref" copy of the SFT adapter
 
@@ -393,7 +433,7 @@ def estimate(
         kept_forward = tokens * (kept + _head_bytes(spec, stack, elem))
         fixed = weights + lora + dequant + ALLOCATOR_SLACK_GIB * GIB + context
         free = None if vram_gib is None else vram_gib * GIB - fixed - kept_forward - grad_hidden
-        chunk = unsloth_ce_chunk_bytes(spec, tokens, None if free is None else max(free, 0.0))
+        chunk = unsloth_ce_chunk_bytes(spec, tokens, None if free is None else max(free, 0.0), stack.ce_chunk_cap_gib)
         loss_phase = kept_forward + grad_hidden + chunk
         block = tokens * elem * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads
                                     * spec.head_dim)
@@ -406,12 +446,18 @@ def estimate(
         details.update(loss_phase_gib=loss_phase / GIB, backward_phase_gib=backward_phase / GIB,
                        loss_chunk_gib=chunk / GIB)
     else:
-        # DPO and ORPO need the logits themselves (TRL scores chosen against rejected), so they are
-        # materialised, next to the reference's: differently sized full buffers come and go, and
-        # fragmentation is a share of them, as measured for transformers + PEFT.
+        # DPO scores through TRL's tiles (both backends); ORPO on Unsloth materialises full 16-bit
+        # logits. Where differently sized buffers come and go (transformers + PEFT modules, or full
+        # logits), fragmentation is a share of them, as measured for transformers + PEFT.
         logits = _logits_bytes(spec, stack, elem, tokens, grad=True)
-        step_bytes = activations + logits + ref_forward + dequant
-        allocator = ALLOCATOR_SLACK_GIB * GIB + ALLOCATOR_FRAGMENTATION * step_bytes
+        if stack.kernels == "unsloth" and stack.logits == "chunked":
+            # DPO on Unsloth through TRL's tiles: Unsloth's per-layer pattern, one extra block (as SFT).
+            block = tokens * elem * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads
+                                        * spec.head_dim)
+            allocator = ALLOCATOR_SLACK_GIB * GIB + UNSLOTH_FRAGMENTATION_BLOCKS * block
+        else:
+            step_bytes = activations + logits + ref_forward + dequant
+            allocator = ALLOCATOR_SLACK_GIB * GIB + ALLOCATOR_FRAGMENTATION * step_bytes
     overhead = context + allocator + dequant
 
     parts = [weights, lora, activations, logits, ref_forward, overhead]

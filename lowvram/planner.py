@@ -283,7 +283,10 @@ def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier
 
     def seqs_for(spec: ModelSpec) -> str | None:
         got = {s: f.max_seq(own_targets[s], spec=spec) for s, f in fits.items()}
-        return None if None in got.values() else ", ".join(f"{s}.max_seq_len={n}" for s, n in got.items())
+        # not below the shortest length the planner itself tries: such a model would be refused in turn
+        if any(n is None or n < min(own_targets[s], SEQ_LADDER[-1]) for s, n in got.items()):
+            return None
+        return ", ".join(f"{s}.max_seq_len={n}" for s, n in got.items())
 
     ideas = []
     smaller = sorted((s for s in CATALOG.values() if s.family == fit.spec.family and s.params_b < fit.spec.params_b

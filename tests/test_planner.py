@@ -280,6 +280,21 @@ def test_calibration_points_are_within_bound_and_beat_unsloth():
     assert all(r <= 1 for r in ratios.values()), ratios
 
 
+def test_lowvram_own_gpu_peaks_are_met_from_above_within_a_few_percent():
+    # lowvram's pipeline on an H100 (scripts/data/README.md): the Unsloth backend's SFT and DPO peaks.
+    # The estimate may sit a little under a peak (the planner keeps a 10% margin), never far under,
+    # and within the +-20% bound above (DPO was +22% to +105% before TRL's fused LM head was modelled).
+    cal_mod = _calibration_module()
+    cal = cal_mod.calibrate()
+    rows = [r for r in cal.results if r.point.stack.startswith("lowvram backend=unsloth")
+            and r.point.setup.stage in ("sft", "dpo")]
+    assert {r.point.setup.stage for r in rows} == {"sft", "dpo"} and len(rows) >= 10
+    for r in rows:
+        assert -0.05 <= r.lowvram_error <= cal_mod.ERROR_BOUND, (r.point.label, r.point.setup, r.lowvram_error)
+    hf = [r for r in cal.results if r.point.stack.startswith("lowvram backend=hf")]
+    assert hf and all(r.lowvram_error >= 0 for r in hf)
+
+
 def test_calibration_check_fails_when_a_point_is_off(tmp_path, capsys):
     cal_mod = _calibration_module()
     lines = cal_mod.DATA.read_text().splitlines()
@@ -308,9 +323,16 @@ def test_kto_is_never_planned_below_two_per_device(card):
 def test_kto_batch_is_raised_to_two_with_its_reason_and_a_sequence_that_fits():
     dpo_recipe, _ = load_recipe("chat-assistant")
     kto_recipe, _ = load_recipe("chat-assistant", ["dpo.method=kto"])
-    card = known_card("rtx3060")
+
+    def dpo_batch(card) -> int | None:
+        try:
+            return make_plan(dpo_recipe, card).stages["dpo"].batch_size
+        except UserError:
+            return None
+
+    # the case that matters: a card where the memory plan alone gives DPO batch 1 (8B just fits)
+    card = next(c for c in (simulated_device(g / 10) for g in range(60, 240, 2)) if dpo_batch(c) == 1)
     dpo = make_plan(dpo_recipe, card).stages["dpo"]
-    assert dpo.batch_size == 1  # the case that matters: the memory plan alone gives 1 here
     kto = make_plan(kto_recipe, card).stages["dpo"]
     assert kto.batch_size == 2 and "KTO needs at least 2 per device" in kto.reasons["batch_size"]
     assert kto.effective_batch >= dpo.effective_batch and kto.fits
