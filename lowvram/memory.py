@@ -23,7 +23,7 @@ How the peak is built (each term is a section below, each coefficient says where
   mode sends even those to CPU RAM), plus one layer recomputed during the backward.
 - logits: batch x sequence x vocabulary. fp32 over a 128k-152k vocabulary dominates at short
   sequences unless the loss is chunked: Unsloth's fused loss takes the tokens in chunks sized to
-  the memory it finds free (so pass `vram_gib`) and, since unsloth_zoo 2026.10, at most 2 GiB;
+  the memory it finds free (so pass `vram_gib`) and, since unsloth_zoo 2026.10.9, at most 2 GiB;
   TRL >= 1.15's LM head in fixed tiles, which DPO uses on both backends (it bypasses Unsloth's
   head); ORPO on Unsloth gets the full 16-bit logits.
 - phases (Unsloth SFT): the fused loss computes its gradient during the forward and frees its
@@ -120,8 +120,10 @@ UNSLOTH_CE_FREE_SHARE = 0.5
 # backward recomputes each chunk. fused_losses/chunked_logprob.py, chunked_logprob_rows: a chunk
 # holds min(2 GiB (_CHUNK_GB), half the free memory) at 8 bytes a logit (_BYTES_PER_LOGIT), and never
 # more rows than max(512 (_MIN_ROWS), tokens / 8): at least 8 chunks for a large batch. So on a
-# large card the chunk no longer grows with the free memory. Older Unsloth (the 2024 notebooks) sized
-# one chunk to half the free memory alone: Stack.ce_chunk_cap_gib=None describes it.
+# large card the chunk no longer grows with the free memory. The gpu extra asks for unsloth_zoo >=
+# 2026.10.9: 2026.10.1-2026.10.8 have no chunked CE (their old loss sizes a chunk to min(half the free
+# memory, 4 GiB) at 16 bytes a logit, with no minimum number of chunks). Older Unsloth (the 2024
+# notebooks) sized one chunk to half the free memory alone: Stack.ce_chunk_cap_gib=None describes it.
 UNSLOTH_CE_CHUNK_CAP_GIB = 2.0
 UNSLOTH_CE_MIN_ROWS = 512
 UNSLOTH_CE_MIN_CHUNKS = 8
@@ -169,7 +171,7 @@ class Stack:
                   "fused_16bit" one 16-bit logits buffer, gradient written in place (Unsloth's
                   older cross-entropy kernel); "chunked" TRL's fused LM head tiles; "full_fp32"
                   transformers' loss on full logits upcast to fp32 (TRL < 1.15, plain Trainer).
-    ce_chunk_cap_gib: the most one chunk of Unsloth's SFT loss holds (unsloth_zoo >= 2026.10's chunked CE,
+    ce_chunk_cap_gib: the most one chunk of Unsloth's SFT loss holds (unsloth_zoo >= 2026.10.9's chunked CE,
                   which also splits a batch in at least 8 chunks); None for the older loss sized to the
                   free memory alone.
     fp32_non_quantized: norms upcast to fp32 around a 4-bit base (lowvram's hf backend, like PEFT's
@@ -332,7 +334,7 @@ def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | Non
     Chunks are sized to half of `free_bytes` (the memory free when the loss first runs), so the loss
     takes the whole batch at 8 bytes a logit when that fits, and about half of what is free when it
     does not. Without `free_bytes` (no card known) the whole batch is one chunk: the most it costs.
-    With `cap_gib` (unsloth_zoo >= 2026.10) a chunk also holds at most `cap_gib` and at most
+    With `cap_gib` (unsloth_zoo >= 2026.10.9) a chunk also holds at most `cap_gib` and at most
     max(512, tokens / 8) rows, whatever is free.
     """
     per_row = spec.vocab_size * UNSLOTH_CE_BYTES_PER_LOGIT

@@ -157,7 +157,7 @@ def test_unsloth_loss_is_chunked_to_free_memory_not_a_full_logits_buffer():
     # Without a card the whole batch is one chunk: the most the loss can cost, never less.
     assert est(seq=78_475, r=32).total_gib >= on_24.total_gib
     # 16-bit logits, fp32 upcast and 16-bit gradient, 8 bytes a logit. Unsloth's older loss (the
-    # notebooks') takes a short batch in one chunk; unsloth_zoo >= 2026.10 splits it in at least 8
+    # notebooks') takes a short batch in one chunk; unsloth_zoo >= 2026.10.9 splits it in at least 8
     # chunks of at least 512 rows, and caps a chunk at 2 GiB whatever is free.
     old = replace(STACKS["unsloth"], ce_chunk_cap_gib=None)
     assert est(seq=2048, batch=2, vram_gib=24, backend=old).details["loss_chunk_gib"] == pytest.approx(
