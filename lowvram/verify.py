@@ -6,15 +6,17 @@
 What is compared, on a bounded probe set (3 chat prompts, 4 sample conversations, at most
 MAX_PROBE_TOKENS tokens each):
 - tokens: llama.cpp's token ids equal transformers' on every probe (else FAIL).
-- greedy: transformers' greedy continuation (GREEDY_TOKENS) of each prompt is fed to llama.cpp in one
+- greedy: transformers' greedy continuation (up to GREEDY_TOKENS) of each prompt is fed to llama.cpp in one
   pass; the GGUF's own greedy output is the same up to the first position where its argmax differs.
   For f16/bf16/q8_0 a difference FAILs unless transformers' top two logits there are closer than the
   logit error measured on the same sequence (a near-tie any rounding flips).
 - top-1 agreement and perplexity change on the sample conversations, against per-type tolerances
   (TOLERANCES): within the first bound "ok", within the second "warn", beyond it "FAIL".
 
-Cost: transformers runs once for all types (one greedy generation per prompt, then one batched
-forward over every probe); each GGUF evaluates each probe once, teacher-forced.
+Cost: transformers runs one batched forward for all types. The greedy candidates come from the most
+precise GGUF (llama.cpp decodes them); that forward checks them, and each is kept up to and including
+transformers' first own choice, which is transformers' greedy output without a token-by-token
+generate. Each GGUF then evaluates each probe once, teacher-forced.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 GREEDY_TOKENS = 24
 MAX_PROBE_TOKENS = 256
 EXACT_TYPES = ("f16", "bf16", "q8_0")  # greedy output must match the merged model (up to near-ties)
+FAITHFUL = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.", "Why is the sky blue?")
 
 
@@ -154,18 +157,24 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
         except Exception:
             continue
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # Greedy candidates come from the most precise GGUF (llama.cpp decodes fast); transformers checks them in
+    # the one batched forward below and keeps each up to and including its own first different choice:
+    # that prefix is exactly transformers' greedy output, without a token-by-token generate.
+    first = min(ggufs, key=lambda t: FAITHFUL.index(t) if t in FAITHFUL else len(FAITHFUL))
+    with GGUFModel(ggufs[first], n_ctx=max(512, max(len(p) for p in prompts) + GREEDY_TOKENS)) as g:
+        cands = [g.greedy(ids, GREEDY_TOKENS, stop_ids) for ids in prompts]
     with torch.no_grad():
-        ref_greedy = []
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                                 eos_token_id=sorted(stop_ids) or None, pad_token_id=pad)
-            ref_greedy.append(out[0, len(ids):].tolist())
-        seqs = [p + g for p, g in zip(prompts, ref_greedy)] + texts
+        seqs = [p + c for p, c in zip(prompts, cands)] + texts
         longest = max(len(s) for s in seqs)
         batch = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs])
         logits = model(input_ids=batch, attention_mask=mask).logits.float().numpy()  # right padding: exact
     hf = [logits[i, : len(s)] for i, s in enumerate(seqs)]
+    ref_greedy = []
+    for ids, cand, h in zip(prompts, cands, hf):
+        choice = h[len(ids) - 1: len(ids) - 1 + len(cand)].argmax(-1).tolist()
+        k = next((i for i, (a, b) in enumerate(zip(cand, choice)) if a != b), None)
+        ref_greedy.append(cand if k is None else cand[:k] + [choice[k]])
     n_pred = sum(len(ids) - 1 for ids in texts)
     nll_hf = sum(_nll(h, ids) for h, ids in zip(hf[len(prompts):], texts))
     del model

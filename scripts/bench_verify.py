@@ -6,8 +6,8 @@
 Builds the synthetic bf16 Llama and LoRA adapter of scripts/bench_export.py, exports f16 + q4_k_m
 without verification (`lowvram export --no-verify --merged`) and reads the conversion's own times from
 its output (llama.cpp converter to f16 + quantizer to q4_k_m). Then times, on the same files:
-- verification now (lowvram/verify.py: one transformers generate + one batched forward for all
-  types, each GGUF teacher-forced once per probe), and
+- verification now (lowvram/verify.py: one batched transformers forward for all types, greedy
+  candidates decoded by llama.cpp, each GGUF teacher-forced once per probe), and
 - verification as it was before (export.py at commit c3c7de6: a llama.cpp greedy loop per type,
   extra transformers forwards at each divergence),
 and prints each, with the ratio to the conversion (target: verification <= conversion).
@@ -38,6 +38,7 @@ def old_verify():
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:lowvram/export.py"], check=True,
                          capture_output=True, text=True).stdout
     mod = types.ModuleType("old_export")
+    sys.modules["old_export"] = mod  # dataclasses look their module up
     exec(compile(src, "old_export.py", "exec"), mod.__dict__)
     return mod.verify_ggufs
 
