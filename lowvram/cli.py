@@ -151,7 +151,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     local_only()  # export reads only local files: no Hub lookups, no telemetry
 
-    return export_command(args)
+    code = export_command(args)
+    if (Path(args.run_dir) / "report.html").is_file():  # the run's report gains the export verification table
+        from lowvram.report_html import write_html
+
+        write_html(Path(args.run_dir))
+    return code
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
