@@ -183,15 +183,22 @@ def kl_to_reference(model, tok, prompts: list[str], *, policy: str | None = "def
 
 # ------------------------------------------------------------------ the training hook
 
-def kl_callback(eval_rows: list[dict], tok, recipe):
+PROMPTS_FILE = "heldout_prompts.jsonl"  # RUN/eval/: the held-out prompts the preference stage used
+
+
+def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None):
     """A TrainerCallback that adds `eval_kl` (and its spread) to each held-out evaluation's logs.
 
     It runs in on_log, before lowvram's logger callback, so the number lands in the same metrics.jsonl row
-    as the held-out loss and preference accuracy.
+    as the held-out loss and preference accuracy. With `run_dir`, the held-out prompts are kept in
+    RUN/eval/heldout_prompts.jsonl, so `lowvram eval` answers the same ones without the data at hand.
     """
     from transformers import TrainerCallback
 
     cfg = recipe.eval
+    if run_dir is not None:
+        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
+        _write_jsonl(Path(run_dir) / "eval" / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
     prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[:cfg.prompts]]
 
     class KLCallback(TrainerCallback):
@@ -213,10 +220,14 @@ def kl_callback(eval_rows: list[dict], tok, recipe):
 
 # ------------------------------------------------------------------ `lowvram eval RUN_DIR`
 
-def heldout_prompts(recipe, limit: int) -> tuple[list, str]:
-    """(prompts, where they come from): the preference stage's held-out split, reloaded with the run's seed."""
+def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[list, str]:
+    """(prompts, where they come from): those the preference stage kept, else its held-out split reloaded."""
     from lowvram.data import load_preference_data
 
+    kept = Path(run_dir) / "eval" / PROMPTS_FILE if run_dir is not None else None
+    if kept is not None and kept.is_file():
+        rows = [json.loads(x) for x in kept.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return [r["prompt"] for r in rows[:limit]], f"{min(limit, len(rows))} held-out prompts of the preference stage"
     data = load_preference_data(recipe.dpo.data, recipe.use_samples, base_dir=Path.cwd(), seed=recipe.seed)
     if data.eval:
         return [r["prompt"] for r in data.eval[:limit]], f"{min(limit, len(data.eval))} held-out prompts of {data.source}"
@@ -296,7 +307,7 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), source=str(run_dir / "recipe.yaml"))
     cfg = recipe.eval
     best_of = cfg.best_of if best_of is None else best_of
-    raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts)
+    raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts, run_dir)
     from lowvram.train import _quiet_libraries
 
     _quiet_libraries()

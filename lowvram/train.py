@@ -391,7 +391,7 @@ def run_preference(ctx: StageContext, data) -> Path:
     if cfg.method in ("dpo", "kto") and data.eval:  # KL(policy || reference) at each held-out evaluation
         from lowvram.evaluate import kl_callback
 
-        callbacks.insert(0, kl_callback(data.eval, tok, ctx.recipe))  # first: it adds to the row the logger writes
+        callbacks.insert(0, kl_callback(data.eval, tok, ctx.recipe, ctx.run_dir))  # first: it adds to the row the logger writes
     with _fp32_adapters(ctx, model):
         trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tok, callbacks=callbacks)
