@@ -210,8 +210,15 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
             if REFERENCE not in getattr(model, "peft_config", {}):
                 return  # no frozen reference adapter (PEFT fallback): nothing to compare against
             if self.measured is None or self.measured[0] != state.global_step:
-                kl = kl_to_reference(model, tok, prompts, samples=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens,
-                                     seed=recipe.seed)
+                try:
+                    kl = kl_to_reference(model, tok, prompts, samples=cfg.kl_samples,
+                                         max_new_tokens=cfg.max_new_tokens, seed=recipe.seed)
+                except Exception as e:  # a monitor must not end the training (generation on Unsloth: not run on a GPU)
+                    import sys
+
+                    print(f"warning: KL to the reference not measured at step {state.global_step}: "
+                          f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    return
                 self.measured = (state.global_step, kl)
             logs.update({f"eval_{k}": round(v, 6) if isinstance(v, float) else v for k, v in self.measured[1].items()})
 
