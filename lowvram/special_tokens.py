@@ -94,26 +94,28 @@ def find_untrained(model, tokenizer, tokens: list[str]) -> list[Untrained]:
     found: dict[str, tuple[list[str], str]] = {}
     with torch.no_grad():
         for where, weight in _matrices(model):
-            w = weight.detach().float()
+            w = weight.detach()  # rows are indexed, then upcast: no fp32 copy of the whole matrix
             reserved, ordinary = _reference_ids(tokenizer, w.shape[0], set(ids.values()))
             if not ordinary:
                 continue
-            med = w[ordinary].norm(dim=1).median().item()
+            sample = w[ordinary].float()
+            med = sample.norm(dim=1).median().item()
             cluster = None
             if len(reserved) >= MIN_RESERVED:
-                centre = w[reserved].mean(0)
-                spread = (w[reserved] - centre).norm(dim=1).quantile(0.9).item()
-                ordinary_near = (w[ordinary] - centre).norm(dim=1).quantile(0.01).item()
+                res = w[reserved].float()
+                centre = res.mean(0)
+                spread = (res - centre).norm(dim=1).quantile(0.9).item()
+                ordinary_near = (sample - centre).norm(dim=1).quantile(0.01).item()
                 cluster = (centre, spread, ordinary_near)
             for t, i in ids.items():
                 if i is None or i >= w.shape[0]:
                     continue
-                norm = w[i].norm().item()
+                norm = w[i].float().norm().item()
                 why = None
                 if norm < NEAR_ZERO * med:
                     why = f"row norm {norm:.3g}, {norm / med:.1%} of a trained token's"
                 elif cluster is not None:
-                    d = (w[i] - cluster[0]).norm().item()
+                    d = (w[i].float() - cluster[0]).norm().item()
                     if d <= cluster[1] and d < cluster[2]:
                         why = "its row sits among the unused reserved tokens'"
                 if why:
@@ -131,15 +133,16 @@ def fix_untrained(model, untrained: list[Untrained], tokenizer=None) -> list[int
         return []
     with torch.no_grad():
         for _, weight in _matrices(model):
-            keep = torch.ones(weight.shape[0], dtype=torch.bool)
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
             keep[bad] = False
             if tokenizer is not None:
                 reserved, _ = _reference_ids(tokenizer, weight.shape[0], set(bad))
                 keep[reserved] = False
-            norms = weight.detach().float().norm(dim=1)
-            keep &= norms >= NEAR_ZERO * norms[keep].median()
-            mean = weight[keep].float().mean(0)
-            weight[bad] = mean.to(weight.dtype)
+            chunks = range(0, weight.shape[0], 16384)  # in chunks: no fp32 copy of the whole matrix
+            norms = torch.cat([weight[s:s + 16384].float().norm(dim=1) for s in chunks])
+            keep &= (norms >= NEAR_ZERO * norms[keep].median()).to(keep.device)
+            total = sum(weight[s:s + 16384][keep[s:s + 16384].to(weight.device)].float().sum(0) for s in chunks)
+            weight[bad] = (total / keep.sum()).to(weight.dtype)
     return bad
 
 
