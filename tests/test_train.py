@@ -418,3 +418,12 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
     first = _margins(run, n_before)[step + 1]
     print(f"margin: {trained:+.3f} over the 4 steps to checkpoint-{step}, {first:+.3f} at step {step + 1} after resume")
     assert first > 0.5 * trained, (trained, first)  # a policy restarted from its reference logs ~0
+
+
+def test_report_shows_the_export_verification(demo_run):
+    """`lowvram run` rebuilds report.html after its export: the verification table is on the page."""
+    page = (demo_run / "report.html").read_text()
+    verify = json.loads((demo_run / "export" / "verify.json").read_text())
+    assert set(verify) == {"f16", "q8_0", "q4_k_m"}
+    for gguf, row in verify.items():
+        assert f"<td>{gguf}</td><td><span class='" in page and f">{row['status']}</span>" in page
