@@ -387,7 +387,6 @@ def run_preference(ctx: StageContext, data) -> Path:
         from trl import DPOTrainer as Trainer
 
         kwargs["loss_type"] = [cfg.loss_type]
-    progress = callbacks[0]
     if cfg.method in ("dpo", "kto") and data.eval:  # KL(policy || reference) at each held-out evaluation
         from lowvram.evaluate import kl_callback
 
@@ -397,21 +396,24 @@ def run_preference(ctx: StageContext, data) -> Path:
                           processing_class=tok, callbacks=callbacks)
     _quiet(trainer)
     if cfg.method != "orpo":
-        _check_reference(ctx, trainer, model, progress)
+        _check_reference(ctx, trainer, model)
     return _train_and_save(ctx, trainer, model, tok)
 
 
-def _check_reference(ctx: StageContext, trainer, model, progress) -> None:
+def _check_reference(ctx: StageContext, trainer, model) -> None:
     """DPO/KTO: stop unless the reference is a frozen copy of the SFT policy and the rewards start at 0."""
     from lowvram.adapters import check_reference, check_start_rewards, start_rewards
 
     print(f"[dpo] reference: {check_reference(model, ctx.init_adapter)}", flush=True)
     if latest_checkpoint(ctx.stage_dir / "checkpoints") is None:  # a resumed policy has moved on
-        trainer.remove_callback(progress)  # a check, not a result: keep it out of metrics.jsonl
+        # a check, not a result: lowvram's callbacks (progress, metrics.jsonl, KL) must not see its evaluation
+        handler = trainer.callback_handler
+        ours = handler.callbacks
+        handler.callbacks = [cb for cb in ours if type(cb).__module__.startswith("transformers.")]
         try:
             rewards = start_rewards(trainer, ctx.sp.batch_size)
         finally:
-            trainer.add_callback(progress)
+            handler.callbacks = ours
         print(f"[dpo] reference: {check_start_rewards(rewards)}", flush=True)
 
 
