@@ -26,7 +26,7 @@ test: $(STAMP)
 # The GPU leg: the training and resume tests again under the oldest libraries the `gpu` extra (Unsloth)
 # allows that run on CPU (constraints-gpu-versions.txt: transformers 5.17, TRL 1.16, datasets 4.x), so
 # version-specific behaviour of the GPU stack is caught here. A second venv, without the export extra:
-# the two tests that need llama.cpp's tools are left to `make test`.
+# the three tests that need llama.cpp's tools are left to `make test`.
 GPUVERS_VENV ?= .venv-gpuvers
 GPUVERS_STAMP := $(GPUVERS_VENV)/.lowvram-installed
 
@@ -41,6 +41,7 @@ test-gpu-versions: $(GPUVERS_STAMP)
 	$(GPUVERS_VENV)/bin/python -c "import transformers, trl; print('GPU leg: transformers', transformers.__version__, 'trl', trl.__version__)"
 	HF_HUB_OFFLINE=1 $(GPUVERS_VENV)/bin/python -m pytest -q tests/test_train.py tests/test_qlora_cpu.py tests/test_oom.py \
 		--deselect tests/test_train.py::test_run_directory_has_everything_export_needs \
+		--deselect tests/test_train.py::test_report_shows_the_export_verification \
 		--deselect tests/test_qlora_cpu.py::test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy
 
 lint: $(STAMP)
