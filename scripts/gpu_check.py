@@ -19,8 +19,10 @@ at its first logged step (0 when the reference is the SFT policy).
 Extra checks:
   --tests           first the test suite's `gpu` tests (tests/test_gpu.py): the Unsloth backend and the
                     transformers+PEFT+bitsandbytes 4-bit path end to end on the tiny model, bf16 and fp16
-  --compare-hf      the same jobs through the transformers+PEFT+bitsandbytes backend, one job at a time,
-                    for tokens/s and peak memory at equal settings (Unsloth vs PEFT)
+  --compare-hf      --compare-model (the 3B) through both backends at the settings the plain backend's plan
+                    fits on --compare-gib, each alone on the GPU: tokens/s and peak memory, Unsloth vs PEFT
+  --also            more tier:family jobs, e.g. 12gb:qwen,24gb:mistral
+  --parallel        run the memory jobs concurrently while their caps fit the card (their speed is not compared)
   --t4              the 16gb tier capped at 15 GiB in fp16 (Colab T4: no bf16)
   --methods         preference variants to run beside DPO (kto, orpo, ipo) on the smallest tier
   --long-context    the longest SFT sequence the planner allows for Llama-3.1-8B-sized weights at r=32,
