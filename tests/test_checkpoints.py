@@ -90,17 +90,10 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_full_disk_and_logs_each_step_o
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 64 MiB filesystem (tmpfs), for filling up; needs root and mount, else the test is skipped."""
-    import subprocess
+    from tmpfs import small_tmpfs
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "lowvram-test", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", 64) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(folder: Path) -> Path:

