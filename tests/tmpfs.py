@@ -22,3 +22,16 @@ def small_tmpfs(mnt: Path, size_mib: int) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file in `folder` until its filesystem is full; return the file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (256 << 10))
+                f.flush()
+        except OSError:
+            pass
+    return filler
