@@ -1,11 +1,11 @@
-# Two commands (see README): `make demo` and `make test`. Both set up .venv first, offline-safe:
+# Two commands (see README): `make demo` and `make test` (`make test-fast` for the quick selection). Both set up .venv first, offline-safe:
 # everything comes from the package registries; no model or dataset is downloaded.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowvram-installed
 
-.PHONY: setup demo test test-gpu-versions lint clean
+.PHONY: setup demo test test-fast test-gpu-versions lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lowvram run demo
 
+# The whole suite in two runs, each test once: the fast selection (`make test-fast`: no training, no export,
+# no pretrained tiny model), then the slow tests (`-m slow`: they train or export). Both runs share one
+# tiny-model cache (LOWVRAM_TEST_CACHE, a temporary folder unless set), so nothing is built twice.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	@cache="$${LOWVRAM_TEST_CACHE:-$$(mktemp -d)}"; \
+	HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -m "not slow" \
+	&& HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -m slow; \
+	rc=$$?; [ -n "$$LOWVRAM_TEST_CACHE" ] || rm -rf "$$cache"; exit $$rc
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # The GPU leg: the training and resume tests again under the oldest libraries the `gpu` extra (Unsloth)
 # allows that run on CPU (constraints-gpu-versions.txt: transformers 5.17, TRL 1.16, datasets 4.x), so

@@ -1,6 +1,7 @@
 """`builtin:tiny-llama`: a small Llama built on the spot, so the demo and the tests need no download.
 
     path = ensure_tiny_model()          # cached under ~/.cache/lowvram (or $LOWVRAM_CACHE)
+    path = ensure_tiny_tokenizer()      # the tokenizer alone (seconds), for counting tokens
 
 The tokenizer is a SentencePiece model trained on lowvram's shipped sample data, the format
 llama.cpp's converter reads for llama-architecture models; the chat template is ChatML. The weights
@@ -107,8 +108,11 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny Llama (seeded init, then a short pretraining) and its tokenizer to `out_dir`."""
+def build_tiny_model(out_dir: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+    """Write the tiny Llama (seeded init, then a short pretraining) and its tokenizer to `out_dir`.
+
+    `pretrain_steps=0` leaves the weights as initialised: enough where only shapes and names matter.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -127,7 +131,8 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    _pretrain(model, tok, _plain_text(), PRETRAIN_STEPS, seed)
+    if pretrain_steps:
+        _pretrain(model, tok, _plain_text(), pretrain_steps, seed)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=im_end,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(str(out_dir))
@@ -170,19 +175,42 @@ def _pretrain(model, tok, texts: list[str], steps: int, seed: int, window: int =
     model.eval()
 
 
-def ensure_tiny_model() -> Path:
-    """Path of the cached tiny model, building it (atomically) on first use."""
-    target = cache_dir() / f"tiny-llama-v{TINY_VERSION}"
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+def ensure_tiny_model(pretrained: bool = True) -> Path:
+    """Path of the cached tiny model, building it (atomically) on first use.
+
+    `pretrained=False`: the same model as initialised, before pretraining (a second cache entry, built
+    in seconds), for code that only needs its shapes, names and tokenizer.
+    """
+    name = f"tiny-llama-v{TINY_VERSION}" + ("" if pretrained else "-init")
+    return _ensure(name, lambda out: build_tiny_model(out, pretrain_steps=PRETRAIN_STEPS if pretrained else 0))
+
+
+def ensure_tiny_tokenizer() -> Path:
+    """Path of the tiny model's tokenizer: the pretrained model's folder when it is built, else the tokenizer alone."""
+    for name in (f"tiny-llama-v{TINY_VERSION}", f"tiny-llama-v{TINY_VERSION}-init"):
+        if _complete(cache_dir() / name):
+            return cache_dir() / name
+    return _ensure(f"tiny-llama-v{TINY_VERSION}-tokenizer", lambda out: build_tokenizer(out, _corpus()),
+                   marker="tokenizer_config.json")
+
+
+def _complete(folder: Path, marker: str = "config.json") -> bool:
+    return (folder / marker).is_file() and (folder / "tokenizer_config.json").is_file()
+
+
+def _ensure(name: str, build, marker: str = "config.json") -> Path:
+    """cache_dir()/name, built by `build(folder)` in a temporary folder and renamed into place."""
+    target = cache_dir() / name
+    if _complete(target, marker):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        build_tiny_model(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process built it first
-            if not (target / "config.json").is_file():
+            if not _complete(target, marker):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

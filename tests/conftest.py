@@ -14,8 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the slow mark added here counts
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: without a CUDA device torch can see, they are skipped, saying so."""
+    """A test that needs the pretrained tiny model (`tiny_model_dir`) trains or exports: it is `slow`, so that
+    `-m "not slow"` never pretrains it. `gpu` tests need CUDA: without a CUDA device torch can see, they
+    are skipped, saying so."""
+    for item in items:
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
@@ -37,8 +43,8 @@ def _no_simulated_card(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The built-in tiny Llama, built once per test session in a private cache.
+def tiny_cache(tmp_path_factory):
+    """LOWVRAM_CACHE for the session: where the built-in tiny model is built (once), in a private folder.
 
     LOWVRAM_TEST_CACHE names a cache folder to reuse across sessions instead (the tiny model is
     rebuilt there only when its recipe version changes): for developers running tests repeatedly.
@@ -47,11 +53,34 @@ def tiny_model_dir(tmp_path_factory):
     cache = Path(reuse) if reuse else tmp_path_factory.mktemp("lowvram-cache")
     old = os.environ.get("LOWVRAM_CACHE")
     os.environ["LOWVRAM_CACHE"] = str(cache)
-    from lowvram.tiny import ensure_tiny_model
-
-    path = ensure_tiny_model()
-    yield path
+    yield cache
     if old is None:
         os.environ.pop("LOWVRAM_CACHE", None)
     else:
         os.environ["LOWVRAM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_cache):
+    """The built-in tiny Llama, pretrained (about a minute to build on 2 cores): for tests that train or export,
+    where what the model has learnt matters. Tests that use it are marked slow (above)."""
+    from lowvram.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_init_model_dir(tiny_cache):
+    """The same tiny Llama as initialised, not pretrained (seconds): where only shapes, names and tokenizer matter."""
+    from lowvram.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_cache):
+    """The tiny model's SentencePiece tokenizer alone (about a second), with its chat template; also what
+    `builtin:tiny-llama` resolves to wherever lowvram only counts tokens."""
+    from lowvram.tiny import ensure_tiny_tokenizer
+
+    return ensure_tiny_tokenizer()

@@ -94,6 +94,14 @@ def test_light_commands_do_not_import_training_libraries(args):
     assert "HEAVY []" in res.stdout, res.stdout + res.stderr
 
 
+def test_export_modules_import_no_training_libraries():
+    """Importing the export side (merge, llama.cpp, Ollama) loads no torch: each imports it where it runs."""
+    code = ("import json, sys, lowvram.cli, lowvram.export, lowvram.ollama, lowvram.merge, lowvram.llamacpp; "
+            "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
 def test_recipe_script_runs_the_yaml_beside_it():
     from pathlib import Path
 

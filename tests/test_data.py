@@ -492,7 +492,7 @@ def test_broken_file_is_a_data_error_with_its_line(tmp_path, capsys):
     assert [(e["line"], e["code"]) for e in err] == [(2, "unreadable_file")]
 
 
-def test_data_check_against_a_recipe_counts_tokens_with_the_model_tokenizer(tmp_path, tiny_model_dir, capsys):
+def test_data_check_against_a_recipe_counts_tokens_with_the_model_tokenizer(tmp_path, tiny_tokenizer_dir, capsys):
     from transformers import AutoTokenizer
 
     rows = [{"messages": [msg(USER, "What is the capital of France?"), msg(BOT, "Paris.")]},
@@ -505,7 +505,7 @@ def test_data_check_against_a_recipe_counts_tokens_with_the_model_tokenizer(tmp_
     assert main(["data", "check", "--recipe", str(tmp_path / "r.yaml"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)["reports"][0]
     budget = rep["token_budget"]
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     want = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
     assert budget["approximate"] is False and "builtin:tiny-llama's tokenizer and chat template" in budget["counted_with"]
     assert budget["max_seq_len"] == 64 and budget["longest_tokens"] == max(want) > 64

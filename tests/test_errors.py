@@ -95,7 +95,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gets_one_clear_message(case, tmp_path, capsys, tiny_model_dir):
+def test_bad_input_gets_one_clear_message(case, tmp_path, capsys, tiny_tokenizer_dir):
     if case.name.startswith("chat"):
         pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
     before = set(tmp_path.rglob("*"))

@@ -20,11 +20,11 @@ LLAMA_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidde
 
 
 @pytest.fixture
-def model_8b(tiny_model_dir, tmp_path):
+def model_8b(tiny_tokenizer_dir, tmp_path):
     """A local model folder: an 8B's config.json and a real tokenizer with a chat template."""
     folder = tmp_path / "llama-8b-dims"
     folder.mkdir()
-    for f in tiny_model_dir.iterdir():
+    for f in tiny_tokenizer_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
             shutil.copy(f, folder / f.name)
     (folder / "config.json").write_text(json.dumps(LLAMA_8B))

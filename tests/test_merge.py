@@ -107,12 +107,12 @@ def test_merge_into_a_4bit_base_dequantizes_then_adds_the_delta(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
-def test_choose_base_prefers_the_local_16bit_original(tmp_path, tiny_model_dir):
+def test_choose_base_prefers_the_local_16bit_original(tmp_path, tiny_init_model_dir):
     base4 = _four_bit_checkpoint(tmp_path)
     (tmp_path / "base.json").write_text(json.dumps({"model": "x-bnb-4bit", "model_path": str(base4),
-                                                    "base_16bit": str(tiny_model_dir), "load_in_4bit": True}))
+                                                    "base_16bit": str(tiny_init_model_dir), "load_in_4bit": True}))
     choice = choose_base(tmp_path / "base.json")
-    assert choice.path == tiny_model_dir and not choice.quantized_4bit and "16-bit original" in choice.reason
+    assert choice.path == tiny_init_model_dir and not choice.quantized_4bit and "16-bit original" in choice.reason
 
 
 def test_base_not_on_this_machine(tmp_path):
@@ -122,13 +122,13 @@ def test_base_not_on_this_machine(tmp_path):
         choose_base(tmp_path / "base.json")
 
 
-def test_peft_semantics_rank_alpha_patterns_rslora_embeddings_modules_to_save(tmp_path, tiny_model_dir):
+def test_peft_semantics_rank_alpha_patterns_rslora_embeddings_modules_to_save(tmp_path, tiny_init_model_dir):
     """Per-module rank and alpha, rsLoRA scaling, a LoRA on the embedding and a fully trained lm_head
     all merge to what PEFT's own merge_and_unload gives."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_init_model_dir), dtype=torch.float32)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
                      rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 32}, use_rslora=True, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
@@ -143,7 +143,7 @@ def test_peft_semantics_rank_alpha_patterns_rslora_embeddings_modules_to_save(tm
     adapter = read_adapter(tmp_path / "adapter")
     assert adapter.pairs["model.layers.0.self_attn.v_proj.weight"].a.shape[0] == 4
     assert adapter.pairs["model.layers.0.self_attn.q_proj.weight"].scale == pytest.approx(32 / 8**0.5)
-    merge_lora(BaseChoice(tiny_model_dir, False, "test"), adapter, tmp_path / "merged")
+    merge_lora(BaseChoice(tiny_init_model_dir, False, "test"), adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).state_dict()
     for k, v in ref.items():
         torch.testing.assert_close(merged[k], v.bfloat16().float(), rtol=0, atol=float(v.abs().max()) * 2**-7,
@@ -171,11 +171,11 @@ def test_corrupt_and_unsupported_adapters(tmp_path):
         read_adapter(tmp_path / "empty")
 
 
-def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_model_dir):
+def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_init_model_dir):
     from lowvram.merge import plan_layout
 
     wrong = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 999),
              "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(128, 4)}
     adapter = read_adapter(_write_adapter(tmp_path / "a", wrong, r=4, alpha=8))
     with pytest.raises(UserError, match=r"does not fit the base.*\n.*down_proj.weight: base shape \[128, 344\]"):
-        plan_layout(tiny_model_dir, adapter, False, "bf16")
+        plan_layout(tiny_init_model_dir, adapter, False, "bf16")

@@ -51,10 +51,10 @@ EXTRA = [  # beyond the probes the derivation itself checks
 
 
 @pytest.fixture(scope="module")
-def tiny_tok(tiny_model_dir):
+def tiny_tok(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 
 
 def _jinja(tok, template: str, bos: str, eos: str):

@@ -39,6 +39,7 @@ def test_shipped_recipes_plan_within_budget_on_every_card(name, card):
     recipe, _ = load_recipe(name)
     device = known_card(card)
     plan = make_plan(recipe, device)
+    assert plan.stages and all(plan.reasons.values())
     for stage, sp in plan.stages.items():
         assert sp.budget_gib == pytest.approx(device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), abs=1e-3)
         assert sp.estimate is not None and sp.fits

@@ -75,7 +75,7 @@ def _plan(dtype: str):
     return dataclasses.replace(make_plan(recipe, CPU), dtype=dtype), recipe
 
 
-def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_model_dir):
+def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_init_model_dir):
     """PEFT's prepare_model_for_kbit_training would leave fp32 embeddings and lm_head; lowvram keeps them bf16."""
     import bitsandbytes as bnb
     import torch
@@ -83,7 +83,7 @@ def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_model_dir):
     from lowvram.hf_backend import load_for_training
 
     plan, recipe = _plan("bf16")
-    model = load_for_training(plan, recipe, str(tiny_model_dir))
+    model = load_for_training(plan, recipe, str(tiny_init_model_dir))
     base = model.get_base_model()
     linears = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == base.config.num_hidden_layers * 7  # every decoder linear, not lm_head

@@ -26,8 +26,8 @@ def make_base_folder(tiny_dir: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tiny_model_dir, tmp_path_factory):
-    return make_base_folder(tiny_model_dir, tmp_path_factory.mktemp("base") / "base-model")
+def base_dir(tiny_init_model_dir, tmp_path_factory):
+    return make_base_folder(tiny_init_model_dir, tmp_path_factory.mktemp("base") / "base-model")
 
 
 def test_names_resolve_to_their_jinja_and_jinja_passes_through():

@@ -426,11 +426,11 @@ def local_tokenizer(model: str) -> tuple[Any, str]:
     from lowvram.models import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX):
-        from lowvram.tiny import TINY_NAME, ensure_tiny_model
+        from lowvram.tiny import TINY_NAME, ensure_tiny_tokenizer
 
         if model != TINY_NAME:
             return None, model
-        path = str(ensure_tiny_model())
+        path = str(ensure_tiny_tokenizer())
     else:
         path = model
     try:
