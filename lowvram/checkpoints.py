@@ -79,14 +79,21 @@ def _check_file(path: Path) -> str | None:
     return None
 
 
-def validate(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from, or None when it is complete."""
+def validate(ckpt: Path, required: tuple[str, ...] = ()) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it is complete.
+
+    `required`: files this stage writes into every checkpoint besides the Trainer's (the trained
+    turn-token rows, saved in `on_save` after trainer_state.json: a kill in between leaves them out).
+    """
     if not ckpt.is_dir():
         return "not a folder"
     state = ckpt / "trainer_state.json"
     if not state.is_file():
         return "trainer_state.json is missing (the save did not finish)"
     files = _files(ckpt)
+    for rel in required:
+        if rel not in files:
+            return f"{rel} is missing (it is saved after the Trainer's files)"
     for rel in files:  # what each file says about itself first: the most specific reason
         why = _check_file(ckpt / rel)
         if why:
@@ -115,12 +122,12 @@ def validate(ckpt: Path) -> str | None:
     return None
 
 
-def newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_complete(ckpt_dir: Path, required: tuple[str, ...] = ()) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(the newest complete checkpoint or None, [(newer incomplete checkpoint, why), ...])."""
     found = [(checkpoint_step(p), p) for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) is not None]
     skipped = []
     for _, path in sorted(found, reverse=True):
-        why = validate(path)
+        why = validate(path, required)
         if why is None:
             return path, skipped
         skipped.append((path, why))
@@ -138,14 +145,20 @@ def set_aside(path: Path) -> Path:
     return dest
 
 
-def completion_callback():
-    """A TrainerCallback that writes the marker once the Trainer has saved a checkpoint's files."""
+def completion_callback(save_extra=None):
+    """A TrainerCallback that writes the marker once the Trainer has saved a checkpoint's files.
+
+    `save_extra(model, ckpt)` first writes what the Trainer does not save (lowvram's trained turn-token
+    rows: special_tokens.save_rows), so the marker lists it too.
+    """
     from transformers import TrainerCallback
 
     class CompletionMarker(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                if save_extra is not None and model is not None:
+                    save_extra(model, ckpt)
                 write_marker(ckpt)
 
     return CompletionMarker()

@@ -6,6 +6,7 @@ untrained, its probability stays near zero, and the fine-tuned model never stops
     ids = prepare(model, tokenizer, "gemma")   # find, report, set to the mean of trained rows, make trainable
     ...                                        # get_peft_model, then unfreeze trainable_row_params(model)
     save_rows(model, adapter_dir)              # after training: for DPO and export's merge
+    restore_rows(model, checkpoint_dir)        # a resumed SFT: the rows as the checkpoint saved them
 
 Detection, per matrix (input embeddings, and the LM head when it is not tied):
 - a row whose norm is under NEAR_ZERO of the median row norm (never updated from a zero init), or
@@ -14,7 +15,8 @@ Detection, per matrix (input embeddings, and the LM head when it is not tied):
 The fix sets those rows to the mean of the trained rows in both matrices (a neutral start) and
 trains exactly those rows (make_rows_trainable): tokens x hidden values, KiB to a few MiB, instead of
 whole matrices (modules_to_save: vocab x hidden, 16 bytes a value with AdamW state). The trained rows
-are saved beside the adapter (save_rows) for the DPO stage and export's merge.
+are saved beside the adapter (save_rows) for the DPO stage and export's merge, and into every
+training checkpoint, from which a resumed SFT restores them (restore_rows).
 """
 
 from __future__ import annotations
@@ -283,6 +285,36 @@ def load_rows(adapter_dir) -> tuple[list[int], dict] | None:
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
         return f.get_tensor("ids").tolist(), {k: f.get_tensor(k) for k in ("embed", "head") if k in keys}
+
+
+def restore_rows(model, checkpoint_dir) -> list[int]:
+    """Copy a checkpoint's trained rows into the model's row wrappers, in place; the ids (empty: none saved).
+
+    The Trainer's checkpoints hold the LoRA adapter and the optimizer state, not these rows (they are
+    lowvram's own parameters, outside PEFT's state dict), so a resumed SFT would start them again from
+    the mean while the optimizer's moments continue. In place, so the optimizer state that the Trainer
+    restores afterwards still points at these tensors.
+    """
+    import torch
+
+    saved = load_rows(checkpoint_dir)
+    if saved is None:
+        return []
+    ids, values = saved
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(emb, "rows", None) is None or emb.row_ids.tolist() != ids:
+        have = emb.row_ids.tolist() if getattr(emb, "rows", None) is not None else []
+        raise RuntimeError(f"{checkpoint_dir}: trained rows of tokens {ids}, the model trains rows {have}")
+    with torch.no_grad():
+        emb.rows.copy_(values["embed"])
+        if "head" in values and getattr(head, "rows", None) is not None and head.rows is not emb.rows:
+            head.rows.copy_(values["head"])
+    return ids
+
+
+def trains_rows(model) -> bool:
+    """Whether the model has turn-token rows that train (SFT on a base with untrained turn tokens)."""
+    return any(p.requires_grad for p in trainable_row_params(model))
 
 
 def rows_for_merge(adapter_dir) -> dict[str, tuple]:

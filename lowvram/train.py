@@ -235,12 +235,12 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return newest_complete(ckpt_dir)[0]
 
 
-def _resume_point(ctx: StageContext) -> Path | None:
+def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | None:
     """The checkpoint to resume from; newer incomplete ones are named, with why, and set aside."""
     from lowvram.checkpoints import checkpoint_step, newest_complete, set_aside
     from lowvram.report import supersede_metrics
 
-    resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints")
+    resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints", required)
     for path, why in skipped:
         moved = set_aside(path)
         print(f"[{ctx.stage}] skipped {path.name}: {why}; it is incomplete (moved to {moved.name}, "
@@ -479,17 +479,22 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     from lowvram.checkpoints import completion_callback
     from lowvram.fileio import atomic_write_text
     from lowvram.guards import divergence_error, finite_callback, nonfinite_parameters
+    from lowvram.special_tokens import HEAD_ROWS_FILE, restore_rows, save_rows, trains_rows
 
     guard = finite_callback(fp16=ctx.plan.dtype == "fp16")
-    trainer.add_callback(completion_callback())
+    rows = trains_rows(model)  # untrained turn tokens: their rows train beside the adapter (special_tokens.py)
+    trainer.add_callback(completion_callback(save_extra=save_rows if rows else None))
     trainer.add_callback(guard)  # last: it sees the save decision of every other callback
-    resume_from = _resume_point(ctx)
+    resume_from = _resume_point(ctx, (HEAD_ROWS_FILE,) if rows else ())
     if resume_from is not None:
         from lowvram.adapters import restore_policy
 
         # the Trainer restores the optimizer and step; under transformers 5.17 not the policy adapter of a
         # checkpoint that also holds DPO's ref/ adapter (lowvram.adapters), so load it here under every version
         restore_policy(model, resume_from)
+        if rows:  # not in the Trainer's checkpoint files: saved beside them by completion_callback
+            print(f"[{ctx.stage}] turn-token rows {restore_rows(model, resume_from)} restored from "
+                  f"{resume_from.name}", flush=True)
         print(f"[{ctx.stage}] resuming from {resume_from.name}", flush=True)
     elif trainer.eval_dataset is not None:
         before = _evaluate(trainer, ctx, "before")
@@ -522,8 +527,6 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
     adapter_dir = ctx.stage_dir / "adapter"
     save_policy(model, adapter_dir)
-    from lowvram.special_tokens import save_rows
-
     save_rows(model, adapter_dir)  # trained turn-token rows, if any
     tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
     atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))

@@ -128,3 +128,70 @@ def test_a_gguf_that_tokenizes_differently_is_refused_naming_the_input(trained, 
 def test_copied_base_without_sentencepiece_model_gets_scores_rebuilt(trained):
     _, out = trained
     assert "rebuilding its merge scores from tokenizer.json" in out
+
+
+def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, monkeypatch):
+    """kill -9 during SFT, resume: the turn-token rows continue from the checkpoint, not from the mean.
+
+    They are lowvram's own parameters, outside PEFT's adapter state dict, so the Trainer's checkpoint
+    files do not hold them; before they were saved beside those files, a resumed SFT restarted them
+    from the mean of the trained rows while the optimizer's moments went on.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram import train
+    from lowvram.checkpoints import MARKER
+    from lowvram.special_tokens import find_untrained, fix_untrained, load_rows, turn_tokens
+
+    run = tmp_path / "killed"
+    args = ["run", "demo", f"model.name={base}", "model.chat_template=chatml", "--run-dir", str(run), "--no-export",
+            "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=4", "rm.enabled=false", "eval.enabled=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    ckpts = run / "sft" / "checkpoints"
+    t0 = time.monotonic()
+    while not any((p / MARKER).is_file() for p in ckpts.glob("checkpoint-*")):
+        assert proc.poll() is None, "training ended before a checkpoint: " + proc.stderr.read()
+        assert time.monotonic() - t0 < 300, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = train.latest_checkpoint(ckpts)
+    step = int(ckpt.name.split("-")[1])
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    fresh = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    ids = fix_untrained(fresh, find_untrained(fresh, tok, turn_tokens(tok, "chatml")), tok)
+    mean_rows = fresh.get_input_embeddings().weight[ids].detach()
+
+    at_resume = {}
+    real_callback = train.make_callback
+
+    def spying_callback(stage, metrics_path, method="dpo"):
+        cb = real_callback(stage, metrics_path, method)
+        begin = cb.on_train_begin
+
+        def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
+            at_resume["embed"] = model.get_input_embeddings().rows.detach().clone()
+            at_resume["head"] = model.get_output_embeddings().rows.detach().clone()
+            return begin(args, state, control, model=model, **kw)
+
+        cb.on_train_begin = on_train_begin
+        return cb
+
+    monkeypatch.setattr(train, "make_callback", spying_callback)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", "--resume", str(run), "--no-export", f"sft.max_steps={step + 2}"]) == 0
+    assert not torch.allclose(at_resume["embed"], mean_rows, atol=1e-6), "rows restarted from the mean"
+    assert f"restored from checkpoint-{step}" in out.getvalue()
+    saved_ids, saved = load_rows(ckpt)
+    assert saved_ids == ids
+    assert all(torch.equal(at_resume[k], saved[k]) for k in ("embed", "head"))

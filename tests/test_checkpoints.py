@@ -132,3 +132,14 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r["step"] for r in rows if r.get("stage") == "sft" and "loss" in r and "eval" not in r]
     assert steps == list(range(1, step + 3))
+
+
+def test_a_checkpoint_without_a_file_the_stage_requires_is_skipped(sft_run, tmp_path):
+    """The trained turn-token rows are saved after the Trainer's files: a kill in between leaves them out."""
+    ckpt_dir = _copy(sft_run, tmp_path / "run") / "sft" / "checkpoints"
+    for p in ckpt_dir.glob("checkpoint-*"):
+        (p / MARKER).unlink()  # a kill before the marker too: the files read back whole
+    good, skipped = newest_complete(ckpt_dir, ("lowvram_turn_rows.safetensors",))
+    assert good is None and len(skipped) == 2
+    assert "lowvram_turn_rows.safetensors is missing" in skipped[0][1]
+    assert newest_complete(ckpt_dir)[0] == ckpt_dir / "checkpoint-4"
