@@ -109,7 +109,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recipe and "=" in recipe:  # `run --resume DIR key=value`: argparse took the override for the recipe
         recipe, overrides = None, [recipe, *overrides]
     return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
-                        run_dir=args.run_dir, stages=None, export=not args.no_export)
+                        run_dir=args.run_dir, stages=None, export=None if args.no_export else _export_run)
+
+
+def _export_run(run_dir: Path) -> int:
+    """The export at the end of `lowvram run`: the recipe's GGUF types, reported as `lowvram export` does."""
+    from lowvram.export import ExportOptions
+
+    return export_and_report(run_dir, ExportOptions())
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -131,7 +138,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from lowvram.data.check import check_command
+    """`lowvram data check`: print the report(s); exit status 0 clean, 1 errors (or warnings with --strict)."""
+    from lowvram.data.check import CheckReport, check_data
+    from lowvram.recipe import DataConfig
 
     path, overrides = args.path, list(args.overrides or [])
     if path and "=" in path and not Path(path).exists():  # `data check --recipe R key=value`: no PATH given
@@ -139,19 +148,85 @@ def cmd_data(args: argparse.Namespace) -> int:
     if overrides and not args.recipe:
         raise UserError(f"Overrides ({' '.join(overrides)}) apply to a recipe; pass --recipe too.",
                         hint="lowvram data check --recipe RECIPE [PATH] [key=value ...]")
-    return check_command(path, kind=args.kind, fmt=args.format, recipe_name=args.recipe, strict=args.strict,
-                         as_json=args.json, device_fn=lambda: _device(args), overrides=overrides)
+    reports: list[CheckReport] = []
+    if args.recipe is None:
+        if not path:
+            raise UserError("'lowvram data check' needs a data file, folder or Hub dataset, or --recipe.",
+                            hint="Example: lowvram data check prefs.jsonl --kind preference")
+        reports.append(check_data(DataConfig(path=path, format=args.format or "auto"), args.kind))
+    else:
+        reports += _check_recipe_data(path, args.kind, args.format, args.recipe, lambda: _device(args), overrides)
+    code = max(r.exit_code(args.strict) for r in reports)
+    if args.json:
+        print(json.dumps({"reports": [r.to_dict(args.strict) for r in reports], "exit_code": code}, indent=2))
+    else:
+        print("\n\n".join("\n".join(r.lines(args.strict)) for r in reports))
+    return code
 
 
-# ------------------------------------------------------------------ parser
+def _check_recipe_data(path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn,
+                       overrides: list[str]) -> list:
+    """Each stage's data of a recipe (or PATH checked as the stage its kind belongs to), with its token budget."""
+    import dataclasses
+
+    from lowvram.data.check import add_token_budget, check_data
+    from lowvram.lengths import local_tokenizer, stage_budget
+    from lowvram.recipe import DataConfig, load_recipe
+    from lowvram.templates import CHAT_FORMATS, chat_template_text, check_chat_template, check_model_path
+
+    recipe, recipe_path = load_recipe(recipe_name, overrides)
+    stage_of = {"sft": "sft", "preference": "dpo"}
+    if path:
+        if kind is None and len(recipe.stages()) == 1:
+            kind = "sft" if recipe.stages() == ["sft"] else "preference"
+        elif kind is None:  # let the columns say which stage this file is for
+            kind = check_data(DataConfig(path=path, format=fmt or "auto")).kind
+        stage = stage_of[kind or "sft"]
+        if stage not in recipe.stages():
+            raise UserError(f"Recipe {recipe.name!r} has no enabled {stage} stage to check {kind} data against.",
+                            hint="Check it without --recipe, or with a recipe whose stage uses this kind of data.")
+        # The recipe's Hub splits belong to its own data.path, not to the PATH checked here.
+        data = dataclasses.replace(getattr(recipe, stage).data, path=path, split="train", eval_split=None)
+        targets = [(stage, data, None, None)]
+    else:
+        targets = [(s, getattr(recipe, s).data, recipe.sample_file(getattr(recipe, s).data), recipe_path.parent)
+                   for s in recipe.stages()]
+        if kind is not None:
+            targets = [t for t in targets if t[0] == stage_of[kind]]
+            if not targets:
+                raise UserError(f"Recipe {recipe.name!r} has no enabled {stage_of[kind]} stage to check.")
+    device = device_fn()
+    tokenizers: dict[str, tuple] = {}
+    reports = []
+    for stage, data, sample, base_dir in targets:
+        if fmt:
+            data = dataclasses.replace(data, format=fmt)
+        report = check_data(data, "sft" if stage == "sft" else "preference", sample, base_dir, stage=stage)
+        max_seq_len, budget_from, model = stage_budget(recipe, stage, device)
+        if report.format in CHAT_FORMATS:  # the run would refuse it: say so now, with the options
+            check_model_path(model)
+            check_chat_template(recipe, model, True)
+        if model not in tokenizers:
+            tokenizers[model] = local_tokenizer(model)
+        tokenizer, label = tokenizers[model]
+        add_token_budget(report, max_seq_len, budget_from, tokenizer, label,
+                         chat_template_text(recipe.model.chat_template))
+        reports.append(report)
+    return reports
+
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lowvram.export import export_command
+    """`lowvram export RUN_DIR [--gguf TYPE ...] [--merged] [--lora] [--no-verify] [--out DIR]`."""
+    from lowvram.export import ExportOptions
     from lowvram.offline import local_only
 
     local_only()  # export reads only local files: no Hub lookups, no telemetry
 
-    code = export_command(args)
+    opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
+                         lora=args.lora, verify=False if args.no_verify else None,
+                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype,
+                         strict=args.strict)
+    code = export_and_report(Path(args.run_dir), opts)
     if (Path(args.run_dir) / "report.html").is_file():  # the run's report gains the export verification table
         from lowvram.report_html import write_html
 
@@ -159,13 +234,76 @@ def cmd_export(args: argparse.Namespace) -> int:
     return code
 
 
+def export_and_report(run_dir: Path, opts) -> int:
+    """Export, then print the verification table and the commands to run the result; the exit status.
+
+    `lowvram export` and the export at the end of `lowvram run` (pipeline.run_pipeline's `export`) both end here.
+    """
+    import shlex
+
+    from lowvram.export import export_run
+    from lowvram.verify import explain, verify_table
+
+    result = export_run(run_dir, opts)
+    if result.verify_rows:
+        print("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n", flush=True)
+        print(verify_table(result.verify_rows), flush=True)
+    if result.modelfiles:
+        print("\nRun it:", flush=True)
+        for line in usage_lines(result):
+            print(f"  {line}", flush=True)
+        print(f"  {shlex.join(['lowvram', 'chat', str(result.files[next(iter(result.modelfiles))])])}", flush=True)
+    flagged = [r for r in result.verify_rows if r["status"] != "ok"]
+    for r in flagged:
+        print("\n" + explain(r, r.get("n_params")), flush=True)
+    failed = [r["type"] for r in flagged if r["status"] == "FAIL"]
+    warned = [r["type"] for r in flagged if r["status"] == "warn"]
+    if failed or (opts.strict and warned):
+        what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
+        print(f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
+              f"(see the table). The files are kept for inspection.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def usage_lines(result) -> list[str]:
+    """The exact commands to run each exported GGUF (an export.ExportResult) with Ollama and llama.cpp."""
+    import shlex
+
+    q = shlex.join  # copy-pasted into a shell: a `$(...)` in a system prompt must stay text
+    lines = []
+    for t, mf in result.modelfiles.items():
+        tag = f"{result.name}:{t.replace('_', '-')}"
+        lines.append(f"{q(['ollama', 'create', tag, '-f', str(mf)])} && {q(['ollama', 'run', tag])}")
+    system = result.system_prompt
+    for t in result.modelfiles:
+        g = str(result.files[t])
+        lines.append(q(["llama-cli", "-m", g, "--jinja", "-cnv", *(["-sys", system] if system else [])]))
+        lines.append(q(["llama-server", "-m", g, "--jinja", "--port", "8080"]))
+        break  # one example is enough; the other types take the same commands
+    return lines
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lowvram.export import chat_command
+    """`lowvram chat GGUF_OR_RUN_DIR [--prompt TEXT] [--system TEXT]`."""
+    from lowvram.export import find_gguf, inspect_run
+    from lowvram.llamacpp import chat, check_runtime
     from lowvram.offline import local_only
 
     local_only()
 
-    return chat_command(args)
+    check_runtime()
+    target = Path(args.target)
+    gguf, note = find_gguf(target)
+    if note:
+        print(note, flush=True)
+    system = args.system
+    if system is None and target.is_dir():
+        try:
+            system = inspect_run(target).system_prompt
+        except UserError:
+            system = None
+    return chat(gguf, args.prompt, system, max_tokens=args.max_tokens, temperature=args.temperature)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -183,6 +321,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     return report_command(args.run_dir)
 
+
+# ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

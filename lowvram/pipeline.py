@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lowvram.errors import UserError
@@ -71,7 +72,7 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
     for stage in stages:
         cfg = getattr(recipe, stage).data
         loader = load_sft_data if stage == "sft" else load_preference_data
-        data = loader(cfg, recipe.use_samples, base_dir=recipe_dir, seed=recipe.seed)
+        data = loader(cfg, recipe.sample_file(cfg), base_dir=recipe_dir, seed=recipe.seed)
         held = f", {len(data.eval)} held out" if data.eval else ""
         dropped = f", {data.dropped} invalid rows dropped" if data.dropped else ""
         print(f"[{stage}] data: {len(data.train)} rows{held}{dropped} from {data.source}"
@@ -132,8 +133,12 @@ def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_p
 
 def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
                  run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
-                 export: bool = True) -> int:
-    """Train (and export) with the run directory locked: a second process on it stops at once."""
+                 export: Callable[[Path], int] | None = None) -> int:
+    """Train (and export) with the run directory locked: a second process on it stops at once.
+
+    `export`: the export step, called with the finished run directory when the recipe asks for GGUF files
+    (the CLI passes one that prints its report); None stops after training.
+    """
     with contextlib.ExitStack() as stack:
         return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
 
@@ -238,10 +243,8 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     if not ok:
         print(f"\nGGUF export skipped: {why}. Afterwards: lowvram export {shlex.quote(str(rdir))}")
         return 0
-    from lowvram.export import ExportOptions, export_and_report
-
     print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
-    code = export_and_report(rdir, ExportOptions())
+    code = export(rdir)
     from lowvram.report_html import write_html
 
     write_html(rdir)  # now with the export verification table

@@ -170,6 +170,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 
+    def sample_file(self, data: DataConfig) -> Path | None:
+        """The shipped sample file a stage reads instead of data.path (use_samples is on), else None.
+
+        The data layer is handed this path: it never looks up where lowvram keeps its samples.
+        """
+        return SAMPLES_DIR / data.sample if self.use_samples and data.sample else None
+
     def stages(self) -> list[str]:
         return [s for s in ("sft", "dpo") if getattr(self, s).enabled]
 

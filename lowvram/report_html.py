@@ -110,8 +110,8 @@ def _data_section(run_dir: Path) -> str:
     out = []
     for stage in recipe.stages():
         try:
-            rep = check_data(getattr(recipe, stage).data, use_samples=recipe.use_samples, base_dir=Path.cwd(),
-                             stage=stage)
+            data = getattr(recipe, stage).data
+            rep = check_data(data, sample=recipe.sample_file(data), base_dir=Path.cwd(), stage=stage)
             out.append(f"<pre>{_e(chr(10).join(rep.lines()))}</pre>")
         except Exception as e:
             out.append(f"<p class='note'>{_e(stage)}: data check unavailable here ({_e(e)}).</p>")

@@ -281,17 +281,16 @@ CHAT_FORMATS = ("chat", "sharegpt", "alpaca", "chat-preference", "chat-transcrip
 PEEK_ROWS = 20
 
 
-def stage_data_is_chat(cfg, use_samples: bool, base_dir: Path | None, kind: str) -> bool | None:
+def stage_data_is_chat(cfg, sample: Path | None, base_dir: Path | None, kind: str) -> bool | None:
     """Whether a stage's data is chat-formatted, from its first rows; None when it is not local (a Hub dataset)."""
     from lowvram.data.formats import detect_format
     from lowvram.data.load import apply_columns, resolve_path
     from lowvram.data.sources import read_local
-    from lowvram.recipe import SAMPLES_DIR
 
     if cfg.format != "auto":
         return cfg.format in CHAT_FORMATS
-    if use_samples:
-        path = SAMPLES_DIR / cfg.sample if cfg.sample else None
+    if sample is not None:  # the shipped sample file the recipe resolved (use_samples)
+        path = sample
     else:
         path = resolve_path(cfg.path, base_dir) if cfg.path else None
     if path is None or not path.exists():
@@ -325,7 +324,7 @@ def preflight(recipe, model: str, recipe_dir: Path | None, stages: list[str] | N
     for stage in stages or recipe.stages():
         kind = "sft" if stage == "sft" else "preference"
         cfg = getattr(recipe, stage).data
-        if stage_data_is_chat(cfg, recipe.use_samples, recipe_dir, kind):
+        if stage_data_is_chat(cfg, recipe.sample_file(cfg), recipe_dir, kind):
             check_chat_template(recipe, model, True)
 
 

@@ -124,7 +124,7 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.doctor import available_ram_bytes
+    from lowvram.hardware import available_ram_bytes
     from lowvram.llamacpp import GGUFModel
     from lowvram.ollama import probe_conversations
 

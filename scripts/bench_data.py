@@ -96,7 +96,7 @@ def main() -> None:
         cfg = DataConfig(path=str(path))
         t_floor = timed(partial(floor, path), args.repeats)
         t_ds = timed(partial(with_datasets, path), args.repeats)
-        t_load = timed(partial(load_preference_data, cfg, use_samples=False), args.repeats)
+        t_load = timed(partial(load_preference_data, cfg), args.repeats)
         t_check = timed(partial(check_data, cfg, "preference"), args.repeats)
         mib = path.stat().st_size / 2**20
         print(f"{name:<12}{mib:>6.1f}{t_floor:>9.2f}{t_ds:>12.2f}{t_load:>8.2f}{t_check:>9.2f}"

@@ -13,7 +13,7 @@ from lowvram.data.check import add_token_budget, check_data, length_bias
 from lowvram.data.load import parse_records
 from lowvram.data.sources import read_local
 from lowvram.errors import UserError
-from lowvram.recipe import DataConfig
+from lowvram.recipe import SAMPLES_DIR, DataConfig
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -22,11 +22,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def sft(path: Path, **kw) -> LoadedData:
-    return load_sft_data(DataConfig(path=str(path), **kw), use_samples=False)
+    return load_sft_data(DataConfig(path=str(path), **kw))
 
 
 def prefs(path: Path, **kw) -> LoadedData:
-    return load_preference_data(DataConfig(path=str(path), **kw), use_samples=False)
+    return load_preference_data(DataConfig(path=str(path), **kw))
 
 
 def problems_of(path: Path, kind: str, **kw) -> list[tuple[int | None, int | None, str]]:
@@ -296,10 +296,10 @@ def test_folder_of_mixed_files(tmp_path):
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}])
     monkeypatch.chdir(tmp_path.parent)
-    data = load_preference_data(DataConfig(path="p.jsonl"), use_samples=False, base_dir=tmp_path)
+    data = load_preference_data(DataConfig(path="p.jsonl"), base_dir=tmp_path)
     assert data.source == str(tmp_path / "p.jsonl")
     with pytest.raises(UserError, match="No such data file"):
-        load_preference_data(DataConfig(path="missing.jsonl"), use_samples=False, base_dir=tmp_path)
+        load_preference_data(DataConfig(path="missing.jsonl"), base_dir=tmp_path)
 
 
 # ------------------------------------------------------------------ splits, samples, the Hub
@@ -312,7 +312,7 @@ def test_hub_dataset_rows_and_eval_split(monkeypatch):
               "test": [{"prompt": "T", "chosen": "a", "rejected": "b"}]}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(splits[split]))
     cfg = DataConfig(path="someone/prefs", split="train", eval_split="test", drop_invalid=True)
-    data = load_preference_data(cfg, use_samples=False)
+    data = load_preference_data(cfg)
     assert data.source == "someone/prefs[train]" and len(data.train) == 5 and data.eval == [splits["test"][0]]
     assert data.dropped == 1 and str(data.dropped_problems[0]).startswith("someone/prefs[train] record 6: missing")
 
@@ -323,16 +323,17 @@ def test_eval_fraction_is_deterministic_and_max_examples_caps_train(tmp_path):
     a, b = prefs(path, eval_fraction=0.25), prefs(path, eval_fraction=0.25)
     assert len(a.eval) == 5 and len(a.train) == 15 and a.eval == b.eval
     assert not {r["prompt"] for r in a.eval} & {r["prompt"] for r in a.train}
-    other = load_preference_data(DataConfig(path=str(path), eval_fraction=0.25), use_samples=False, seed=7)
+    other = load_preference_data(DataConfig(path=str(path), eval_fraction=0.25), seed=7)
     assert other.eval != a.eval
     capped = prefs(path, eval_fraction=0.25, max_examples=4)
     assert len(capped.train) == 4 and capped.eval == a.eval
 
 
 def test_every_shipped_sample_loads():
-    assert load_sft_data(DataConfig(sample="chat_sft.jsonl"), use_samples=True).format == "chat"
-    assert load_preference_data(DataConfig(sample="chat_prefs.jsonl"), use_samples=True).format == "chat-preference"
-    concise = load_preference_data(DataConfig(sample="concise_prefs.jsonl"), use_samples=True)
+    assert load_sft_data(DataConfig(sample="chat_sft.jsonl"), SAMPLES_DIR / "chat_sft.jsonl").format == "chat"
+    prefs = load_preference_data(DataConfig(sample="chat_prefs.jsonl"), SAMPLES_DIR / "chat_prefs.jsonl")
+    assert prefs.format == "chat-preference"
+    concise = load_preference_data(DataConfig(sample="concise_prefs.jsonl"), SAMPLES_DIR / "concise_prefs.jsonl")
     assert concise.format == "prompt-chosen-rejected" and len(concise.train) > 50
 
 
@@ -340,7 +341,7 @@ def test_offline_hub_name_gives_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError) as e:
-        load_preference_data(DataConfig(path="someone/not-cached-prefs"), use_samples=False)
+        load_preference_data(DataConfig(path="someone/not-cached-prefs"))
     text = e.value.render()
     assert "offline" in text and "use_samples=true" in text and "local" in text
 
@@ -359,7 +360,8 @@ def test_every_recipe_reads_its_samples_offline(name):
     recipe, path = load_recipe(name, ["use_samples=true"])
     for stage in recipe.stages():
         loader = load_sft_data if stage == "sft" else load_preference_data
-        data = loader(getattr(recipe, stage).data, True, base_dir=path.parent, seed=recipe.seed)
+        cfg = getattr(recipe, stage).data
+        data = loader(cfg, recipe.sample_file(cfg), base_dir=path.parent, seed=recipe.seed)
         assert data.train and data.dropped == 0
         assert data.eval is None or len(data.eval) >= 1
 

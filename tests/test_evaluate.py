@@ -113,7 +113,7 @@ def test_reward_model_and_best_of_n(run):
     assert 0 <= held_out <= 1
     # the scorer lowvram eval uses reads pairs as the RewardTrainer did: it ranks the training pairs it learned
     recipe, _ = load_recipe("demo")
-    data = load_preference_data(rm_data_config(recipe), True, seed=recipe.seed)
+    data = load_preference_data(rm_data_config(recipe), recipe.sample_file(rm_data_config(recipe)), seed=recipe.seed)
     score = load_scorer(run)
     prompts = [r["prompt"] for r in data.train]
     chosen = score(prompts, [r["chosen"][-1]["content"] for r in data.train])

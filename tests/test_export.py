@@ -447,7 +447,7 @@ def test_verification_fails_on_nan(exported, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from lowvram import llamacpp
-    from lowvram.export import verify_ggufs
+    from lowvram.verify import verify_ggufs
 
     run, rc, *_ = exported
     assert rc == 0
@@ -466,13 +466,15 @@ def test_verification_fails_on_nan(exported, tmp_path):
 
 def test_printed_commands_are_shell_quoted(tmp_path):
     """A system prompt with $(...) and a path with spaces: the printed line gives each argument back, runs nothing."""
-    from lowvram.export import ExportResult, usage_lines
+    from lowvram.cli import usage_lines
+    from lowvram.export import ExportResult
 
     out = tmp_path / "my models" / "it's here"
     canary = tmp_path / "canary"
     system = f'Be "terse" $(touch {canary}) `touch {canary}` \\ done'
-    res = ExportResult(out, files={"f16": out / "m-f16.gguf"}, modelfiles={"f16": out / "m-f16.Modelfile"})
-    lines = usage_lines(res, "m", system)
+    res = ExportResult(out, files={"f16": out / "m-f16.gguf"}, modelfiles={"f16": out / "m-f16.Modelfile"},
+                       name="m", system_prompt=system)
+    lines = usage_lines(res)
     cli = next(x for x in lines if x.startswith("llama-cli"))
     argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + cli.removeprefix("llama-cli ")],
                           capture_output=True, check=True).stdout.decode().split("\0")[:-1]

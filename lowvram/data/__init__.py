@@ -1,7 +1,7 @@
 """Training data: every common SFT and preference format, detected with a reason, validated, linted.
 
     from lowvram.data import load_sft_data, load_preference_data
-    data = load_preference_data(recipe.dpo.data, recipe.use_samples, base_dir=recipe_path.parent)
+    data = load_preference_data(recipe.dpo.data, recipe.sample_file(recipe.dpo.data), base_dir=recipe_path.parent)
 
 `lowvram data check PATH` runs the same reading and validation without training, plus warnings about
 what makes poor preference pairs (see lowvram.data.check). Heavy libraries load only when needed.

@@ -46,8 +46,8 @@ SHOWN_ERRORS = 20
 class Finding:
     """One kind of warning, with every row it applies to."""
 
-    code: str  # identical_pair, near_identical_pair, chosen_equals_prompt, empty_answer, duplicate, swapped_pair,
-    #            length_bias, over_token_budget
+    code: str  # identical_pair, near_identical_pair, chosen_equals_prompt, empty_answer, duplicate_pair,
+    #            swapped_pair, duplicate_example, length_bias, over_token_budget
     message: str  # says what, how many, the threshold, and why it matters
     locations: tuple[Location, ...] = ()
 
@@ -158,13 +158,13 @@ def _short(loc: Location) -> str:
 
 # ------------------------------------------------------------------ checking
 
-def check_data(cfg: DataConfig, kind: str | None = None, use_samples: bool = False, base_dir: Path | None = None,
+def check_data(cfg: DataConfig, kind: str | None = None, sample: Path | None = None, base_dir: Path | None = None,
                stage: str | None = None) -> CheckReport:
     """Read, validate and lint one stage's data. `kind` None detects sft vs preference from the columns.
 
     add_token_budget(report, ...) then counts the examples longer than a stage's max_seq_len.
     """
-    source, records, eval_records = read_source_for_check(cfg, use_samples, base_dir)
+    source, records, eval_records = read_source_for_check(cfg, sample, base_dir)
     if isinstance(records, DataFileError):
         err = records
         return CheckReport(source, kind, errors=[Problem(err.location, "unreadable_file", err.message.split(": ", 1)[-1])],
@@ -196,10 +196,10 @@ def add_token_budget(report: CheckReport, max_seq_len: int, budget_from: str, to
             t.over))
 
 
-def read_source_for_check(cfg: DataConfig, use_samples: bool, base_dir: Path | None):
+def read_source_for_check(cfg: DataConfig, sample: Path | None, base_dir: Path | None):
     """Like read_source, but a file that cannot be read as data is reported instead of raised."""
     try:
-        return read_source(cfg, use_samples, base_dir)
+        return read_source(cfg, sample, base_dir)
     except DataFileError as e:
         return e.location.file, e, None
 
@@ -402,116 +402,3 @@ def token_budget(parsed: ParsedRows, max_seq_len: int, budget_from: str, tokeniz
     over = tuple(loc for (loc, _, _), n in zip(parsed.rows, lengths) if n > max_seq_len)
     return TokenBudget(max_seq_len, budget_from, how, approximate, over, max(lengths), statistics.median(lengths),
                        len(lengths))
-
-
-# ------------------------------------------------------------------ recipes: budget and tokenizer
-
-def stage_budget(recipe, stage: str, device) -> tuple[int, str, str]:
-    """(max_seq_len, where it comes from, model name) for a recipe stage on a device."""
-    from lowvram.errors import UserError
-    from lowvram.planner import make_plan
-
-    try:
-        plan = make_plan(recipe, device)
-    except UserError as e:
-        raise UserError(f"Cannot plan recipe {recipe.name!r} for {device.name} to find its token budget: {e.message}",
-                        hint="Plan for the card you will train on: --gpu t4, --gpu rtx3060 or --vram 16.") from None
-    sp = plan.stages[stage]
-    return sp.max_seq_len, f"{stage} stage of recipe {recipe.name}, {plan.tier} tier: {sp.reasons['max_seq_len']}", \
-        plan.model
-
-
-def local_tokenizer(model: str) -> tuple[Any, str]:
-    """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
-    from lowvram.models import BUILTIN_PREFIX
-
-    if model.startswith(BUILTIN_PREFIX):
-        from lowvram.tiny import TINY_NAME, ensure_tiny_tokenizer
-
-        if model != TINY_NAME:
-            return None, model
-        path = str(ensure_tiny_tokenizer())
-    else:
-        path = model
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True), model
-    except (OSError, ValueError, ImportError):  # not cached (offline or never downloaded), or no tokenizer files
-        return None, model
-
-
-# ------------------------------------------------------------------ the command
-
-def check_command(path: str | None, kind: str | None = None, fmt: str | None = None, recipe_name: str | None = None,
-                  strict: bool = False, as_json: bool = False, device_fn=None, overrides: list[str] | None = None) -> int:
-    """`lowvram data check`: print the report(s); exit status 0 clean, 1 errors (or warnings with strict)."""
-    from lowvram.errors import UserError
-    from lowvram.recipe import DataConfig
-
-    reports: list[CheckReport] = []
-    if recipe_name is None:
-        if not path:
-            raise UserError("'lowvram data check' needs a data file, folder or Hub dataset, or --recipe.",
-                            hint="Example: lowvram data check prefs.jsonl --kind preference")
-        reports.append(check_data(DataConfig(path=path, format=fmt or "auto"), kind))
-    else:
-        reports += _check_recipe(path, kind, fmt, recipe_name, device_fn, overrides)
-    code = max(r.exit_code(strict) for r in reports)
-    if as_json:
-        import json
-
-        print(json.dumps({"reports": [r.to_dict(strict) for r in reports], "exit_code": code}, indent=2))
-    else:
-        print("\n\n".join("\n".join(r.lines(strict)) for r in reports))
-    return code
-
-
-def _check_recipe(path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn,
-                  overrides: list[str] | None = None) -> list[CheckReport]:
-    """Each stage's data of a recipe (or PATH checked as the stage its kind belongs to), with its token budget."""
-    import dataclasses
-
-    from lowvram.errors import UserError
-    from lowvram.hardware import detect_device
-    from lowvram.recipe import DataConfig, load_recipe
-    from lowvram.templates import CHAT_FORMATS, chat_template_text, check_chat_template, check_model_path
-
-    recipe, recipe_path = load_recipe(recipe_name, overrides)
-    stage_of = {"sft": "sft", "preference": "dpo"}
-    if path:
-        if kind is None and len(recipe.stages()) == 1:
-            kind = "sft" if recipe.stages() == ["sft"] else "preference"
-        elif kind is None:  # let the columns say which stage this file is for
-            kind = check_data(DataConfig(path=path, format=fmt or "auto")).kind
-        stage = stage_of[kind or "sft"]
-        if stage not in recipe.stages():
-            raise UserError(f"Recipe {recipe.name!r} has no enabled {stage} stage to check {kind} data against.",
-                            hint="Check it without --recipe, or with a recipe whose stage uses this kind of data.")
-        # The recipe's Hub splits belong to its own data.path, not to the PATH checked here.
-        data = dataclasses.replace(getattr(recipe, stage).data, path=path, split="train", eval_split=None)
-        targets = [(stage, data, False, None)]
-    else:
-        targets = [(s, getattr(recipe, s).data, recipe.use_samples, recipe_path.parent) for s in recipe.stages()]
-        if kind is not None:
-            targets = [t for t in targets if t[0] == stage_of[kind]]
-            if not targets:
-                raise UserError(f"Recipe {recipe.name!r} has no enabled {stage_of[kind]} stage to check.")
-    device = device_fn() if device_fn else detect_device()
-    tokenizers: dict[str, tuple[Any, str]] = {}
-    reports = []
-    for stage, data, use_samples, base_dir in targets:
-        if fmt:
-            data = dataclasses.replace(data, format=fmt)
-        report = check_data(data, "sft" if stage == "sft" else "preference", use_samples, base_dir, stage=stage)
-        max_seq_len, budget_from, model = stage_budget(recipe, stage, device)
-        if report.format in CHAT_FORMATS:  # the run would refuse it: say so now, with the options
-            check_model_path(model)
-            check_chat_template(recipe, model, True)
-        if model not in tokenizers:
-            tokenizers[model] = local_tokenizer(model)
-        tokenizer, label = tokenizers[model]
-        add_token_budget(report, max_seq_len, budget_from, tokenizer, label,
-                         chat_template_text(recipe.model.chat_template))
-        reports.append(report)
-    return reports

@@ -1,6 +1,6 @@
 """Load a recipe stage's data as canonical rows for TRL, refusing (or dropping) invalid rows.
 
-    data = load_preference_data(recipe.dpo.data, recipe.use_samples, base_dir=recipe_path.parent)
+    data = load_preference_data(recipe.dpo.data, recipe.sample_file(recipe.dpo.data), base_dir=recipe_path.parent)
     print(f"{data.format}: {data.reason}")      # why that format was chosen
     train_rows, eval_rows = data.train, data.eval
 
@@ -74,19 +74,23 @@ class ParsedRows:
 
 # ------------------------------------------------------------------ public entry points
 
-def load_sft_data(cfg: DataConfig, use_samples: bool, base_dir: Path | None = None, seed: int = 42) -> LoadedData:
-    """SFT rows ({"messages"}, {"prompt","completion"} or {"text"}) from a stage's DataConfig."""
-    return _load(cfg, "sft", use_samples, base_dir, seed)
+def load_sft_data(cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None,
+                  seed: int = 42) -> LoadedData:
+    """SFT rows ({"messages"}, {"prompt","completion"} or {"text"}) from a stage's DataConfig.
+
+    `sample`: the shipped sample file to read instead of cfg.path (Recipe.sample_file resolves it).
+    """
+    return _load(cfg, "sft", sample, base_dir, seed)
 
 
-def load_preference_data(cfg: DataConfig, use_samples: bool, base_dir: Path | None = None,
+def load_preference_data(cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None,
                          seed: int = 42) -> LoadedData:
     """Preference rows ({"prompt","chosen","rejected"}, strings or conversational) from a stage's DataConfig."""
-    return _load(cfg, "preference", use_samples, base_dir, seed)
+    return _load(cfg, "preference", sample, base_dir, seed)
 
 
-def _load(cfg: DataConfig, kind: str, use_samples: bool, base_dir: Path | None, seed: int) -> LoadedData:
-    source, records, eval_records = read_source(cfg, use_samples, base_dir)
+def _load(cfg: DataConfig, kind: str, sample: Path | None, base_dir: Path | None, seed: int) -> LoadedData:
+    source, records, eval_records = read_source(cfg, sample, base_dir)
     parsed = parse_records(records, source, kind, cfg.format, cfg.columns)
     train = _accept(parsed, cfg.drop_invalid)
     dropped_problems, dropped_rows = tuple(parsed.problems), parsed.invalid_records
@@ -147,19 +151,16 @@ def resolve_path(path: str, base_dir: Path | None) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
-def read_source(cfg: DataConfig, use_samples: bool, base_dir: Path | None
+def read_source(cfg: DataConfig, sample: Path | None, base_dir: Path | None
                 ) -> tuple[str, list[Record], list[Record] | None]:
-    """(source label, records, eval-split records or None) for a stage's data settings."""
-    if use_samples:
-        from lowvram.recipe import SAMPLES_DIR
+    """(source label, records, eval-split records or None) for a stage's data settings.
 
-        if not cfg.sample:
-            raise UserError("use_samples is on but this stage names no sample file (data.sample).",
-                            hint=f"Shipped samples: {', '.join(p.name for p in sorted(SAMPLES_DIR.glob('*.jsonl')))}")
-        path = SAMPLES_DIR / cfg.sample
-        if not path.is_file():
-            raise UserError(f"No shipped sample {cfg.sample!r} in {SAMPLES_DIR}.")
-        return str(path), read_local(path), None
+    `sample`, when given, is read instead of cfg.path: the shipped sample file the recipe resolved.
+    """
+    if sample is not None:
+        if not sample.is_file():
+            raise UserError(f"No shipped sample file {sample}.")
+        return str(sample), read_local(sample), None
     if not cfg.path:
         raise UserError("data.path is empty: name a local file or folder, or a Hub dataset.",
                         hint="Or set use_samples=true to train on the shipped samples.")
