@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from lowvram import __version__
-from lowvram.errors import UserError
+from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, UserError
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -262,8 +262,8 @@ def export_and_report(run_dir: Path, opts) -> int:
         what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
         print(f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
               f"(see the table). The files are kept for inspection.", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
 
 
 def usage_lines(result) -> list[str]:
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run_recipe_script(script: str, argv: list[str]) -> int:

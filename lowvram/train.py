@@ -20,13 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowvram.adapters import save_policy
-from lowvram.errors import OutOfMemory, UserError
+from lowvram.errors import Interrupted, OutOfMemory, UserError
 from lowvram.planner import Plan, StagePlan
 from lowvram.recipe import Recipe
-
-
-class Interrupted(UserError):
-    exit_code = 130
 
 
 @dataclass

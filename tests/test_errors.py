@@ -1,7 +1,7 @@
 """Bad input of every kind ends with one clear message and an exit status, never a traceback (table-driven).
 
 Each case builds its bad input in a temporary folder, runs the CLI in-process and checks the exit status
-(2: a usage mistake, 1: bad data), a fragment of the message, and that nothing was left half-written.
+(2: a mistake to fix, unreadable training data included; 1: `data check` found errors; lowvram.errors), a fragment of the message, and that nothing was left half-written.
 The cases come from attacking lowvram as a careless or hostile user would (issue 17).
 """
 
@@ -40,8 +40,8 @@ def _data(name: str, content: str | bytes, says: str, suffix: str = ".jsonl") ->
     return Case(name, lambda t: ["data", "check", str(_write(t / f"d{suffix}", content)), "--kind", "sft"], 1, says)
 
 
-def _run_on_data(content: str | bytes, t: Path) -> list[str]:
-    data = _write(t / "data.jsonl", content)
+def _run_on_data(content: str | bytes, t: Path, suffix: str = ".jsonl") -> list[str]:
+    data = _write(t / f"data{suffix}", content)
     return ["run", "demo", "--run-dir", str(t / "run"), "--no-export", "use_samples=false", f"sft.data.path={data}",
             "dpo.enabled=false"]
 
@@ -71,7 +71,11 @@ CASES = [
     Case("17 MiB example", lambda t: ["data", "check", str(_write(t / "big.jsonl", GOOD_LINE + json.dumps(
         {"messages": [{"role": "user", "content": "x" * (17 << 20)}, {"role": "assistant", "content": "y"}]}) + "\n")),
         "--kind", "sft"], 1, "longer than any training example"),
-    Case("run on a gzip data file", lambda t: _run_on_data(gzip.compress(GOOD_LINE.encode()), t), 1, "gzip-compressed"),
+    # training refuses unreadable data with a user error, whatever the file type (once exit 1 for a whole-file error)
+    Case("run on a gzip data file", lambda t: _run_on_data(gzip.compress(GOOD_LINE.encode()), t), 2, "gzip-compressed"),
+    Case("run on a broken .json array", lambda t: _run_on_data("[" + json.dumps(GOOD) + ", {not json]", t, ".json"),
+         2, "invalid JSON"),
+    Case("run on a broken .jsonl line", lambda t: _run_on_data(GOOD_LINE + "{not json\n", t), 2, "line 2"),
     # ---- recipes and values
     Case("name with ../", lambda t: ["run", "demo", "--run-dir", str(t / "run"), "name=../../escape"], 2,
          "cannot name a folder inside output_dir"),

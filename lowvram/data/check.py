@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lowvram.data.formats import FORMAT_KIND
 from lowvram.data.load import ParsedRows, parse_records, read_source
 from lowvram.data.sources import DataFileError, Location, Problem
+from lowvram.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
     from lowvram.recipe import DataConfig
@@ -92,7 +93,7 @@ class CheckReport:
     parsed: ParsedRows | None = field(default=None, repr=False)  # kept for the token count
 
     def exit_code(self, strict: bool = False) -> int:
-        return 1 if self.errors or (strict and self.warnings) else 0
+        return EXIT_CHECK_FAILED if self.errors or (strict and self.warnings) else EXIT_OK
 
     def to_dict(self, strict: bool = False) -> dict:
         return {"source": self.source, "stage": self.stage, "kind": self.kind, "format": self.format,

@@ -72,12 +72,11 @@ class Record:
 
 
 class DataFileError(UserError):
-    """A whole file cannot be read as data (a broken JSON array, unparsable CSV): a data error, not a usage one.
+    """A whole file cannot be read as data (a broken JSON array, unparsable CSV, a gzip file).
 
-    `lowvram data check` reports it like any other error (exit status 1); training refuses the data.
+    Training refuses the data like any other data mistake (exit status 2, lowvram.errors);
+    `lowvram data check` catches it and reports it as one error row (its FAIL is exit status 1).
     """
-
-    exit_code = 1
 
     def __init__(self, location: Location, message: str, hint: str | None = None):
         self.location = location
