@@ -217,9 +217,6 @@ class GGUFModel:
         """Token ids as llama.cpp reads `text`: special tokens parsed, no BOS added."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
-
     def logits(self, ids: list[int]):
         """float32 array [len(ids), vocab]: the next-token logits after each position."""
         import numpy as np

@@ -67,6 +67,7 @@ def new_run_dir(recipe: Recipe) -> Path:
 def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) -> dict:
     """Read and validate every stage's data before any model loads."""
     from lowvram.data import load_preference_data, load_sft_data
+    from lowvram.data.load import plural
 
     out = {}
     for stage in stages:
@@ -74,7 +75,7 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
         loader = load_sft_data if stage == "sft" else load_preference_data
         data = loader(cfg, recipe.sample_file(cfg), base_dir=recipe_dir, seed=recipe.seed)
         held = f", {len(data.eval)} held out" if data.eval else ""
-        dropped = f", {data.dropped} invalid rows dropped" if data.dropped else ""
+        dropped = f", {plural(data.dropped, 'invalid row')} dropped" if data.dropped else ""
         print(f"[{stage}] data: {len(data.train)} rows{held}{dropped} from {data.source}"
               f" -- format {data.format}: {data.reason}", flush=True)
         out[stage] = data

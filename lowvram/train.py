@@ -1,8 +1,9 @@
 """The training stages: SFT with TRL's SFTTrainer, then DPO (or ORPO) with TRL's preference trainers.
 
-    adapter_dir = run_stage(ctx)     # ctx = StageContext(run_dir, recipe, plan, stage="sft"|"dpo", ...)
+    adapter_dir = run_stage(ctx, data)   # ctx = StageContext(run_dir, recipe, plan, stage="sft"|"dpo", ...)
 
-Each stage reads its data, loads the model through the plan's backend, trains with checkpoints in
+Each stage trains on `data`, which pipeline.load_stage_data read and validated before any model
+loaded; it loads the model through the plan's backend, trains with checkpoints in
 RUN/<stage>/checkpoints (resumable), and writes RUN/<stage>/adapter and RUN/<stage>/DONE.
 DPO continues the SFT adapter: TRL copies it into a frozen "ref" adapter, so the reference is the
 SFT policy and no second copy of the model is held.

@@ -1,15 +1,9 @@
-"""Run the recipe of the same name beside this file.
-
-    python recipes/orpo-tight.py [--plan] [--vram GIB] [key=value ...]
-
-Same as `lowvram run orpo-tight`; `--plan` only prints the plan.
-"""
+"""`python recipes/orpo-tight.py [--plan] [key=value ...]`: lowvram run (--plan: plan) with the YAML beside this file."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout works without pip install
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout runs without pip install
 from lowvram.cli import run_recipe_script  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Prove the plan on a CUDA GPU: each tier's model at real dimensions, capped to the tier's card.
 
-Run on a CUDA machine with lowvram[gpu] installed (../shared/GPU.md says how on an offline machine):
+Run on a CUDA machine with lowvram[gpu] installed:
     python scripts/gpu_check.py --out /tmp/gpu-check                    # every tier (llama), SFT + DPO
     python scripts/gpu_check.py --tiers 24gb --families qwen,mistral    # other families (--tiers "": none)
     python scripts/gpu_check.py --t4 --methods kto,orpo --compare-hf --long-context --resume-check

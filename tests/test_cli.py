@@ -102,11 +102,12 @@ def test_export_modules_import_no_training_libraries():
     assert json.loads(out.stdout) == []
 
 
-def test_recipe_script_runs_the_yaml_beside_it():
+@pytest.mark.parametrize("name", ["chat-assistant", "concise", "demo", "orpo-tight"])
+def test_recipe_script_runs_the_yaml_beside_it(name):
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "recipes" / "chat-assistant.py"
+    script = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
     res = subprocess.run([sys.executable, str(script), "--plan", "--gpu", "rtx3060", "dpo.beta=0.3"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "12gb tier" in res.stdout
+    assert f"Plan for {name} " in res.stdout and "12gb tier" in res.stdout

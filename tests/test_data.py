@@ -197,6 +197,23 @@ def test_each_error_is_named_with_its_line(tmp_path):
     assert path.read_bytes() == before  # the source is never modified
 
 
+def test_one_invalid_row_is_one_row(tmp_path, capsys):
+    """The refusal and the run's 'dropped' line count in words that agree with the number."""
+    good = json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"})
+    path = tmp_path / "p.jsonl"
+    path.write_text(good + "\n{not json\n" + good.replace("a", "c") + "\n")
+    with pytest.raises(UserError) as e:
+        prefs(path)
+    assert "p.jsonl: 1 invalid row (" in e.value.render() and "3 rows in all" in e.value.render()
+    from lowvram.pipeline import load_stage_data
+    from lowvram.recipe import load_recipe
+
+    recipe, _ = load_recipe("demo", ["use_samples=false", "sft.enabled=false", f"dpo.data.path={path}",
+                                     "dpo.data.drop_invalid=true", "dpo.data.eval_fraction=0"])
+    load_stage_data(recipe, None, ["dpo"])
+    assert ", 1 invalid row dropped from" in capsys.readouterr().out
+
+
 def test_message_level_errors(tmp_path):
     rows = [
         {"messages": [msg(USER, "Q"), msg(BOT, "A")]},

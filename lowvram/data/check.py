@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowvram.data.formats import FORMAT_KIND
 from lowvram.data.load import ParsedRows, parse_records, read_source
+from lowvram.data.load import plural as _n
 from lowvram.data.sources import DataFileError, Location, Problem
 from lowvram.errors import EXIT_CHECK_FAILED, EXIT_OK
 
@@ -141,11 +142,6 @@ class CheckReport:
         else:
             out.append("result    OK")
         return out
-
-
-def _n(count: int, noun: str) -> str:
-    """'1 pair', '3 pairs'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _short(loc: Location) -> str:

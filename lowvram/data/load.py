@@ -47,14 +47,6 @@ class LoadedData:
     dropped: int  # invalid rows dropped (drop_invalid=True), else 0
     dropped_problems: tuple[Problem, ...] = ()  # what was wrong with the dropped rows (a row may have several)
 
-    def lines(self) -> list[str]:
-        """What to print before training: source, format with its reason, counts."""
-        out = [f"data      {self.source}", f"format    {self.format}  -- {self.reason}",
-               f"rows      {len(self.train)} train" + (f", {len(self.eval)} eval" if self.eval is not None else "")]
-        if self.dropped:
-            out.append(f"dropped   {self.dropped} invalid rows (drop_invalid), first: {self.dropped_problems[0]}")
-        return out
-
 
 @dataclass
 class ParsedRows:
@@ -116,13 +108,18 @@ def _load(cfg: DataConfig, kind: str, sample: Path | None, base_dir: Path | None
 def _accept(parsed: ParsedRows, drop_invalid: bool) -> list[dict]:
     """The canonical rows, or UserError naming the first bad rows unless they may be dropped."""
     if parsed.problems and not drop_invalid:
-        raise UserError(f"{parsed.source}: {parsed.invalid_records} invalid rows ({parsed.format} data, "
-                        f"{len(parsed.records)} rows in all):", _listing(parsed.problems),
+        raise UserError(f"{parsed.source}: {plural(parsed.invalid_records, 'invalid row')} ({parsed.format} data, "
+                        f"{plural(len(parsed.records), 'row')} in all):", _listing(parsed.problems),
                         hint="Fix those rows, or set data.drop_invalid=true to train without them. "
                              "`lowvram data check PATH` lists every problem.")
     if not parsed.rows:
         raise UserError(f"{parsed.source}: no valid rows ({len(parsed.records)} read).", _listing(parsed.problems))
     return [canon for _, _, canon in parsed.rows]
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 invalid row', '3 invalid rows'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _listing(problems: list[Problem]) -> list[str]:
