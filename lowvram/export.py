@@ -260,12 +260,18 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         verify = False
         result.notes.append(f"verification skipped: the merged model ({merged_bytes / 2**30:.1f} GiB) does not fit in "
                             f"the {free_ram / 2**30:.1f} GiB of free RAM; rerun on a bigger machine to verify")
+    tools = None
     if types:
-        from lowvram import llamacpp
+        from lowvram.llamacpp import export_tools
 
-        result.notes.append(llamacpp.check_converter())
-        if any(t in llamacpp.QUANT_TYPES for t in types) or verify:
-            result.notes.append(llamacpp.check_runtime())
+        tools = export_tools()
+        tools.require(types)  # each type this machine cannot write, with what it needs
+        result.notes.append(tools.converter)
+        if tools.runtime:
+            result.notes.append(tools.runtime)
+        elif verify:  # f16, bf16 and q8_0 need no compiled code; running the files in llama.cpp does
+            verify = False
+            result.notes.append(f"verification skipped: {tools.verify_reason()}")
     fmt, end_of_turn = _chat_format(run, system) if types else (None, None)
     if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
         from lowvram.ollama import modelfile_problems
@@ -276,7 +282,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             raise UserError("Cannot write an Ollama Modelfile that Ollama would read back as written:", problems,
                             hint="Change the SYSTEM prompt (--system TEXT, or export.system_prompt in the recipe).")
     _check_adapter_finite(run)
-    intermediate = _quant_source(types, out_dtype)
+    intermediate = _quant_source(types, out_dtype, tools)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
     from lowvram.fileio import check_writable
 
@@ -299,7 +305,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         _clean_leftovers(out_dir)
         try:
             return _export_locked(run, opts, result, out_dir, adapter, base, plan, types, verify, system, fmt,
-                                  end_of_turn, intermediate, need_merge)
+                                  end_of_turn, intermediate, need_merge, tools)
         except (OSError, RuntimeError) as e:
             from lowvram.fileio import disk_full
 
@@ -318,7 +324,7 @@ def _check_adapter_finite(run: RunInfo) -> None:
 
 
 def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_dir: Path, adapter, base, plan,
-                   types, verify, system, fmt, end_of_turn, intermediate, need_merge) -> ExportResult:
+                   types, verify, system, fmt, end_of_turn, intermediate, need_merge, tools) -> ExportResult:
     """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
     from lowvram import merge as mg
 
@@ -348,7 +354,7 @@ def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_
              f"[{time.perf_counter() - t0:.1f} s]")
         # 3. GGUF
         if types:
-            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result, end_of_turn)
+            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result, tools, end_of_turn)
             for t in types:
                 mf = out_dir / f"{run.name}-{t}.Modelfile"
                 from lowvram.ollama import modelfile
@@ -379,11 +385,9 @@ def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_
         shutil.rmtree(scratch, ignore_errors=True)  # what was not finished goes with it
 
 
-def _quant_source(types: tuple[str, ...], merged_dtype: str) -> str | None:
+def _quant_source(types: tuple[str, ...], merged_dtype: str, tools) -> str | None:
     """The 16-bit GGUF the quantizer reads: a requested one when possible, else the merged dtype."""
-    from lowvram.llamacpp import QUANT_TYPES
-
-    if not any(t in QUANT_TYPES for t in types):
+    if not any(tools.writer(t) == "quantizer" for t in types):
         return None
     if merged_dtype in types:
         return merged_dtype
@@ -394,11 +398,11 @@ def _quant_source(types: tuple[str, ...], merged_dtype: str) -> str | None:
 
 
 def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: Path, out_dir: Path,
-                 result: ExportResult, end_of_turn: str | None = None) -> None:
+                 result: ExportResult, tools, end_of_turn: str | None = None) -> None:
     from lowvram import llamacpp
 
     log = out_dir / "export.log"
-    sixteen = [t for t in types if t in llamacpp.CONVERTER_TYPES]
+    sixteen = [t for t in types if tools.writer(t) == "converter"]  # q8_0 too where the quantizer is missing
     if intermediate and intermediate not in sixteen:
         sixteen.append(intermediate)
     produced: dict[str, Path] = {}
@@ -410,7 +414,8 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
         if not produced:  # the quantized types share this vocabulary: one check covers them all
             from lowvram.gguf_checks import check_gguf_tokenizer
 
-            info = check_gguf_tokenizer(temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name)
+            info = check_gguf_tokenizer(temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name,
+                                        tokenize=tools.verifies)
             _say(f"  GGUF {info.line()}")
         if t in types:
             _publish(temp, final)
@@ -419,7 +424,7 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
         _say(f"  {t}: {produced[t].stat().st_size / 2**20:.1f} MiB with llama.cpp's converter "
              f"[{time.perf_counter() - t0:.1f} s]" + ("" if t in types else " (quantizer input, temporary)"))
     for t in types:
-        if t not in llamacpp.QUANT_TYPES:
+        if tools.writer(t) != "quantizer":
             continue
         final = out_dir / f"{run.name}-{t}.gguf"
         t0 = time.perf_counter()

