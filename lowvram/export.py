@@ -27,8 +27,8 @@ from pathlib import Path
 
 from lowvram.errors import UserError
 from lowvram.hardware import available_ram_bytes
+from lowvram.llamacpp import GGUF_TYPES
 from lowvram.ollama import SYSTEM_MODES
-from lowvram.recipe import GGUF_TYPES
 from lowvram.verify import verify_ggufs
 
 STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both

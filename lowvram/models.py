@@ -38,51 +38,73 @@ class ModelSpec:
         return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
-def _spec(name, family, params_b, layers, hidden, heads, kv, inter, vocab, tied, q4=True, base=None,
-          head_dim=None) -> ModelSpec:
-    return ModelSpec(name, family, params_b, layers, hidden, heads, kv, inter, vocab, tied, q4, base, head_dim)
+def _spec(name: str, family: str, *, params_b: float, layers: int, hidden: int, heads: int, kv_heads: int,
+          ffn: int, vocab: int, tied: bool, q4: bool = True, base: str | None = None,
+          head_dim: int | None = None) -> ModelSpec:
+    """A catalog row. The dimensions are the repository's config.json (num_hidden_layers, hidden_size,
+    num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings, head_dim);
+    params_b is the parameter count in billions; q4: the repository holds bitsandbytes 4-bit weights;
+    base: the 16-bit original it was quantized from."""
+    return ModelSpec(name, family, params_b, layers, hidden, heads, kv_heads, ffn, vocab, tied, q4, base, head_dim)
 
 
 CATALOG: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        _spec("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "llama", 1.24, 16, 2048, 32, 8, 8192, 128256, True,
+        _spec("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "llama",
+              params_b=1.24, layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256, tied=True,
               base="unsloth/Llama-3.2-1B-Instruct"),
-        _spec("unsloth/Llama-3.2-3B-Instruct-bnb-4bit", "llama", 3.21, 28, 3072, 24, 8, 8192, 128256, True,
+        _spec("unsloth/Llama-3.2-3B-Instruct-bnb-4bit", "llama",
+              params_b=3.21, layers=28, hidden=3072, heads=24, kv_heads=8, ffn=8192, vocab=128256, tied=True,
               base="unsloth/Llama-3.2-3B-Instruct"),
-        _spec("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "llama", 8.03, 32, 4096, 32, 8, 14336, 128256, False,
+        _spec("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "llama",
+              params_b=8.03, layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256, tied=False,
               base="unsloth/Meta-Llama-3.1-8B-Instruct"),
-        _spec("unsloth/Qwen2.5-0.5B-Instruct", "qwen", 0.49, 24, 896, 14, 2, 4864, 151936, True, q4=False,
-              base="unsloth/Qwen2.5-0.5B-Instruct"),
-        _spec("unsloth/Qwen2.5-1.5B-Instruct-bnb-4bit", "qwen", 1.54, 28, 1536, 12, 2, 8960, 151936, True,
+        _spec("unsloth/Qwen2.5-0.5B-Instruct", "qwen",
+              params_b=0.49, layers=24, hidden=896, heads=14, kv_heads=2, ffn=4864, vocab=151936, tied=True,
+              q4=False, base="unsloth/Qwen2.5-0.5B-Instruct"),
+        _spec("unsloth/Qwen2.5-1.5B-Instruct-bnb-4bit", "qwen",
+              params_b=1.54, layers=28, hidden=1536, heads=12, kv_heads=2, ffn=8960, vocab=151936, tied=True,
               base="unsloth/Qwen2.5-1.5B-Instruct"),
-        _spec("unsloth/Qwen2.5-3B-Instruct-bnb-4bit", "qwen", 3.09, 36, 2048, 16, 2, 11008, 151936, True,
+        _spec("unsloth/Qwen2.5-3B-Instruct-bnb-4bit", "qwen",
+              params_b=3.09, layers=36, hidden=2048, heads=16, kv_heads=2, ffn=11008, vocab=151936, tied=True,
               base="unsloth/Qwen2.5-3B-Instruct"),
-        _spec("unsloth/Qwen2.5-7B-Instruct-bnb-4bit", "qwen", 7.62, 28, 3584, 28, 4, 18944, 152064, False,
+        _spec("unsloth/Qwen2.5-7B-Instruct-bnb-4bit", "qwen",
+              params_b=7.62, layers=28, hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064, tied=False,
               base="unsloth/Qwen2.5-7B-Instruct"),
-        _spec("unsloth/Qwen2.5-14B-Instruct-bnb-4bit", "qwen", 14.77, 48, 5120, 40, 8, 13824, 152064, False,
+        _spec("unsloth/Qwen2.5-14B-Instruct-bnb-4bit", "qwen",
+              params_b=14.77, layers=48, hidden=5120, heads=40, kv_heads=8, ffn=13824, vocab=152064, tied=False,
               base="unsloth/Qwen2.5-14B-Instruct"),
-        _spec("unsloth/mistral-7b-instruct-v0.3-bnb-4bit", "mistral", 7.25, 32, 4096, 32, 8, 14336, 32768, False,
+        _spec("unsloth/mistral-7b-instruct-v0.3-bnb-4bit", "mistral",
+              params_b=7.25, layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=32768, tied=False,
               base="unsloth/mistral-7b-instruct-v0.3"),
-        _spec("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit", "mistral", 12.25, 40, 5120, 32, 8, 14336, 131072, False,
-              base="unsloth/Mistral-Nemo-Instruct-2407", head_dim=128),
-        _spec("unsloth/Mistral-Small-Instruct-2409-bnb-4bit", "mistral", 22.25, 56, 6144, 48, 8, 16384, 32768, False,
-              base="unsloth/Mistral-Small-Instruct-2409", head_dim=128),
+        _spec("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit", "mistral",
+              params_b=12.25, layers=40, hidden=5120, heads=32, kv_heads=8, ffn=14336, vocab=131072, tied=False,
+              head_dim=128, base="unsloth/Mistral-Nemo-Instruct-2407"),
+        _spec("unsloth/Mistral-Small-Instruct-2409-bnb-4bit", "mistral",
+              params_b=22.25, layers=56, hidden=6144, heads=48, kv_heads=8, ffn=16384, vocab=32768, tied=False,
+              head_dim=128, base="unsloth/Mistral-Small-Instruct-2409"),
         # Phi-4 as Unsloth publishes it: Llama-style q/k/v and gate/up projections (unfused).
-        _spec("unsloth/phi-4-bnb-4bit", "phi", 14.66, 40, 5120, 40, 10, 17920, 100352, False,
+        _spec("unsloth/phi-4-bnb-4bit", "phi",
+              params_b=14.66, layers=40, hidden=5120, heads=40, kv_heads=10, ffn=17920, vocab=100352, tied=False,
               base="unsloth/phi-4"),
         # Gemma-2: head_dim 256 is not hidden / heads (9B: 3584 / 16 = 224); tied 256k vocabulary.
-        _spec("unsloth/gemma-2-2b-it-bnb-4bit", "gemma", 2.61, 26, 2304, 8, 4, 9216, 256000, True,
-              base="unsloth/gemma-2-2b-it", head_dim=256),
-        _spec("unsloth/gemma-2-9b-it-bnb-4bit", "gemma", 9.24, 42, 3584, 16, 8, 14336, 256000, True,
-              base="unsloth/gemma-2-9b-it", head_dim=256),
-        _spec("unsloth/gemma-2-27b-it-bnb-4bit", "gemma", 27.2, 46, 4608, 32, 16, 36864, 256000, True,
-              base="unsloth/gemma-2-27b-it", head_dim=128),
+        _spec("unsloth/gemma-2-2b-it-bnb-4bit", "gemma",
+              params_b=2.61, layers=26, hidden=2304, heads=8, kv_heads=4, ffn=9216, vocab=256000, tied=True,
+              head_dim=256, base="unsloth/gemma-2-2b-it"),
+        _spec("unsloth/gemma-2-9b-it-bnb-4bit", "gemma",
+              params_b=9.24, layers=42, hidden=3584, heads=16, kv_heads=8, ffn=14336, vocab=256000, tied=True,
+              head_dim=256, base="unsloth/gemma-2-9b-it"),
+        _spec("unsloth/gemma-2-27b-it-bnb-4bit", "gemma",
+              params_b=27.2, layers=46, hidden=4608, heads=32, kv_heads=16, ffn=36864, vocab=256000, tied=True,
+              head_dim=128, base="unsloth/gemma-2-27b-it"),
         # Gemma-3 1B is text-only; the larger Gemma-3 models carry a vision tower the estimate does not count.
-        _spec("unsloth/gemma-3-1b-it-bnb-4bit", "gemma", 1.0, 26, 1152, 4, 1, 6912, 262144, True,
-              base="unsloth/gemma-3-1b-it", head_dim=256),
+        _spec("unsloth/gemma-3-1b-it-bnb-4bit", "gemma",
+              params_b=1.0, layers=26, hidden=1152, heads=4, kv_heads=1, ffn=6912, vocab=262144, tied=True,
+              head_dim=256, base="unsloth/gemma-3-1b-it"),
         # Built locally, never downloaded: the offline demo and the test suite train this one.
-        _spec("builtin:tiny-llama", "tiny", 0.0009, 4, 128, 4, 2, 344, 1024, False, q4=False),
+        _spec("builtin:tiny-llama", "tiny",
+              params_b=0.0009, layers=4, hidden=128, heads=4, kv_heads=2, ffn=344, vocab=1024, tied=False, q4=False),
     ]
 }
 

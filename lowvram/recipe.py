@@ -21,6 +21,7 @@ import yaml
 
 from lowvram.data.formats import DATA_FORMATS
 from lowvram.errors import UserError
+from lowvram.llamacpp import GGUF_TYPES
 
 
 def _recipes_dir() -> Path:
@@ -32,7 +33,6 @@ def _recipes_dir() -> Path:
 
 RECIPES_DIR = _recipes_dir()
 SAMPLES_DIR = RECIPES_DIR / "data"
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "bco_pair")
 PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 GRAD_CKPT_MODES = ("auto", "unsloth", "standard", "off")
