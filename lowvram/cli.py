@@ -47,17 +47,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from lowvram.recipe import find_recipe, recipe_summary, shipped_recipes
-    from lowvram.ui import table
+    from lowvram.ui import echo, table
 
     if args.action == "templates":
         from lowvram.templates import templates_table
 
-        print(templates_table())
+        echo(templates_table())
         print("\nUse one for a base model without a chat template: model.chat_template=NAME (or the Jinja text).")
         return 0
     if args.action == "list":
         rows = [(name, recipe_summary(path)) for name, path in shipped_recipes().items()]
-        print(table(rows, ("recipe", "what it does")))
+        echo(table(rows, ("recipe", "what it does")))
         print("\nRun one: lowvram run NAME [key=value ...]   Show: lowvram recipes show NAME   Copy: lowvram recipes copy NAME DEST")
         return 0
     if not args.name:
@@ -93,7 +93,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))  # strict JSON: no NaN or Infinity
         return 0
     print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
-    print("\n".join(plan.lines()))
+    from lowvram.ui import echo
+
+    echo(plan.lines())
     from lowvram.templates import turn_token_note
 
     note = turn_token_note(recipe, plan.model)
@@ -161,7 +163,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"reports": [r.to_dict(args.strict) for r in reports], "exit_code": code}, indent=2))
     else:
-        print("\n\n".join("\n".join(r.lines(args.strict)) for r in reports))
+        from lowvram.ui import echo
+
+        echo([line for i, r in enumerate(reports) for line in [*([""] if i else []), *r.lines(args.strict)]])
     return code
 
 
@@ -248,7 +252,9 @@ def export_and_report(run_dir: Path, opts) -> int:
     result = export_run(run_dir, opts)
     if result.verify_rows:
         print("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n", flush=True)
-        print(verify_table(result.verify_rows), flush=True)
+        from lowvram.ui import echo
+
+        echo(verify_table(result.verify_rows))
     if result.modelfiles:
         print("\nRun it:", flush=True)
         for line in usage_lines(result):

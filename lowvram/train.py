@@ -91,10 +91,12 @@ KEY_METRICS = {
 
 
 def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
-    """A TrainerCallback that logs JSON lines, prints progress, and honours Ctrl-C."""
+    """A TrainerCallback that logs JSON lines, shows progress (lowvram.ui), and honours Ctrl-C."""
     from transformers import TrainerCallback
 
-    tty = sys.stdout.isatty()
+    from lowvram import ui
+
+    metrics = KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "rm" if stage == "rm" else "sft"]
 
     class LowvramCallback(TrainerCallback):
         def __init__(self):
@@ -102,9 +104,11 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
             self.last_t = None
             self.last_tokens = None
             self.tokens_per_s = None
+            self.bar = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.monotonic()
+            self.bar = ui.progress(stage, state.max_steps, metrics, start=state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
             if _Stop.requested:
@@ -122,35 +126,21 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
                 self.last_tokens, self.last_t = tokens, now
             record = {"stage": stage, "step": state.global_step, "max_steps": state.max_steps,
                       "elapsed_s": round(now - (self.t0 or now), 3), **logs}
-            if self.tokens_per_s is not None and not any(k.startswith("eval_") for k in logs):
+            eval_mode = any(k.startswith("eval_") for k in logs)
+            if self.tokens_per_s is not None and not eval_mode:
                 record["tokens_per_s"] = round(self.tokens_per_s, 1)
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-            print(self._line(state, logs, now), end="\r" if tty and "loss" in logs else "\n", flush=True)
+            if eval_mode:
+                when = "before training" if state.global_step == 0 else f"at step {state.global_step}"
+                ui.note(f"[{stage} held-out eval] {when}", ui.metric_text(logs, metrics, "eval_"), bar=self.bar)
+            elif self.bar is not None and "train_runtime" not in logs:  # not the Trainer's closing summary
+                self.bar.update(state.global_step, logs, self.tokens_per_s)
 
         def on_train_end(self, args, state, control, **kw):
-            if tty:
-                print()
-
-        def _line(self, state, logs, now):
-            step, total = state.global_step, max(state.max_steps, 1)
-            eval_mode = any(k.startswith("eval_") for k in logs)
-            if eval_mode:
-                parts = [f"[{stage} held-out eval] " + ("before training" if step == 0 else f"at step {step}")]
-            else:
-                parts = [f"[{stage}] step {step}/{total}"]
-            prefix = "eval_" if eval_mode else ""
-            for key, label, fmt in KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "rm" if stage == "rm" else "sft"]:
-                if prefix + key in logs:
-                    parts.append(f"{label} {fmt.format(logs[prefix + key])}")
-            if not eval_mode:
-                if self.tokens_per_s:
-                    parts.append(f"{self.tokens_per_s:,.0f} tok/s")
-                elapsed = now - (self.t0 or now)
-                if step > 0:
-                    eta = elapsed / step * (total - step)
-                    parts.append(f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
-            return "  ".join(parts)
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
 
     return LowvramCallback()
 
@@ -497,6 +487,8 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         before = _evaluate(trainer, ctx, "before")
         if before:
             atomic_write_text(ctx.stage_dir / "eval_before.json", json.dumps(before, indent=2))
+    from lowvram import ui
+
     try:
         with graceful_interrupt():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -508,6 +500,8 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
                  if ckpt else f"No checkpoint was saved yet: resuming starts {ctx.stage} again.")
         raise Interrupted(f"Stopped {ctx.stage} at once at step {trainer.state.global_step}. {where}",
                           hint=f"Resume with: {_resume_cmd(ctx)}") from None
+    finally:
+        ui.close_progress()  # a bar left live by an exception would keep the cursor hidden and stdout redirected
     if guard.problem:
         raise divergence_error(ctx.stage, guard.problem, ctx.run_dir, ctx.recipe, guard.step)
     if _Stop.requested:

@@ -89,9 +89,11 @@ def test_light_commands_do_not_import_training_libraries(args):
         "    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'unsloth') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
+        "print('RICH', 'rich' in sys.modules)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in res.stdout, res.stdout + res.stderr
+    assert "RICH False" in res.stdout  # output to a pipe is plain text: rich is loaded only for a terminal
 
 
 def test_export_modules_import_no_training_libraries():

@@ -55,6 +55,23 @@ def test_run_directory_has_everything_export_needs(demo_run):
     assert any("tokens_per_s" in r for r in rows)
 
 
+def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
+    """The run's real output, not to a terminal: every logged step is one line with the stage's key metrics and
+    ETA, in the order the metrics log has them, with nothing only a terminal would read (no \\r, no ANSI)."""
+    import re
+
+    out = (demo_run.parent / "stdout.txt").read_text()
+    assert "\r" not in out and "\x1b" not in out
+    rows = [json.loads(x) for x in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    metrics = {"sft": r"loss \d+\.\d{3}  tok_acc \d\.\d\d", "dpo": r"loss \d+\.\d{3}  pref_acc \d\.\d\d  margin [+-]\d+\.\d{3}"}
+    for stage, shown in metrics.items():
+        logged = [r["step"] for r in rows if r["stage"] == stage and "loss" in r and "eval" not in r]
+        lines = re.findall(rf"^\[{stage}\] step (\d+)/\d+  {shown}(?:  [\d,]+ tok/s)?  ETA \d+:\d\d$", out, re.M)
+        assert logged and [int(s) for s in lines] == logged, out[-3000:]
+    assert re.search(r"^\[dpo held-out eval\] before training  pref_acc \d\.\d\d  margin [+-]", out, re.M)
+    assert re.search(r"^type +size .*\n-{4,}", out, re.M)  # the export's verification table, as plain columns
+
+
 def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
     from lowvram.hardware import Device
     from lowvram.hf_backend import load_for_training

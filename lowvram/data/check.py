@@ -105,43 +105,55 @@ class CheckReport:
                 "exit_code": self.exit_code(strict)}
 
     def lines(self, strict: bool = False) -> list[str]:
+        """The report: a table (lowvram.ui) of what was found, whose plain text reads one finding per line."""
+        import textwrap
+
+        from lowvram.ui import table
+
         title = f"{self.stage} data" if self.stage else "data"
-        out = [f"{title}: {self.source}" + (f" ({self.kind})" if self.kind else "")]
+        title = f"{title}: {self.source}" + (f" ({self.kind})" if self.kind else "")
+        rows: list[tuple[str, str, list[str]]] = []  # (field, first line, further lines as indented in plain text)
         if self.format:
-            out.append(f"format    {self.format}  -- {self.reason}")
-        out.append(f"rows      {self.rows_read} read, {self.rows_valid} valid, {self.rows_read - self.rows_valid} invalid")
+            rows.append(("format", f"{self.format}  -- {self.reason}", []))
+        rows.append(("rows", f"{self.rows_read} read, {self.rows_valid} valid, {self.rows_read - self.rows_valid} invalid", []))
         if self.errors:
-            out.append(f"errors    {len(self.errors)} (training refuses these rows; data.drop_invalid=true skips them)")
-            out += [f"  - {p}" for p in self.errors[:SHOWN_ERRORS]]
+            more = [f"  - {p}" for p in self.errors[:SHOWN_ERRORS]]
             if len(self.errors) > SHOWN_ERRORS:
-                out.append(f"  ... and {len(self.errors) - SHOWN_ERRORS} more (--json lists every one)")
+                more.append(f"  ... and {len(self.errors) - SHOWN_ERRORS} more (--json lists every one)")
+            rows.append(("errors", f"{len(self.errors)} (training refuses these rows; data.drop_invalid=true skips them)",
+                         more))
         if self.warnings:
-            out.append(f"warnings  {len(self.warnings)}")
+            more = []
             for w in self.warnings:
-                out.append(f"  - {w.message}")
+                more.append(f"  - {w.message}")
                 if w.locations:
                     shown = ", ".join(_short(loc) for loc in w.locations[:SHOWN_LOCATIONS])
-                    more = f" and {len(w.locations) - SHOWN_LOCATIONS} more" if len(w.locations) > SHOWN_LOCATIONS else ""
-                    out.append(f"      at {shown}{more}")
+                    extra = f" and {len(w.locations) - SHOWN_LOCATIONS} more" if len(w.locations) > SHOWN_LOCATIONS else ""
+                    more.append(f"      at {shown}{extra}")
+            rows.append(("warnings", f"{len(self.warnings)}", more))
         if "chosen_longer_share" in self.stats:
             s = self.stats
-            out.append(f"lengths   chosen longer than rejected in {s['chosen_longer_share']:.0%} of {s['pairs']} pairs, "
-                       f"shorter in {s['chosen_shorter_share']:.0%}; median chosen/rejected length ratio "
-                       f"{s['median_length_ratio']:.2f} (characters)")
+            rows.append(("lengths", f"chosen longer than rejected in {s['chosen_longer_share']:.0%} of {s['pairs']} "
+                         f"pairs, shorter in {s['chosen_shorter_share']:.0%}; median chosen/rejected length ratio "
+                         f"{s['median_length_ratio']:.2f} (characters)", []))
         if self.tokens:
             t = self.tokens
             approx = "~" if t.approximate else ""
-            out.append(f"tokens    {len(t.over)} of {t.examples} examples exceed max_seq_len {t.max_seq_len} "
-                       f"({t.budget_from}) and would be truncated; longest {approx}{t.longest_tokens}, "
-                       f"median {approx}{t.median_tokens:g}")
-            out.append(f"          counted with {t.counted_with}")
+            rows.append(("tokens", f"{len(t.over)} of {t.examples} examples exceed max_seq_len {t.max_seq_len} "
+                         f"({t.budget_from}) and would be truncated; longest {approx}{t.longest_tokens}, "
+                         f"median {approx}{t.median_tokens:g}", [f"          counted with {t.counted_with}"]))
         if self.errors:
-            out.append(f"result    FAIL: {_n(len(self.errors), 'error')}")
+            result = f"FAIL: {_n(len(self.errors), 'error')}"
         elif self.warnings:
-            out.append(f"result    {'FAIL (--strict)' if strict else 'OK'} with {_n(len(self.warnings), 'warning')}")
+            result = f"{'FAIL (--strict)' if strict else 'OK'} with {_n(len(self.warnings), 'warning')}"
         else:
-            out.append("result    OK")
-        return out
+            result = "OK"
+        rows.append(("result", result, []))
+        plain = [title]
+        for key, first, more in rows:
+            plain += [f"{key:<9} {first}", *more]
+        cells = [(key, "\n".join([first, *textwrap.dedent("\n".join(more)).splitlines()])) for key, first, more in rows]
+        return [table(cells, title=title, plain="\n".join(plain))]
 
 
 def _short(loc: Location) -> str:
