@@ -312,6 +312,12 @@ def restore_rows(model, checkpoint_dir) -> list[int]:
     return ids
 
 
+def train_rows(model, trainable: bool) -> None:
+    """Unfreeze the rows (SFT), or keep them frozen (DPO continues SFT's rows): PEFT froze them with the base."""
+    for rows in trainable_row_params(model):
+        rows.requires_grad_(trainable)
+
+
 def trains_rows(model) -> bool:
     """Whether the model has turn-token rows that train (SFT on a base with untrained turn tokens)."""
     return any(p.requires_grad for p in trainable_row_params(model))

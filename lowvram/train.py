@@ -168,10 +168,7 @@ def load_tokenizer(source: str, recipe: Recipe):
     except OSError as e:
         raise UserError(f"Cannot load the tokenizer of {source!r}: {e}",
                         hint="Offline? Use a model already in the Hugging Face cache or a local folder.") from None
-    if recipe.model.chat_template:
-        from lowvram.templates import chat_template_text
-
-        tok.chat_template = chat_template_text(recipe.model.chat_template)
+    _apply_template(tok, recipe)
     if tok.pad_token is None:
         # Padding is masked out of the loss, so reusing EOS as pad is safe for training.
         tok.pad_token = tok.eos_token
@@ -179,17 +176,26 @@ def load_tokenizer(source: str, recipe: Recipe):
 
 
 def load_model(ctx: StageContext, adapter: Path | None):
-    """(PeftModel, tokenizer) through the plan's backend."""
+    """(PeftModel, tokenizer) through the plan's backend.
+
+    Both backends check the chat template's turn tokens between loading the base and adding the
+    adapter, through the same code (special_tokens.prepare); its trainable rows train in SFT only.
+    """
+    from lowvram.special_tokens import train_rows
+
     sp = ctx.sp
     if ctx.plan.backend == "unsloth":
         from lowvram import unsloth_backend
 
-        model, tok = unsloth_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter,
-                                                       grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len)
-        if ctx.recipe.model.chat_template:
-            from lowvram.templates import chat_template_text
+        def prepare_tokens(model, tok):
+            _apply_template(tok, ctx.recipe)
+            _turn_tokens(model, tok, ctx)
 
-            tok.chat_template = chat_template_text(ctx.recipe.model.chat_template)
+        model, tok = unsloth_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter,
+                                                       grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len,
+                                                       prepare_tokens=prepare_tokens)
+        _apply_template(tok, ctx.recipe)
+        train_rows(model, ctx.stage == "sft")  # PEFT froze them with the base; SFT trains them, DPO keeps them
         return model, tok
     from lowvram import hf_backend
 
@@ -197,14 +203,18 @@ def load_model(ctx: StageContext, adapter: Path | None):
     try:
         model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt,
                                              prepare_tokens=lambda m: _turn_tokens(m, tok, ctx))
-        from lowvram.special_tokens import trainable_row_params
-
-        for rows in trainable_row_params(model):  # PEFT froze them with the base; SFT trains them, DPO keeps them
-            rows.requires_grad_(ctx.stage == "sft")
+        train_rows(model, ctx.stage == "sft")
     except OSError as e:
         raise UserError(f"Cannot load model {ctx.model_path!r}: {e}",
                         hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.") from None
     return model, tok
+
+
+def _apply_template(tok, recipe: Recipe) -> None:
+    if recipe.model.chat_template:
+        from lowvram.templates import chat_template_text
+
+        tok.chat_template = chat_template_text(recipe.model.chat_template)
 
 
 def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:

@@ -6,6 +6,20 @@
 Unsloth patches transformers, PEFT and TRL when it is imported, so `lowvram.train` calls
 `activate()` before it imports TRL. Written against unsloth 2026.10 (`FastLanguageModel.from_pretrained`,
 `FastLanguageModel.get_peft_model`); exercised by scripts/gpu_check.py on a CUDA machine, never on CPU.
+
+Untrained turn tokens: `prepare_tokens(model, tokenizer)` (lowvram.special_tokens.prepare, the hf
+backend's code) runs between loading the base and adding the adapter. Unsloth's own fix
+(unsloth_zoo.tokenizer_utils.fix_untrained_tokens, which its patched SFT/DPO trainers call) stays on,
+as a second net, but does not replace it:
+- it finds only rows that are exactly zero (|x| <= 1e-16 in both matrices); a Gemma-style base, whose
+  turn tokens sit among its unused tokens without being zero, passes it untouched;
+- it sets the rows to a frequency-scaled mean but leaves them frozen under LoRA (or raises, asking for
+  `embed_tokens`/`lm_head` in target_modules: whole matrices, vocab x hidden x 16 bytes with AdamW,
+  16 GiB on an 8B Llama), so the model never learns to end its turn;
+- PEFT's `trainable_token_indices` (get_peft_model passes it through to LoraConfig) is no way out:
+  Unsloth's fused cross-entropy reads `lm_head.weight` directly, which bypasses PEFT's token wrapper.
+lowvram's row wrappers expose the patched matrix as `.weight`, so the fused loss trains the rows; after
+them Unsloth's check finds nothing to fix in the turn tokens and still guards the rest of the vocabulary.
 """
 
 from __future__ import annotations
@@ -36,8 +50,12 @@ def activate() -> None:
 
 
 def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
-                      grad_ckpt: str = "unsloth", max_seq_len: int = 2048):
-    """(PeftModel, tokenizer) through Unsloth's loader, with the tier's checkpointing mode."""
+                      grad_ckpt: str = "unsloth", max_seq_len: int = 2048, prepare_tokens=None):
+    """(PeftModel, tokenizer) through Unsloth's loader, with the tier's checkpointing mode.
+
+    `prepare_tokens(model, tokenizer)` checks and fixes the turn tokens before the adapter is added
+    (with `adapter`, once it is loaded: it restores the rows SFT trained).
+    """
     activate()
     import torch
     from unsloth import FastLanguageModel
@@ -55,6 +73,8 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
             random_state=recipe.seed,
         )
         FastLanguageModel.for_training(model, use_gradient_checkpointing=use_ckpt)
+        if prepare_tokens is not None:
+            prepare_tokens(model, tokenizer)
         return model, tokenizer
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_path,
@@ -64,6 +84,8 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
         use_gradient_checkpointing=use_ckpt,
         random_state=recipe.seed,
     )
+    if prepare_tokens is not None:
+        prepare_tokens(model, tokenizer)
     model = FastLanguageModel.get_peft_model(
         model,
         r=plan.lora_r,

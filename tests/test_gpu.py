@@ -71,3 +71,44 @@ def test_unsloth_backend_sft_then_dpo(tiny_model_dir, tmp_path):
     plan = _check_run(tmp_path / "u")
     assert plan["backend"] == "unsloth" and plan["load_in_4bit"]
     assert "imported before unsloth" not in res.stderr  # Unsloth's patches applied
+
+
+def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, tmp_path):
+    """The hf backend's untrained-token check and fix on the Unsloth path: a base whose chat turn tokens
+    were never trained (tests/base_fixture.py) is found, its rows set to the mean and trained through
+    Unsloth's fused loss, kept frozen in DPO, and the SFT model then ends its greedy answers."""
+    import torch
+    from base_fixture import TURN_TOKENS, build_untrained_base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.special_tokens import load_rows, make_rows_trainable
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("unsloth is not installed: pip install 'lowvram[gpu]'")
+    base = build_untrained_base(tiny_model_dir, tmp_path / "base")
+    run = tmp_path / "u"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), "--no-export",
+                          f"model.name={base}", "model.chat_template=chatml", "model.backend=unsloth",
+                          "model.load_in_4bit=false", "dpo.max_steps=3", "rm.enabled=false", "eval.enabled=false"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[tokens] untrained: <|im_end|>" in res.stdout and "mean of the trained rows" in res.stdout
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    ids, rows = load_rows(run / "sft" / "adapter")
+    assert sorted(ids) == sorted(tok.convert_tokens_to_ids(list(TURN_TOKENS))) and set(rows) == {"embed", "head"}
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    assert (rows["head"] - model.get_output_embeddings().weight[ids]).abs().max() > 1e-3  # trained, not left
+    dpo_ids, dpo_rows = load_rows(run / "dpo" / "adapter")
+    assert dpo_ids == ids and all(torch.equal(rows[k], dpo_rows[k]) for k in rows)  # frozen in DPO
+
+    make_rows_trainable(model, ids, rows)
+    model = PeftModel.from_pretrained(model, str(run / "sft" / "adapter")).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    for q in ("What is the capital of Japan?", "What sound does a cow make?", "Name a primary colour."):
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+        out = model.generate(**prompt, max_new_tokens=48, do_sample=False, eos_token_id=eot)
+        answer = out[0, prompt["input_ids"].shape[1]:].tolist()
+        assert answer[-1] == eot and len(answer) < 48, (q, tok.decode(answer))
