@@ -14,7 +14,7 @@ A checkpoint counts only when all its files were written. Two things decide it:
 A checkpoint without a marker that reads back whole is accepted (checkpoints written before the
 marker existed, or a kill between the last file and the marker).
 
-Only the standard library (and the header reader in lowvram.merge) is used: no torch load.
+Only the standard library (and the header reader in lowvram.safetensors_io) is used: no torch load.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _check_file(path: Path) -> str | None:
         except (UnicodeDecodeError, ValueError) as e:
             return f"{path.name} is not valid JSON ({e})"
     elif path.suffix == ".safetensors":
-        from lowvram.merge import read_safetensors_header
+        from lowvram.safetensors_io import read_safetensors_header
 
         try:
             read_safetensors_header(path)

@@ -246,14 +246,14 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
 
     # 1. everything that can fail on the user's side, before writing anything
     adapter = mg.read_adapter(run.adapter_dir)
-    base = plan = None
+    base = layout = None
     merged_bytes = 0
     out_dtype = "bf16"
     if need_merge:
         base = mg.choose_base(run.base_json)
         out_dtype, _ = mg.merged_dtype(base.path, opts.dtype)
-        plan = mg.plan_layout(base.path, adapter, base.quantized_4bit, out_dtype)
-        merged_bytes = mg.merged_nbytes(plan)
+        layout = mg.merge_layout(base.path, adapter, base.quantized_4bit, out_dtype)
+        merged_bytes = mg.merged_nbytes(layout)
     free_ram = available_ram_bytes()
     if verify and merged_bytes > 0.8 * free_ram:
         # verification loads the merged model in transformers; on free Colab an 8B one does not fit
@@ -304,7 +304,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             result.notes.append(note)
         _clean_leftovers(out_dir)
         try:
-            return _export_locked(run, opts, result, out_dir, adapter, base, plan, types, verify, system, fmt,
+            return _export_locked(run, opts, result, out_dir, adapter, base, layout, types, verify, system, fmt,
                                   end_of_turn, intermediate, need_merge, tools)
         except (OSError, RuntimeError) as e:
             from lowvram.fileio import disk_full
@@ -323,7 +323,7 @@ def _check_adapter_finite(run: RunInfo) -> None:
                                                 "(the run's metrics.jsonl shows where it diverged).")
 
 
-def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_dir: Path, adapter, base, plan,
+def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_dir: Path, adapter, base, layout,
                    types, verify, system, fmt, end_of_turn, intermediate, need_merge, tools) -> ExportResult:
     """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
     from lowvram import merge as mg
@@ -343,7 +343,8 @@ def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_
         _say(f"  base: {base.reason}")
         t0 = time.perf_counter()
         merged_dir = scratch / "merged"
-        report = mg.merge_lora(base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, plan=plan)
+        report = mg.merge_lora(base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype,
+                              layout=layout)
         if end_of_turn:
             from lowvram.gguf_checks import set_end_of_turn
 

@@ -52,7 +52,7 @@ def nonfinite_tensors(path: Path, limit: int = 5) -> list[str]:
     """Names of floating-point tensors in a safetensors file that hold NaN or inf (read one at a time)."""
     import torch
 
-    from lowvram.merge import FLOAT_DTYPES, read_safetensors_header, read_tensor
+    from lowvram.safetensors_io import FLOAT_DTYPES, read_safetensors_header, read_tensor
 
     entries, _ = read_safetensors_header(path)
     bad = []

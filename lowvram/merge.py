@@ -7,9 +7,9 @@
 
 Why not PEFT's `merge_and_unload()`: it needs the whole model in memory, so an 8B merge needs
 16 GB of RAM and fails on free Colab (12 GB). Here every safetensors shard is read through its
-header: tensors the adapter does not touch are copied byte for byte (or converted in bounded
-chunks), and each targeted weight is loaded alone, gets `W += scale * B @ A` in float32, and is
-written straight to the output. Peak memory is about one weight matrix, whatever the model size.
+header (lowvram.safetensors_io): tensors the adapter does not touch are copied byte for byte (or
+converted in bounded chunks), and each targeted weight is loaded alone, gets `W += scale * B @ A`
+in float32, and is written straight to the output. Peak memory is about one weight matrix, whatever the model size.
 A 4-bit (bitsandbytes NF4/FP4) base is dequantized tensor by tensor in plain torch.
 
 Only torch is imported, and only inside the functions that need it.
@@ -19,196 +19,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.safetensors_io import (
+    DTYPE_BYTES,
+    FLOAT_DTYPES,
+    SafetensorsWriter,
+    TensorEntry,
+    read_safetensors_header,
+    read_tensor,
+    torch_dtype,
+)
 from lowvram.special_tokens import rows_for_merge
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-COPY_CHUNK_BYTES = 64 << 20  # bounded buffer for tensors copied or converted without merging
-# Bytes per element of the safetensors dtypes a checkpoint may hold.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 OUT_DTYPES = {"bf16": "BF16", "f16": "F16"}
 # bitsandbytes stores each 4-bit weight as packed bytes plus these companions (see `_dequantize_4bit`).
 BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
                 ".quant_state.bitsandbytes__fp4")
-
-
-# ------------------------------------------------------------------ safetensors headers
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lies in a safetensors file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset in `file`
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
-    """The tensors of a safetensors file (name -> entry) and its `__metadata__`, without reading data.
-
-    Raises ValueError when the file is not a complete safetensors file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path.name}: {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, 100 << 20):
-            raise ValueError(f"{path.name}: header length {header_len} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path.name}: header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: header is not a JSON object")
-    data_start = 8 + header_len
-    meta = header.pop("__metadata__", None) or {}
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path.name}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype}")
-        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or data_start + end > size:
-            raise ValueError(f"{path.name}: tensor {name!r} lies outside the file (truncated?)")
-        entries[name] = TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
-    return entries, meta
-
-
-def read_tensor(entry: TensorEntry):
-    """One tensor as a torch tensor (a private copy: the file is read, not mapped)."""
-    import torch
-
-    buf = bytearray(entry.nbytes)
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(buf) != entry.nbytes:
-            raise ValueError(f"{entry.file.name}: tensor {entry.name!r} is truncated")
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=_torch_dtype(entry.dtype))
-    return torch.frombuffer(buf, dtype=_torch_dtype(entry.dtype)).reshape(entry.shape)
-
-
-def _torch_dtype(st_dtype: str):
-    import torch
-
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[st_dtype]
-
-
-class SafetensorsWriter:
-    """Write a safetensors file tensor by tensor: the header (all shapes known up front), then the data.
-
-        with SafetensorsWriter(path, [(name, dtype, shape), ...], metadata) as w:
-            w.write(name, tensor_or_bytes)     # in the declared order
-    """
-
-    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
-        offset = 0
-        self._order = []
-        for name, dtype, shape in layout:
-            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._order.append((name, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-        self.nbytes = 8 + len(raw) + offset
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-        self._written = 0
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
-        if exc[0] is None and self._next != len(self._order):
-            raise RuntimeError(f"{len(self._order) - self._next} declared tensors were never written")
-
-    def _expect(self, name: str) -> int:
-        want, nbytes = self._order[self._next]
-        if name != want:
-            raise RuntimeError(f"tensors out of order: expected {want}, got {name}")
-        self._next += 1
-        return nbytes
-
-    def write(self, name: str, tensor) -> None:
-        """Write a whole tensor (already in its declared dtype)."""
-        nbytes = self._expect(name)
-        import torch
-
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy() if nbytes else b""
-        if len(data) != nbytes:
-            raise RuntimeError(f"{name}: {len(data)} bytes written, {nbytes} declared")
-        self._f.write(memoryview(data))  # no extra copy of the tensor
-
-    def copy_from(self, entry: TensorEntry) -> None:
-        """Copy a tensor's bytes from its source file without holding them (kernel copy when possible)."""
-        nbytes = self._expect(entry.name)
-        if nbytes != entry.nbytes:
-            raise RuntimeError(f"{entry.name}: {entry.nbytes} bytes in source, {nbytes} declared")
-        self._f.flush()
-        with open(entry.file, "rb") as src:
-            copied, off = 0, entry.start
-            while copied < nbytes:
-                try:
-                    n = os.copy_file_range(src.fileno(), self._f.fileno(), nbytes - copied, off)
-                except (AttributeError, OSError):
-                    n = 0
-                if n <= 0:  # no kernel copy here (other OS, other filesystem): plain bounded reads
-                    src.seek(off)
-                    n = len(chunk := src.read(min(COPY_CHUNK_BYTES, nbytes - copied)))
-                    if n == 0:
-                        raise ValueError(f"{entry.file.name}: tensor {entry.name!r} is truncated")
-                    self._f.write(chunk)
-                    self._f.flush()
-                copied += n
-                off += n
-        self._f.seek(0, os.SEEK_END)
-
-    def convert_from(self, entry: TensorEntry, out_dtype: str) -> None:
-        """Copy a float tensor converted to `out_dtype`, reading a bounded chunk at a time."""
-        import torch
-
-        self._expect(entry.name)
-        src_dtype, dst_dtype = _torch_dtype(entry.dtype), _torch_dtype(out_dtype)
-        elem = DTYPE_BYTES[entry.dtype]
-        step = max(1, COPY_CHUNK_BYTES // elem) * elem
-        with open(entry.file, "rb") as src:
-            src.seek(entry.start)
-            left = entry.nbytes
-            while left > 0:
-                chunk = bytearray(src.read(min(step, left)))
-                if not chunk:
-                    raise ValueError(f"{entry.file.name}: tensor {entry.name!r} is truncated")
-                left -= len(chunk)
-                t = torch.frombuffer(chunk, dtype=src_dtype).to(dst_dtype)
-                self._f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 # ------------------------------------------------------------------ the base checkpoint
@@ -483,17 +317,51 @@ def merged_dtype(base_dir: Path, want: str = "auto") -> tuple[str, str]:
     return "bf16", f"the base checkpoint is {stored or 'float32'}; bf16 keeps its range, f16 could overflow"
 
 
-def plan_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtype: str):
-    """Per output shard: [(name, dtype, shape, source entry, how)], checked against the adapter.
+class How(Enum):
+    """How one output tensor is made from the base (and the adapter)."""
 
-    `how` is "copy", "convert", "merge", "replace" or "dequant". Raises UserError when the adapter
-    does not fit this base (a weight it names is missing or has another shape).
+    COPY = "copy"  # the base's bytes, unchanged
+    CONVERT = "convert"  # a float tensor converted to the output dtype
+    MERGE = "merge"  # W + scale * B @ A, and/or trained rows replaced
+    DEQUANT = "dequant"  # a 4-bit base weight dequantized, no adapter change
+    DEQUANT_MERGE = "dequant+merge"  # dequantized, then merged
+    REPLACE = "replace"  # the adapter's full copy (modules_to_save)
+
+    @property
+    def dequantizes(self) -> bool:
+        return self in (How.DEQUANT, How.DEQUANT_MERGE)
+
+
+@dataclass(frozen=True)
+class LayoutRow:
+    """One tensor of the merged output: what it is, where its base lies, and how it is made."""
+
+    name: str
+    dtype: str  # safetensors dtype written
+    shape: tuple[int, ...]
+    entry: TensorEntry  # the base tensor (the packed bytes, for a 4-bit weight)
+    how: How
+    entries: dict[str, TensorEntry] | None = None  # the base shard's tensors, for a 4-bit weight's companions
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output shard: named like the base's, with its tensors in the base's order."""
+
+    shard: Path  # the base shard it mirrors
+    rows: tuple[LayoutRow, ...]
+
+
+def merge_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtype: str) -> list[ShardLayout]:
+    """Per output shard, each tensor and how it is made, checked against the adapter.
+
+    Raises UserError when the adapter does not fit this base (a weight it names is missing or has another shape).
     """
     st_out = OUT_DTYPES[out_dtype]
     shards = _shards(base_dir)
     if not shards:
         raise UserError(f"{base_dir} holds no model.safetensors (or index): only safetensors checkpoints can be merged.")
-    plan: list[tuple[Path, list]] = []
+    layout: list[ShardLayout] = []
     seen: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         try:
@@ -506,23 +374,19 @@ def plan_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtyp
                 continue  # folded into the dequantized weight
             state = _bnb_state(entries, name) if quantized_4bit else None
             if state is not None:
-                shape, how, src_float = tuple(state["shape"]), "dequant", True
+                shape, how, src_float = tuple(state["shape"]), How.DEQUANT, True
             else:
-                shape, how, src_float = e.shape, "copy", e.dtype in FLOAT_DTYPES
+                shape, how, src_float = e.shape, How.COPY, e.dtype in FLOAT_DTYPES
             dtype = st_out if src_float else e.dtype
-            if how == "copy" and src_float and e.dtype != st_out:
-                how = "convert"
-            if name in adapter.pairs:
-                how = "dequant+merge" if how == "dequant" else "merge"
+            if how is How.COPY and src_float and e.dtype != st_out:
+                how = How.CONVERT
+            if name in adapter.pairs or name in adapter.rows:
+                how = How.DEQUANT_MERGE if how.dequantizes else How.MERGE
             if name in adapter.replaced:
-                how = "replace"
-            if name in adapter.rows and how in ("copy", "convert"):
-                how = "merge"
-            elif name in adapter.rows and how == "dequant":
-                how = "dequant+merge"
+                how = How.REPLACE
             seen[name] = shape
-            rows.append((name, dtype, shape, e, how, entries if how.startswith("dequant") else None))
-        plan.append((shard, rows))
+            rows.append(LayoutRow(name, dtype, shape, e, how, entries if how.dequantizes else None))
+        layout.append(ShardLayout(shard, tuple(rows)))
     problems = []
     for name, pair in adapter.pairs.items():
         if name not in seen:
@@ -545,21 +409,20 @@ def plan_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dtyp
     if problems:
         raise UserError(f"The adapter in {adapter.path} does not fit the base {base_dir}:", problems[:8],
                         hint="Was it trained on another model? Export needs the base the run trained.")
-    return plan
+    return layout
 
 
-def merged_nbytes(plan) -> int:
-    return sum(math.prod(shape) * DTYPE_BYTES[dtype] for _, rows in plan for _, dtype, shape, *_ in rows)
+def merged_nbytes(layout: list[ShardLayout]) -> int:
+    return sum(math.prod(row.shape) * DTYPE_BYTES[row.dtype] for shard in layout for row in shard.rows)
 
 
-def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_out: str, rows=None):
-    name, _, shape, entry, how, entries = row
+def _merged_weight(row: LayoutRow, pair: LoraPair | None, replaced: TensorEntry | None, st_out: str, rows=None):
     if replaced is not None:
         w = read_tensor(replaced).float()
-    elif how.startswith("dequant"):
-        w = _dequantize_4bit(entries, name, _bnb_state(entries, name)).float()
+    elif row.how.dequantizes:
+        w = _dequantize_4bit(row.entries, row.name, _bnb_state(row.entries, row.name)).float()
     else:
-        w = read_tensor(entry).float()
+        w = read_tensor(row.entry).float()
     if pair is not None:
         a, b = read_tensor(pair.a).float(), read_tensor(pair.b).float()
         if pair.transpose:
@@ -569,42 +432,41 @@ def _merged_weight(row, pair: LoraPair | None, replaced: TensorEntry | None, st_
     if rows is not None:  # trainable tokens: those rows are replaced by their trained values
         values, idx = rows
         w[idx] = (read_tensor(values) if isinstance(values, TensorEntry) else values).float().reshape(len(idx), -1)
-    return w.reshape(shape).to(_torch_dtype(st_out))
+    return w.reshape(row.shape).to(torch_dtype(st_out))
 
 
 def merge_lora(base: BaseChoice, adapter: Adapter, out_dir: Path, tokenizer_dir: Path | None = None,
-               dtype: str = "auto", plan=None) -> MergeReport:
+               dtype: str = "auto", layout: list[ShardLayout] | None = None) -> MergeReport:
     """Write base + adapter as a 16-bit Hugging Face folder in `out_dir` (which must not exist yet).
 
     Shard files and names mirror the base. The tokenizer comes from `tokenizer_dir` (the one used in
-    training) when given, else from the base folder.
+    training) when given, else from the base folder. `layout`: merge_layout's, when already checked.
     """
     out_dtype, why = merged_dtype(base.path, dtype)
     st_out = OUT_DTYPES[out_dtype]
-    plan = plan or plan_layout(base.path, adapter, base.quantized_4bit, out_dtype)
+    layout = layout or merge_layout(base.path, adapter, base.quantized_4bit, out_dtype)
     out_dir.mkdir(parents=True)
     merged = copied = nbytes = 0
     weight_map: dict[str, str] = {}
-    for shard, rows in plan:
-        layout = [(name, dtype_, shape) for name, dtype_, shape, *_ in rows]
-        with SafetensorsWriter(out_dir / shard.name, layout, {"format": "pt"}) as w:
-            for row in rows:
-                name, dtype_, _, entry, how, _ = row
-                weight_map[name] = shard.name
-                if how == "copy":
-                    w.copy_from(entry)
+    for shard in layout:
+        declared = [(row.name, row.dtype, row.shape) for row in shard.rows]
+        with SafetensorsWriter(out_dir / shard.shard.name, declared, {"format": "pt"}) as w:
+            for row in shard.rows:
+                weight_map[row.name] = shard.shard.name
+                if row.how is How.COPY:
+                    w.copy_from(row.entry)
                     copied += 1
-                elif how == "convert":
-                    w.convert_from(entry, dtype_)
+                elif row.how is How.CONVERT:
+                    w.convert_from(row.entry, row.dtype)
                     copied += 1
                 else:
-                    w.write(name, _merged_weight(row, adapter.pairs.get(name), adapter.replaced.get(name), st_out,
-                                                 adapter.rows.get(name)))
-                    merged += how != "dequant"
-                    copied += how == "dequant"
+                    w.write(row.name, _merged_weight(row, adapter.pairs.get(row.name), adapter.replaced.get(row.name),
+                                                     st_out, adapter.rows.get(row.name)))
+                    merged += row.how is not How.DEQUANT
+                    copied += row.how is How.DEQUANT
             nbytes += w.nbytes
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": merged_nbytes(plan)}, "weight_map": weight_map}
+    if len(layout) > 1:
+        index = {"metadata": {"total_size": merged_nbytes(layout)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _write_config(base.path, out_dir, out_dtype)
     for extra in ("generation_config.json",):

@@ -58,7 +58,7 @@ def build_model(out: Path, layers: int, tiny_dir: Path) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from lowvram.merge import SafetensorsWriter
+    from lowvram.safetensors_io import SafetensorsWriter
 
     vocab = VOCAB or json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
@@ -106,7 +106,7 @@ def build_adapter(out: Path, layers: int) -> None:
     import torch
     from peft import LoraConfig
 
-    from lowvram.merge import SafetensorsWriter
+    from lowvram.safetensors_io import SafetensorsWriter
 
     out.mkdir(parents=True)
     LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(str(out))

@@ -9,17 +9,8 @@ import pytest
 import torch
 
 from lowvram.errors import UserError
-from lowvram.merge import (
-    BaseChoice,
-    SafetensorsWriter,
-    _bnb_state,
-    _dequantize_4bit,
-    choose_base,
-    merge_lora,
-    read_adapter,
-    read_safetensors_header,
-    read_tensor,
-)
+from lowvram.merge import BaseChoice, _bnb_state, _dequantize_4bit, choose_base, merge_lora, read_adapter
+from lowvram.safetensors_io import SafetensorsWriter, read_safetensors_header, read_tensor
 
 BNB_FIXTURE = Path(__file__).parent / "data" / "bnb4bit.safetensors"  # scripts/make_bnb_fixture.py
 
@@ -172,10 +163,10 @@ def test_corrupt_and_unsupported_adapters(tmp_path):
 
 
 def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_init_model_dir):
-    from lowvram.merge import plan_layout
+    from lowvram.merge import merge_layout
 
     wrong = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 999),
              "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(128, 4)}
     adapter = read_adapter(_write_adapter(tmp_path / "a", wrong, r=4, alpha=8))
     with pytest.raises(UserError, match=r"does not fit the base.*\n.*down_proj.weight: base shape \[128, 344\]"):
-        plan_layout(tiny_init_model_dir, adapter, False, "bf16")
+        merge_layout(tiny_init_model_dir, adapter, False, "bf16")
