@@ -40,9 +40,11 @@ def _device(args: argparse.Namespace, use_torch: bool = False):
 # ------------------------------------------------------------------ commands
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from lowvram.doctor import doctor
+    from lowvram.doctor import doctor_rows
+    from lowvram.ui import echo, table
 
-    return doctor(_device(args))
+    echo(table(doctor_rows(_device(args))))
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -324,9 +326,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lowvram.report_html import report_command
+    from lowvram.report_html import write_html
 
-    return report_command(args.run_dir)
+    rdir = Path(args.run_dir)
+    if not (rdir / "recipe.yaml").is_file():
+        raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
+                        hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
+    print(f"Report: {write_html(rdir)}")
+    return 0
 
 
 # ------------------------------------------------------------------ parser

