@@ -155,6 +155,11 @@ def completion_callback(save_extra=None):
 
     class CompletionMarker(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
+            from lowvram.distributed import wait_for_everyone
+
+            wait_for_everyone()  # in a process group each process writes its own RNG state file
+            if not state.is_world_process_zero:
+                return
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 if save_extra is not None and model is not None:

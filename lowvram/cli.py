@@ -82,12 +82,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("more than one GPU (through accelerate; README: More than one GPU)")
+    g.add_argument("--gpus", type=int, metavar="N", help="train in N processes, one card each (default 1)")
+    g.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp", "deepspeed"),
+                   help="with --gpus: auto = DDP, or FSDP when one card cannot hold the model")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowvram.lengths import plan_with_data
+    from lowvram.distributed import plan_per_card
     from lowvram.recipe import load_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides)
-    plan = plan_with_data(recipe, _device(args), path.parent)  # sized for the data's own lengths when local
+    # sized for the data's own lengths when local; per card with --gpus
+    plan = plan_per_card(recipe, _device(args), path.parent, args.gpus or 1, args.strategy)
     from lowvram.templates import preflight
 
     preflight(recipe, plan.model, path.parent)
@@ -112,6 +120,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe, overrides = args.recipe, list(args.overrides or [])
     if recipe and "=" in recipe:  # `run --resume DIR key=value`: argparse took the override for the recipe
         recipe, overrides = None, [recipe, *overrides]
+    if args.gpus not in (None, 1) or args.strategy != "auto":
+        from lowvram.distributed import launch_run
+
+        code = launch_run(args, recipe, overrides)  # None: already inside a launched group
+        if code is not None:
+            return code
     return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
                         run_dir=args.run_dir, stages=None, export=None if args.no_export else _export_run)
 
@@ -364,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     _device_args(pl)
+    _group_args(pl)
     pl.set_defaults(func=cmd_plan)
 
     ru = sub.add_parser("run", help="run a recipe: SFT, then DPO, then the recipe's GGUF export")
@@ -373,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
     ru.add_argument("--no-export", action="store_true", help="stop after training (export later: lowvram export RUN)")
     _device_args(ru)
+    _group_args(ru)
     ru.set_defaults(func=cmd_run)
 
     for stage, text in (("sft", "run only the SFT stage of a recipe"),

@@ -195,8 +195,10 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
     """
     from transformers import TrainerCallback
 
+    from lowvram.distributed import is_main
+
     cfg = recipe.eval
-    if run_dir is not None:
+    if run_dir is not None and is_main():
         (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
         _write_jsonl(Path(run_dir) / "eval" / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
     prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[:cfg.prompts]]
@@ -206,6 +208,8 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
 
         def on_log(self, args, state, control, logs=None, model=None, **kw):
             if not logs or model is None or not any(k.startswith("eval_") for k in logs) or "eval_kl" in logs:
+                return
+            if not state.is_world_process_zero:  # measured and logged by the main process only
                 return
             if REFERENCE not in getattr(model, "peft_config", {}):
                 return  # no frozen reference adapter (PEFT fallback): nothing to compare against

@@ -116,7 +116,7 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs:
+            if not logs or not state.is_world_process_zero:  # one writer in a process group
                 return
             now = time.monotonic()
             tokens = logs.get("num_tokens")
@@ -235,8 +235,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | None:
     """The checkpoint to resume from; newer incomplete ones are named, with why, and set aside."""
     from lowvram.checkpoints import checkpoint_step, newest_complete, set_aside
+    from lowvram.distributed import is_main, wait_for_everyone
     from lowvram.report import supersede_metrics
 
+    wait_for_everyone()
+    if not is_main():  # the main process sets aside and trims; the others then read what it left
+        wait_for_everyone()
+        return newest_complete(ctx.stage_dir / "checkpoints", required)[0]
+    try:
+        return _main_resume_point(ctx, required, checkpoint_step, newest_complete, set_aside, supersede_metrics)
+    finally:
+        wait_for_everyone()
+
+
+def _main_resume_point(ctx: StageContext, required, checkpoint_step, newest_complete, set_aside, supersede_metrics):
     resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints", required)
     for path, why in skipped:
         moved = set_aside(path)
@@ -281,6 +293,7 @@ def _common_args(ctx: StageContext) -> dict:
         data_seed=ctx.recipe.seed,
         use_cpu=not cuda and ctx.plan.device.kind != "mps",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used in each forward
         save_only_model=False,
     )
 
@@ -444,8 +457,9 @@ def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
             if key.startswith(prefix):
                 out[key[len(prefix):]] = value
                 break
-    with (ctx.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"stage": ctx.stage, "eval": when, "step": trainer.state.global_step, **out}) + "\n")
+    if trainer.is_world_process_zero():
+        with (ctx.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"stage": ctx.stage, "eval": when, "step": trainer.state.global_step, **out}) + "\n")
     return out
 
 
@@ -495,7 +509,7 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         print(f"[{ctx.stage}] resuming from {resume_from.name}", flush=True)
     elif trainer.eval_dataset is not None:
         before = _evaluate(trainer, ctx, "before")
-        if before:
+        if before and trainer.is_world_process_zero():
             atomic_write_text(ctx.stage_dir / "eval_before.json", json.dumps(before, indent=2))
     from lowvram import ui
 
@@ -519,19 +533,23 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
                           hint=f"Resume with: {_resume_cmd(ctx)}")
     stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
              "train_loss": result.metrics.get("train_loss")}
+    from lowvram.distributed import is_main, wait_for_everyone
+
     bad = nonfinite_parameters(model)
     if bad or not math.isfinite(stats["train_loss"] or 0.0):
         what = f"non-finite weights in {', '.join(bad[:3])}" if bad else f"the training loss is {stats['train_loss']}"
         raise divergence_error(ctx.stage, what, ctx.run_dir, ctx.recipe, trainer.state.global_step)
     after = _evaluate(trainer, ctx, "after")
-    if after:
-        atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
     adapter_dir = ctx.stage_dir / "adapter"
-    save_policy(model, adapter_dir)
-    save_rows(model, adapter_dir)  # trained turn-token rows, if any
-    tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
-    atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
-    atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
+    if is_main():  # one writer; the group's processes hold the same weights
+        if after:
+            atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
+        save_policy(model, adapter_dir)
+        save_rows(model, adapter_dir)  # trained turn-token rows, if any
+        tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
+        atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
+        atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
+    wait_for_everyone()  # the next stage, in every process, loads this adapter
     return adapter_dir
 
 
