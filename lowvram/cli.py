@@ -122,8 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe, overrides = None, [recipe, *overrides]
     if args.gpus not in (None, 1) or args.strategy != "auto":
         from lowvram.distributed import launch_run
+        from lowvram.pipeline import _training_device, new_run_dir
 
-        code = launch_run(args, recipe, overrides)  # None: already inside a launched group
+        code = launch_run(args, recipe, overrides, lambda: _training_device(args.vram, args.gpu), new_run_dir)
+        # None: already inside a launched group
         if code is not None:
             return code
     return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,

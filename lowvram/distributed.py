@@ -348,10 +348,11 @@ def _launcher_main(argv: list[str]) -> int:
     return 0
 
 
-def launch_run(args, recipe_name: str | None, overrides: list[str]) -> int | None:
+def launch_run(args, recipe_name: str | None, overrides: list[str], training_device, new_run_dir) -> int | None:
     """`lowvram run ... --gpus N`: plan per card, choose the mode, then run the same command in N processes.
 
-    Returns None inside an already launched group (`accelerate launch -m lowvram run ...`): the
+    `training_device()` is the card each process will train on, `new_run_dir(recipe)` names a new run
+    (both from lowvram.pipeline, passed in by the command line). Returns None inside an already launched group (`accelerate launch -m lowvram run ...`): the
     caller then trains as one of its processes.
     """
     gpus = 1 if args.gpus is None else args.gpus
@@ -370,7 +371,6 @@ def launch_run(args, recipe_name: str | None, overrides: list[str]) -> int | Non
     if cuda and torch.cuda.device_count() < gpus:
         raise UserError(f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} CUDA device(s).",
                         hint="Use --gpus with at most that many, or run on several machines (README: More than one GPU).")
-    from lowvram.pipeline import _training_device, new_run_dir
     from lowvram.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
 
     if args.resume:
@@ -388,7 +388,7 @@ def launch_run(args, recipe_name: str | None, overrides: list[str]) -> int | Non
         recipe_dir = path.parent
         rdir = Path(args.run_dir) if args.run_dir else new_run_dir(recipe)
         child = ["run", recipe_name, "--run-dir", str(rdir)]
-    device = _training_device(args.vram, args.gpu)
+    device = training_device()
     plan = plan_per_card(recipe, device, recipe_dir, gpus, args.strategy)
     if not cuda:
         print(f"No CUDA GPU: {gpus} processes on the CPU, connected by gloo (what the tests use).", flush=True)
