@@ -126,6 +126,10 @@ def check_start_rewards(rewards: dict[str, float]) -> str:
     return f"at step 0 the policy equals its reference: {shown}"
 
 
-def save_policy(model, adapter_dir: Path) -> None:
-    """Save only the trained adapter: the stage's output is the policy, not DPO's reference copy."""
-    model.save_pretrained(str(adapter_dir), selected_adapters=[POLICY])
+def save_policy(model, adapter_dir: Path, state_dict: dict | None = None) -> None:
+    """Save only the trained adapter: the stage's output is the policy, not DPO's reference copy.
+
+    `state_dict`: the full weights gathered from the shards when FSDP trained the model.
+    """
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(str(adapter_dir), selected_adapters=[POLICY], **extra)

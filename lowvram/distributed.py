@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lowvram.errors import UserError
+from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
@@ -336,16 +336,15 @@ def _launcher_main(argv: list[str]) -> int:
     try:
         launch_command(args)
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        if set(codes.values()) == {2}:  # a user mistake, explained by the processes that found it
-            return 2
         rank, first = e.get_first_failure()  # the root cause; torchrun then stops the others (SIGTERM)
+        if first.exitcode in (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED):
+            return first.exitcode  # lowvram's own ending, explained by the process that met it
         hint = os.environ.get(_ENV_HINT) or "lowvram run --resume RUN_DIR --gpus N"
         print(f"error: a training process failed: process {rank} of {args.num_processes} "
               f"{_how_it_ended(first.exitcode)}; accelerate stopped the whole group.\n"
               f"Continue from the last checkpoint: {hint}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return EXIT_CHECK_FAILED  # 1, as any crash ends (errors.py)
+    return EXIT_OK
 
 
 def launch_run(args, recipe_name: str | None, overrides: list[str], training_device, new_run_dir) -> int | None:

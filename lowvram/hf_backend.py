@@ -46,11 +46,14 @@ def quantization_config(plan: Plan):
     """NF4 with double quantization, computing in the plan's dtype (what Unsloth's 4-bit checkpoints use)."""
     from transformers import BitsAndBytesConfig
 
+    # FSDP shards flat tensors of one dtype: 4-bit weights stored in the compute dtype (QLoRA with FSDP)
+    storage = {"bnb_4bit_quant_storage": torch_dtype(plan)} if plan.parallel == "fsdp" else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(plan),
+        **storage,
     )
 
 

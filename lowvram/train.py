@@ -541,10 +541,12 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         raise divergence_error(ctx.stage, what, ctx.run_dir, ctx.recipe, trainer.state.global_step)
     after = _evaluate(trainer, ctx, "after")
     adapter_dir = ctx.stage_dir / "adapter"
+    # FSDP: each process holds a shard; gathering the full weights takes every process (not run on a GPU yet)
+    full = trainer.accelerator.get_state_dict(trainer.model) if getattr(trainer, "is_fsdp_enabled", False) else None
     if is_main():  # one writer; the group's processes hold the same weights
         if after:
             atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
-        save_policy(model, adapter_dir)
+        save_policy(model, adapter_dir, full)
         save_rows(model, adapter_dir)  # trained turn-token rows, if any
         tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
         atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))

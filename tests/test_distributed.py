@@ -271,3 +271,26 @@ def test_accelerate_does_not_apply_fsdp_to_cpu_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     wrapped = sorted(line for line in res.stdout.splitlines() if line.startswith("WRAPPED"))
     assert wrapped == [f"WRAPPED {r} DistributedType.MULTI_CPU DistributedDataParallel" for r in (0, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_train_qlora_and_export(strategy, tiny_model_dir, tmp_path):
+    """On a machine with 2 CUDA GPUs: DDP and FSDP, 4-bit base (QLoRA), then a verified export."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs; torch sees {torch.cuda.device_count()}")
+    run = tmp_path / strategy
+    res = _lowvram("run", "demo", "--gpus", "2", "--strategy", strategy, "--run-dir", str(run), *STEPS,
+                   "model.load_in_4bit=true", "export.gguf=[f16]")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((run / "plan.json").read_text())["parallel"] == strategy
+    from safetensors.torch import load_file
+
+    lora = load_file(str(run / "dpo" / "adapter" / "adapter_model.safetensors"))
+    a = next(v for k, v in lora.items() if k.endswith("q_proj.lora_A.weight"))
+    assert a.shape[0] == 16 and a.shape[1] > 16  # the whole adapter, not one process's shard
+    verify = json.loads((run / "export" / "verify.json").read_text())
+    assert {t: row["status"] for t, row in verify.items()} == {"f16": "ok"}
