@@ -108,7 +108,8 @@ def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.monotonic()
-            self.bar = ui.progress(stage, state.max_steps, metrics, start=state.global_step)
+            if state.is_world_process_zero:  # one bar in a process group, as one writer
+                self.bar = ui.progress(stage, state.max_steps, metrics, start=state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
             if _Stop.requested:

@@ -136,3 +136,20 @@ def test_terminal_detection(monkeypatch):
         os.close(leader)
         os.close(follower)
     assert not ui.is_terminal(io.StringIO())
+
+
+def test_only_the_main_process_of_a_group_shows_progress(tmp_path, capsys):
+    from transformers import TrainerState
+
+    from lowvram.train import make_callback
+
+    for zero in (True, False):
+        state = TrainerState(max_steps=4, is_world_process_zero=zero)
+        cb = make_callback("sft", tmp_path / "metrics.jsonl")
+        cb.on_train_begin(None, state, None)
+        assert (cb.bar is not None) == zero  # in a terminal another process's bar would be drawn over this one
+        state.global_step = 1
+        cb.on_log(None, state, None, logs={"loss": 1.5, "mean_token_accuracy": 0.5})
+        cb.on_train_end(None, state, None)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("[sft] step 1/4  loss 1.500  tok_acc 0.50")
