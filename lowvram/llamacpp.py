@@ -68,7 +68,19 @@ KEY_CONTEXT_LENGTH = "{arch}.context_length"
 
 
 def _threads() -> int:
-    return max(1, os.cpu_count() or 1)
+    """llama.cpp's threads: the cores that other processes leave free (the 1-minute load average).
+
+    llama.cpp's threads meet at a barrier after every operation, spinning while they wait: when the
+    kernel deschedules one of them for another process, all of them stall. Measured on 2 cores under a
+    load of 6 (scripts/bench_verify.py, BENCHMARKS.md): a 60-token prompt of a 0.55B f16 model took
+    11.2 s with 2 threads and 0.9 s with 1; on an idle machine every core is used.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)  # this process is one of the running ones
+    except OSError:
+        others = 0.0
+    return max(1, min(cpus, round(cpus - others)))
 
 
 # ------------------------------------------------------------------ availability
@@ -321,8 +333,9 @@ class GGUFModel:
 
         _quiet()
         self.path = Path(path)
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=_threads(), n_batch=n_ctx, logits_all=logits_all,
-                         verbose=False, seed=0)
+        threads = _threads()  # for prompts too: llama-cpp-python's n_threads_batch defaults to every core
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx,
+                         logits_all=logits_all, verbose=False, seed=0)
 
     def __enter__(self) -> GGUFModel:
         return self
@@ -442,7 +455,8 @@ def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: in
     check_gguf_file(gguf_path)
     n_ctx = min(n_ctx, context_length(gguf_path) or n_ctx)  # more than it was trained on only warns and degrades
     try:
-        llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False)
+        threads = _threads()
+        llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     except ValueError as e:
         raise _load_error(gguf_path, e) from None
     ctx_max = llm.n_ctx()

@@ -1,16 +1,17 @@
 """Export verification's cost against the conversion's, on a >= 0.5B-parameter random Llama.
 
-    python scripts/bench_verify.py                  # 12 layers: 0.55B parameters
+    python scripts/bench_verify.py                  # 12 layers: 0.55B parameters, 3 rounds
     python scripts/bench_verify.py --layers 24      # 1.08B
+    python scripts/bench_verify.py --vocab 128256   # Llama 3's vocabulary width (logits dominate)
 
-Builds the synthetic bf16 Llama and LoRA adapter of scripts/bench_export.py, exports f16 + q4_k_m
-without verification (`lowvram export --no-verify --merged`) and reads the conversion's own times from
-its output (llama.cpp converter to f16 + quantizer to q4_k_m). Then times, on the same files:
-- verification now (lowvram/verify.py: one batched transformers forward for all types, greedy
-  candidates decoded by llama.cpp, each GGUF teacher-forced once per probe), and
-- verification as it was before (export.py at commit c3c7de6: a llama.cpp greedy loop per type,
-  extra transformers forwards at each divergence),
-and prints each, with the ratio to the conversion (target: verification <= conversion).
+Builds the synthetic bf16 Llama and LoRA adapter of scripts/bench_export.py. Then, in each round:
+exports f16 + q4_k_m without verification (`lowvram export --no-verify --merged`) and reads the
+conversion's own times from its output (llama.cpp converter to f16 + quantizer to q4_k_m); then
+times, on those files, side by side in alternating order:
+- verification now (lowvram/verify.py with llama.cpp threads sized to the free cores), and
+- verification before (lowvram/verify.py at BEFORE_COMMIT, with llama.cpp on every core as then).
+Prints each round, the medians, and the ratios (target: verification <= conversion). The machine's
+load average is printed beside each figure: on a shared machine it moves the results.
 """
 
 from __future__ import annotations
@@ -19,74 +20,115 @@ import argparse
 import os
 import platform
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-OLD_COMMIT = "c3c7de6"
+BEFORE_COMMIT = "2e3ce88"  # verify.py before this benchmark's changes (llama.cpp on every core)
+SYSTEM = "You are terse."
 
 
-def old_verify():
-    """verify_ggufs as it was at OLD_COMMIT, loaded from git."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:lowvram/export.py"], check=True,
+def before_verify():
+    """verify_ggufs as it was at BEFORE_COMMIT, loaded from git."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/verify.py"], check=True,
                          capture_output=True, text=True).stdout
-    mod = types.ModuleType("old_export")
-    sys.modules["old_export"] = mod  # dataclasses look their module up
-    exec(compile(src, "old_export.py", "exec"), mod.__dict__)
+    mod = types.ModuleType("verify_before")
+    sys.modules["verify_before"] = mod  # dataclasses look their module up
+    exec(compile(src, "verify_before.py", "exec"), mod.__dict__)
     return mod.verify_ggufs
+
+
+@contextmanager
+def every_core():
+    """llama.cpp's thread count as it was before: every core, whatever else runs."""
+    import lowvram.llamacpp as lc
+
+    kept = lc._threads
+    lc._threads = lambda: max(1, os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        lc._threads = kept
+
+
+def convert(run: Path, out: Path, env: dict) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "q4_k_m", "--merged",
+                           "--no-verify", "--out", str(out)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    steps = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(f16|q4_k_m|merge):.*\[([\d.]+) s\]",
+                                                                  proc.stdout, re.M)}
+    return {"f16": steps.get("f16", 0.0), "q4_k_m": steps.get("q4_k_m", 0.0)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12, help="layers (12 = 0.55B parameters)")
+    ap.add_argument("--vocab", type=int, help="pad the vocabulary to this many rows (default: the tiny tokenizer's)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of conversion + both verifications")
     ap.add_argument("--work", help="scratch folder (default: a temporary one)")
-    ap.add_argument("--no-old", action="store_true", help="skip timing the old verification")
     args = ap.parse_args()
     import bench_export
+    import psutil
 
+    from lowvram.llamacpp import _threads
     from lowvram.tiny import ensure_tiny_model
     from lowvram.verify import verify_ggufs, verify_table
 
+    bench_export.VOCAB = args.vocab
     root = Path(args.work or tempfile.mkdtemp(prefix="bench-verify-"))
     root.mkdir(parents=True, exist_ok=True)
     run, params = bench_export.build_run(root, args.layers, ensure_tiny_model())
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"{__import__('psutil').virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
-    print(f"model: synthetic Llama bf16, {args.layers} layers, {params / 1e9:.2f}B parameters, random init\n")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+          f"RAM, Python {platform.python_version()}")
+    print(f"model: synthetic Llama bf16, {args.layers} layers, {params / 1e9:.2f}B parameters, vocabulary "
+          f"{args.vocab or 'of the tiny tokenizer'}, random init\n")
     out = root / "out"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "q4_k_m", "--merged",
-                           "--no-verify", "--out", str(out)], env=env, capture_output=True, text=True)
-    export_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    steps = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(f16|q4_k_m|merge):.*\[([\d.]+) s\]",
-                                                                  proc.stdout, re.M)}
-    conversion_s = steps.get("f16", 0) + steps.get("q4_k_m", 0)
-    print(f"export without verification: {export_s:.1f} s (merge {steps.get('merge', 0):.1f} s, "
-          f"f16 convert {steps.get('f16', 0):.1f} s, q4_k_m quantize {steps.get('q4_k_m', 0):.1f} s)")
     ggufs = {t: out / f"{run.name}-{t}.gguf" for t in ("f16", "q4_k_m")}
-    merged = out / "merged"
-
-    t0 = time.perf_counter()
-    rows = verify_ggufs(merged, ggufs, "You are terse.")
-    new_s = time.perf_counter() - t0
-    print(f"\nverification now: {new_s:.1f} s = {new_s / conversion_s:.2f}x the conversion ({conversion_s:.1f} s)")
+    old = before_verify()
+    rounds = []
+    for i in range(args.rounds):
+        load = os.getloadavg()[0]
+        conv = convert(run, out, env)
+        r = {"load": load, "conversion": conv["f16"] + conv["q4_k_m"], **conv}
+        order = ("now", "before") if i % 2 == 0 else ("before", "now")
+        for which in order:
+            r[f"load_{which}"] = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            if which == "now":
+                r["threads"] = _threads()
+                rows = verify_ggufs(out / "merged", ggufs, SYSTEM)
+            else:
+                with every_core():
+                    old_rows = old(out / "merged", ggufs, SYSTEM)
+            r[which] = time.perf_counter() - t0
+        r["same_status"] = [x["status"] for x in rows] == [x["status"] for x in old_rows]
+        rounds.append(r)
+        print(f"round {i + 1}: conversion {r['conversion']:.1f} s (f16 {r['f16']:.1f} + q4_k_m {r['q4_k_m']:.1f}; "
+              f"load {r['load']:.1f}); verification now {r['now']:.1f} s ({r['threads']} llama.cpp threads, load "
+              f"{r['load_now']:.1f}), before {r['before']:.1f} s (load {r['load_before']:.1f}); "
+              f"now/conversion {r['now'] / r['conversion']:.2f}, before/conversion {r['before'] / r['conversion']:.2f}; "
+              f"same statuses: {r['same_status']}", flush=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("conversion", "now", "before")}
+    ratio = {k: statistics.median(r[k] / r["conversion"] for r in rounds) for k in ("now", "before")}
+    print(f"\nmedians over {len(rounds)} rounds: conversion {med['conversion']:.1f} s, verification now "
+          f"{med['now']:.1f} s, before {med['before']:.1f} s")
+    print(f"median ratio to the conversion (same round): now {ratio['now']:.2f}x, before {ratio['before']:.2f}x; "
+          f"now/before {statistics.median(r['now'] / r['before'] for r in rounds):.2f}")
+    print("\nverification now, last round:")
     print(verify_table(rows))
-    if not args.no_old:
-        t0 = time.perf_counter()
-        old_verify()(merged, ggufs, "You are terse.")
-        old_s = time.perf_counter() - t0
-        print(f"\nverification before ({OLD_COMMIT}): {old_s:.1f} s = {old_s / conversion_s:.2f}x the conversion; "
-              f"now/before = {new_s / old_s:.2f}")
     return 0
 
 
