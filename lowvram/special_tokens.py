@@ -154,6 +154,7 @@ class _TrainableRows:
     def _init_rows(self, weight, ids: list[int], rows=None):
         import torch
 
+        self.restored = False  # True: the rows an earlier stage trained (make_rows_trainable's `init`)
         self.register_buffer("row_ids", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
         self.rows = rows if rows is not None else torch.nn.Parameter(weight[ids].detach().float().clone())
 
@@ -224,12 +225,14 @@ def make_rows_trainable(model, ids: list[int], init: dict | None = None) -> None
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is None or head.weight.data_ptr() == emb.weight.data_ptr()
     new_emb = Emb(emb, ids)
+    new_emb.restored = bool(init)
     if init and "embed" in init:
         with torch.no_grad():
             new_emb.rows.copy_(init["embed"])
     model.set_input_embeddings(new_emb)
     if head is not None:
         new_head = Head(head, ids, rows=new_emb.rows if tied else None)
+        new_head.restored = bool(init)
         if init and "head" in init and not tied:
             with torch.no_grad():
                 new_head.rows.copy_(init["head"])
@@ -312,10 +315,18 @@ def restore_rows(model, checkpoint_dir) -> list[int]:
     return ids
 
 
-def train_rows(model, trainable: bool) -> None:
-    """Unfreeze the rows (SFT), or keep them frozen (DPO continues SFT's rows): PEFT froze them with the base."""
+def train_rows(model, stage: str, method: str = "dpo") -> bool:
+    """Unfreeze the rows where this stage should train them (PEFT froze them with the base); whether it does.
+
+    SFT trains them (continuing rows restored from an earlier adapter). ORPO trains them when it starts
+    from the base (no SFT before it, no reference model). DPO and KTO keep them frozen: the rows are
+    outside the adapter, so training them would move the reference along with the policy.
+    """
+    restored = any(getattr(m, "restored", False) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    trainable = stage == "sft" or (method == "orpo" and not restored)
     for rows in trainable_row_params(model):
         rows.requires_grad_(trainable)
+    return trainable and bool(trainable_row_params(model))
 
 
 def trains_rows(model) -> bool:
@@ -349,8 +360,8 @@ def memory_note(n_tokens: int, hidden: int, tied: bool, vocab: int) -> str:
 def prepare(model, tokenizer, chat_template: str | None, init_adapter=None, say=print) -> list[int]:
     """Check the template's turn tokens; fix them and make their rows trainable. The ids (empty: none).
 
-    With `init_adapter` (DPO continuing SFT), the rows SFT trained are restored instead, and stay frozen
-    (the caller unfreezes only in SFT).
+    With `init_adapter` (DPO continuing SFT, or SFT --from an adapter), the rows it trained are restored
+    instead (train_rows decides whether they train on).
     """
     saved = load_rows(init_adapter) if init_adapter else None
     if saved is not None:

@@ -196,7 +196,7 @@ def load_model(ctx: StageContext, adapter: Path | None):
                                                        grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len,
                                                        prepare_tokens=prepare_tokens)
         _apply_template(tok, ctx.recipe)
-        train_rows(model, ctx.stage == "sft")  # PEFT froze them with the base; SFT trains them, DPO keeps them
+        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
         return model, tok
     from lowvram import hf_backend
 
@@ -204,7 +204,7 @@ def load_model(ctx: StageContext, adapter: Path | None):
     try:
         model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt,
                                              prepare_tokens=lambda m: _turn_tokens(m, tok, ctx))
-        train_rows(model, ctx.stage == "sft")
+        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
     except OSError as e:
         raise UserError(f"Cannot load model {ctx.model_path!r}: {e}",
                         hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.") from None
@@ -222,7 +222,7 @@ def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:
     """Untrained turn tokens of the chat template: fixed and made trainable (lowvram/special_tokens.py)."""
     from lowvram.special_tokens import prepare
 
-    prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter if ctx.stage != "sft" else None)
+    prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter)
     return None  # its own row wrappers, not PEFT's trainable tokens (see special_tokens.make_rows_trainable)
 
 

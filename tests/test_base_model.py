@@ -144,11 +144,10 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowvram import train
     from lowvram.checkpoints import MARKER
-    from lowvram.special_tokens import find_untrained, fix_untrained, load_rows, turn_tokens
+    from lowvram.special_tokens import load_rows
 
     run = tmp_path / "killed"
     args = ["run", "demo", f"model.name={base}", "model.chat_template=chatml", "--run-dir", str(run), "--no-export",
@@ -166,10 +165,7 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     ckpt = train.latest_checkpoint(ckpts)
     step = int(ckpt.name.split("-")[1])
 
-    tok = AutoTokenizer.from_pretrained(str(base))
-    fresh = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    ids = fix_untrained(fresh, find_untrained(fresh, tok, turn_tokens(tok, "chatml")), tok)
-    mean_rows = fresh.get_input_embeddings().weight[ids].detach()
+    ids, mean_rows = _mean_rows(base)
 
     at_resume = {}
     real_callback = train.make_callback
@@ -195,3 +191,35 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     saved_ids, saved = load_rows(ckpt)
     assert saved_ids == ids
     assert all(torch.equal(at_resume[k], saved[k]) for k in ("embed", "head"))
+
+
+def _mean_rows(base):
+    """(ids, input-embedding rows) of the untrained turn tokens as the fix initialises them: the mean."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.special_tokens import find_untrained, fix_untrained, turn_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    fresh = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    ids = fix_untrained(fresh, find_untrained(fresh, tok, turn_tokens(tok, "chatml")), tok)
+    return ids, fresh.get_input_embeddings().weight[ids].detach()
+
+
+def test_orpo_from_the_base_trains_the_turn_token_rows(base, tmp_path):
+    """ORPO is a single stage from the base (no SFT before it, no reference model): the rows must train
+    there, or the model never learns to end its turn. DPO after SFT keeps SFT's rows frozen."""
+    import torch
+
+    from lowvram.special_tokens import load_rows
+
+    run = tmp_path / "orpo"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["run", "orpo-tight", "--run-dir", str(run), "--no-export", "use_samples=true", f"model.name={base}",
+                   "model.chat_template=chatml", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"])
+    assert rc == 0, out.getvalue()[-3000:]
+    ids, mean_rows = _mean_rows(base)
+    saved_ids, rows = load_rows(run / "dpo" / "adapter")
+    assert saved_ids == ids
+    assert not torch.allclose(rows["embed"], mean_rows, atol=1e-6), "the rows stayed at their initialisation"
