@@ -221,15 +221,17 @@ def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy:
                                 f"{e.message}", e.problems,
                                 hint="Try --strategy fsdp, which shards the weights over the cards.") from None
             one_card_refusal = e
+    card = device
     if strategy == "fsdp" or one_card_refusal is not None:
-        plan, why = _fsdp_plan(recipe, device, recipe_dir, world, one_card_refusal)
+        plan, why, card = _fsdp_plan(recipe, device, recipe_dir, world, one_card_refusal)
         mode = "fsdp"
     floor = 2 if "dpo" in plan.stages and recipe.dpo.method == "kto" else 1
-    stages = {name: split_batch(sp, world, floor if name == "dpo" else 1) for name, sp in plan.stages.items()}
+    split = {name: split_batch(sp, world, floor if name == "dpo" else 1) for name, sp in plan.stages.items()}
+    plan = _at_card_batch(recipe, card, recipe_dir, plan, split)
     reasons = {**plan.reasons, "parallel": why}
     if backend_note:  # the recipe left the backend to lowvram: transformers+PEFT, and why
         reasons["backend"] = f"transformers+PEFT: {backend_note}"
-    return dataclasses.replace(plan, stages=stages, reasons=reasons, processes=world, parallel=mode)
+    return dataclasses.replace(plan, reasons=reasons, processes=world, parallel=mode)
 
 
 def _fsdp_plan(recipe, device, recipe_dir, world: int, refusal: UserError | None):
@@ -260,7 +262,23 @@ def _fsdp_plan(recipe, device, recipe_dir, world: int, refusal: UserError | None
     why = (f"FSDP: one card cannot hold the model with DDP, so the {weights:.1f} GiB of base weights are sharded: "
            f"{weights / world:.2f} GiB on each of {world} cards; the memory table shows the whole weights and a "
            f"budget raised by the {saved:.2f} GiB held by the other cards")
-    return plan, why
+    return plan, why, shard
+
+
+def _at_card_batch(recipe, card, recipe_dir, one_card, split: dict):
+    """The plan again at each card's share of the batch: its memory estimate is then the card's own, checked
+    against the card's budget; the one-card reasons for the sequence length and the batch are kept."""
+    from lowvram.lengths import plan_with_data
+
+    stage_cfgs = {name: dataclasses.replace(getattr(recipe, name), max_seq_len=sp.max_seq_len,
+                                            batch_size=sp.batch_size, grad_accum=sp.grad_accum)
+                  for name, sp in split.items()}
+    plan = plan_with_data(dataclasses.replace(recipe, **stage_cfgs), card, recipe_dir)
+    stages = {}
+    for name, sp in plan.stages.items():
+        kept = {k: v for k, v in one_card.stages[name].reasons.items() if k in ("max_seq_len", "batch_size", "grad_accum")}
+        stages[name] = dataclasses.replace(sp, reasons={**sp.reasons, **kept, "processes": split[name].reasons["processes"]})
+    return dataclasses.replace(plan, stages=stages)
 
 
 # ------------------------------------------------------------------ `lowvram run --gpus N`

@@ -69,6 +69,16 @@ def test_ddp_when_one_card_holds_the_model():
         assert sp.batch_size * sp.grad_accum * 2 == one.stages[name].effective_batch
 
 
+def test_each_card_is_estimated_at_its_own_share_of_the_batch():
+    recipe, path = load_recipe("chat-assistant")
+    one = plan_per_card(recipe, simulated_device(24), path.parent, 1, "auto")
+    eight = plan_per_card(recipe, simulated_device(24), path.parent, 8)
+    sp, sp1 = eight.stages["sft"], one.stages["sft"]
+    assert sp.batch_size < sp1.batch_size and sp.batch_size * sp.grad_accum * 8 == sp1.effective_batch
+    assert sp.estimate.tokens == sp.batch_size * sp.max_seq_len  # the table is this card's, not one card's
+    assert sp.estimate.total_gib < sp1.estimate.total_gib
+
+
 def test_fsdp_when_one_card_cannot_hold_the_model_and_refusals_say_why():
     recipe, path = load_recipe("chat-assistant", BIG)
     with pytest.raises(UserError):
