@@ -332,13 +332,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowvram.evaluate import eval_command
+    from lowvram.evaluate import evaluate_run, summary_lines
+    from lowvram.ui import echo
 
-    code = eval_command(args.run_dir, best_of=args.best_of, prompts=args.prompts)
+    run_dir = Path(args.run_dir)
+    echo(summary_lines(evaluate_run(run_dir, best_of=args.best_of, prompts_limit=args.prompts)))
+    print(f"Answers side by side: {run_dir / 'eval' / 'answers.jsonl'}")
     from lowvram.report_html import write_html
 
-    print(f"Report: {write_html(Path(args.run_dir))}")
-    return code
+    print(f"Report: {write_html(run_dir)}")
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -477,12 +477,3 @@ def summary_lines(summary: dict) -> list[str]:
     elif b:
         lines.append(f"Best-of-N skipped: {b['skipped']}")
     return lines
-
-
-def eval_command(run_dir: str, best_of: int | None = None, prompts: int | None = None) -> int:
-    summary = evaluate_run(Path(run_dir), best_of=best_of, prompts_limit=prompts)
-    from lowvram.ui import echo
-
-    echo(summary_lines(summary))
-    print(f"Answers side by side: {Path(run_dir) / 'eval' / 'answers.jsonl'}")
-    return 0
