@@ -105,7 +105,8 @@ def test_export_modules_import_no_training_libraries():
 
 
 @pytest.mark.parametrize("name", ["chat-assistant", "concise", "demo", "orpo-tight"])
-def test_recipe_script_runs_the_yaml_beside_it(name):
+def test_recipe_script_runs_the_yaml_beside_it(name, tiny_tokenizer_dir):
+    """tiny_tokenizer_dir: demo plans with the tiny model's tokenizer, from the tests' cache, not the user's."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
