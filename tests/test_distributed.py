@@ -142,7 +142,7 @@ def _losses(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _processes_of(run: Path) -> list[int]:
-    """Live processes whose command line names the run directory (lowvram, accelerate, the workers)."""
+    """Live processes whose command line names `run` (lowvram, accelerate, the workers)."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == os.getpid():
@@ -223,19 +223,24 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
 
 @pytest.mark.slow
 def test_killed_group_and_failed_process_end_cleanly_and_resume(tiny_model_dir, tmp_path):
-    run = tmp_path / "group"
-    common = ["--gpus", "2", "--no-export"]
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *common,
+    # started the other way, under accelerate's own launcher: the processes agree on the new run's name
+    from lowvram.distributed import launch_args
+
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "ddp", False),
+                             "-m", "lowvram", "run", "demo", f"output_dir={tmp_path}", "--no-export",
                              "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
     from lowvram.train import latest_checkpoint
 
+    _wait(lambda: len(list(tmp_path.glob("demo-*/sft/checkpoints"))) > 0, proc, "the run directory")
+    (run,) = tmp_path.glob("demo-*")  # one run directory, named by the main process
     ckpts = run / "sft" / "checkpoints"
     _wait(lambda: latest_checkpoint(ckpts) is not None, proc, "a checkpoint")
+    common = ["--gpus", "2", "--no-export"]
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the whole group: lowvram, accelerate, both workers
     proc.wait()
-    assert _none_left(run), "processes of the killed group survive"
+    assert _none_left(tmp_path), "processes of the killed group survive"  # named by output_dir=
     step = int(latest_checkpoint(ckpts).name.split("-")[1])
 
     # a process that dies ends the group, with a message, instead of leaving the other waiting
