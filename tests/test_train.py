@@ -58,6 +58,7 @@ def test_run_directory_has_everything_export_needs(demo_run):
 def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
     """The run's real output, not to a terminal: every logged step is one line with the stage's key metrics and
     ETA, in the order the metrics log has them, with nothing only a terminal would read (no \\r, no ANSI)."""
+    import importlib.util
     import re
 
     out = (demo_run.parent / "stdout.txt").read_text()
@@ -69,7 +70,8 @@ def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
         lines = re.findall(rf"^\[{stage}\] step (\d+)/\d+  {shown}(?:  [\d,]+ tok/s)?  ETA \d+:\d\d$", out, re.M)
         assert logged and [int(s) for s in lines] == logged, out[-3000:]
     assert re.search(r"^\[dpo held-out eval\] before training  pref_acc \d\.\d\d  margin [+-]", out, re.M)
-    assert re.search(r"^type +size .*\n-{4,}", out, re.M)  # the export's verification table, as plain columns
+    if importlib.util.find_spec("llama_cpp"):  # the export verifies in llama.cpp: its table, as plain columns
+        assert re.search(r"^type +size .*\n-{4,}", out, re.M)
 
 
 def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
