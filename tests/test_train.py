@@ -251,10 +251,39 @@ def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path):
     assert not (tmp_path / "orpo" / "sft").exists()
 
 
-def _spawn(args, env_extra=None):
+def _spawn(args, env_extra=None, terminal=False):
+    """`lowvram ARGS` in a child process. `terminal`: its stdout is a pseudo-terminal (so lowvram draws with rich),
+    read in the background; `proc.terminal_output()` returns what it showed once the process has ended."""
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    if not terminal:
+        return subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    import threading
+
+    leader, follower = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=follower, stderr=subprocess.PIPE,
+                            text=True, env={**env, "TERM": "xterm", "COLUMNS": "120"})
+    os.close(follower)
+    chunks: list[bytes] = []
+
+    def drain():
+        try:
+            while data := os.read(leader, 65536):
+                chunks.append(data)
+        except OSError:  # EIO: the child has exited
+            pass
+        finally:
+            os.close(leader)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def terminal_output() -> str:
+        reader.join(30)
+        return b"".join(chunks).decode(errors="replace")
+
+    proc.terminal_output = terminal_output
+    return proc
 
 
 def _wait_for_checkpoint(ckpt_dir: Path, proc, timeout_s=120) -> None:
@@ -331,8 +360,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
 
 
 def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_dir, tmp_path):
+    """In a terminal: the progress bar that the interrupt leaves live is closed, the cursor shown again."""
     run = tmp_path / "twice"
-    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]},
+                  terminal=True)
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)
@@ -345,6 +376,10 @@ def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_
     newest = latest_checkpoint(run / "sft" / "checkpoints")
     assert f"The newest complete checkpoint is {newest}" in err, err
     assert f"Resume with: lowvram run --resume {run}" in err
+    shown = proc.terminal_output()
+    assert "\x1b[?25l" in shown and "━" in shown and "[sft]" in shown  # rich's bar, cursor hidden while live
+    assert shown.rfind("\x1b[?25h") > shown.rfind("━"), shown[-500:]  # shown again after the last bar: closed
+    assert "The newest complete checkpoint" not in shown  # the error went to stderr, not into the bar
 
 
 def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
