@@ -75,16 +75,21 @@ def rich_table(t: Table):
     from rich.table import Table as RichTable
     from rich.text import Text
 
-    rt = RichTable(title=t.title, title_justify="left", show_header=t.headers is not None,
+    # cells, headers and title as Text: never read as rich markup ("[...]" in a path or a message stays as is)
+    rt = RichTable(show_header=t.headers is not None,
                    box=box.SIMPLE_HEAD if t.headers else None, show_edge=False, header_style="bold", pad_edge=False,
                    padding=(0, 1) if t.headers else (0, 2, 0, 0))
     ncols = max([len(t.headers or ())] + [len(r) for r in t.rows] + [1])
     for i in range(ncols):
         header = t.headers[i] if t.headers and i < len(t.headers) else ""
-        rt.add_column(header, style="bold" if i == 0 and not t.headers else None, overflow="fold")
+        rt.add_column(Text(header), style="bold" if i == 0 and not t.headers else None, overflow="fold")
     for r in t.rows:
         rt.add_row(*(Text(c, style=STATUS_STYLES.get(c.split(":")[0].split(" ")[0], "")) for c in r))
-    return rt
+    if not t.title:
+        return rt
+    from rich.console import Group
+
+    return Group(Text(t.title, style="bold"), rt)  # a line of its own: a table's title would wrap at its width
 
 
 def echo(*parts: str | Iterable[str], file: IO | None = None, console: Any = None) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from lowvram import ui
 
 SFT = [("loss", "loss", "{:.3f}"), ("mean_token_accuracy", "tok_acc", "{:.2f}")]
-ANSI = re.compile(r"\x1b\[")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _terminal(width: int = 120) -> tuple[Console, io.StringIO]:
@@ -97,6 +97,13 @@ def test_terminal_table_is_drawn_by_rich_with_status_colours():
     assert plain.splitlines()[0] == "Verification:" and plain.rstrip().splitlines()[-1] == "done"
     assert "─" in plain and "q4_k_m" in plain and "------" not in plain
     assert "\x1b[1;31mFAIL" in text and "\x1b[32mok" in text
+
+
+def test_brackets_in_cells_titles_and_headers_are_text_not_markup():
+    console, buf = _terminal()
+    ui.echo(ui.table([("[bold]x[/bold]", "[/]")], ("[red]h[/red]",), title="data: runs/[1]/d.jsonl"), console=console)
+    text = ANSI.sub("", buf.getvalue())
+    assert "data: runs/[1]/d.jsonl" in text and "[red]h[/red]" in text and "[bold]x[/bold]" in text and "[/]" in text
 
 
 def _on_a_pty(args: list[str]) -> str:
