@@ -76,7 +76,7 @@ def test_export_f16_and_q8_0_without_llama_cpp_python(bare_python, tiny_model_di
     export = run / "export"
     kinds = {}
     for t in ("f16", "q8_0"):
-        gguf = export / f"run-{t}.gguf" if (export / f"run-{t}.gguf").exists() else next(export.glob(f"*-{t}.gguf"))
+        gguf = export / f"fixture-{t}.gguf"
         assert f"FROM ./{gguf.name}" in gguf.with_suffix(".Modelfile").read_text()
         weights = [x for x in GGUFReader(str(gguf)).tensors if x.name.endswith("attn_q.weight")]
         kinds[t] = {x.tensor_type.name for x in weights}
