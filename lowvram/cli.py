@@ -468,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"error: {e.render()}", file=sys.stderr)
+        from lowvram.distributed import is_main
+
+        if is_main() or e.exit_code != EXIT_INTERRUPTED:  # after a Ctrl-C every process says the same: one does
+            print(f"error: {e.render()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

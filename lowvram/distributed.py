@@ -87,6 +87,10 @@ def join(stack: contextlib.ExitStack) -> None:
     if not in_group():
         return
     _die_with_parent()
+    # Ctrl-C reaches the workers once, through their launcher (torchrun forwards it), not a second time from
+    # the terminal: a second Ctrl-C means "stop now" (lowvram.train.graceful_interrupt)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     import torch
     from accelerate import PartialState
 
@@ -319,13 +323,19 @@ def launch(world: int, mode: str, lowvram_args: list[str], cuda: bool, resume_hi
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), _ENV_HINT: resume_hint}
     shown = shlex.join(["accelerate", "launch", *launch_args(world, mode, cuda)[:2], "-m", "lowvram", *lowvram_args])
     print(f"Launching {world} processes ({mode}): {shown}", flush=True)
+    import signal
+
     proc = subprocess.Popen(cmd, env=env)
+    # Ctrl-C is the launcher's to handle: it passes it to every worker, which saves a checkpoint and stops
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _ENV_HINT = "LOWVRAM_RESUME_HINT"
@@ -348,16 +358,20 @@ def _launcher_main(argv: list[str]) -> int:
     user needs which process failed, how, and how to go on.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    hint = os.environ.get(_ENV_HINT) or "lowvram run --resume RUN_DIR --gpus N"
     try:
         launch_command(args)
+    except SignalException as e:  # Ctrl-C (or a kill): the workers had it too and saved where they could
+        print(f"\ninterrupted ({e.sigval.name}): every process stopped. Resume with: {hint}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except ChildFailedError as e:
         rank, first = e.get_first_failure()  # the root cause; torchrun then stops the others (SIGTERM)
         if first.exitcode in (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED):
             return first.exitcode  # lowvram's own ending, explained by the process that met it
-        hint = os.environ.get(_ENV_HINT) or "lowvram run --resume RUN_DIR --gpus N"
         print(f"error: a training process failed: process {rank} of {args.num_processes} "
               f"{_how_it_ended(first.exitcode)}; accelerate stopped the whole group.\n"
               f"Continue from the last checkpoint: {hint}", file=sys.stderr, flush=True)

@@ -263,7 +263,10 @@ def _main_resume_point(ctx: StageContext, required, checkpoint_step, newest_comp
 def _resume_cmd(ctx: StageContext, *overrides: str) -> str:
     import shlex
 
-    return shlex.join(["lowvram", "run", "--resume", str(ctx.run_dir), *overrides])
+    from lowvram.distributed import world_size
+
+    group = ["--gpus", str(world_size())] if world_size() > 1 else []  # the same number of processes
+    return shlex.join(["lowvram", "run", "--resume", str(ctx.run_dir), *group, *overrides])
 
 
 def _common_args(ctx: StageContext) -> dict:

@@ -141,6 +141,15 @@ def _losses(run: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _trained_past(run: Path, step: int, since: float) -> bool:
+    """A step after `step` logged by the run started at `since` (the killed run's lines beyond its checkpoint
+    are trimmed by the resumed one first, rewriting the file)."""
+    metrics = run / "metrics.jsonl"
+    if metrics.stat().st_mtime < since:
+        return False
+    return max((s for s, _ in _losses(run).get("sft", [])), default=0) > step
+
+
 def _processes_of(run: Path) -> list[int]:
     """Live processes whose command line names `run` (lowvram, accelerate, the workers)."""
     pids = []
@@ -222,7 +231,7 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
 
 
 @pytest.mark.slow
-def test_killed_group_and_failed_process_end_cleanly_and_resume(tiny_model_dir, tmp_path):
+def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_model_dir, tmp_path):
     # started the other way, under accelerate's own launcher: the processes agree on the new run's name
     from lowvram.distributed import launch_args
 
@@ -244,11 +253,12 @@ def test_killed_group_and_failed_process_end_cleanly_and_resume(tiny_model_dir, 
     step = int(latest_checkpoint(ckpts).name.split("-")[1])
 
     # a process that dies ends the group, with a message, instead of leaving the other waiting
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common,
                              f"sft.max_steps={step + 100}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                             start_new_session=True)
-    _wait(lambda: max((s for s, _ in _losses(run).get("sft", [])), default=0) > step + 1, proc, "a step")
+    _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
     os.kill(_worker(run, 1), signal.SIGKILL)
     try:
         out, err = proc.communicate(timeout=120)
@@ -261,7 +271,23 @@ def test_killed_group_and_failed_process_end_cleanly_and_resume(tiny_model_dir, 
     assert "ChildFailedError" not in err  # not the launcher's own traceback
     assert _none_left(run)
 
+    # Ctrl-C (SIGINT to the terminal's process group): every process saves the same checkpoint and stops
     step = int(latest_checkpoint(ckpts).name.split("-")[1])
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common,
+                             f"sft.max_steps={step + 100}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    stopped = int(err.split("Stopped sft at step ")[1].split(";")[0])
+    assert err.count("a checkpoint was saved") == 1 and f"--resume {run} --gpus 2" in err
+    assert latest_checkpoint(ckpts).name == f"checkpoint-{stopped}"  # complete, with both processes' files
+    assert _none_left(run)
+
+    step = stopped
     res = _lowvram("run", "--resume", str(run), *common, f"sft.max_steps={step + 2}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming from checkpoint-{step}" in res.stdout
