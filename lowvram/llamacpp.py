@@ -70,8 +70,9 @@ KEY_CONTEXT_LENGTH = "{arch}.context_length"
 def _threads() -> int:
     """llama.cpp's threads: the cores that other processes leave free (the 1-minute load average).
 
-    llama.cpp's threads meet at a barrier after every operation, spinning while they wait: when the
-    kernel deschedules one of them for another process, all of them stall. Measured on 2 cores under a
+    For inference: llama.cpp's threads meet at a barrier after every operation, spinning while they
+    wait, so when the kernel deschedules one of them for another process, all of them stall. (Its
+    quantizer's threads take independent chunks and keep every core.) Measured on 2 cores under a
     load of 6 (scripts/bench_verify.py, BENCHMARKS.md): a 60-token prompt of a 0.55B f16 model took
     11.2 s with 2 threads and 0.9 s with 1; on an idle machine every core is used.
     """
@@ -299,7 +300,7 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
     _quiet()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    params.nthread = threads or _threads()
+    params.nthread = threads or max(1, os.cpu_count() or 1)  # independent chunks, no barrier: every core helps
     start = log_path.stat().st_size if log_path.exists() else 0
     with _stderr_to(log_path):
         import ctypes
