@@ -111,6 +111,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     note = turn_token_note(recipe, plan.model)
     if note:
         print(note)
+    if recipe.export.gguf:
+        from lowvram.llamacpp import export_tools
+
+        print(export_tools().plan_line(recipe.export.gguf))  # before hours of training, not after
     return 0
 
 

@@ -198,6 +198,15 @@ class ExportTools:
                         "(llama-cpp-python), which is not installed.",
                         hint=f"{RUNTIME_HINT}. Without it: --gguf {' '.join(ok)}.")
 
+    def plan_line(self, types) -> str:
+        """One line for `lowvram plan` and `run`: which of the recipe's GGUF types this machine can write."""
+        ok, missing = self.split(types)
+        if not missing:
+            return f"export: {', '.join(ok)} can be written here"
+        line = f"export: {', '.join(ok) + ' can be written here; ' if ok else ''}{', '.join(missing)} cannot: " \
+               f"{self.reason(missing[0])}"
+        return line + (f". {RUNTIME_HINT}" if self.converter else "")
+
     def rows(self) -> list[tuple[str, str]]:
         """`lowvram doctor`'s lines: each GGUF type, then verification."""
         rows = [(f"GGUF {t}", ("yes -- " if self.writer(t) else "no -- ") + self.reason(t)) for t in GGUF_TYPE_TABLE]

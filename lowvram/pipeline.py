@@ -223,6 +223,12 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     echo(plan.lines())
     _check_libraries(plan)
     print(network, flush=True)
+    if export and recipe.export.gguf and not stages:
+        from lowvram.llamacpp import export_tools
+
+        tools = export_tools()
+        if tools.split(recipe.export.gguf)[1]:  # said now, not only after training
+            print(tools.plan_line(recipe.export.gguf), flush=True)
     from lowvram.templates import preflight
 
     preflight(recipe, plan.model, recipe_dir, todo)
