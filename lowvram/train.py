@@ -90,13 +90,13 @@ KEY_METRICS = {
 }
 
 
-def make_callback(stage: str, metrics_path: Path, method: str = "dpo"):
+def make_callback(stage: str, metrics_path: Path):
     """A TrainerCallback that logs JSON lines, shows progress (lowvram.ui), and honours Ctrl-C."""
     from transformers import TrainerCallback
 
     from lowvram import ui
 
-    metrics = KEY_METRICS["dpo" if stage == "dpo" and method == "dpo" else "rm" if stage == "rm" else "sft"]
+    metrics = KEY_METRICS[stage if stage in KEY_METRICS else "sft"]  # DPO, IPO, KTO, ORPO all log rewards/*
 
     class LowvramCallback(TrainerCallback):
         def __init__(self):
@@ -387,7 +387,7 @@ def run_preference(ctx: StageContext, data) -> Path:
     model, tok = load_model(ctx, ctx.init_adapter)
     _check_has_template(tok, data.train, "preference")
     train_ds, eval_ds = _datasets(data.train, data.eval)
-    callbacks = [make_callback("dpo", ctx.run_dir / "metrics.jsonl", cfg.method)]
+    callbacks = [make_callback("dpo", ctx.run_dir / "metrics.jsonl")]
     kwargs = {**_common_args(ctx), **_eval_args(cfg, eval_ds), "beta": cfg.beta, "max_length": ctx.sp.max_seq_len}
     if cfg.method == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config

@@ -243,11 +243,13 @@ def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
     assert "[dpo] reference: at step 0 the policy equals its reference: chosen +0.0000, rejected +0.0000" in out
 
 
-def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path):
+def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path, capsys):
     args = ["run", "orpo-tight", "--run-dir", str(tmp_path / "orpo"), "--no-export", "use_samples=true",
             "model.name=builtin:tiny-llama", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"]
     assert main(args) == 0
     assert (tmp_path / "orpo" / "dpo" / "adapter" / "adapter_config.json").is_file()
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dpo] step ")]
+    assert len(steps) == 3 and all(" pref_acc " in line and " margin " in line for line in steps), steps  # ORPO's too
     assert not (tmp_path / "orpo" / "sft").exists()
 
 
@@ -449,8 +451,8 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
     at_resume = {}
     real_callback = train.make_callback
 
-    def spying_callback(stage, metrics_path, method="dpo"):
-        cb = real_callback(stage, metrics_path, method)
+    def spying_callback(stage, metrics_path):
+        cb = real_callback(stage, metrics_path)
         begin = cb.on_train_begin
 
         def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
