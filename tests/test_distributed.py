@@ -203,7 +203,9 @@ STEPS = ["sft.max_steps=4", "dpo.max_steps=3", "rm.enabled=false", "eval.enabled
 @pytest.mark.slow
 def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_dir, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    res = _lowvram("run", "demo", "--gpus", "2", "--run-dir", str(two), *STEPS, "export.gguf=[f16]")
+    after = ["rm.enabled=true", "rm.max_steps=2", "eval.enabled=true", "eval.prompts=2", "eval.max_new_tokens=8",
+             "eval.kl_samples=1", "eval.best_of=2", "export.gguf=[f16]"]  # after training: the main process alone
+    res = _lowvram("run", "demo", "--gpus", "2", "--run-dir", str(two), *STEPS, *after)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ref = _lowvram("run", "demo", "--run-dir", str(one), "--no-export", *STEPS)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -219,10 +221,13 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
             assert a == pytest.approx(b, rel=LOSS_REL_TOL), (stage, s, a, b)
     # one writer: one progress line per step, one summary, one adapter per stage, one metrics file
     assert res.stdout.count("[sft] step 1/4") == 1 and res.stdout.count("Finished demo") == 1
-    assert sorted(str(p.relative_to(two)) for p in two.glob("*/adapter")) == ["dpo/adapter", "sft/adapter"]
+    assert sorted(str(p.relative_to(two)) for p in two.glob("*/adapter")) == ["dpo/adapter", "rm/adapter", "sft/adapter"]
     assert [p.name for p in two.rglob("metrics*.jsonl")] == ["metrics.jsonl"]
     ckpt = next((two / "sft" / "checkpoints").glob("checkpoint-*"))
     assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    # the reward model, the evaluation and the report come after the group, from the main process
+    assert (two / "rm" / "DONE").is_file() and (two / "eval" / "summary.json").is_file()
+    assert (two / "report.html").is_file() and res.stdout.count("Eval on 2 held-out prompts") == 1
     # the exported GGUF verifies against transformers
     verify = json.loads((two / "export" / "verify.json").read_text())
     assert {t: row["status"] for t, row in verify.items()} == {"f16": "ok"}
