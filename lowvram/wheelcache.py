@@ -152,9 +152,23 @@ def _alive(pid) -> bool:
             return True
 
 
-def wait(log: Path, poll_s: float = 1.0) -> dict:
-    """Block until the job writing `log` has finished; its status, with "waited" (seconds spent here)."""
-    t0 = time.time()
+def last_line(log: Path) -> str:
+    """The log's last non-empty line (a compile's progress), or ''."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x.strip() for x in f.read().decode("utf-8", errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def wait(log: Path, poll_s: float = 1.0, report=None, every_s: float = 60.0) -> dict:
+    """Block until the job writing `log` has finished; its status, with "waited" (seconds spent here).
+
+    `report` (e.g. print) gets a line every `every_s` seconds while it waits: a compile is long and silent.
+    """
+    t0 = last = time.time()
     status = read_status(log)
     while status.get("state") == "running":
         if not _alive(status.get("pid")) and read_status(log).get("state") == "running":
@@ -163,6 +177,10 @@ def wait(log: Path, poll_s: float = 1.0) -> dict:
             break
         time.sleep(poll_s)
         status = read_status(log)
+        if report and status.get("state") == "running" and time.time() - last >= every_s:
+            last = time.time()
+            report(f"waiting for {status.get('requirement', 'the install')}: {last - t0:.0f} s so far "
+                   f"(started {last - status.get('started', t0):.0f} s ago); its log: {last_line(log)}")
     return {**status, "waited": round(time.time() - t0, 1)}
 
 

@@ -102,3 +102,28 @@ def test_the_hold_keeps_the_install_from_finishing_until_released(tmp_path, monk
     status = wheelcache.install("lowvram_probe", cache, tmp_path / "job.log")
     assert status["state"] == "ok"
     assert (time.time() - t0 >= 0.5) is held
+
+
+def test_wait_reports_progress_while_the_job_runs(tmp_path):
+    """A long compile is silent: wait() passes a line with the log's last line to `report` as it goes."""
+    log = tmp_path / "job.log"
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        wheelcache._write_status(log, state="running", requirement="x==1", started=time.time(), pid=job.pid)
+        wheelcache.mark(log, "Building wheel for x (pyproject.toml): still running")
+        lines = []
+
+        def report(line):
+            lines.append(line)
+            if len(lines) == 2:
+                wheelcache._write_status(log, state="ok", finished=time.time(), seconds=1.0, from_cache=False,
+                                         compiled=True)
+
+        status = wheelcache.wait(log, poll_s=0.02, report=report, every_s=0.05)
+    finally:
+        job.kill()
+        job.wait()
+    assert status["state"] == "ok" and status["waited"] > 0
+    assert len(lines) == 2 and all(x.startswith("waiting for x==1: ") for x in lines)
+    assert lines[0].endswith("Building wheel for x (pyproject.toml): still running")
+    assert "compiled, and its wheel saved to the cache" in wheelcache.describe(status, log)
