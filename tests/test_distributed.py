@@ -310,7 +310,8 @@ def test_accelerate_does_not_apply_fsdp_to_cpu_processes(tmp_path):
         "import torch\nfrom accelerate import Accelerator\n"
         "a = Accelerator(cpu=True)\n"
         "m = a.prepare(torch.nn.Linear(4, 4))\n"
-        "print('WRAPPED', a.process_index, a.distributed_type, type(m).__name__, flush=True)\n")
+        "import os\n"  # one write per process: atomic on a pipe, the two lines never interleave
+        "os.write(1, f'WRAPPED {a.process_index} {a.distributed_type} {type(m).__name__}\\n'.encode())\n")
     from lowvram.distributed import launch_args
 
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "fsdp", False),
