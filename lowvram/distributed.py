@@ -222,7 +222,8 @@ def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy:
             if strategy != "auto" or device.kind != "cuda":
                 raise UserError(f"{strategy.upper()} keeps the whole model on each card, and one card cannot hold it: "
                                 f"{e.message}", e.problems,
-                                hint="Try --strategy fsdp, which shards the weights over the cards.") from None
+                                hint="Use FSDP, which shards the weights over the cards: --strategy fsdp "
+                                     "(under your own accelerate launch: --use_fsdp).") from None
             one_card_refusal = e
     card = device
     if strategy == "fsdp" or one_card_refusal is not None:
