@@ -175,7 +175,15 @@ class Recipe:
 
         The data layer is handed this path: it never looks up where lowvram keeps its samples.
         """
-        return SAMPLES_DIR / data.sample if self.use_samples and data.sample else None
+        if not self.use_samples:
+            return None
+        if not data.sample:
+            raise UserError("use_samples is on but this stage names no sample file (data.sample).",
+                            hint=f"Shipped samples: {', '.join(p.name for p in sorted(SAMPLES_DIR.glob('*.jsonl')))}")
+        path = SAMPLES_DIR / data.sample
+        if not path.is_file():
+            raise UserError(f"No shipped sample {data.sample!r} in {SAMPLES_DIR}.")
+        return path
 
     def stages(self) -> list[str]:
         return [s for s in ("sft", "dpo") if getattr(self, s).enabled]
