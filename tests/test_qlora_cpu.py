@@ -130,7 +130,7 @@ def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("nf4") / "tiny-llama-bnb-4bit"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, device_map={"": "cpu"},
-                                                 quantization_config=quantization_config(SimpleNamespace(dtype="fp32")))
+                                                 quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")))
     model.save_pretrained(str(out))
     for f in tiny_model_dir.iterdir():  # tokenizer files, generation config
         if f.is_file() and not (out / f.name).exists():
@@ -207,7 +207,7 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
 
     # the policy exactly as DPO trained it: the NF4 base in bitsandbytes + the adapter
     base = AutoModelForCausalLM.from_pretrained(str(nf4_base), dtype=torch.float32, device_map={"": "cpu"},
-                                                quantization_config=quantization_config(SimpleNamespace(dtype="fp32")))
+                                                quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")))
     prepare_4bit_model(base, torch.float32)
     policy = PeftModel.from_pretrained(base, str(q4_run / "dpo" / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
