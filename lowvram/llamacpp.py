@@ -67,20 +67,41 @@ KEY_ARCHITECTURE = "general.architecture"
 KEY_CONTEXT_LENGTH = "{arch}.context_length"
 
 
-def _threads() -> int:
-    """llama.cpp's threads: the cores that other processes leave free (the 1-minute load average).
+def _runnable() -> float | None:
+    """Threads ready to run on the machine now, this one included (Linux: /proc/stat's procs_running,
+    the median of 9 reads over ~40 ms); None where it cannot be read."""
+    import statistics
+    import time
 
-    For inference: llama.cpp's threads meet at a barrier after every operation, spinning while they
-    wait, so when the kernel deschedules one of them for another process, all of them stall. (Its
-    quantizer's threads take independent chunks and keep every core.) Measured on 2 cores under a
+    counts = []
+    try:
+        for _ in range(9):
+            with open("/proc/stat", encoding="ascii") as fh:
+                counts += [int(line.split()[1]) for line in fh if line.startswith("procs_running ")]
+            time.sleep(0.005)
+    except (OSError, ValueError, IndexError):
+        return None
+    return statistics.median(counts) if counts else None
+
+
+def _threads() -> int:
+    """llama.cpp's inference threads: the cores that other processes leave free right now.
+
+    llama.cpp's threads meet at a barrier after every operation, spinning while they wait, so when the
+    kernel deschedules one of them for another process, all of them stall. Measured on 2 cores under a
     load of 6 (scripts/bench_verify.py, BENCHMARKS.md): a 60-token prompt of a 0.55B f16 model took
-    11.2 s with 2 threads and 0.9 s with 1; on an idle machine every core is used.
+    11.2 s with 2 threads and 0.9 s with 1; on an idle machine every core is used. What runs now is
+    counted, not the load average: right after export's quantizer (every core) the 1-minute average
+    still says the machine is full. (The quantizer's threads take independent chunks; it keeps every core.)
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        others = max(0.0, os.getloadavg()[0] - 1.0)  # this process is one of the running ones
-    except OSError:
-        others = 0.0
+    running = _runnable()
+    if running is None:
+        try:
+            running = os.getloadavg()[0]
+        except OSError:
+            running = 1.0
+    others = max(0.0, running - 1.0)  # this thread is one of the running ones
     return max(1, min(cpus, round(cpus - others)))
 
 
