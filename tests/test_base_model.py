@@ -170,8 +170,8 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     at_resume = {}
     real_callback = train.make_callback
 
-    def spying_callback(stage, metrics_path, method="dpo"):
-        cb = real_callback(stage, metrics_path, method)
+    def spying_callback(*args, **kwargs):
+        cb = real_callback(*args, **kwargs)
         begin = cb.on_train_begin
 
         def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
