@@ -60,10 +60,12 @@ def restore_policy(model, checkpoint_dir: Path) -> int:
 # per-token log-probability differences over the completion and scales them by beta, so 16-bit
 # rounding stays far below this, while a reference that is not the policy lands far above it.
 START_REWARD_TOLERANCE = 1e-2
-_VERSIONS_HINT = ("lowvram was tested with TRL 1.15-1.16, transformers 5.17-5.23, PEFT 0.21 and Unsloth 2026.10; "
-                  "a newer release may have changed how the reference is built. Install the versions in "
-                  "constraints.txt (or constraints-gpu-versions.txt with the gpu extra), or use dpo.method=orpo, "
-                  "which has no reference.")
+_VERSIONS_HINT = (
+    "lowvram was tested with TRL 1.15-1.16, transformers 5.17-5.23, PEFT 0.21 and Unsloth 2026.10; "
+    "a newer release may have changed how the reference is built. Install the versions in "
+    "constraints.txt (or constraints-gpu-versions.txt with the gpu extra), or use dpo.method=orpo, "
+    "which has no reference."
+)
 
 
 class BadReference(UserError):
@@ -80,13 +82,18 @@ def check_reference(model, init_adapter: Path | None) -> str:
 
     configs = getattr(model, "peft_config", {})
     if REFERENCE not in configs:
-        raise BadReference(f"The preference trainer built no frozen reference adapter ('{REFERENCE}'); adapters: "
-                           f"{', '.join(configs) or 'none'}. The reference would be the base model, not the SFT policy.",
-                           hint=_VERSIONS_HINT)
+        raise BadReference(
+            f"The preference trainer built no frozen reference adapter ('{REFERENCE}'); adapters: "
+            f"{', '.join(configs) or 'none'}. The reference would be the base model, not the SFT policy.",
+            hint=_VERSIONS_HINT,
+        )
     trainable = [n for n, p in model.named_parameters() if f".{REFERENCE}." in n and p.requires_grad]
     if trainable:
-        raise BadReference(f"The reference adapter is being trained ({len(trainable)} tensors, e.g. {trainable[0]}); "
-                           "it must stay frozen.", hint=_VERSIONS_HINT)
+        raise BadReference(
+            f"The reference adapter is being trained ({len(trainable)} tensors, e.g. {trainable[0]}); "
+            "it must stay frozen.",
+            hint=_VERSIONS_HINT,
+        )
     ref, policy = adapter_tensors(model, REFERENCE), adapter_tensors(model)
     sources = [("the policy it starts from", policy)]
     if init_adapter is not None and (Path(init_adapter) / ADAPTER_FILE).is_file():
@@ -94,11 +101,14 @@ def check_reference(model, init_adapter: Path | None) -> str:
 
         sources.append((f"the adapter in {init_adapter}", load_file(str(Path(init_adapter) / ADAPTER_FILE))))
     for what, want in sources:
-        differ = sorted(set(ref) ^ set(want)) or [k for k in want if not torch.equal(
-            ref[k].detach().cpu(), want[k].detach().cpu().to(ref[k].dtype))]
+        differ = sorted(set(ref) ^ set(want)) or [
+            k for k in want if not torch.equal(ref[k].detach().cpu(), want[k].detach().cpu().to(ref[k].dtype))
+        ]
         if differ:
-            raise BadReference(f"The reference adapter differs from {what} in {len(differ)} tensors, "
-                               f"e.g. {differ[0]}.", hint=_VERSIONS_HINT)
+            raise BadReference(
+                f"The reference adapter differs from {what} in {len(differ)} tensors, e.g. {differ[0]}.",
+                hint=_VERSIONS_HINT,
+            )
     start = f"the SFT adapter ({init_adapter})" if init_adapter is not None else "a fresh adapter (the base model)"
     return f"a frozen copy of {start}: {len(ref)} tensors, equal to the policy's"
 
@@ -110,8 +120,11 @@ def start_rewards(trainer, rows: int) -> dict[str, float]:
     # rows from both ends: KTO's unpaired dataset lists the desirable completions before the undesirable ones
     picked = sorted(set(range(min(half, size))) | set(range(max(0, size - half), size)))
     metrics = trainer.evaluate(eval_dataset=trainer.train_dataset.select(picked), metric_key_prefix="refcheck")
-    return {k: v for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")
-            if (v := metrics.get(f"eval_{k}")) is not None}
+    return {
+        k: v
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")
+        if (v := metrics.get(f"eval_{k}")) is not None
+    }
 
 
 def check_start_rewards(rewards: dict[str, float]) -> str:
@@ -121,8 +134,9 @@ def check_start_rewards(rewards: dict[str, float]) -> str:
     off = {k: v for k, v in rewards.items() if not abs(v) <= START_REWARD_TOLERANCE}
     shown = ", ".join(f"{k.split('/')[1]} {v:+.4f}" for k, v in rewards.items())
     if off:
-        raise BadReference(f"At step 0 the policy should equal its reference (every reward 0), but: {shown}.",
-                           hint=_VERSIONS_HINT)
+        raise BadReference(
+            f"At step 0 the policy should equal its reference (every reward 0), but: {shown}.", hint=_VERSIONS_HINT
+        )
     return f"at step 0 the policy equals its reference: {shown}"
 
 

@@ -39,6 +39,7 @@ def _device(args: argparse.Namespace, use_torch: bool = False):
 
 # ------------------------------------------------------------------ commands
 
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lowvram.doctor import doctor_rows
     from lowvram.ui import echo, table
@@ -60,10 +61,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = [(name, recipe_summary(path)) for name, path in shipped_recipes().items()]
         echo(table(rows, ("recipe", "what it does")))
-        print("\nRun one: lowvram run NAME [key=value ...]   Show: lowvram recipes show NAME   Copy: lowvram recipes copy NAME DEST")
+        print(
+            "\nRun one: lowvram run NAME [key=value ...]   Show: lowvram recipes show NAME   Copy: lowvram recipes copy NAME DEST"
+        )
         return 0
     if not args.name:
-        raise UserError(f"'lowvram recipes {args.action}' needs a recipe name.", hint="Run 'lowvram recipes' to list them.")
+        raise UserError(
+            f"'lowvram recipes {args.action}' needs a recipe name.", hint="Run 'lowvram recipes' to list them."
+        )
     path = find_recipe(args.name)
     if args.action == "show":
         print(path.read_text(encoding="utf-8"), end="")
@@ -76,8 +81,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     try:
         shutil.copyfile(path, dest)
     except OSError as e:
-        raise UserError(f"Cannot copy {path.stem} to {dest}: {e.strerror or e}.",
-                        hint="Pick a destination in an existing, writable folder.") from None
+        raise UserError(
+            f"Cannot copy {path.stem} to {dest}: {e.strerror or e}.",
+            hint="Pick a destination in an existing, writable folder.",
+        ) from None
     print(f"Copied {path.stem} to {dest}. Edit it, then: lowvram run {dest}")
     return 0
 
@@ -85,8 +92,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def _group_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("more than one GPU (through accelerate; README: More than one GPU)")
     g.add_argument("--gpus", type=int, metavar="N", help="train in N processes, one card each (default 1)")
-    g.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp", "deepspeed"),
-                   help="with --gpus: auto = DDP, or FSDP when one card cannot hold the model")
+    g.add_argument(
+        "--strategy",
+        default="auto",
+        choices=("auto", "ddp", "fsdp", "deepspeed"),
+        help="with --gpus: auto = DDP, or FSDP when one card cannot hold the model",
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -132,8 +143,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         # None: already inside a launched group
         if code is not None:
             return code
-    return run_pipeline(recipe, overrides, vram=args.vram, gpu=args.gpu, resume=args.resume,
-                        run_dir=args.run_dir, stages=None, export=None if args.no_export else _export_run)
+    return run_pipeline(
+        recipe,
+        overrides,
+        vram=args.vram,
+        gpu=args.gpu,
+        resume=args.resume,
+        run_dir=args.run_dir,
+        stages=None,
+        export=None if args.no_export else _export_run,
+    )
 
 
 def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
@@ -156,10 +175,19 @@ def cmd_stage(args: argparse.Namespace) -> int:
         elif (src / "sft" / "adapter" / "adapter_config.json").is_file():
             init = src / "sft" / "adapter"
         else:
-            raise UserError(f"--from {src}: neither a LoRA adapter folder nor a run directory with sft/adapter.",
-                            hint="Pass a run directory made by 'lowvram run' or 'lowvram sft', or an adapter folder.")
-    return run_pipeline(args.recipe, args.overrides, vram=args.vram, gpu=args.gpu, run_dir=args.run_dir,
-                        stages=[args.command], init_adapter=str(init) if init else None)
+            raise UserError(
+                f"--from {src}: neither a LoRA adapter folder nor a run directory with sft/adapter.",
+                hint="Pass a run directory made by 'lowvram run' or 'lowvram sft', or an adapter folder.",
+            )
+    return run_pipeline(
+        args.recipe,
+        args.overrides,
+        vram=args.vram,
+        gpu=args.gpu,
+        run_dir=args.run_dir,
+        stages=[args.command],
+        init_adapter=str(init) if init else None,
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -171,13 +199,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     if path and "=" in path and not Path(path).exists():  # `data check --recipe R key=value`: no PATH given
         path, overrides = None, [path, *overrides]
     if overrides and not args.recipe:
-        raise UserError(f"Overrides ({' '.join(overrides)}) apply to a recipe; pass --recipe too.",
-                        hint="lowvram data check --recipe RECIPE [PATH] [key=value ...]")
+        raise UserError(
+            f"Overrides ({' '.join(overrides)}) apply to a recipe; pass --recipe too.",
+            hint="lowvram data check --recipe RECIPE [PATH] [key=value ...]",
+        )
     reports: list[CheckReport] = []
     if args.recipe is None:
         if not path:
-            raise UserError("'lowvram data check' needs a data file, folder or Hub dataset, or --recipe.",
-                            hint="Example: lowvram data check prefs.jsonl --kind preference")
+            raise UserError(
+                "'lowvram data check' needs a data file, folder or Hub dataset, or --recipe.",
+                hint="Example: lowvram data check prefs.jsonl --kind preference",
+            )
         reports.append(check_data(DataConfig(path=path, format=args.format or "auto"), args.kind))
     else:
         reports += _check_recipe_data(path, args.kind, args.format, args.recipe, lambda: _device(args), overrides)
@@ -191,8 +223,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     return code
 
 
-def _check_recipe_data(path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn,
-                       overrides: list[str]) -> list:
+def _check_recipe_data(
+    path: str | None, kind: str | None, fmt: str | None, recipe_name: str, device_fn, overrides: list[str]
+) -> list:
     """Each stage's data of a recipe (or PATH checked as the stage its kind belongs to), with its token budget."""
     import dataclasses
 
@@ -210,14 +243,18 @@ def _check_recipe_data(path: str | None, kind: str | None, fmt: str | None, reci
             kind = check_data(DataConfig(path=path, format=fmt or "auto")).kind
         stage = stage_of[kind or "sft"]
         if stage not in recipe.stages():
-            raise UserError(f"Recipe {recipe.name!r} has no enabled {stage} stage to check {kind} data against.",
-                            hint="Check it without --recipe, or with a recipe whose stage uses this kind of data.")
+            raise UserError(
+                f"Recipe {recipe.name!r} has no enabled {stage} stage to check {kind} data against.",
+                hint="Check it without --recipe, or with a recipe whose stage uses this kind of data.",
+            )
         # The recipe's Hub splits belong to its own data.path, not to the PATH checked here.
         data = dataclasses.replace(getattr(recipe, stage).data, path=path, split="train", eval_split=None)
         targets = [(stage, data, None, None)]
     else:
-        targets = [(s, getattr(recipe, s).data, recipe.sample_file(getattr(recipe, s).data), recipe_path.parent)
-                   for s in recipe.stages()]
+        targets = [
+            (s, getattr(recipe, s).data, recipe.sample_file(getattr(recipe, s).data), recipe_path.parent)
+            for s in recipe.stages()
+        ]
         if kind is not None:
             targets = [t for t in targets if t[0] == stage_of[kind]]
             if not targets:
@@ -236,8 +273,9 @@ def _check_recipe_data(path: str | None, kind: str | None, fmt: str | None, reci
         if model not in tokenizers:
             tokenizers[model] = local_tokenizer(model)
         tokenizer, label = tokenizers[model]
-        add_token_budget(report, max_seq_len, budget_from, tokenizer, label,
-                         chat_template_text(recipe.model.chat_template))
+        add_token_budget(
+            report, max_seq_len, budget_from, tokenizer, label, chat_template_text(recipe.model.chat_template)
+        )
         reports.append(report)
     return reports
 
@@ -249,10 +287,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     local_only()  # export reads only local files: no Hub lookups, no telemetry
 
-    opts = ExportOptions(gguf=tuple(args.gguf) if args.gguf is not None else None, merged=args.merged,
-                         lora=args.lora, verify=False if args.no_verify else None,
-                         out_dir=Path(args.out) if args.out else None, system_prompt=args.system, dtype=args.dtype,
-                         strict=args.strict)
+    opts = ExportOptions(
+        gguf=tuple(args.gguf) if args.gguf is not None else None,
+        merged=args.merged,
+        lora=args.lora,
+        verify=False if args.no_verify else None,
+        out_dir=Path(args.out) if args.out else None,
+        system_prompt=args.system,
+        dtype=args.dtype,
+        strict=args.strict,
+    )
     code = export_and_report(Path(args.run_dir), opts)
     if (Path(args.run_dir) / "report.html").is_file():  # the run's report gains the export verification table
         from lowvram.report_html import write_html
@@ -289,8 +333,11 @@ def export_and_report(run_dir: Path, opts) -> int:
     warned = [r["type"] for r in flagged if r["status"] == "warn"]
     if failed or (opts.strict and warned):
         what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
-        print(f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
-              f"(see the table). The files are kept for inspection.", file=sys.stderr)
+        print(
+            f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
+            f"(see the table). The files are kept for inspection.",
+            file=sys.stderr,
+        )
         return EXIT_CHECK_FAILED
     return EXIT_OK
 
@@ -353,13 +400,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rdir = Path(args.run_dir)
     if not (rdir / "recipe.yaml").is_file():
-        raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                        hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
+        raise UserError(
+            f"{rdir} is not a lowvram run directory (no recipe.yaml).",
+            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
+        )
     print(f"Report: {write_html(rdir)}")
     return 0
 
 
 # ------------------------------------------------------------------ parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -375,8 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     r = sub.add_parser("recipes", help="list, show or copy the shipped recipes")
-    r.add_argument("action", nargs="?", default="list", choices=("list", "show", "copy", "templates"),
-                   help="list (default), show NAME, copy NAME [DEST], or templates: the named chat templates")
+    r.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=("list", "show", "copy", "templates"),
+        help="list (default), show NAME, copy NAME [DEST], or templates: the named chat templates",
+    )
     r.add_argument("name", nargs="?", help="recipe name (for show and copy)")
     r.add_argument("dest", nargs="?", help="where to copy it (copy)")
     r.add_argument("--force", action="store_true", help="overwrite the destination (copy)")
@@ -400,20 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
     _group_args(ru)
     ru.set_defaults(func=cmd_run)
 
-    for stage, text in (("sft", "run only the SFT stage of a recipe"),
-                        ("dpo", "run only the preference stage, optionally on top of an SFT run (--from)")):
+    for stage, text in (
+        ("sft", "run only the SFT stage of a recipe"),
+        ("dpo", "run only the preference stage, optionally on top of an SFT run (--from)"),
+    ):
         st = sub.add_parser(stage, help=text)
         st.add_argument("recipe", help="shipped recipe name or path to a recipe .yaml")
         st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
         st.add_argument("--run-dir", metavar="DIR", help="write the run here instead of OUTPUT_DIR/NAME-TIMESTAMP")
         if stage == "dpo":
-            st.add_argument("--from", dest="from_", metavar="RUN_OR_ADAPTER",
-                            help="continue this SFT run's adapter (or an adapter folder); the reference is that model")
+            st.add_argument(
+                "--from",
+                dest="from_",
+                metavar="RUN_OR_ADAPTER",
+                help="continue this SFT run's adapter (or an adapter folder); the reference is that model",
+            )
         _device_args(st)
         st.set_defaults(func=cmd_stage)
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
-    da.add_argument("path", nargs="?", help="data file, folder or Hub dataset (default with --recipe: its stages' data)")
+    da.add_argument(
+        "path", nargs="?", help="data file, folder or Hub dataset (default with --recipe: its stages' data)"
+    )
     da.add_argument("overrides", nargs="*", help="dotted overrides of the --recipe, e.g. model.name=./my-model")
     da.add_argument("--kind", choices=("sft", "preference"), help="what the data is for (default: from its columns)")
     da.add_argument("--format", metavar="F", help="data format instead of auto-detection (see README: Data)")
@@ -425,8 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="merge the adapter; write GGUF files, Ollama Modelfiles; verify in llama.cpp")
     ex.add_argument("run_dir", help="run directory written by 'lowvram run'")
-    ex.add_argument("--gguf", nargs="*", metavar="TYPE",
-                    help="GGUF types: f16 bf16 q8_0 q4_k_m q5_k_m q6_k (default: the recipe's export.gguf)")
+    ex.add_argument(
+        "--gguf",
+        nargs="*",
+        metavar="TYPE",
+        help="GGUF types: f16 bf16 q8_0 q4_k_m q5_k_m q6_k (default: the recipe's export.gguf)",
+    )
     ex.add_argument("--merged", action="store_true", help="also keep the merged 16-bit Hugging Face folder")
     ex.add_argument("--lora", action="store_true", help="copy the adapter (with its tokenizer) only")
     ex.add_argument("--no-verify", action="store_true", help="skip comparing each GGUF with transformers")
@@ -446,9 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="answer held-out prompts with the base, SFT and final models; KL, length, rewards")
     ev.add_argument("run_dir", help="run directory written by 'lowvram run'")
-    ev.add_argument("--best-of", type=int, metavar="N",
-                    help="also sample N SFT answers per prompt and rank them (default: the recipe's eval.best_of)")
-    ev.add_argument("--prompts", type=int, metavar="K", help="answer at most K held-out prompts (default: eval.prompts)")
+    ev.add_argument(
+        "--best-of",
+        type=int,
+        metavar="N",
+        help="also sample N SFT answers per prompt and rank them (default: the recipe's eval.best_of)",
+    )
+    ev.add_argument(
+        "--prompts", type=int, metavar="K", help="answer at most K held-out prompts (default: eval.prompts)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("report", help="rebuild RUN_DIR/report.html: plan, data, curves, answers, rewards, export")

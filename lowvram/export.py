@@ -42,6 +42,7 @@ DISK_RESERVE_BYTES = 64 << 20
 
 # ------------------------------------------------------------------ the run directory
 
+
 @dataclass(frozen=True)
 class RunInfo:
     """What export reads from a run directory."""
@@ -61,14 +62,18 @@ class RunInfo:
 def inspect_run(run_dir: Path) -> RunInfo:
     """Check a run directory and find the adapter of its last completed stage; UserError lists what is missing."""
     if not run_dir.is_dir():
-        raise UserError(f"No run directory {str(run_dir)!r}.",
-                        hint="Pass the folder `lowvram run` wrote (it prints it), e.g. runs/demo-YYYYMMDD-HHMMSS.")
+        raise UserError(
+            f"No run directory {str(run_dir)!r}.",
+            hint="Pass the folder `lowvram run` wrote (it prints it), e.g. runs/demo-YYYYMMDD-HHMMSS.",
+        )
     problems = []
     done = [s for s in STAGES if (run_dir / s / "DONE").is_file()]
     if not done:
         started = [s for s in STAGES if (run_dir / s).is_dir()]
-        problems.append("no completed stage: neither sft/DONE nor dpo/DONE exists"
-                        + (f" ({', '.join(started)} started but did not finish)" if started else ""))
+        problems.append(
+            "no completed stage: neither sft/DONE nor dpo/DONE exists"
+            + (f" ({', '.join(started)} started but did not finish)" if started else "")
+        )
     stage = done[0] if done else "sft"
     adapter = run_dir / stage / "adapter"
     if done and not adapter.is_dir():
@@ -83,8 +88,11 @@ def inspect_run(run_dir: Path) -> RunInfo:
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 problems.append(f"{f.relative_to(run_dir)} is corrupt: {e}")
     if problems:
-        raise UserError(f"{run_dir} is not a complete run directory:", problems,
-                        hint=f"Finish training first: lowvram run --resume {run_dir}")
+        raise UserError(
+            f"{run_dir} is not a complete run directory:",
+            problems,
+            hint=f"Finish training first: lowvram run --resume {run_dir}",
+        )
     recipe = None
     if (run_dir / "recipe.yaml").is_file():
         import yaml
@@ -96,10 +104,18 @@ def inspect_run(run_dir: Path) -> RunInfo:
         except yaml.YAMLError as e:
             raise UserError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {e}.") from None
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name if recipe else run_dir.name).strip("-.") or "model"
-    return RunInfo(run_dir, name, stage, adapter, run_dir / "tokenizer", run_dir / "base.json",
-                   recipe.export.system_prompt if recipe else None,
-                   tuple(recipe.export.gguf) if recipe else ("q4_k_m",), recipe.export.verify if recipe else True,
-                   recipe.model.chat_template if recipe else None)
+    return RunInfo(
+        run_dir,
+        name,
+        stage,
+        adapter,
+        run_dir / "tokenizer",
+        run_dir / "base.json",
+        recipe.export.system_prompt if recipe else None,
+        tuple(recipe.export.gguf) if recipe else ("q4_k_m",),
+        recipe.export.verify if recipe else True,
+        recipe.model.chat_template if recipe else None,
+    )
 
 
 def check_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -118,6 +134,7 @@ def check_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ options and result
+
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -148,6 +165,7 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ atomic files
+
 
 def _partial(scratch: Path, final: Path) -> Path:
     """Where `final` is written before it is complete: inside this export's own scratch folder."""
@@ -183,12 +201,13 @@ def _clean_leftovers(out_dir: Path) -> None:
     from lowvram.runlock import _pid_alive
 
     for p in out_dir.glob(f"{SCRATCH_PREFIX}*"):
-        pid = p.name[len(SCRATCH_PREFIX):]
+        pid = p.name[len(SCRATCH_PREFIX) :]
         if p.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ disk
+
 
 def free_disk_bytes(path: Path) -> int:
     p = path
@@ -197,8 +216,9 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def disk_needed(merged_bytes: int, types: tuple[str, ...], keep_merged: bool, intermediate: str | None,
-                adapter_bytes: int) -> dict[str, int]:
+def disk_needed(
+    merged_bytes: int, types: tuple[str, ...], keep_merged: bool, intermediate: str | None, adapter_bytes: int
+) -> dict[str, int]:
     """Bytes each output needs (estimates from the merged size and each type's bits per weight)."""
     from lowvram.llamacpp import BITS_PER_WEIGHT
 
@@ -222,10 +242,12 @@ def check_disk(out_dir: Path, need: dict[str, int]) -> None:
             f"Not enough free disk in {out_dir}: this export needs about {total / gib:.2f} GiB, "
             f"{free / gib:.2f} GiB is free.",
             problems=[f"{k}: {v / gib:.2f} GiB" for k, v in need.items()],
-            hint="Free some space, export fewer types (--gguf q4_k_m), or write elsewhere with --out DIR.")
+            hint="Free some space, export fewer types (--gguf q4_k_m), or write elsewhere with --out DIR.",
+        )
 
 
 # ------------------------------------------------------------------ the export
+
 
 def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     """Merge, convert, quantize, write Modelfiles and verify, as asked. See the module docstring."""
@@ -234,8 +256,9 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     run = inspect_run(run_dir)
     asked_something = opts.gguf is not None or opts.merged or opts.lora
     if opts.gguf == () and not (opts.merged or opts.lora):
-        raise UserError("--gguf needs at least one type.",
-                        hint=f"For example --gguf q4_k_m; types: {', '.join(GGUF_TYPES)}.")
+        raise UserError(
+            "--gguf needs at least one type.", hint=f"For example --gguf q4_k_m; types: {', '.join(GGUF_TYPES)}."
+        )
     types = check_types(opts.gguf if opts.gguf is not None else (() if asked_something else run.recipe_gguf))
     verify = run.recipe_verify if opts.verify is None else opts.verify
     verify = verify and bool(types)
@@ -258,8 +281,10 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     if verify and merged_bytes > 0.8 * free_ram:
         # verification loads the merged model in transformers; on free Colab an 8B one does not fit
         verify = False
-        result.notes.append(f"verification skipped: the merged model ({merged_bytes / 2**30:.1f} GiB) does not fit in "
-                            f"the {free_ram / 2**30:.1f} GiB of free RAM; rerun on a bigger machine to verify")
+        result.notes.append(
+            f"verification skipped: the merged model ({merged_bytes / 2**30:.1f} GiB) does not fit in "
+            f"the {free_ram / 2**30:.1f} GiB of free RAM; rerun on a bigger machine to verify"
+        )
     tools = None
     if types:
         from lowvram.llamacpp import export_tools
@@ -276,27 +301,38 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
         from lowvram.ollama import modelfile_problems
 
-        problems = modelfile_problems(system, [*(fmt.stop if fmt else ()), end_of_turn,
-                                               *_eos_tokens(run.tokenizer_dir)])
+        problems = modelfile_problems(
+            system, [*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]
+        )
         if problems:
-            raise UserError("Cannot write an Ollama Modelfile that Ollama would read back as written:", problems,
-                            hint="Change the SYSTEM prompt (--system TEXT, or export.system_prompt in the recipe).")
+            raise UserError(
+                "Cannot write an Ollama Modelfile that Ollama would read back as written:",
+                problems,
+                hint="Change the SYSTEM prompt (--system TEXT, or export.system_prompt in the recipe).",
+            )
     _check_adapter_finite(run)
     intermediate = _quant_source(types, out_dtype, tools)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
     from lowvram.fileio import check_writable
 
     check_writable(out_dir, "export folder", hint="Write elsewhere with --out DIR.")
-    check_disk(out_dir, disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
-               if need_merge else {"adapter copy": adapter_bytes})
+    check_disk(
+        out_dir,
+        disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
+        if need_merge
+        else {"adapter copy": adapter_bytes},
+    )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"Cannot create the export folder {out_dir}: {e.strerror or e}.",
-                        hint="Write elsewhere with --out DIR.") from None
+        raise UserError(
+            f"Cannot create the export folder {out_dir}: {e.strerror or e}.", hint="Write elsewhere with --out DIR."
+        ) from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot write to the export folder {out_dir}: it is read-only for this user.",
-                        hint="Write elsewhere with --out DIR.")
+        raise UserError(
+            f"Cannot write to the export folder {out_dir}: it is read-only for this user.",
+            hint="Write elsewhere with --out DIR.",
+        )
     from lowvram.runlock import folder_lock
 
     with folder_lock(out_dir, "export") as note:  # two exports into one folder would break each other
@@ -304,27 +340,62 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             result.notes.append(note)
         _clean_leftovers(out_dir)
         try:
-            return _export_locked(run, opts, result, out_dir, adapter, base, layout, types, verify, system, fmt,
-                                  end_of_turn, intermediate, need_merge, tools)
+            return _export_locked(
+                run,
+                opts,
+                result,
+                out_dir,
+                adapter,
+                base,
+                layout,
+                types,
+                verify,
+                system,
+                fmt,
+                end_of_turn,
+                intermediate,
+                need_merge,
+                tools,
+            )
         except (OSError, RuntimeError) as e:
             from lowvram.fileio import disk_full
 
             if not disk_full(e, out_dir):
                 raise
-            raise UserError(f"The disk is full: export could not write to {out_dir} ({str(e)[:200]}).",
-                            hint="Free some space (nothing half-written was kept), export fewer types, "
-                                 "or write elsewhere with --out DIR.") from None
+            raise UserError(
+                f"The disk is full: export could not write to {out_dir} ({str(e)[:200]}).",
+                hint="Free some space (nothing half-written was kept), export fewer types, "
+                "or write elsewhere with --out DIR.",
+            ) from None
 
 
 def _check_adapter_finite(run: RunInfo) -> None:
     from lowvram.guards import check_saved_adapter_finite
 
-    check_saved_adapter_finite(run.adapter_dir, f"Retrain {run.stage} with a lower {run.stage}.learning_rate "
-                                                "(the run's metrics.jsonl shows where it diverged).")
+    check_saved_adapter_finite(
+        run.adapter_dir,
+        f"Retrain {run.stage} with a lower {run.stage}.learning_rate "
+        "(the run's metrics.jsonl shows where it diverged).",
+    )
 
 
-def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_dir: Path, adapter, base, layout,
-                   types, verify, system, fmt, end_of_turn, intermediate, need_merge, tools) -> ExportResult:
+def _export_locked(
+    run: RunInfo,
+    opts: ExportOptions,
+    result: ExportResult,
+    out_dir: Path,
+    adapter,
+    base,
+    layout,
+    types,
+    verify,
+    system,
+    fmt,
+    end_of_turn,
+    intermediate,
+    need_merge,
+    tools,
+) -> ExportResult:
     """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
     from lowvram import merge as mg
 
@@ -343,16 +414,19 @@ def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_
         _say(f"  base: {base.reason}")
         t0 = time.perf_counter()
         merged_dir = scratch / "merged"
-        report = mg.merge_lora(base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype,
-                              layout=layout)
+        report = mg.merge_lora(
+            base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, layout=layout
+        )
         if end_of_turn:
             from lowvram.gguf_checks import set_end_of_turn
 
             note = set_end_of_turn(merged_dir, end_of_turn)
             if note:
                 _say(f"  {note}")
-        _say(f"  merge: {report.line().replace(str(merged_dir), 'the scratch folder')} "
-             f"[{time.perf_counter() - t0:.1f} s]")
+        _say(
+            f"  merge: {report.line().replace(str(merged_dir), 'the scratch folder')} "
+            f"[{time.perf_counter() - t0:.1f} s]"
+        )
         # 3. GGUF
         if types:
             _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result, tools, end_of_turn)
@@ -360,22 +434,40 @@ def _export_locked(run: RunInfo, opts: ExportOptions, result: ExportResult, out_
                 mf = out_dir / f"{run.name}-{t}.Modelfile"
                 from lowvram.ollama import modelfile
 
-                _write_text(mf, modelfile(result.files[t].name, fmt, system,
-                                          stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]), scratch)
+                _write_text(
+                    mf,
+                    modelfile(result.files[t].name, fmt, system, stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]),
+                    scratch,
+                )
                 result.modelfiles[t] = mf
             stops = ", ".join(dict.fromkeys([*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
-            _say("  Modelfile: " + (f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[fmt.system_mode]})"
-                                     if fmt else "TEMPLATE passes the prompt as is (no chat template)")
-                 + f"; stop {stops}")
+            _say(
+                "  Modelfile: "
+                + (
+                    f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[fmt.system_mode]})"
+                    if fmt
+                    else "TEMPLATE passes the prompt as is (no chat template)"
+                )
+                + f"; stop {stops}"
+            )
         # 5. verify (before the merged folder is moved: it reads it)
         if verify:
-            rows = verify_ggufs(merged_dir, {t: result.files[t] for t in types}, system if fmt is None or
-                                fmt.takes_system else None)
+            rows = verify_ggufs(
+                merged_dir, {t: result.files[t] for t in types}, system if fmt is None or fmt.takes_system else None
+            )
             result.verify_rows = rows
             result.verified_ok = all(r["status"] != "FAIL" for r in rows)
-            _write_text(out_dir / VERIFY_FILE, json.dumps(
-                {r["type"]: {k: r[k] for k in ("status", "reasons", "agree", "ppl_change", "tokens_same")}
-                 for r in rows}, indent=2), scratch)
+            _write_text(
+                out_dir / VERIFY_FILE,
+                json.dumps(
+                    {
+                        r["type"]: {k: r[k] for k in ("status", "reasons", "agree", "ppl_change", "tokens_same")}
+                        for r in rows
+                    },
+                    indent=2,
+                ),
+                scratch,
+            )
         if opts.merged:
             final = out_dir / "merged"
             _publish(merged_dir, final)
@@ -398,8 +490,17 @@ def _quant_source(types: tuple[str, ...], merged_dtype: str, tools) -> str | Non
     return merged_dtype
 
 
-def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: Path, out_dir: Path,
-                 result: ExportResult, tools, end_of_turn: str | None = None) -> None:
+def _export_gguf(
+    run: RunInfo,
+    types,
+    intermediate,
+    merged_dir: Path,
+    scratch: Path,
+    out_dir: Path,
+    result: ExportResult,
+    tools,
+    end_of_turn: str | None = None,
+) -> None:
     from lowvram import llamacpp
 
     log = out_dir / "export.log"
@@ -415,15 +516,18 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
         if not produced:  # the quantized types share this vocabulary: one check covers them all
             from lowvram.gguf_checks import check_gguf_tokenizer
 
-            info = check_gguf_tokenizer(temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name,
-                                        tokenize=tools.verifies)
+            info = check_gguf_tokenizer(
+                temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name, tokenize=tools.verifies
+            )
             _say(f"  GGUF {info.line()}")
         if t in types:
             _publish(temp, final)
             result.files[t] = final
         produced[t] = final if t in types else temp
-        _say(f"  {t}: {produced[t].stat().st_size / 2**20:.1f} MiB with llama.cpp's converter "
-             f"[{time.perf_counter() - t0:.1f} s]" + ("" if t in types else " (quantizer input, temporary)"))
+        _say(
+            f"  {t}: {produced[t].stat().st_size / 2**20:.1f} MiB with llama.cpp's converter "
+            f"[{time.perf_counter() - t0:.1f} s]" + ("" if t in types else " (quantizer input, temporary)")
+        )
     for t in types:
         if tools.writer(t) != "quantizer":
             continue
@@ -432,8 +536,10 @@ def _export_gguf(run: RunInfo, types, intermediate, merged_dir: Path, scratch: P
         note = llamacpp.quantize(produced[intermediate], _partial(scratch, final), t, log)
         _publish(_partial(scratch, final), final)
         result.files[t] = final
-        _say(f"  {t}: {final.stat().st_size / 2**20:.1f} MiB with llama.cpp's quantizer from {intermediate} "
-             f"[{time.perf_counter() - t0:.1f} s]" + (f"; {note}" if note else ""))
+        _say(
+            f"  {t}: {final.stat().st_size / 2**20:.1f} MiB with llama.cpp's quantizer from {intermediate} "
+            f"[{time.perf_counter() - t0:.1f} s]" + (f"; {note}" if note else "")
+        )
 
 
 def _export_lora(run: RunInfo, out_dir: Path, scratch: Path) -> Path:
@@ -467,15 +573,18 @@ def _chat_format(run: RunInfo, system: str | None):
     try:
         fmt = from_tokenizer(tok, hint_eot)
     except TemplateUnsupported as e:
-        raise UserError(f"Cannot write an Ollama TEMPLATE for this model's chat template: {e}.",
-                        hint="Ollama does not run Jinja, and without a TEMPLATE it would guess another format. "
-                             "Train with a named template (lowvram recipes templates) or one of the same shape: "
-                             "each message wrapped alone, the system prompt its own turn or inside a user turn."
-                        ) from None
+        raise UserError(
+            f"Cannot write an Ollama TEMPLATE for this model's chat template: {e}.",
+            hint="Ollama does not run Jinja, and without a TEMPLATE it would guess another format. "
+            "Train with a named template (lowvram recipes templates) or one of the same shape: "
+            "each message wrapped alone, the system prompt its own turn or inside a user turn.",
+        ) from None
     if system and not fmt.takes_system:
-        raise UserError(f"A system prompt ({system!r}) was asked for, but this chat template has no place for one: "
-                        f"system messages are {SYSTEM_MODES[fmt.system_mode]}.",
-                        hint="Drop export.system_prompt (or --system), or train with a template that takes one.")
+        raise UserError(
+            f"A system prompt ({system!r}) was asked for, but this chat template has no place for one: "
+            f"system messages are {SYSTEM_MODES[fmt.system_mode]}.",
+            hint="Drop export.system_prompt (or --system), or train with a template that takes one.",
+        )
     return fmt, (fmt.stop[0] if fmt.stop else tok.eos_token)
 
 
@@ -487,6 +596,7 @@ def _eos_tokens(tokenizer_dir: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ `lowvram chat`'s target
+
 
 def find_gguf(target: Path) -> tuple[Path, str | None]:
     """`lowvram chat` target: a .gguf file, or a run (or export) directory holding exported GGUFs.
@@ -513,9 +623,14 @@ def find_gguf(target: Path) -> tuple[Path, str | None]:
             t, f = ranked[0]
             others = ", ".join(x for x, _ in ranked[1:])
             why = f"verification: {status[t]}" if t in status else "not verified"
-            return f, (f"Using {f.name}: the most faithful to the trained model of the exported types"
-                       + (f" (also: {others})" if others else "") + f"; {why}. Pass a .gguf file to pick another.")
+            return f, (
+                f"Using {f.name}: the most faithful to the trained model of the exported types"
+                + (f" (also: {others})" if others else "")
+                + f"; {why}. Pass a .gguf file to pick another."
+            )
         if found:
             return found[0], None
-    raise UserError(f"No GGUF file in {target} or {target / 'export'}.",
-                    hint=f"Export one first: lowvram export {target} --gguf q4_k_m")
+    raise UserError(
+        f"No GGUF file in {target} or {target / 'export'}.",
+        hint=f"Export one first: lowvram export {target} --gguf q4_k_m",
+    )

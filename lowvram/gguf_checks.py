@@ -30,7 +30,7 @@ PROBES = (
     "Arabic مرحبا and Hebrew שלום",
     "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n",
     "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "<div class=\"x\">a &amp; b</div>",
+    '<div class="x">a &amp; b</div>',
     "It's, they're, I'll, we've, don't -- quotes \"like this\" and 'this'.",
     "URL https://example.com/path?q=1&r=2 and email a.b@example.org",
     "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE",
@@ -65,15 +65,19 @@ def set_end_of_turn(model_dir: Path, end_of_turn: str) -> str | None:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     eot_id = tok.convert_tokens_to_ids(end_of_turn)
     if eot_id is None or eot_id == tok.unk_token_id:
-        raise UserError(f"The chat template ends a turn with {end_of_turn!r}, which is not a token of this tokenizer.",
-                        hint="Use a chat template whose control tokens the tokenizer has (lowvram recipes templates).")
+        raise UserError(
+            f"The chat template ends a turn with {end_of_turn!r}, which is not a token of this tokenizer.",
+            hint="Use a chat template whose control tokens the tokenizer has (lowvram recipes templates).",
+        )
     tc["eos_token"] = end_of_turn
     tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False), encoding="utf-8")
     gc_path = model_dir / "generation_config.json"
     gc = _read_json(gc_path)
     old = gc.get("eos_token_id")
     old = old if isinstance(old, list) else [old] if old is not None else []
-    gc["eos_token_id"] = list(dict.fromkeys([eot_id, *old, *([tok.eos_token_id] if tok.eos_token_id is not None else [])]))
+    gc["eos_token_id"] = list(
+        dict.fromkeys([eot_id, *old, *([tok.eos_token_id] if tok.eos_token_id is not None else [])])
+    )
     gc_path.write_text(json.dumps(gc, indent=2), encoding="utf-8")
     return f"end of turn {end_of_turn} (id {eot_id}) becomes the GGUF's EOS (was {eos})"
 
@@ -90,12 +94,17 @@ class GGUFTokenizerInfo:
 
     def line(self) -> str:
         kind = {"llama": "SentencePiece", "gpt2": "BPE", "t5": "Unigram", "bert": "WordPiece"}.get(self.model, "")
-        tokenizes = (f"tokenizes {self.probes} probes exactly as transformers" if self.probes else
-                     "tokenization not compared (llama.cpp's tokenizer needs llama-cpp-python)")
-        return (f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
-                f"EOS {self.eos}, chat template {'stored' if self.has_template else 'MISSING'}, "
-                f"name {self.name!r}; {tokenizes}"
-                + (" (after rebuilding its merge scores from tokenizer.json)" if self.repaired else ""))
+        tokenizes = (
+            f"tokenizes {self.probes} probes exactly as transformers"
+            if self.probes
+            else "tokenization not compared (llama.cpp's tokenizer needs llama-cpp-python)"
+        )
+        return (
+            f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
+            f"EOS {self.eos}, chat template {'stored' if self.has_template else 'MISSING'}, "
+            f"name {self.name!r}; {tokenizes}"
+            + (" (after rebuilding its merge scores from tokenizer.json)" if self.repaired else "")
+        )
 
 
 def probe_texts(tokenizer) -> list[str]:
@@ -106,8 +115,12 @@ def probe_texts(tokenizer) -> list[str]:
         texts.append("x" + "y ".join(specials) + " z")
         texts.append("\n".join(f"{s}text{s}" for s in specials))
     if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋, what's 2+2?"},
-                {"role": "assistant", "content": "4."}, {"role": "user", "content": "  And\tnow?\n"}]
+        msgs = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi 👋, what's 2+2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "  And\tnow?\n"},
+        ]
         for conv in (msgs, msgs[1:]):
             try:
                 texts.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
@@ -142,14 +155,17 @@ def _metadata(gguf_path: Path) -> dict:
         f = reader.fields.get(key)
         return bytes(f.parts[f.data[index]]).decode("utf-8", errors="replace") if f is not None else None
 
-    meta = {k: text(k) for k in ("general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")}
+    meta = {
+        k: text(k) for k in ("general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
+    }
     eos = reader.fields.get("tokenizer.ggml.eos_token_id")
     meta["eos_text"] = text("tokenizer.ggml.tokens", int(eos.parts[eos.data[0]][0])) if eos is not None else None
     return {k: v for k, v in meta.items() if v is not None or k == "eos_text"}
 
 
-def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None = None,
-                         expect_name: str | None = None, tokenize: bool = True) -> GGUFTokenizerInfo:
+def check_gguf_tokenizer(
+    gguf_path: Path, hf_dir: Path, expect_eos: str | None = None, expect_name: str | None = None, tokenize: bool = True
+) -> GGUFTokenizerInfo:
     """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference.
 
     A SentencePiece-BPE vocabulary converted without tokenizer.model gets its merge scores rebuilt
@@ -160,8 +176,9 @@ def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None =
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = probe_texts(tok) if tokenize else []
-    text, want, got, meta = _first_mismatch(gguf_path, tok, texts) if tokenize else (None, None, None,
-                                                                                       _metadata(gguf_path))
+    text, want, got, meta = (
+        _first_mismatch(gguf_path, tok, texts) if tokenize else (None, None, None, _metadata(gguf_path))
+    )
     repaired = False
     if text is not None and repair_spm_scores(gguf_path, hf_dir):
         repaired = True
@@ -170,26 +187,41 @@ def check_gguf_tokenizer(gguf_path: Path, hf_dir: Path, expect_eos: str | None =
         k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         raise UserError(
             f"The GGUF's tokenizer splits {text!r} differently from the model's own tokenizer.",
-            [f"transformers: {want[max(0, k - 2): k + 6]} ({tok.convert_ids_to_tokens(want[k: k + 4])})",
-             f"llama.cpp:    {got[max(0, k - 2): k + 6]} (from token {k} on)",
-             f"GGUF tokenizer {meta.get('tokenizer.ggml.model')}, pre-tokenizer {meta.get('tokenizer.ggml.pre')}"],
+            [
+                f"transformers: {want[max(0, k - 2) : k + 6]} ({tok.convert_ids_to_tokens(want[k : k + 4])})",
+                f"llama.cpp:    {got[max(0, k - 2) : k + 6]} (from token {k} on)",
+                f"GGUF tokenizer {meta.get('tokenizer.ggml.model')}, pre-tokenizer {meta.get('tokenizer.ggml.pre')}",
+            ],
             hint="llama.cpp's converter picked a tokenizer that does not match this model (a BPE pre-tokenizer is "
-                 "chosen by a hash of known models). Ship the base's tokenizer.model (SentencePiece) with it, or "
-                 "report the model to llama.cpp.")
+            "chosen by a hash of known models). Ship the base's tokenizer.model (SentencePiece) with it, or "
+            "report the model to llama.cpp.",
+        )
     eos = meta["eos_text"]
     if expect_eos is not None and eos != expect_eos:
-        raise UserError(f"The GGUF's EOS is {eos!r}, not the end-of-turn token {expect_eos!r}: generation would "
-                        "not stop at the end of an answer.",
-                        hint="This is a bug in lowvram's export; please report it with export.log.")
-    info = GGUFTokenizerInfo(meta.get("tokenizer.ggml.model", "?"), meta.get("tokenizer.ggml.pre"), eos,
-                             meta.get("general.name"), bool(meta.get("tokenizer.chat_template")), len(texts),
-                             repaired)
+        raise UserError(
+            f"The GGUF's EOS is {eos!r}, not the end-of-turn token {expect_eos!r}: generation would "
+            "not stop at the end of an answer.",
+            hint="This is a bug in lowvram's export; please report it with export.log.",
+        )
+    info = GGUFTokenizerInfo(
+        meta.get("tokenizer.ggml.model", "?"),
+        meta.get("tokenizer.ggml.pre"),
+        eos,
+        meta.get("general.name"),
+        bool(meta.get("tokenizer.chat_template")),
+        len(texts),
+        repaired,
+    )
     if expect_name is not None and info.name != expect_name:
-        raise UserError(f"The GGUF's general.name is {info.name!r}, expected {expect_name!r}.",
-                        hint="This is a bug in lowvram's export; please report it with export.log.")
+        raise UserError(
+            f"The GGUF's general.name is {info.name!r}, expected {expect_name!r}.",
+            hint="This is a bug in lowvram's export; please report it with export.log.",
+        )
     if getattr(tok, "chat_template", None) and not info.has_template:
-        raise UserError("The GGUF carries no chat template although the model has one.",
-                        hint="This is a bug in lowvram's export; please report it with export.log.")
+        raise UserError(
+            "The GGUF carries no chat template although the model has one.",
+            hint="This is a bug in lowvram's export; please report it with export.log.",
+        )
     return info
 
 

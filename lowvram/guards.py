@@ -80,11 +80,17 @@ def divergence_error(stage: str, what: str, run_dir: Path, recipe, step: int) ->
     from lowvram.checkpoints import newest_complete
 
     ckpt, _ = newest_complete(run_dir / stage / "checkpoints")
-    where = (f"the last good checkpoint, {ckpt.name}" if ckpt is not None
-             else "the start of the stage (no checkpoint was saved before it diverged)")
+    where = (
+        f"the last good checkpoint, {ckpt.name}"
+        if ckpt is not None
+        else "the start of the stage (no checkpoint was saved before it diverged)"
+    )
     cmd = shlex.join(["lowvram", "run", "--resume", str(run_dir), *overrides])
-    return Diverged(f"{stage} diverged at step {step}: {what}. Stopped; no non-finite weights were saved.",
-                    fixes, hint=f"Resume from {where} with: {cmd}")
+    return Diverged(
+        f"{stage} diverged at step {step}: {what}. Stopped; no non-finite weights were saved.",
+        fixes,
+        hint=f"Resume from {where} with: {cmd}",
+    )
 
 
 def finite_callback(fp16: bool = False):
@@ -135,6 +141,8 @@ def check_saved_adapter_finite(adapter_dir: Path, stage_hint: str) -> None:
     except ValueError:
         return  # a corrupt file is reported by the adapter reader, with its own message
     if bad:
-        raise UserError(f"The adapter in {adapter_dir} holds NaN or infinite weights ({', '.join(bad[:3])}): "
-                        "training diverged, and a model exported from it would only produce garbage.",
-                        hint=stage_hint)
+        raise UserError(
+            f"The adapter in {adapter_dir} holds NaN or infinite weights ({', '.join(bad[:3])}): "
+            "training diverged, and a model exported from it would only produce garbage.",
+            hint=stage_hint,
+        )

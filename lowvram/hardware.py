@@ -81,11 +81,14 @@ def available_ram_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def simulated_device(vram_gib: float, name: str | None = None, cc: tuple[int, int] = (8, 6), source: str = "--vram") -> Device:
+def simulated_device(
+    vram_gib: float, name: str | None = None, cc: tuple[int, int] = (8, 6), source: str = "--vram"
+) -> Device:
     """A card we do not have, for planning (`--vram GIB`)."""
     if not (vram_gib > 0) or not math.isfinite(vram_gib):
-        raise UserError(f"{source} must be a positive, finite number of GiB, got {vram_gib!r}.",
-                        hint="Example: --vram 12")
+        raise UserError(
+            f"{source} must be a positive, finite number of GiB, got {vram_gib!r}.", hint="Example: --vram 12"
+        )
     label = name or f"planned card ({vram_gib:g} GiB)"
     return Device("cuda", label, float(vram_gib), float(vram_gib), cc, source)
 

@@ -77,8 +77,11 @@ def prepare_4bit_model(model, dtype, grad_ckpt: str = "off") -> dict[str, int]:
     """
     import torch
 
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                  if m is not None and getattr(m, "weight", None) is not None}
+    embeddings = {
+        id(m.weight)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None and getattr(m, "weight", None) is not None
+    }
     by_dtype: dict[str, int] = {}
     for param in model.parameters():
         param.requires_grad = False
@@ -107,8 +110,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KiB"
 
 
-def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
-                      grad_ckpt: str = "off", prepare_tokens=None):
+def load_for_training(
+    plan: Plan,
+    recipe: Recipe,
+    model_path: str,
+    adapter: Path | None = None,
+    grad_ckpt: str = "off",
+    prepare_tokens=None,
+):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -120,8 +129,11 @@ def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path
     if plan.load_in_4bit:
         other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
         parts = ", ".join(f"{_size(n)} {k}" for k, n in sorted(other.items()))
-        print(f"[4-bit] NF4 linears with double quantization, computing in {plan.dtype}; other weights: {parts} "
-              f"(embeddings in {plan.dtype}, norms fp32)", flush=True)
+        print(
+            f"[4-bit] NF4 linears with double quantization, computing in {plan.dtype}; other weights: {parts} "
+            f"(embeddings in {plan.dtype}, norms fp32)",
+            flush=True,
+        )
     elif grad_ckpt != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -155,5 +167,8 @@ def fp32_adapters(model, stage: str = ""):
             restored += 1
     if restored:
         where = f"[{stage}] " if stage else ""
-        print(f"{where}LoRA weights kept in fp32 ({restored} tensors that TRL cast to bf16 for the 4-bit base)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{where}LoRA weights kept in fp32 ({restored} tensors that TRL cast to bf16 for the 4-bit base)",
+            file=sys.stderr,
+            flush=True,
+        )

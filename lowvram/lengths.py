@@ -49,12 +49,19 @@ class DataLengths:
         return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
     def summary(self) -> str:
-        return (f"p50 {self.percentile(50):,}, p99 {self.percentile(99):,}, max {self.longest:,} tokens "
-                f"from {self.rows:,} rows")
+        return (
+            f"p50 {self.percentile(50):,}, p99 {self.percentile(99):,}, max {self.longest:,} tokens "
+            f"from {self.rows:,} rows"
+        )
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "p50": self.percentile(50), "p99": self.percentile(99), "max": self.longest,
-                "counted_with": self.counted_with}
+        return {
+            "rows": self.rows,
+            "p50": self.percentile(50),
+            "p99": self.percentile(99),
+            "max": self.longest,
+            "counted_with": self.counted_with,
+        }
 
 
 def is_local(recipe: Recipe, stage: str, recipe_dir: Path | None) -> bool:
@@ -89,14 +96,17 @@ def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | Non
     if not is_local(recipe, stage, recipe_dir):
         return None, "the data is not on this machine (a Hub dataset): planned at max_seq_len, the worst case"
     data = getattr(recipe, stage).data
-    report = check_data(data, "sft" if stage == "sft" else "preference", recipe.sample_file(data),
-                        recipe_dir, stage=stage)
+    report = check_data(
+        data, "sft" if stage == "sft" else "preference", recipe.sample_file(data), recipe_dir, stage=stage
+    )
     if report.parsed is None or not report.parsed.rows:
         return None, "the data could not be read (lowvram data check says why): planned at max_seq_len"
     tokenizer, label = local_tokenizer(model)
     if tokenizer is None:
-        return None, (f"{model}'s tokenizer is not on this machine, and an approximate count is not a bound: "
-                      "planned at max_seq_len")
+        return None, (
+            f"{model}'s tokenizer is not on this machine, and an approximate count is not a bound: "
+            "planned at max_seq_len"
+        )
     lengths, how, _ = token_lengths(report.parsed, tokenizer, label, recipe.model.chat_template)
     return DataLengths(tuple(lengths), how), how
 
@@ -121,16 +131,22 @@ def plan_with_data(recipe: Recipe, device: Device, recipe_dir: Path | None) -> P
 
 # ------------------------------------------------------------------ a stage's token budget and tokenizer
 
+
 def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, str]:
     """(max_seq_len, where it comes from, model name) for a recipe stage on a device."""
     try:
         plan = make_plan(recipe, device)
     except UserError as e:
-        raise UserError(f"Cannot plan recipe {recipe.name!r} for {device.name} to find its token budget: {e.message}",
-                        hint="Plan for the card you will train on: --gpu t4, --gpu rtx3060 or --vram 16.") from None
+        raise UserError(
+            f"Cannot plan recipe {recipe.name!r} for {device.name} to find its token budget: {e.message}",
+            hint="Plan for the card you will train on: --gpu t4, --gpu rtx3060 or --vram 16.",
+        ) from None
     sp = plan.stages[stage]
-    return sp.max_seq_len, f"{stage} stage of recipe {recipe.name}, {plan.tier} tier: {sp.reasons['max_seq_len']}", \
-        plan.model
+    return (
+        sp.max_seq_len,
+        f"{stage} stage of recipe {recipe.name}, {plan.tier} tier: {sp.reasons['max_seq_len']}",
+        plan.model,
+    )
 
 
 def local_tokenizer(model: str) -> tuple[Any, str]:

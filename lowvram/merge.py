@@ -41,11 +41,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OUT_DTYPES = {"bf16": "BF16", "f16": "F16"}
 # bitsandbytes stores each 4-bit weight as packed bytes plus these companions (see `_dequantize_4bit`).
-BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-                ".quant_state.bitsandbytes__fp4")
+BNB_SUFFIXES = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+)
 
 
 # ------------------------------------------------------------------ the base checkpoint
+
 
 @dataclass(frozen=True)
 class BaseChoice:
@@ -92,19 +99,24 @@ def choose_base(base_json: Path) -> BaseChoice:
     try:
         info = json.loads(base_json.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"Cannot read {base_json}: {e}.",
-                        hint="The run directory is incomplete; re-run training.") from None
+        raise UserError(
+            f"Cannot read {base_json}: {e}.", hint="The run directory is incomplete; re-run training."
+        ) from None
     model = info.get("model")
     original = info.get("base_16bit")
     if original and (p := local_checkpoint(original)) is not None and not _is_4bit(p):
         return BaseChoice(p, False, f"16-bit original {original} found locally at {p}")
     loaded = local_checkpoint(info.get("model_path")) or local_checkpoint(model)
     if loaded is None:
-        raise UserError(f"The base model {model!r} is not on this machine.",
-                        problems=[f"looked for {info.get('model_path') or model!r}"
-                                  + (f" and the 16-bit original {original!r}" if original else "")],
-                        hint="Export on the machine that trained, or download the base first "
-                             "(huggingface-cli download NAME) and run export again.")
+        raise UserError(
+            f"The base model {model!r} is not on this machine.",
+            problems=[
+                f"looked for {info.get('model_path') or model!r}"
+                + (f" and the 16-bit original {original!r}" if original else "")
+            ],
+            hint="Export on the machine that trained, or download the base first "
+            "(huggingface-cli download NAME) and run export again.",
+        )
     if _is_4bit(loaded):
         why = f"the 16-bit original {original} is not downloaded" if original else "no 16-bit original is known"
         return BaseChoice(loaded, True, f"dequantizing the 4-bit base {model} ({why}; small rounding vs the original)")
@@ -121,6 +133,7 @@ def _shards(model_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ the adapter
+
 
 @dataclass(frozen=True)
 class LoraPair:
@@ -197,16 +210,20 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         tt = re.fullmatch(r"(.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?", name)
         if tt:  # PEFT trainable tokens: the full new values of some rows of an embedding
             module = tt.group(1)
-            idx = token_cfg if isinstance(token_cfg, list) else next(
-                (v for k, v in token_cfg.items() if module == k or module.endswith("." + k)), None)
+            idx = (
+                token_cfg
+                if isinstance(token_cfg, list)
+                else next((v for k, v in token_cfg.items() if module == k or module.endswith("." + k)), None)
+            )
             if not idx or len(idx) != entry.shape[0]:
                 bad.append(f"{key}: {entry.shape[0]} rows, but trainable_token_indices gives {idx!r}")
             else:
                 rows[module + ".weight"] = (entry, list(idx))
             continue
         # Saved names: X.lora_A.weight (linear) or X.lora_embedding_A (embedding), maybe with an adapter name.
-        m = (re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", name)
-             or re.fullmatch(r"(.+)\.lora_(embedding_A|embedding_B)(?:\.[^.]+)?", name))
+        m = re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", name) or re.fullmatch(
+            r"(.+)\.lora_(embedding_A|embedding_B)(?:\.[^.]+)?", name
+        )
         if not m:
             if ".lora_" in name:
                 bad.append(f"{key}: not a LoRA A/B weight this merge understands")
@@ -244,6 +261,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
 
 
 # ------------------------------------------------------------------ 4-bit dequantization
+
 
 def _bnb_state(entries: dict[str, TensorEntry], weight: str) -> dict | None:
     for suffix in (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"):
@@ -286,6 +304,7 @@ def _dequantize_4bit(entries: dict[str, TensorEntry], weight: str, state: dict):
 
 # ------------------------------------------------------------------ the merge
 
+
 @dataclass(frozen=True)
 class MergeReport:
     """What `merge_lora` wrote."""
@@ -299,8 +318,10 @@ class MergeReport:
     nbytes: int  # bytes of safetensors written
 
     def line(self) -> str:
-        return (f"merged {self.merged} LoRA weights, {self.copied} tensors unchanged, {self.dtype} "
-                f"({self.dtype_reason}); {self.nbytes / 2**20:.1f} MiB in {self.out_dir}")
+        return (
+            f"merged {self.merged} LoRA weights, {self.copied} tensors unchanged, {self.dtype} "
+            f"({self.dtype_reason}); {self.nbytes / 2**20:.1f} MiB in {self.out_dir}"
+        )
 
 
 def merged_dtype(base_dir: Path, want: str = "auto") -> tuple[str, str]:
@@ -360,7 +381,9 @@ def merge_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dty
     st_out = OUT_DTYPES[out_dtype]
     shards = _shards(base_dir)
     if not shards:
-        raise UserError(f"{base_dir} holds no model.safetensors (or index): only safetensors checkpoints can be merged.")
+        raise UserError(
+            f"{base_dir} holds no model.safetensors (or index): only safetensors checkpoints can be merged."
+        )
     layout: list[ShardLayout] = []
     seen: dict[str, tuple[int, ...]] = {}
     for shard in shards:
@@ -407,8 +430,11 @@ def merge_layout(base_dir: Path, adapter: Adapter, quantized_4bit: bool, out_dty
         elif len(seen[name]) != 2 or seen[name][1] != values.shape[1] or max(idx) >= seen[name][0]:
             problems.append(f"{name}: base shape {list(seen[name])}, trained rows {list(values.shape)} at {idx}")
     if problems:
-        raise UserError(f"The adapter in {adapter.path} does not fit the base {base_dir}:", problems[:8],
-                        hint="Was it trained on another model? Export needs the base the run trained.")
+        raise UserError(
+            f"The adapter in {adapter.path} does not fit the base {base_dir}:",
+            problems[:8],
+            hint="Was it trained on another model? Export needs the base the run trained.",
+        )
     return layout
 
 
@@ -435,8 +461,14 @@ def _merged_weight(row: LayoutRow, pair: LoraPair | None, replaced: TensorEntry 
     return w.reshape(row.shape).to(torch_dtype(st_out))
 
 
-def merge_lora(base: BaseChoice, adapter: Adapter, out_dir: Path, tokenizer_dir: Path | None = None,
-               dtype: str = "auto", layout: list[ShardLayout] | None = None) -> MergeReport:
+def merge_lora(
+    base: BaseChoice,
+    adapter: Adapter,
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    dtype: str = "auto",
+    layout: list[ShardLayout] | None = None,
+) -> MergeReport:
     """Write base + adapter as a 16-bit Hugging Face folder in `out_dir` (which must not exist yet).
 
     Shard files and names mirror the base. The tokenizer comes from `tokenizer_dir` (the one used in
@@ -460,8 +492,16 @@ def merge_lora(base: BaseChoice, adapter: Adapter, out_dir: Path, tokenizer_dir:
                     w.convert_from(row.entry, row.dtype)
                     copied += 1
                 else:
-                    w.write(row.name, _merged_weight(row, adapter.pairs.get(row.name), adapter.replaced.get(row.name),
-                                                     st_out, adapter.rows.get(row.name)))
+                    w.write(
+                        row.name,
+                        _merged_weight(
+                            row,
+                            adapter.pairs.get(row.name),
+                            adapter.replaced.get(row.name),
+                            st_out,
+                            adapter.rows.get(row.name),
+                        ),
+                    )
                     merged += row.how is not How.DEQUANT
                     copied += row.how is How.DEQUANT
             nbytes += w.nbytes
@@ -480,12 +520,22 @@ def _write_config(base_dir: Path, out_dir: Path, out_dtype: str) -> None:
     cfg = json.loads((base_dir / "config.json").read_text())
     cfg.pop("quantization_config", None)  # the merged weights are plain 16-bit
     cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = (
-        "bfloat16" if out_dtype == "bf16" else "float16")
+        "bfloat16" if out_dtype == "bf16" else "float16"
+    )
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def copy_tokenizer(src: Path, out_dir: Path, fallback: Path | None = None) -> None:
@@ -502,7 +552,11 @@ def copy_tokenizer(src: Path, out_dir: Path, fallback: Path | None = None) -> No
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out_dir / name)
-    if fallback is not None and not (out_dir / "tokenizer.model").is_file() and (fallback / "tokenizer.model").is_file():
+    if (
+        fallback is not None
+        and not (out_dir / "tokenizer.model").is_file()
+        and (fallback / "tokenizer.model").is_file()
+    ):
         shutil.copy2(fallback / "tokenizer.model", out_dir / "tokenizer.model")
     tj, tc = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
     if tj.is_file() and tc.is_file():

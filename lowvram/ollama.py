@@ -92,30 +92,47 @@ class ChatFormat:
         lines = []
         if self.system_mode == "turn":
             if self.default_system is not None:
-                lines += ['{{- $system := false }}',
-                          '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = true }}{{ end }}{{ end }}',
-                          '{{- if not $system }}'
-                          + q(self.prefix["system"] + self.default_system + self.suffix["system"]) + '{{ end }}']
+                lines += [
+                    "{{- $system := false }}",
+                    '{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = true }}{{ end }}{{ end }}',
+                    "{{- if not $system }}"
+                    + q(self.prefix["system"] + self.default_system + self.suffix["system"])
+                    + "{{ end }}",
+                ]
             lines.append("{{- range .Messages }}")
             for i, role in enumerate(ROLES):
                 head = "{{- if" if i == 0 else "{{- else if"
-                lines.append(f'{head} eq .Role "{role}" }}}}{q(self.prefix[role])}{{{{ .Content }}}}'
-                             f'{q(self.suffix[role])}')
+                lines.append(
+                    f'{head} eq .Role "{role}" }}}}{q(self.prefix[role])}{{{{ .Content }}}}{q(self.suffix[role])}'
+                )
             lines += ["{{- end }}", "{{- end }}" + q(self.generation_prompt)]
             return "\n".join(lines)
         fold = ""
         if self.system_mode == "first_user":
             lines.append("{{- $first := true }}")
-            fold = ("{{ if and $.System $first }}" + q(self.fold[0]) + "{{ $.System }}" + q(self.fold[1])
-                    + "{{ end }}{{ $first = false }}")
+            fold = (
+                "{{ if and $.System $first }}"
+                + q(self.fold[0])
+                + "{{ $.System }}"
+                + q(self.fold[1])
+                + "{{ end }}{{ $first = false }}"
+            )
         elif self.system_mode == "last_user":
-            fold = ("{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}" + q(self.fold[0]) + "{{ $.System }}"
-                    + q(self.fold[1]) + "{{ end }}")
+            fold = (
+                "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}"
+                + q(self.fold[0])
+                + "{{ $.System }}"
+                + q(self.fold[1])
+                + "{{ end }}"
+            )
         lines.append("{{- range $i, $_ := .Messages }}")
-        lines.append(f'{{{{- if eq .Role "user" }}}}{q(self.prefix["user"])}{fold}{{{{ .Content }}}}'
-                     f'{q(self.suffix["user"])}')
-        lines.append(f'{{{{- else if eq .Role "assistant" }}}}{q(self.prefix["assistant"])}{{{{ .Content }}}}'
-                     f'{q(self.suffix["assistant"])}')
+        lines.append(
+            f'{{{{- if eq .Role "user" }}}}{q(self.prefix["user"])}{fold}{{{{ .Content }}}}{q(self.suffix["user"])}'
+        )
+        lines.append(
+            f'{{{{- else if eq .Role "assistant" }}}}{q(self.prefix["assistant"])}{{{{ .Content }}}}'
+            f"{q(self.suffix['assistant'])}"
+        )
         lines += ["{{- end }}", "{{- end }}" + q(self.generation_prompt)]
         return "\n".join(lines)
 
@@ -126,8 +143,9 @@ def _go_string(text: str) -> str:
     if not text:
         return ""
     lit = json.dumps(text, ensure_ascii=False)
-    lit = "".join(c if _modelfile_keeps(c) else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
-                  for c in lit)
+    lit = "".join(
+        c if _modelfile_keeps(c) else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}") for c in lit
+    )
     return "{{ " + lit + " }}"
 
 
@@ -156,8 +174,10 @@ def modelfile_problems(system: str | None, stop: list[str] | tuple[str, ...] = (
         dropped = [c for c in dict.fromkeys(text) if not _modelfile_keeps(c)]
         if dropped:
             names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'control character')}" for c in dropped[:5])
-            problems.append(f"{what} contains characters Ollama's Modelfile parser drops: {names}; "
-                            "replace them (a plain space for a no-break space) or remove them")
+            problems.append(
+                f"{what} contains characters Ollama's Modelfile parser drops: {names}; "
+                "replace them (a plain space for a no-break space) or remove them"
+            )
     return problems
 
 
@@ -178,8 +198,9 @@ def _split(text: str, marks: list[str]) -> list[str]:
     pieces = []
     for mark in marks:
         if text.count(mark) != 1:
-            raise TemplateUnsupported(f"a message's content appears {text.count(mark)} times where it should "
-                                      "appear once, in order")
+            raise TemplateUnsupported(
+                f"a message's content appears {text.count(mark)} times where it should appear once, in order"
+            )
         head, text = text.split(mark)
         pieces.append(head)
     return pieces + [text]
@@ -201,8 +222,9 @@ def _cut_after_stop(between: str, stops: list[str]) -> int:
     return end
 
 
-def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[str],
-                       eos_tokens: list[str], end_of_turn: str | None = None) -> ChatFormat:
+def derive_chat_format(
+    template_fn, bos_token: str | None, special_tokens: list[str], eos_tokens: list[str], end_of_turn: str | None = None
+) -> ChatFormat:
     """Reduce a chat template to a ChatFormat, or raise TemplateUnsupported saying why.
 
     `template_fn(messages, add_generation_prompt) -> str` renders with the model's own template
@@ -218,12 +240,12 @@ def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[
     one_nogen = _render(template_fn, [user], False)
     if not one.startswith(one_nogen):
         raise TemplateUnsupported("the generation prompt is not appended at the end")
-    gen = one[len(one_nogen):]
+    gen = one[len(one_nogen) :]
     multi = _render(template_fn, [user, asst, user2], True)
     m0, m1, m2, m3 = _split(multi, [U, A, U2])
     q0, q1 = _split(one, [U])
     bos = bos_token if bos_token and m0.startswith(bos_token) and q0.startswith(bos_token) else ""
-    m0, q0 = m0[len(bos):], q0[len(bos):]
+    m0, q0 = m0[len(bos) :], q0[len(bos) :]
     if m0 != q0:
         raise TemplateUnsupported("the first user message is wrapped differently in longer conversations")
     if not q1.endswith(gen) or not m3.endswith(gen):
@@ -231,7 +253,7 @@ def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[
     user_suffix = q1[: len(q1) - len(gen)]
     if m3[: len(m3) - len(gen)] != user_suffix or not m1.startswith(user_suffix):
         raise TemplateUnsupported("the user suffix depends on the position of the message")
-    asst_prefix = m1[len(user_suffix):]
+    asst_prefix = m1[len(user_suffix) :]
     # The end-of-turn token: the named one, else the first special token after the assistant's content.
     stops = [end_of_turn] if end_of_turn and end_of_turn in m2 else []
     if not stops:
@@ -258,7 +280,7 @@ def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[
         raise TemplateUnsupported("the template adds text before the first user message but takes no system prompt")
     if mode not in ("refused", "ignored"):
         s0, s1, s2 = _split(with_sys, [S, U])
-        s0 = s0[len(bos):] if bos and s0.startswith(bos) else s0
+        s0 = s0[len(bos) :] if bos and s0.startswith(bos) else s0
         if s2 != user_suffix + gen:
             raise TemplateUnsupported("the user message after a system message ends differently")
         if s1.endswith(user_prefix) and user_prefix:
@@ -266,9 +288,9 @@ def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[
             if head:
                 if not (head.startswith(prefix["system"]) and head.endswith(suffix["system"])):
                     raise TemplateUnsupported("the template adds text before a conversation without a system message")
-                default_system = head[len(prefix["system"]): len(head) - len(suffix["system"])]
+                default_system = head[len(prefix["system"]) : len(head) - len(suffix["system"])]
         elif s0.startswith(head + user_prefix) and not head:
-            fold = (s0[len(user_prefix):], s1)
+            fold = (s0[len(user_prefix) :], s1)
             longer = _render(template_fn, [sys_m, user, asst, user2], True)
             mode = "first_user" if longer.find(S) < longer.find(U) else "last_user"
         else:
@@ -280,7 +302,7 @@ def derive_chat_format(template_fn, bos_token: str | None, special_tokens: list[
         if mode == "refused" and any(m["role"] == "system" for m in conv):
             continue
         want = _render(template_fn, conv, True)
-        want = want[len(bos):] if bos and want.startswith(bos) else want
+        want = want[len(bos) :] if bos and want.startswith(bos) else want
         if fmt.render(conv) != want:
             raise TemplateUnsupported(f"re-rendering {[m['role'] for m in conv]} differs from the chat template")
     return fmt
@@ -292,11 +314,19 @@ def probe_conversations() -> list[list[dict]]:
     return [
         [{"role": "user", "content": "What is 2+2?"}],
         [sys_, {"role": "user", "content": "Name a colour."}],
-        [sys_, {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
-         {"role": "user", "content": "Tell me a joke\nabout cats."}],
-        [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"},
-         {"role": "user", "content": "Three"}, {"role": "assistant", "content": "Four"},
-         {"role": "user", "content": "Five \"quoted\" {{ braces }} and unicode: café 🙂"}],
+        [
+            sys_,
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello. How can I help?"},
+            {"role": "user", "content": "Tell me a joke\nabout cats."},
+        ],
+        [
+            {"role": "user", "content": "One"},
+            {"role": "assistant", "content": "Two"},
+            {"role": "user", "content": "Three"},
+            {"role": "assistant", "content": "Four"},
+            {"role": "user", "content": 'Five "quoted" {{ braces }} and unicode: café 🙂'},
+        ],
     ]
 
 
@@ -317,8 +347,13 @@ def from_tokenizer(tokenizer, end_of_turn: str | None = None) -> ChatFormat:
 RAW_TEMPLATE = "{{ .Prompt }}"
 
 
-def modelfile(gguf_name: str, fmt: ChatFormat | None, system: str | None = None,
-              note: str | None = None, stop: list[str] | None = None) -> str:
+def modelfile(
+    gguf_name: str,
+    fmt: ChatFormat | None,
+    system: str | None = None,
+    note: str | None = None,
+    stop: list[str] | None = None,
+) -> str:
     """Modelfile text: FROM, TEMPLATE, PARAMETER stop, optional SYSTEM.
 
     `fmt` None means a model without a chat template (trained on plain text): the prompt goes in as is.
@@ -327,8 +362,10 @@ def modelfile(gguf_name: str, fmt: ChatFormat | None, system: str | None = None,
     lines = ["# Written by lowvram export. Create the model: ollama create NAME -f <this file>", f"FROM ./{gguf_name}"]
     if fmt is not None:
         if system and not fmt.takes_system:
-            raise TemplateUnsupported(f"a SYSTEM prompt was asked for, but the chat template has no place for one "
-                                      f"(system messages are {SYSTEM_MODES[fmt.system_mode]})")
+            raise TemplateUnsupported(
+                f"a SYSTEM prompt was asked for, but the chat template has no place for one "
+                f"(system messages are {SYSTEM_MODES[fmt.system_mode]})"
+            )
         lines.append(f'TEMPLATE """{fmt.go_template()}"""')
     else:
         lines.append(f"# {note or 'No chat template: the model was trained on plain text'}; the prompt goes in as is.")

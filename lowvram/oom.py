@@ -43,13 +43,17 @@ def next_settings(sp, min_batch: int = 1) -> tuple[dict, str] | None:
         bs = max(min_batch, sp.batch_size // 2)
         ga = sp.grad_accum * sp.batch_size // bs
         if bs * ga == sp.batch_size * sp.grad_accum:
-            return ({"batch_size": bs, "grad_accum": ga},
-                    f"batch {sp.batch_size} -> {bs} with accumulation {sp.grad_accum} -> {ga} "
-                    f"(same effective batch {bs * ga})")
+            return (
+                {"batch_size": bs, "grad_accum": ga},
+                f"batch {sp.batch_size} -> {bs} with accumulation {sp.grad_accum} -> {ga} "
+                f"(same effective batch {bs * ga})",
+            )
     if sp.max_seq_len // 2 >= MIN_SEQ_LEN:
         seq = sp.max_seq_len // 2
-        return ({"max_seq_len": seq},
-                f"max_seq_len {sp.max_seq_len} -> {seq} at batch {sp.batch_size} (longer examples are truncated)")
+        return (
+            {"max_seq_len": seq},
+            f"max_seq_len {sp.max_seq_len} -> {seq} at batch {sp.batch_size} (longer examples are truncated)",
+        )
     return None
 
 
@@ -62,10 +66,20 @@ def _estimate_for(ctx, sp) -> MemoryEstimate | None:
     from lowvram.planner import _est_stage, _targets
 
     plan = ctx.plan
-    return estimate(get_spec(plan.model), _est_stage(ctx.recipe, ctx.stage), max_seq_len=sp.max_seq_len,
-                    batch_size=sp.batch_size, lora_r=plan.lora_r, target_modules=_targets(ctx.recipe)[0],
-                    grad_ckpt=sp.grad_ckpt, optim=sp.optim, dtype=plan.dtype, backend=plan.backend,
-                    load_in_4bit=plan.load_in_4bit, vram_gib=plan.device.usable_vram_gib)
+    return estimate(
+        get_spec(plan.model),
+        _est_stage(ctx.recipe, ctx.stage),
+        max_seq_len=sp.max_seq_len,
+        batch_size=sp.batch_size,
+        lora_r=plan.lora_r,
+        target_modules=_targets(ctx.recipe)[0],
+        grad_ckpt=sp.grad_ckpt,
+        optim=sp.optim,
+        dtype=plan.dtype,
+        backend=plan.backend,
+        load_in_4bit=plan.load_in_4bit,
+        vram_gib=plan.device.usable_vram_gib,
+    )
 
 
 def _with_settings(ctx, changes: dict, why: str):
@@ -98,13 +112,23 @@ def record_peak(ctx, step_downs: int = 0) -> dict:
     measured = cuda.max_memory_reserved() / GIB if cuda is not None else None
     allocated = cuda.max_memory_allocated() / GIB if cuda is not None else None
     est = sp.estimate
-    out = {"stage": ctx.stage, "max_seq_len": sp.max_seq_len, "batch_size": sp.batch_size,
-           "grad_accum": sp.grad_accum, "step_downs": step_downs,
-           "measured_peak_reserved_gib": measured, "measured_peak_allocated_gib": allocated,
-           "estimated_reserved_gib": est.reserved_gib if est else None,
-           "estimated_total_gib": est.total_gib if est else None,
-           "note": ("reserved = torch.cuda.max_memory_reserved(); the estimate's reserved part leaves out the "
-                    "CUDA context, as that reading does" if cuda is not None else "no CUDA device: nothing measured")}
+    out = {
+        "stage": ctx.stage,
+        "max_seq_len": sp.max_seq_len,
+        "batch_size": sp.batch_size,
+        "grad_accum": sp.grad_accum,
+        "step_downs": step_downs,
+        "measured_peak_reserved_gib": measured,
+        "measured_peak_allocated_gib": allocated,
+        "estimated_reserved_gib": est.reserved_gib if est else None,
+        "estimated_total_gib": est.total_gib if est else None,
+        "note": (
+            "reserved = torch.cuda.max_memory_reserved(); the estimate's reserved part leaves out the "
+            "CUDA context, as that reading does"
+            if cuda is not None
+            else "no CUDA device: nothing measured"
+        ),
+    }
     path = Path(ctx.stage_dir) / "memory.json"
     path.write_text(json.dumps(out, indent=2))
     if measured is not None:
@@ -130,8 +154,9 @@ def _keep_earlier_step_downs(ctx, log: Path):
         keep["grad_accum"] = max(1, sp.effective_batch // keep["batch_size"])
     if not keep:
         return ctx, len(entries)
-    why = (f"an earlier out-of-memory in this run stepped {ctx.stage} down ({log.name}): "
-           + ", ".join(f"{k} {getattr(sp, k)} -> {v}" for k, v in keep.items()))
+    why = f"an earlier out-of-memory in this run stepped {ctx.stage} down ({log.name}): " + ", ".join(
+        f"{k} {getattr(sp, k)} -> {v}" for k, v in keep.items()
+    )
     print(f"[{ctx.stage}] keeping smaller settings: {why}", flush=True)
     return _with_settings(ctx, keep, why), len(entries)
 
@@ -153,9 +178,12 @@ def run_with_step_down(ctx, train: Callable) -> Path:
             nxt = next_settings(ctx.sp, _min_batch(ctx)) if enabled and steps < MAX_STEP_DOWNS else None
             if nxt is None:
                 if enabled:
-                    oom.problems.insert(0, "lowvram already stepped down as far as it goes "
-                                           f"({steps} step(s); see {log})" if steps else
-                                        "nothing smaller to step down to")
+                    oom.problems.insert(
+                        0,
+                        f"lowvram already stepped down as far as it goes ({steps} step(s); see {log})"
+                        if steps
+                        else "nothing smaller to step down to",
+                    )
                 raise
             changes, why = nxt
         else:
@@ -165,13 +193,27 @@ def run_with_step_down(ctx, train: Callable) -> Path:
         steps += 1
         ckpt = newest_complete(Path(ctx.stage_dir) / "checkpoints")[0]
         where = f"resuming from {ckpt.name}" if ckpt else "starting the stage again (no checkpoint yet)"
-        print(f"[{ctx.stage}] CUDA ran out of memory at batch {ctx.sp.batch_size} x accum {ctx.sp.grad_accum}, "
-              f"seq {ctx.sp.max_seq_len}: stepping down, {why}; {where} "
-              f"(turn off with {ctx.stage}.oom_step_down=false)", flush=True)
+        print(
+            f"[{ctx.stage}] CUDA ran out of memory at batch {ctx.sp.batch_size} x accum {ctx.sp.grad_accum}, "
+            f"seq {ctx.sp.max_seq_len}: stepping down, {why}; {where} "
+            f"(turn off with {ctx.stage}.oom_step_down=false)",
+            flush=True,
+        )
         with log.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": steps, "from": {"batch_size": ctx.sp.batch_size,
-                                                         "grad_accum": ctx.sp.grad_accum,
-                                                         "max_seq_len": ctx.sp.max_seq_len},
-                                 "to": changes, "why": why,
-                                 "resumed_from": ckpt.name if ckpt else None}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": steps,
+                        "from": {
+                            "batch_size": ctx.sp.batch_size,
+                            "grad_accum": ctx.sp.grad_accum,
+                            "max_seq_len": ctx.sp.max_seq_len,
+                        },
+                        "to": changes,
+                        "why": why,
+                        "resumed_from": ckpt.name if ckpt else None,
+                    }
+                )
+                + "\n"
+            )
         ctx = _with_settings(ctx, changes, why)

@@ -34,14 +34,22 @@ def _training_device(vram, gpu) -> Device:
         return real
     planned = detect_device(vram_gib=vram, gpu=gpu)
     if real.kind != "cuda":
-        raise UserError(f"--vram/--gpu plan for {planned.name}, but this machine has no CUDA GPU to train on.",
-                        hint="Use 'lowvram plan RECIPE --vram GIB' to plan for a card you do not have.")
+        raise UserError(
+            f"--vram/--gpu plan for {planned.name}, but this machine has no CUDA GPU to train on.",
+            hint="Use 'lowvram plan RECIPE --vram GIB' to plan for a card you do not have.",
+        )
     if planned.total_vram_gib > real.total_vram_gib:
         raise UserError(f"--vram {planned.total_vram_gib:g} is more than this card's {real.total_vram_gib:.1f} GiB.")
     # --gpu emulates that card, precision included (--gpu t4 on a bigger card trains in fp16)
     cc = planned.compute_capability if gpu else real.compute_capability
-    return Device("cuda", f"{real.name} (capped at {planned.total_vram_gib:g} GiB)", planned.total_vram_gib,
-                  min(planned.total_vram_gib, real.usable_vram_gib), cc, "torch")
+    return Device(
+        "cuda",
+        f"{real.name} (capped at {planned.total_vram_gib:g} GiB)",
+        planned.total_vram_gib,
+        min(planned.total_vram_gib, real.usable_vram_gib),
+        cc,
+        "torch",
+    )
 
 
 def _check_libraries(plan: Plan) -> None:
@@ -50,8 +58,10 @@ def _check_libraries(plan: Plan) -> None:
 
     needs_bnb = plan.load_in_4bit or any(sp.optim.endswith("8bit") for sp in plan.stages.values())
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("This plan uses bitsandbytes (4-bit weights / 8-bit AdamW), which is not installed.",
-                        hint="pip install 'lowvram[gpu]'  (or set model.load_in_4bit=false on a big enough card)")
+        raise UserError(
+            "This plan uses bitsandbytes (4-bit weights / 8-bit AdamW), which is not installed.",
+            hint="pip install 'lowvram[gpu]'  (or set model.load_in_4bit=false on a big enough card)",
+        )
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -76,8 +86,11 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
         data = loader(cfg, recipe.sample_file(cfg), base_dir=recipe_dir, seed=recipe.seed)
         held = f", {len(data.eval)} held out" if data.eval else ""
         dropped = f", {plural(data.dropped, 'invalid row')} dropped" if data.dropped else ""
-        print(f"[{stage}] data: {len(data.train)} rows{held}{dropped} from {data.source}"
-              f" -- format {data.format}: {data.reason}", flush=True)
+        print(
+            f"[{stage}] data: {len(data.train)} rows{held}{dropped} from {data.source}"
+            f" -- format {data.format}: {data.reason}",
+            flush=True,
+        )
         out[stage] = data
     return out
 
@@ -92,8 +105,10 @@ def _make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"Cannot create the run directory {run_dir}: {e.strerror or e}.",
-                        hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).") from None
+        raise UserError(
+            f"Cannot create the run directory {run_dir}: {e.strerror or e}.",
+            hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).",
+        ) from None
 
 
 def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
@@ -104,20 +119,35 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
     atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
     spec = get_spec(plan.model)
     local = Path(model_path).is_dir()
-    base = {"model": plan.model, "model_path": str(Path(model_path).resolve()) if local else None,
-            "base_16bit": spec.base_16bit if spec else None, "load_in_4bit": plan.load_in_4bit}
+    base = {
+        "model": plan.model,
+        "model_path": str(Path(model_path).resolve()) if local else None,
+        "base_16bit": spec.base_16bit if spec else None,
+        "load_in_4bit": plan.load_in_4bit,
+    }
     atomic_write_text(run_dir / "base.json", json.dumps(base, indent=2))
 
 
 def _has_progress(rdir: Path) -> bool:
     """Anything worth keeping: a finished stage, a checkpoint, or logged metrics (say, of a stage that diverged)."""
     metrics = rdir / "metrics.jsonl"
-    return (any(rdir.glob("*/DONE")) or any(rdir.glob("*/checkpoints/checkpoint-*"))
-            or (metrics.is_file() and metrics.stat().st_size > 0))
+    return (
+        any(rdir.glob("*/DONE"))
+        or any(rdir.glob("*/checkpoints/checkpoint-*"))
+        or (metrics.is_file() and metrics.stat().st_size > 0)
+    )
 
 
-def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_path: str, recipe_dir: Path | None,
-                adapter: Path | None, datasets: dict) -> None:
+def _run_stages(
+    rdir: Path,
+    recipe: Recipe,
+    plan: Plan,
+    todo: list[str],
+    model_path: str,
+    recipe_dir: Path | None,
+    adapter: Path | None,
+    datasets: dict,
+) -> None:
     from lowvram.train import StageContext, run_stage
 
     for stage in todo:
@@ -132,9 +162,17 @@ def _run_stages(rdir: Path, recipe: Recipe, plan: Plan, todo: list[str], model_p
         adapter = rdir / stage / "adapter"
 
 
-def run_pipeline(recipe_name: str | None, overrides: list[str], vram=None, gpu=None, resume: str | None = None,
-                 run_dir: str | None = None, stages: list[str] | None = None, init_adapter: str | None = None,
-                 export: Callable[[Path, tuple[str, ...] | None], int] | None = None) -> int:
+def run_pipeline(
+    recipe_name: str | None,
+    overrides: list[str],
+    vram=None,
+    gpu=None,
+    resume: str | None = None,
+    run_dir: str | None = None,
+    stages: list[str] | None = None,
+    init_adapter: str | None = None,
+    export: Callable[[Path, tuple[str, ...] | None], int] | None = None,
+) -> int:
     """Train (and export) with the run directory locked: a second process on it stops at once.
 
     `export`: the export step, called with the finished run directory when the recipe asks for GGUF files,
@@ -177,8 +215,9 @@ def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
         print(f"Note: {note}.", flush=True)
 
 
-def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages,
-                  init_adapter, export) -> int:
+def _run_pipeline(
+    stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export
+) -> int:
     from lowvram import distributed
     from lowvram.recipe import read_recipe_file
     from lowvram.report import summary_lines, write_report
@@ -187,11 +226,15 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     if resume:
         rdir = Path(resume)
         if not (rdir / "recipe.yaml").is_file():
-            raise UserError(f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.")
+            raise UserError(
+                f"{rdir} is not a lowvram run directory (no recipe.yaml).",
+                hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
+            )
         if recipe_name:
-            raise UserError("--resume continues the run's own recipe; do not name another one.",
-                            hint=f"lowvram run --resume {shlex.quote(str(rdir))} [key=value ...]")
+            raise UserError(
+                "--resume continues the run's own recipe; do not name another one.",
+                hint=f"lowvram run --resume {shlex.quote(str(rdir))} [key=value ...]",
+            )
         check_writable(rdir, "run directory")
         _lock_run_dir(stack, rdir)
         data = apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides)
@@ -213,8 +256,9 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     world = distributed.world_size()
     _unsloth_first(distributed.group_recipe(recipe, world)[0], device)
     if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/distributed.py)
-        plan = distributed.plan_per_card(recipe, device, recipe_dir, world, distributed.launched_strategy(),
-                                         launched=True)
+        plan = distributed.plan_per_card(
+            recipe, device, recipe_dir, world, distributed.launched_strategy(), launched=True
+        )
     else:
         plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
@@ -254,7 +298,9 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     try:
         _run_stages(rdir, recipe, plan, todo, model_path, recipe_dir, adapter, datasets)
     except BaseException:
-        if fresh and distributed.is_main() and not _has_progress(rdir):  # failed before any checkpoint: leave no empty run behind
+        if (
+            fresh and distributed.is_main() and not _has_progress(rdir)
+        ):  # failed before any checkpoint: leave no empty run behind
             shutil.rmtree(rdir, ignore_errors=True)
             print(f"Removed {rdir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
         raise
@@ -265,7 +311,9 @@ def _run_pipeline(stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu
     print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")
     from lowvram.report_html import after_training
 
-    after_training(rdir, recipe, plan, model_path)  # RUN/rm/ (rm.enabled), RUN/eval/ (lowvram eval) and RUN/report.html (lowvram report)
+    after_training(
+        rdir, recipe, plan, model_path
+    )  # RUN/rm/ (rm.enabled), RUN/eval/ (lowvram eval) and RUN/report.html (lowvram report)
     if not export or not recipe.export.gguf or stages:
         return 0
     from lowvram.llamacpp import export_tools

@@ -85,17 +85,27 @@ class Plan:
         (lowvram.ui) whose plain text reads one decision per line."""
         from lowvram.ui import table
 
-        decisions = [(k, str(getattr(self, k)) if k != "lora" else f"r={self.lora_r} alpha={self.lora_alpha}",
-                      self.reasons[k]) for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")]
+        decisions = [
+            (k, str(getattr(self, k)) if k != "lora" else f"r={self.lora_r} alpha={self.lora_alpha}", self.reasons[k])
+            for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")
+        ]
         if self.processes > 1:  # several cards (lowvram.distributed)
             decisions.append(("parallel", f"{self.parallel} x {self.processes} processes", self.reasons["parallel"]))
         out = [table(decisions, plain="\n".join(f"{k:<9} {v}  -- {why}" for k, v, why in decisions))]
         for sp in self.stages.values():
-            settings = (f"seq {sp.max_seq_len}, batch {sp.batch_size} x accum {sp.grad_accum}"
-                        f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}")
-            out.append(table(sp.reasons.items(), title=f"{sp.stage}: {settings}",
-                             plain="\n".join([f"{sp.stage:<9} {settings}",
-                                              *(f"{'':<9}   {k}: {v}" for k, v in sp.reasons.items())])))
+            settings = (
+                f"seq {sp.max_seq_len}, batch {sp.batch_size} x accum {sp.grad_accum}"
+                f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}"
+            )
+            out.append(
+                table(
+                    sp.reasons.items(),
+                    title=f"{sp.stage}: {settings}",
+                    plain="\n".join(
+                        [f"{sp.stage:<9} {settings}", *(f"{'':<9}   {k}: {v}" for k, v in sp.reasons.items())]
+                    ),
+                )
+            )
         return out + self.memory_lines()
 
     def memory_lines(self) -> list[str]:
@@ -111,12 +121,16 @@ class Plan:
             return str(sp.max_seq_len)
 
         headers = ("memory (GiB)", *(f"{sp.stage} (seq {seq(sp)} x batch {sp.batch_size})" for sp in planned))
-        rows = [(name, *(f"{dict(sp.estimate.rows())[name]:.2f}" for sp in planned))
-                for name, _ in planned[0].estimate.rows()]
+        rows = [
+            (name, *(f"{dict(sp.estimate.rows())[name]:.2f}" for sp in planned))
+            for name, _ in planned[0].estimate.rows()
+        ]
         rows.append(("budget", *(f"{sp.budget_gib:.2f}" for sp in planned)))
         budget = planned[0].budget_gib
-        note = (f"budget = {self.device.usable_vram_gib:.1f} GiB usable on {self.device.name} minus a "
-                f"{SAFETY_MARGIN_FRACTION:.0%} safety margin = {budget:.1f} GiB")
+        note = (
+            f"budget = {self.device.usable_vram_gib:.1f} GiB usable on {self.device.name} minus a "
+            f"{SAFETY_MARGIN_FRACTION:.0%} safety margin = {budget:.1f} GiB"
+        )
         return ["", table(rows, headers), note]
 
 
@@ -130,11 +144,15 @@ def choose_backend(requested: str, device: Device) -> tuple[str, str]:
     cc_ok = device.compute_capability is not None and device.compute_capability >= (7, 0)
     if requested == "unsloth":
         if device.kind != "cuda":
-            raise UserError("model.backend is 'unsloth', but Unsloth needs a CUDA GPU and none was found.",
-                            hint="Set model.backend=auto (or hf) to train with transformers+PEFT here.")
+            raise UserError(
+                "model.backend is 'unsloth', but Unsloth needs a CUDA GPU and none was found.",
+                hint="Set model.backend=auto (or hf) to train with transformers+PEFT here.",
+            )
         if not has_unsloth and not device.simulated:
-            raise UserError("model.backend is 'unsloth', but Unsloth is not installed.",
-                            hint="pip install 'lowvram[gpu]'  (or set model.backend=hf)")
+            raise UserError(
+                "model.backend is 'unsloth', but Unsloth is not installed.",
+                hint="pip install 'lowvram[gpu]'  (or set model.backend=hf)",
+            )
         return "unsloth", "set by the recipe (model.backend)"
     if requested == "hf":
         return "hf", "set by the recipe (model.backend)"
@@ -146,11 +164,15 @@ def choose_backend(requested: str, device: Device) -> tuple[str, str]:
         return "unsloth", "planning for a CUDA card: Unsloth is what it would train with (pip install 'lowvram[gpu]')"
     if has_unsloth:
         return "unsloth", "CUDA GPU and Unsloth installed"
-    return "hf", "CUDA GPU but Unsloth is not installed: transformers+PEFT+bitsandbytes (pip install 'lowvram[gpu]' for Unsloth)"
+    return (
+        "hf",
+        "CUDA GPU but Unsloth is not installed: transformers+PEFT+bitsandbytes (pip install 'lowvram[gpu]' for Unsloth)",
+    )
 
 
-def choose_model(recipe: Recipe, tier: Tier, device: Device | None = None, *, backend: str = "unsloth",
-                 dtype: str = "bf16") -> tuple[str, str]:
+def choose_model(
+    recipe: Recipe, tier: Tier, device: Device | None = None, *, backend: str = "unsloth", dtype: str = "bf16"
+) -> tuple[str, str]:
     """(model, reason): the recipe's model, else the largest of its family that fits this card.
 
     On a CUDA card the choice is the estimator's: the largest model of the family whose SFT and DPO
@@ -162,9 +184,10 @@ def choose_model(recipe: Recipe, tier: Tier, device: Device | None = None, *, ba
     if device is None or device.kind != "cuda" or fam == "tiny":
         if fam not in tier.models:
             offered = ", ".join(sorted(tier.models))
-            raise UserError(f"The {tier.name} tier has no {fam} model.",
-                            hint=f"Pick model.family from {offered}, name a model with model.name, "
-                                 "or plan for a bigger card.")
+            raise UserError(
+                f"The {tier.name} tier has no {fam} model.",
+                hint=f"Pick model.family from {offered}, name a model with model.name, or plan for a bigger card.",
+            )
         return tier.models[fam], f"default {fam} model for the {tier.name} tier"
     budget = device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION)
     targets = {_est_stage(recipe, s): _stage_targets(tier, s, getattr(recipe, s))[0] for s in recipe.stages()}
@@ -174,8 +197,17 @@ def choose_model(recipe: Recipe, tier: Tier, device: Device | None = None, *, ba
     # the planner then fits the sequence to the card anyway.
     wanted = dict(targets)
     while True:
-        spec, ests = largest_fitting(fam, budget, device.usable_vram_gib, targets, r, dtype=dtype, backend=backend,
-                                     grad_ckpt=ckpt, lora_targets=_targets(recipe)[0])
+        spec, ests = largest_fitting(
+            fam,
+            budget,
+            device.usable_vram_gib,
+            targets,
+            r,
+            dtype=dtype,
+            backend=backend,
+            grad_ckpt=ckpt,
+            lora_targets=_targets(recipe)[0],
+        )
         if spec is not None or min(targets.values()) <= SEQ_LADDER[-1]:
             break
         targets = {st: max(seq // 2, SEQ_LADDER[-1]) for st, seq in targets.items()}
@@ -183,8 +215,11 @@ def choose_model(recipe: Recipe, tier: Tier, device: Device | None = None, *, ba
         smallest = family_models(fam)[-1]
         return smallest.name, f"smallest {fam} model (no member of the family fits this card)"
     fitted = ", ".join(f"{st.upper()} seq {targets[st]} at batch 1 = {e.total_gib:.1f} GiB" for st, e in ests.items())
-    where = (f"the {tier.name} tier's targets" if targets == wanted
-             else f"{', '.join(map(str, targets.values()))} tokens (none fits the {tier.name} tier's targets)")
+    where = (
+        f"the {tier.name} tier's targets"
+        if targets == wanted
+        else f"{', '.join(map(str, targets.values()))} tokens (none fits the {tier.name} tier's targets)"
+    )
     return spec.name, f"largest {fam} model whose estimate fits at {where} ({fitted}; budget {budget:.1f} GiB)"
 
 
@@ -212,10 +247,20 @@ class _Fitter:
     def at(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> MemoryEstimate:
         if self.data_max is not None:
             max_seq_len = min(max_seq_len, self.data_max)  # the worst batch the data forms after truncation
-        return estimate(spec or self.spec, self.stage, max_seq_len=max_seq_len, batch_size=batch_size,
-                        lora_r=self.lora_r, target_modules=self.targets, grad_ckpt=self.grad_ckpt, optim=self.optim,
-                        dtype=self.dtype, backend=self.backend, load_in_4bit=self.load_in_4bit,
-                        vram_gib=self.vram_gib)
+        return estimate(
+            spec or self.spec,
+            self.stage,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            lora_r=self.lora_r,
+            target_modules=self.targets,
+            grad_ckpt=self.grad_ckpt,
+            optim=self.optim,
+            dtype=self.dtype,
+            backend=self.backend,
+            load_in_4bit=self.load_in_4bit,
+            vram_gib=self.vram_gib,
+        )
 
     def fits(self, max_seq_len: int, batch_size: int, spec: ModelSpec | None = None) -> bool:
         return self.at(max_seq_len, batch_size, spec).total_gib <= self.budget_gib
@@ -297,8 +342,16 @@ def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier
         return ", ".join(f"{s}.max_seq_len={n}" for s, n in got.items())
 
     ideas = []
-    smaller = sorted((s for s in CATALOG.values() if s.family == fit.spec.family and s.params_b < fit.spec.params_b
-                      and s.prequantized_4bit == fit.spec.prequantized_4bit), key=lambda s: -s.params_b)
+    smaller = sorted(
+        (
+            s
+            for s in CATALOG.values()
+            if s.family == fit.spec.family
+            and s.params_b < fit.spec.params_b
+            and s.prequantized_4bit == fit.spec.prequantized_4bit
+        ),
+        key=lambda s: -s.params_b,
+    )
     for spec in smaller:  # the largest smaller model that fits, with the longest sequences it allows
         seqs = seqs_for(spec)
         if seqs:
@@ -310,12 +363,13 @@ def _refuse(recipe: Recipe, fits: dict[str, _Fitter], failed: _NothingFits, tier
         f"({device.usable_vram_gib:.1f} GiB usable minus a {SAFETY_MARGIN_FRACTION:.0%} safety margin).",
         ideas or ["nothing lowvram offers in this family fits: plan for a bigger card with --vram GIB"],
         hint="Planning stopped before loading anything. Use one of the above as an override, "
-             "e.g. lowvram plan RECIPE model.name=NAME",
+        "e.g. lowvram plan RECIPE model.name=NAME",
     )
 
 
-def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: bool, set_bs: bool,
-                         device: Device) -> None:
+def _check_recipe_values(
+    fit: _Fitter, stage: str, seq: int, bs: int, set_seq: bool, set_bs: bool, device: Device
+) -> None:
     """The recipe's own max_seq_len / batch_size win, unless they cannot fit: then say what would.
 
     Suggestions are computed for this card: the largest batch at the recipe's length, and the
@@ -330,15 +384,18 @@ def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: b
     if bs > 1:
         b = fit.largest_batch(seq, bs - 1)
         if b is not None:
-            ideas.append(f"{stage}.batch_size={b} fits at max_seq_len={seq} (lowvram raises {stage}.grad_accum to "
-                         f"keep the effective batch)")
+            ideas.append(
+                f"{stage}.batch_size={b} fits at max_seq_len={seq} (lowvram raises {stage}.grad_accum to "
+                f"keep the effective batch)"
+            )
     shorter = fit.max_seq(seq - 1, bs)
     if shorter is not None:
         ideas.append(f"{stage}.max_seq_len={shorter} fits at batch_size={bs}")
     elif bs > 1:
         ideas.append(f"{stage}.max_seq_len={fit.max_seq(seq)} fits at batch_size=1")
-    named = " with ".join(x for x, on in ((f"{stage}.max_seq_len={seq}", set_seq), (f"{stage}.batch_size={bs}", set_bs))
-                          if on)
+    named = " with ".join(
+        x for x, on in ((f"{stage}.max_seq_len={seq}", set_seq), (f"{stage}.batch_size={bs}", set_bs)) if on
+    )
     need_s, budget_s = _gib_pair(need, fit.budget_gib)
     raise UserError(
         f"{named} needs about {need_s} GiB on {device.name}; the budget is {budget_s} GiB "
@@ -348,8 +405,9 @@ def _check_recipe_values(fit: _Fitter, stage: str, seq: int, bs: int, set_seq: b
     )
 
 
-def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device,
-                  load_in_4bit: bool = False) -> tuple[str, str, dict[str, str]]:
+def _memory_modes(
+    cfg: StageConfig, tier: Tier, backend: str, device: Device, load_in_4bit: bool = False
+) -> tuple[str, str, dict[str, str]]:
     """(grad_ckpt, optim, reasons) for a stage."""
     reasons = {}
     if cfg.grad_ckpt != "auto":
@@ -363,13 +421,19 @@ def _memory_modes(cfg: StageConfig, tier: Tier, backend: str, device: Device,
     elif backend == "unsloth":
         ckpt, reasons["grad_ckpt"] = tier.grad_ckpt, "Unsloth's offloaded checkpointing: activations go to CPU RAM"
     else:
-        ckpt, reasons["grad_ckpt"] = "standard", "transformers' standard checkpointing (Unsloth's offload needs Unsloth)"
+        ckpt, reasons["grad_ckpt"] = (
+            "standard",
+            "transformers' standard checkpointing (Unsloth's offload needs Unsloth)",
+        )
     if device.kind == "cuda":
         optim, reasons["optim"] = tier.optim, "8-bit AdamW states (bitsandbytes) save 75% of optimizer memory"
     elif load_in_4bit:
         optim, reasons["optim"] = "adamw_8bit", "4-bit on CPU runs the GPU path's QLoRA: bitsandbytes' 8-bit AdamW too"
     else:
-        optim, reasons["optim"] = "adamw_torch", "full-precision CPU training: plain AdamW (8-bit states matter on GPUs)"
+        optim, reasons["optim"] = (
+            "adamw_torch",
+            "full-precision CPU training: plain AdamW (8-bit states matter on GPUs)",
+        )
     return ckpt, optim, reasons
 
 
@@ -382,10 +446,21 @@ def _dpo_length_note(dpo_seq: int, sft_seq: int) -> str:
     return " (the same length as SFT)" if dpo_seq == sft_seq else f" (longer than the SFT length {sft_seq})"
 
 
-def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: str, optim: str,
-                reasons: dict[str, str], fit: _Fitter | None, lengths=None, note: str | None = None) -> StagePlan:
+def _stage_plan(
+    stage: str,
+    cfg: StageConfig,
+    tier: Tier,
+    device: Device,
+    ckpt: str,
+    optim: str,
+    reasons: dict[str, str],
+    fit: _Fitter | None,
+    lengths=None,
+    note: str | None = None,
+) -> StagePlan:
     dpo = stage == "dpo"
     if fit is None:  # no VRAM budget (CPU, Apple, or a model whose dimensions are unknown)
+
         def pick(name, value, default, why):
             if value is not None:
                 reasons[name] = "set by the recipe"
@@ -393,37 +468,47 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
             reasons[name] = why
             return default
 
-        seq = pick("max_seq_len", cfg.max_seq_len, tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len,
-                   f"{tier.name} tier default" + (_dpo_length_note(tier.dpo_max_seq_len, tier.sft_max_seq_len)
-                                                  if dpo else ""))
-        bs = pick("batch_size", cfg.batch_size, tier.dpo_batch_size if dpo else tier.batch_size,
-                  f"{tier.name} tier default")
-        ga = pick("grad_accum", cfg.grad_accum, tier.dpo_grad_accum if dpo else tier.grad_accum,
-                  f"{tier.name} tier default")
+        seq = pick(
+            "max_seq_len",
+            cfg.max_seq_len,
+            tier.dpo_max_seq_len if dpo else tier.sft_max_seq_len,
+            f"{tier.name} tier default" + (_dpo_length_note(tier.dpo_max_seq_len, tier.sft_max_seq_len) if dpo else ""),
+        )
+        bs = pick(
+            "batch_size", cfg.batch_size, tier.dpo_batch_size if dpo else tier.batch_size, f"{tier.name} tier default"
+        )
+        ga = pick(
+            "grad_accum", cfg.grad_accum, tier.dpo_grad_accum if dpo else tier.grad_accum, f"{tier.name} tier default"
+        )
         return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons)
 
     target_seq, target_eff = _stage_targets(tier, stage, cfg)
-    what = {"sft": "SFT", "dpo": "DPO (chosen+rejected and a reference forward)",
-            "orpo": "ORPO (chosen+rejected)"}[fit.stage]
+    what = {"sft": "SFT", "dpo": "DPO (chosen+rejected and a reference forward)", "orpo": "ORPO (chosen+rejected)"}[
+        fit.stage
+    ]
     if cfg.max_seq_len is not None:
         seq, reasons["max_seq_len"] = cfg.max_seq_len, "set by the recipe"
     else:
         seq = fit.longest_seq(target_seq)
         if seq is None:
             raise _NothingFits(stage, target_seq)
-        why = f"{tier.name} tier target {target_seq}" + (_dpo_length_note(target_seq, tier.sft_max_seq_len)
-                                                          if dpo else "")
+        why = f"{tier.name} tier target {target_seq}" + (
+            _dpo_length_note(target_seq, tier.sft_max_seq_len) if dpo else ""
+        )
         if seq == target_seq:
             reasons["max_seq_len"] = f"{why}; fits at batch 1 ({fit.at(seq, 1).total_gib:.1f} GiB)"
         else:
-            reasons["max_seq_len"] = (f"{why} would need {fit.at(target_seq, 1).total_gib:.1f} GiB at batch 1; "
-                                      f"{seq} is the longest of {', '.join(map(str, SEQ_LADDER))} that fits")
+            reasons["max_seq_len"] = (
+                f"{why} would need {fit.at(target_seq, 1).total_gib:.1f} GiB at batch 1; "
+                f"{seq} is the longest of {', '.join(map(str, SEQ_LADDER))} that fits"
+            )
     if cfg.batch_size is not None:
         bs, reasons["batch_size"] = cfg.batch_size, "set by the recipe"
     else:
         bs = fit.largest_batch(seq, target_eff) or 1
-        reasons["batch_size"] = (f"largest power of two up to the effective batch {target_eff} that fits {what} "
-                                 f"at seq {seq}")
+        reasons["batch_size"] = (
+            f"largest power of two up to the effective batch {target_eff} that fits {what} at seq {seq}"
+        )
     _check_recipe_values(fit, stage, seq, bs, cfg.max_seq_len is not None, cfg.batch_size is not None, device)
     if cfg.grad_accum is not None:
         ga, reasons["grad_accum"] = cfg.grad_accum, "set by the recipe"
@@ -434,12 +519,24 @@ def _stage_plan(stage: str, cfg: StageConfig, tier: Tier, device: Device, ckpt: 
     reasons["memory"] = f"estimated peak {est.total_gib:.1f} GiB of a {fit.budget_gib:.1f} GiB budget"
     if lengths is not None:
         worst = min(seq, lengths.longest)
-        reasons["lengths"] = (f"{lengths.summary()} ({lengths.counted_with}); the worst batch this data forms is "
-                              f"{bs} x {worst:,} tokens" + (" after truncation" if lengths.longest > seq else ""))
+        reasons["lengths"] = (
+            f"{lengths.summary()} ({lengths.counted_with}); the worst batch this data forms is "
+            f"{bs} x {worst:,} tokens" + (" after truncation" if lengths.longest > seq else "")
+        )
     elif note:
         reasons["lengths"] = note
-    return StagePlan(stage, seq, bs, ga, ckpt, optim, reasons, est, round(fit.budget_gib, 3),
-                     lengths.to_dict() if lengths is not None else None)
+    return StagePlan(
+        stage,
+        seq,
+        bs,
+        ga,
+        ckpt,
+        optim,
+        reasons,
+        est,
+        round(fit.budget_gib, 3),
+        lengths.to_dict() if lengths is not None else None,
+    )
 
 
 # TRL's KTOTrainer refuses a per-device batch below 2: its KL reference point is estimated from the
@@ -458,8 +555,10 @@ def _kto_min_batch(sp: StagePlan, cfg: StageConfig, fit: _Fitter | None) -> Stag
             raise _NothingFits(sp.stage, seq)
         reasons["max_seq_len"] = f"{seq} fits only at batch 1; {shorter} is the longest that fits KTO's batch of 2"
         seq = shorter
-    reasons["batch_size"] = (f"{KTO_MIN_BATCH}: KTO needs at least {KTO_MIN_BATCH} per device (TRL estimates its "
-                             f"KL reference point within a batch), not the 1 planned otherwise")
+    reasons["batch_size"] = (
+        f"{KTO_MIN_BATCH}: KTO needs at least {KTO_MIN_BATCH} per device (TRL estimates its "
+        f"KL reference point within a batch), not the 1 planned otherwise"
+    )
     ga = sp.grad_accum
     if cfg.grad_accum is None:
         ga = max(1, math.ceil(sp.effective_batch / KTO_MIN_BATCH))
@@ -467,12 +566,14 @@ def _kto_min_batch(sp: StagePlan, cfg: StageConfig, fit: _Fitter | None) -> Stag
     est = fit.at(seq, KTO_MIN_BATCH) if fit is not None else None
     if est is not None:
         reasons["memory"] = f"estimated peak {est.total_gib:.1f} GiB of a {fit.budget_gib:.1f} GiB budget"
-    return dataclasses.replace(sp, max_seq_len=seq, batch_size=KTO_MIN_BATCH, grad_accum=ga, reasons=reasons,
-                               estimate=est)
+    return dataclasses.replace(
+        sp, max_seq_len=seq, batch_size=KTO_MIN_BATCH, grad_accum=ga, reasons=reasons, estimate=est
+    )
 
 
-def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
-              data_notes: dict[str, str] | None = None) -> Plan:
+def make_plan(
+    recipe: Recipe, device: Device, data_lengths: dict | None = None, data_notes: dict[str, str] | None = None
+) -> Plan:
     """Resolve every automatic setting of a recipe for a device; refuse what cannot work.
 
     `data_lengths` maps a stage to the token lengths of its data (lowvram.lengths.DataLengths):
@@ -491,20 +592,32 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
     elif device.kind == "cuda" and not model.startswith(BUILTIN_PREFIX):
         q4, q4_reason = True, "QLoRA: 4-bit base weights on CUDA"
     else:
-        q4, q4_reason = False, ("no CUDA GPU: full precision (model.load_in_4bit=true runs NF4 on CPU, slowly)"
-                                if device.kind != "cuda" else "tiny built-in model")
+        q4, q4_reason = (
+            False,
+            (
+                "no CUDA GPU: full precision (model.load_in_4bit=true runs NF4 on CPU, slowly)"
+                if device.kind != "cuda"
+                else "tiny built-in model"
+            ),
+        )
     prequantized = spec is not None and spec.prequantized_4bit
     if device.kind == "mps" and (q4 or prequantized):
-        raise UserError(f"bitsandbytes 4-bit ({model}) runs on CUDA GPUs and CPUs, not on Apple GPUs.",
-                        hint="Use a 16-bit model with model.name=..., or model.load_in_4bit=false.")
+        raise UserError(
+            f"bitsandbytes 4-bit ({model}) runs on CUDA GPUs and CPUs, not on Apple GPUs.",
+            hint="Use a 16-bit model with model.name=..., or model.load_in_4bit=false.",
+        )
     if device.kind == "cpu" and prequantized and not q4:
         alt = spec.base_16bit if spec.base_16bit else None
-        raise UserError(f"{model} is stored in bitsandbytes 4-bit; on a CPU lowvram trains in full precision by default.",
-                        hint=(f"Use the 16-bit original: model.name={alt}, or " if alt else "") +
-                        "set model.load_in_4bit=true to train the 4-bit checkpoint on the CPU (real, but slow).")
+        raise UserError(
+            f"{model} is stored in bitsandbytes 4-bit; on a CPU lowvram trains in full precision by default.",
+            hint=(f"Use the 16-bit original: model.name={alt}, or " if alt else "")
+            + "set model.load_in_4bit=true to train the 4-bit checkpoint on the CPU (real, but slow).",
+        )
     if device.kind == "cpu" and q4:
-        q4_reason += ("; bitsandbytes dequantizes every 4-bit weight for each matmul on the CPU: slower than "
-                      "full precision, for checking the GPU path or saving RAM")
+        q4_reason += (
+            "; bitsandbytes dequantizes every 4-bit weight for each matmul on the CPU: slower than "
+            "full precision, for checking the GPU path or saving RAM"
+        )
     r = recipe.lora.r or tier.lora_r
     alpha = recipe.lora.alpha or (r if recipe.lora.r else tier.lora_alpha)
     reasons = {
@@ -519,8 +632,10 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
     if device.kind != "cuda":
         reasons["memory"] = "no CUDA card, so no VRAM budget to check the settings against"
     elif spec is None:
-        reasons["memory"] = (f"dimensions of {model} unknown (not in lowvram's catalog, no local config.json): "
-                             "the tier's defaults, unchecked")
+        reasons["memory"] = (
+            f"dimensions of {model} unknown (not in lowvram's catalog, no local config.json): "
+            "the tier's defaults, unchecked"
+        )
     targets, note = _targets(recipe)
     if note and budgeted:
         reasons["lora"] += f"; {note}"
@@ -530,12 +645,34 @@ def make_plan(recipe: Recipe, device: Device, data_lengths: dict | None = None,
         if budgeted:
             est_stage = _est_stage(recipe, s)
             longest = data_lengths[s].longest if s in data_lengths else None
-            fits[s] = _Fitter(spec, est_stage, r, targets, modes[s][0], modes[s][1], dtype, backend, q4,
-                              device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION), device.usable_vram_gib, longest)
+            fits[s] = _Fitter(
+                spec,
+                est_stage,
+                r,
+                targets,
+                modes[s][0],
+                modes[s][1],
+                dtype,
+                backend,
+                q4,
+                device.usable_vram_gib * (1 - SAFETY_MARGIN_FRACTION),
+                device.usable_vram_gib,
+                longest,
+            )
     try:
-        stages = {s: _stage_plan(s, getattr(recipe, s), tier, device, *modes[s], fits.get(s),
-                                 data_lengths.get(s) if s in fits else None, data_notes.get(s))
-                  for s in recipe.stages()}
+        stages = {
+            s: _stage_plan(
+                s,
+                getattr(recipe, s),
+                tier,
+                device,
+                *modes[s],
+                fits.get(s),
+                data_lengths.get(s) if s in fits else None,
+                data_notes.get(s),
+            )
+            for s in recipe.stages()
+        }
         if "dpo" in stages and recipe.dpo.method == "kto":
             stages["dpo"] = _kto_min_batch(stages["dpo"], recipe.dpo, fits.get("dpo"))
     except _NothingFits as failed:
@@ -562,9 +699,20 @@ def tier_table(cards: dict[str, str] | None = None) -> list[dict]:
         for family in sorted(f for f in tier.models if f != "tiny"):
             plan = make_plan(Recipe(model=ModelConfig(family=family, tier=tier.name)), device)
             for sp in plan.stages.values():
-                rows.append({"tier": tier.name, "card": device.name, "family": family, "model": plan.model,
-                             "params_b": get_spec(plan.model).params_b,
-                             "stage": sp.stage, "max_seq_len": sp.max_seq_len, "batch_size": sp.batch_size,
-                             "grad_accum": sp.grad_accum, "lora_r": plan.lora_r,
-                             "estimate_gib": round(sp.estimate.total_gib, 2), "budget_gib": round(sp.budget_gib, 2)})
+                rows.append(
+                    {
+                        "tier": tier.name,
+                        "card": device.name,
+                        "family": family,
+                        "model": plan.model,
+                        "params_b": get_spec(plan.model).params_b,
+                        "stage": sp.stage,
+                        "max_seq_len": sp.max_seq_len,
+                        "batch_size": sp.batch_size,
+                        "grad_accum": sp.grad_accum,
+                        "lora_r": plan.lora_r,
+                        "estimate_gib": round(sp.estimate.total_gib, 2),
+                        "budget_gib": round(sp.budget_gib, 2),
+                    }
+                )
     return rows

@@ -38,8 +38,16 @@ PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 GRAD_CKPT_MODES = ("auto", "unsloth", "standard", "off")
 
 
-def _f(default: Any = None, help: str = "", choices: tuple | None = None, ge: float | None = None,
-       gt: float | None = None, le: float | None = None, lt: float | None = None, factory: Any = None) -> Any:
+def _f(
+    default: Any = None,
+    help: str = "",
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    factory: Any = None,
+) -> Any:
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -48,14 +56,22 @@ def _f(default: Any = None, help: str = "", choices: tuple | None = None, ge: fl
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = _f("llama", "Model family; the planner picks the largest that fits (llama, qwen, mistral, gemma, phi, tiny).")
+    family: str = _f(
+        "llama", "Model family; the planner picks the largest that fits (llama, qwen, mistral, gemma, phi, tiny)."
+    )
     name: str | None = _f(None, "Explicit model: Hub id, local folder or builtin:tiny-llama. Overrides family+tier.")
     tier: str = _f("auto", "VRAM tier to plan for: auto (detect the card), 24gb, 16gb, 12gb, 8gb or cpu.")
-    backend: str = _f("auto", "Training backend: auto, unsloth (CUDA + Unsloth) or hf (transformers+PEFT).",
-                      choices=("auto", "unsloth", "hf"))
+    backend: str = _f(
+        "auto",
+        "Training backend: auto, unsloth (CUDA + Unsloth) or hf (transformers+PEFT).",
+        choices=("auto", "unsloth", "hf"),
+    )
     load_in_4bit: bool | None = _f(None, "Load the base in 4-bit; auto means yes on CUDA, no elsewhere.")
-    chat_template: str | None = _f(None, "Chat template for a base model without one: a name (chatml, qwen-2.5, "
-                                   "llama-3, gemma, mistral, phi-4, alpaca; lowvram recipes templates) or Jinja text.")
+    chat_template: str | None = _f(
+        None,
+        "Chat template for a base model without one: a name (chatml, qwen-2.5, "
+        "llama-3, gemma, mistral, phi-4, alpaca; lowvram recipes templates) or Jinja text.",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,9 @@ class DataConfig:
     path: str | None = _f(None, "Hub dataset name, or a local JSONL/JSON/CSV/Parquet file or folder.")
     sample: str | None = _f(None, "Sample file shipped with lowvram (recipes/data/), used when use_samples is on.")
     split: str = _f("train", "Split of a Hub dataset.")
-    format: str = _f("auto", "Data format; auto detects it and says why (lowvram data check shows it).",
-                     choices=DATA_FORMATS)
+    format: str = _f(
+        "auto", "Data format; auto detects it and says why (lowvram data check shows it).", choices=DATA_FORMATS
+    )
     columns: dict[str, str] = _f(help="Column mapping, e.g. {prompt: question, chosen: response_j}.", factory=dict)
     eval_fraction: float = _f(0.0, "Fraction held out for evaluation when eval_split is empty.", ge=0, lt=1)
     eval_split: str | None = _f(None, "Split of a Hub dataset used for evaluation.")
@@ -90,20 +107,27 @@ class StageConfig:
     epochs: float = _f(1.0, "Passes over the data.", gt=0)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 lets epochs decide.", ge=-1)
     learning_rate: float = _f(2e-4, "Peak learning rate.", gt=0, le=1)
-    max_seq_len: int | None = _f(None, "Longest tokenized example; empty = the tier's. At least 16: shorter holds "
-                                 "no prompt and answer.", ge=16)
+    max_seq_len: int | None = _f(
+        None, "Longest tokenized example; empty = the tier's. At least 16: shorter holds no prompt and answer.", ge=16
+    )
     batch_size: int | None = _f(None, "Per-device batch; empty = the tier's.", gt=0)
     grad_accum: int | None = _f(None, "Gradient accumulation steps; empty = the tier's.", gt=0)
-    grad_ckpt: str = _f("auto", "Gradient checkpointing: auto, unsloth (offloaded), standard or off.",
-                        choices=GRAD_CKPT_MODES)
+    grad_ckpt: str = _f(
+        "auto", "Gradient checkpointing: auto, unsloth (offloaded), standard or off.", choices=GRAD_CKPT_MODES
+    )
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up.", ge=0, lt=1)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    lr_scheduler: str = _f("linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    lr_scheduler: str = _f(
+        "linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant", "constant_with_warmup")
+    )
     logging_steps: int = _f(1, "Log metrics every N steps.", gt=0)
     save_steps: int = _f(50, "Write a resumable checkpoint every N steps.", gt=0)
     eval_steps: int | None = _f(None, "Evaluate every N steps when there is eval data; empty = at the end only.", gt=0)
-    oom_step_down: bool = _f(True, "On CUDA out-of-memory, halve the batch (doubling accumulation), then the "
-                                   "sequence, and resume from the last checkpoint; false stops instead.")
+    oom_step_down: bool = _f(
+        True,
+        "On CUDA out-of-memory, halve the batch (doubling accumulation), then the "
+        "sequence, and resume from the last checkpoint; false stops instead.",
+    )
 
 
 @dataclass(frozen=True)
@@ -114,8 +138,11 @@ class SFTConfig(StageConfig):
 
 @dataclass(frozen=True)
 class DPOConfig(StageConfig):
-    method: str = _f("dpo", "Preference method: dpo or kto (reference = the SFT model), or orpo (no reference).",
-                     choices=PREFERENCE_METHODS)
+    method: str = _f(
+        "dpo",
+        "Preference method: dpo or kto (reference = the SFT model), or orpo (no reference).",
+        choices=PREFERENCE_METHODS,
+    )
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo, hinge, robust, ...", choices=DPO_LOSSES)
     beta: float = _f(0.1, "Strength of the pull toward the reference (ORPO: weight of the odds-ratio term).", gt=0)
     learning_rate: float = _f(5e-6, "Peak learning rate.", gt=0, le=1)
@@ -123,29 +150,36 @@ class DPOConfig(StageConfig):
 
 @dataclass(frozen=True)
 class RewardModelConfig(StageConfig):
-    enabled: bool = _f(False, "Train a reward model on the preference pairs after the policy stages (lowvram eval "
-                              "scores answers with it and ranks best-of-N samples).")
+    enabled: bool = _f(
+        False,
+        "Train a reward model on the preference pairs after the policy stages (lowvram eval "
+        "scores answers with it and ranks best-of-N samples).",
+    )
     data: DataConfig = _f(help="Preference pairs; empty = the dpo stage's data.", factory=DataConfig)
     learning_rate: float = _f(1e-4, "Peak learning rate.", gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    enabled: bool = _f(True, "After training, answer held-out prompts with the base, SFT and final models and "
-                             "write RUN/eval/ (lowvram eval RUN_DIR does it again).")
+    enabled: bool = _f(
+        True,
+        "After training, answer held-out prompts with the base, SFT and final models and "
+        "write RUN/eval/ (lowvram eval RUN_DIR does it again).",
+    )
     prompts: int = _f(16, "Held-out preference prompts to answer (the first ones of the eval split).", gt=0)
     max_new_tokens: int = _f(64, "Longest answer, in tokens.", gt=0)
     kl_samples: int = _f(2, "Sampled answers per prompt for the KL estimate (more: less noise, more time).", gt=0)
-    kl_warn_nats: float = _f(10.0, "Warn when KL(policy || reference) on held-out prompts passes this many nats.",
-                             gt=0)
-    best_of: int = _f(0, "N for best-of-N from the SFT model, ranked by the reward model (or DPO's implicit "
-                         "reward); 0 = off.", ge=0)
+    kl_warn_nats: float = _f(10.0, "Warn when KL(policy || reference) on held-out prompts passes this many nats.", gt=0)
+    best_of: int = _f(
+        0, "N for best-of-N from the SFT model, ranked by the reward model (or DPO's implicit reward); 0 = off.", ge=0
+    )
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    gguf: tuple[str, ...] = _f(help=f"GGUF types to write: {', '.join(GGUF_TYPES)}.", choices=GGUF_TYPES,
-                              factory=lambda: ("q4_k_m",))
+    gguf: tuple[str, ...] = _f(
+        help=f"GGUF types to write: {', '.join(GGUF_TYPES)}.", choices=GGUF_TYPES, factory=lambda: ("q4_k_m",)
+    )
     system_prompt: str | None = _f(None, "SYSTEM line for the Ollama Modelfile.")
     verify: bool = _f(True, "Compare each GGUF with the merged model in transformers.")
 
@@ -161,10 +195,12 @@ class Recipe:
     lora: LoraConfig = _f(help="LoRA adapter.", factory=LoraConfig)
     sft: SFTConfig = _f(help="Supervised fine-tuning stage.", factory=SFTConfig)
     dpo: DPOConfig = _f(help="Preference stage (DPO or ORPO).", factory=DPOConfig)
-    rm: RewardModelConfig = _f(help="Reward model (TRL RewardTrainer, LoRA + a scalar head), off by default.",
-                               factory=RewardModelConfig)
-    eval: EvalConfig = _f(help="What preference tuning did: KL to the reference, answers side by side.",
-                          factory=EvalConfig)
+    rm: RewardModelConfig = _f(
+        help="Reward model (TRL RewardTrainer, LoRA + a scalar head), off by default.", factory=RewardModelConfig
+    )
+    eval: EvalConfig = _f(
+        help="What preference tuning did: KL to the reference, answers side by side.", factory=EvalConfig
+    )
     export: ExportConfig = _f(help="GGUF export.", factory=ExportConfig)
 
     def to_dict(self) -> dict:
@@ -178,8 +214,10 @@ class Recipe:
         if not self.use_samples:
             return None
         if not data.sample:
-            raise UserError("use_samples is on but this stage names no sample file (data.sample).",
-                            hint=f"Shipped samples: {', '.join(p.name for p in sorted(SAMPLES_DIR.glob('*.jsonl')))}")
+            raise UserError(
+                "use_samples is on but this stage names no sample file (data.sample).",
+                hint=f"Shipped samples: {', '.join(p.name for p in sorted(SAMPLES_DIR.glob('*.jsonl')))}",
+            )
         path = SAMPLES_DIR / data.sample
         if not path.is_file():
             raise UserError(f"No shipped sample {data.sample!r} in {SAMPLES_DIR}.")
@@ -199,6 +237,7 @@ def _to_plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------- parsing
 
+
 def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping"
@@ -209,7 +248,9 @@ def _type_name(tp: Any) -> str:
         return "a list of strings"
     if origin is dict:
         return "a mapping of strings"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "empty"}.get(tp, str(tp))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "empty"}.get(
+        tp, str(tp)
+    )
 
 
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
@@ -270,8 +311,12 @@ def _check_bounds(value: Any, meta: dict, path: str, errors: list[str]) -> None:
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
                 errors.append(f"{path}: {v!r} is not one of {', '.join(map(str, choices))}{extra}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for key, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                                ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        for key, test, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
             bound = meta.get(key)
             if bound is not None and not test(value, bound):
                 errors.append(f"{path}: must be {word} {bound:g}, got {value:g}")
@@ -319,8 +364,7 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         problem = template_problem(r.model.chat_template)
         if problem:
             errors.append(problem)
-    if (not r.name.strip() or r.name in (".", "..") or any(c in r.name for c in "/\\\0")
-            or Path(r.name).is_absolute()):
+    if not r.name.strip() or r.name in (".", "..") or any(c in r.name for c in "/\\\0") or Path(r.name).is_absolute():
         errors.append(f"name: {r.name!r} cannot name a folder inside output_dir (no '/', '\\', '..' or empty)")
     if not r.stages():
         errors.append("sft.enabled and dpo.enabled are both false: nothing to train")
@@ -334,9 +378,11 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         elif not data.path:
             errors.append(f"{stage}.data.path: empty; name a Hub dataset or a local file (or set use_samples=true)")
     if r.dpo.enabled and r.dpo.method == "kto" and r.dpo.batch_size == 1:
-        errors.append("dpo.batch_size: KTO needs at least 2 examples per device batch (TRL estimates its KL "
-                      "reference point within a batch); set dpo.batch_size=2 (halve dpo.grad_accum to keep the "
-                      "effective batch), or leave it empty")
+        errors.append(
+            "dpo.batch_size: KTO needs at least 2 examples per device batch (TRL estimates its KL "
+            "reference point within a batch); set dpo.batch_size=2 (halve dpo.grad_accum to keep the "
+            "effective batch), or leave it empty"
+        )
     if r.dpo.enabled and r.dpo.method != "dpo" and r.dpo.loss_type != "sigmoid":
         errors.append(f"dpo.loss_type: only applies to method dpo; {r.dpo.method.upper()} has its own loss")
 
@@ -350,8 +396,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     _cross_checks(recipe, errors)
     if errors:
         noun = "problem" if len(errors) == 1 else "problems"
-        raise UserError(f"{source}: {len(errors)} {noun}:", errors,
-                        hint="Fix the recipe (or the override) and run again; `lowvram recipes show NAME` prints a valid one.")
+        raise UserError(
+            f"{source}: {len(errors)} {noun}:",
+            errors,
+            hint="Fix the recipe (or the override) and run again; `lowvram recipes show NAME` prints a valid one.",
+        )
     return recipe
 
 
@@ -386,6 +435,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 # ---------------------------------------------------------------- finding recipes
 
+
 def shipped_recipes() -> dict[str, Path]:
     """Name -> YAML path of every recipe shipped in recipes/."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
@@ -419,7 +469,9 @@ def read_recipe_file(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{path}: not valid YAML{where}: {problem}.", hint="Check the indentation and quoting there.") from None
+        raise UserError(
+            f"{path}: not valid YAML{where}: {problem}.", hint="Check the indentation and quoting there."
+        ) from None
     if data is None:
         raise UserError(f"{path}: the recipe file is empty.")
     if isinstance(data, dict):

@@ -95,8 +95,13 @@ def summarize(run_dir: Path) -> dict:
     sft = _train_logs(rows, "sft")
     ht = _head_tail([r["loss"] for r in sft])
     if ht:
-        out["sft"] = {"loss_start": round(ht[0], 4), "loss_end": round(ht[1], 4), "steps": sft[-1]["step"],
-                      "loss_fell": ht[1] < ht[0], "loss_window": _window(len(sft))}
+        out["sft"] = {
+            "loss_start": round(ht[0], 4),
+            "loss_end": round(ht[1], 4),
+            "steps": sft[-1]["step"],
+            "loss_fell": ht[1] < ht[0],
+            "loss_window": _window(len(sft)),
+        }
     dpo = _train_logs(rows, "dpo")
     if dpo:
         d: dict = {"steps": dpo[-1]["step"]}
@@ -223,28 +228,42 @@ def summary_lines(summary: dict) -> list[str]:
         s = summary["sft"]
         k = s.get("loss_window", 3)
         which = "logged step" if k == 1 else f"{k} logged steps"
-        lines.append(f"SFT   training loss (mean of the first {which} -> the last): {s['loss_start']:.3f} -> "
-                     f"{s['loss_end']:.3f} over {s['steps']} steps ({'fell' if s['loss_fell'] else 'did NOT fall'})")
+        lines.append(
+            f"SFT   training loss (mean of the first {which} -> the last): {s['loss_start']:.3f} -> "
+            f"{s['loss_end']:.3f} over {s['steps']} steps ({'fell' if s['loss_fell'] else 'did NOT fall'})"
+        )
     if "dpo" in summary:
         d = summary["dpo"]
         if "loss_start" in d:
             lines.append(f"DPO   loss {d['loss_start']:.3f} -> {d['loss_end']:.3f} over {d['steps']} steps")
         b, a = d.get("heldout_before"), d.get("heldout_after")
         if b and a:
-            labels = [("reward_accuracy", "preference accuracy", "{:.2f}"), ("reward_margin", "reward margin", "{:+.3f}"),
-                      ("logp_margin", "log-prob margin chosen-rejected", "{:+.2f}")]
-            shown = [f"{label} {fmt.format(b[k])} -> {fmt.format(a[k])}" for k, label, fmt in labels
-                     if b.get(k) is not None and a.get(k) is not None]
+            labels = [
+                ("reward_accuracy", "preference accuracy", "{:.2f}"),
+                ("reward_margin", "reward margin", "{:+.3f}"),
+                ("logp_margin", "log-prob margin chosen-rejected", "{:+.2f}"),
+            ]
+            shown = [
+                f"{label} {fmt.format(b[k])} -> {fmt.format(a[k])}"
+                for k, label, fmt in labels
+                if b.get(k) is not None and a.get(k) is not None
+            ]
             if shown:
                 lines.append("      held-out " + "; ".join(shown))
             if b.get("kl") is not None and a.get("kl") is not None:
-                length = (f"; sampled answer length {b['answer_tokens']:.1f} -> {a['answer_tokens']:.1f} tokens"
-                          if b.get("answer_tokens") is not None and a.get("answer_tokens") is not None else "")
-                lines.append(f"      KL(policy || reference) on held-out prompts {b['kl']:.2f} -> {a['kl']:.2f} nats"
-                             + length)
+                length = (
+                    f"; sampled answer length {b['answer_tokens']:.1f} -> {a['answer_tokens']:.1f} tokens"
+                    if b.get("answer_tokens") is not None and a.get("answer_tokens") is not None
+                    else ""
+                )
+                lines.append(
+                    f"      KL(policy || reference) on held-out prompts {b['kl']:.2f} -> {a['kl']:.2f} nats" + length
+                )
         if d.get("kl_too_high"):
-            lines.append(f"WARNING: the policy drifted {a['kl']:.1f} nats from the reference (more than "
-                         f"eval.kl_warn_nats={d['kl_warn_nats']:g}): it may have learned to game the preference "
-                         "(length, filler) rather than answer better. Read its answers (lowvram eval); lower "
-                         "dpo.learning_rate or raise dpo.beta.")
+            lines.append(
+                f"WARNING: the policy drifted {a['kl']:.1f} nats from the reference (more than "
+                f"eval.kl_warn_nats={d['kl_warn_nats']:g}): it may have learned to game the preference "
+                "(length, filler) rather than answer better. Read its answers (lowvram eval); lower "
+                "dpo.learning_rate or raise dpo.beta."
+            )
     return lines

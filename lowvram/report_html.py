@@ -67,33 +67,55 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ sections
 
+
 def _plan_section(run_dir: Path) -> str:
     plan = _read_json(run_dir / "plan.json")
     if not plan:
         return "<p class='note'>No plan.json in this run.</p>"
     reasons = plan.get("reasons", {})
-    rows = [[_e(k), _e(plan.get(k) if k != "lora" else f"r={plan.get('lora_r')} alpha={plan.get('lora_alpha')}"),
-             _e(reasons.get(k, ""))] for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")]
+    rows = [
+        [
+            _e(k),
+            _e(plan.get(k) if k != "lora" else f"r={plan.get('lora_r')} alpha={plan.get('lora_alpha')}"),
+            _e(reasons.get(k, "")),
+        ]
+        for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")
+    ]
     out = [f"<p>Device: {_e(plan.get('device', {}).get('name'))}</p>", _table(["setting", "value", "why"], rows)]
     stage_rows, mem_rows = [], []
     for name, sp in plan.get("stages", {}).items():
-        stage_rows.append([_e(name), _e(sp.get("max_seq_len")), _e(f"{sp.get('batch_size')} x {sp.get('grad_accum')}"),
-                           _e(sp.get("grad_ckpt")), _e(sp.get("optim")),
-                           "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in sp.get("reasons", {}).items())])
+        stage_rows.append(
+            [
+                _e(name),
+                _e(sp.get("max_seq_len")),
+                _e(f"{sp.get('batch_size')} x {sp.get('grad_accum')}"),
+                _e(sp.get("grad_ckpt")),
+                _e(sp.get("optim")),
+                "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in sp.get("reasons", {}).items()),
+            ]
+        )
         est = sp.get("estimate")
         if est:
             parts = {k: v for k, v in est.items() if k.endswith("_gib") and isinstance(v, (int, float))}
-            mem_rows.append([_e(name), "<br>".join(f"{_e(k[:-4])}: {v:.2f} GiB" for k, v in parts.items()),
-                             _e(_fmt(sp.get("budget_gib"), "{:.1f} GiB")),
-                             {True: "<span class='ok'>fits</span>", False: "<span class='fail'>does not fit</span>"}
-                             .get(sp.get("fits"), "-")])
+            mem_rows.append(
+                [
+                    _e(name),
+                    "<br>".join(f"{_e(k[:-4])}: {v:.2f} GiB" for k, v in parts.items()),
+                    _e(_fmt(sp.get("budget_gib"), "{:.1f} GiB")),
+                    {True: "<span class='ok'>fits</span>", False: "<span class='fail'>does not fit</span>"}.get(
+                        sp.get("fits"), "-"
+                    ),
+                ]
+            )
     out.append(_table(["stage", "max_seq_len", "batch x accum", "grad_ckpt", "optim", "why"], stage_rows))
     out.append("<h3>Memory breakdown</h3>")
     if mem_rows:
         out.append(_table(["stage", "estimated peak VRAM, by part", "budget", ""], mem_rows))
     else:
-        out.append(f"<p class='note'>Not estimated: {_e(reasons.get('memory', 'no CUDA card, so no VRAM budget'))}. "
-                   "<code>lowvram plan RECIPE --vram GIB</code> shows the breakdown for a card.</p>")
+        out.append(
+            f"<p class='note'>Not estimated: {_e(reasons.get('memory', 'no CUDA card, so no VRAM budget'))}. "
+            "<code>lowvram plan RECIPE --vram GIB</code> shows the breakdown for a card.</p>"
+        )
     return "\n".join(out)
 
 
@@ -127,9 +149,11 @@ def _curves_section(run_dir: Path) -> str:
     plots = write_plots(run_dir)
     if not plots:
         return "<p class='note'>No metrics logged yet.</p>"
-    return ("<p class='note'>Lines: training steps. Dots: held-out evaluations (before training, every "
-            "eval_steps, after). KL and answer length are measured on the policy's own samples on held-out prompts."
-            "</p>" + "".join(_img(p, p.stem.replace("_", " ")) for p in plots))
+    return (
+        "<p class='note'>Lines: training steps. Dots: held-out evaluations (before training, every "
+        "eval_steps, after). KL and answer length are measured on the policy's own samples on held-out prompts."
+        "</p>" + "".join(_img(p, p.stem.replace("_", " ")) for p in plots)
+    )
 
 
 def _summary_section(run_dir: Path) -> str:
@@ -153,14 +177,34 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
         kl_cell = _fmt(kl, "{:.2f}")
         if m["model"] == "final" and kl is not None and kl > summary.get("kl_warn_nats", 10):
             kl_cell = f"<span class='warn'>{kl_cell} (over {summary['kl_warn_nats']:g})</span>"
-        rows.append([_e(m["model"]), _fmt(m.get("mean_answer_tokens"), "{:.1f}"),
-                     _fmt(m.get("mean_answer_chars"), "{:.0f}"), kl_cell,
-                     _fmt(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
-                     _fmt(m.get("rm_score"), "{:+.3f}"), _fmt(m.get("rm_win_rate_vs_sft"), "{:.2f}")])
-    models = (f"<p>{_e(summary['prompts_source'])}; greedy answers; KL from {summary['kl_samples']} sampled answers "
-              f"per prompt (seed {summary['seed']}), reference: {_e(ref)}.</p>"
-              + _table(["model", "answer tokens", "answer chars", f"KL to {ref} (nats)", "DPO implicit margin vs sft",
-                        "reward-model score", "RM win rate vs sft"], rows, "models"))
+        rows.append(
+            [
+                _e(m["model"]),
+                _fmt(m.get("mean_answer_tokens"), "{:.1f}"),
+                _fmt(m.get("mean_answer_chars"), "{:.0f}"),
+                kl_cell,
+                _fmt(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
+                _fmt(m.get("rm_score"), "{:+.3f}"),
+                _fmt(m.get("rm_win_rate_vs_sft"), "{:.2f}"),
+            ]
+        )
+    models = (
+        f"<p>{_e(summary['prompts_source'])}; greedy answers; KL from {summary['kl_samples']} sampled answers "
+        f"per prompt (seed {summary['seed']}), reference: {_e(ref)}.</p>"
+        + _table(
+            [
+                "model",
+                "answer tokens",
+                "answer chars",
+                f"KL to {ref} (nats)",
+                "DPO implicit margin vs sft",
+                "reward-model score",
+                "RM win rate vs sft",
+            ],
+            rows,
+            "models",
+        )
+    )
     answers = _read_jsonl(run_dir / "eval" / "answers.jsonl")
     names = [m["model"] for m in summary["models"]]
     by_prompt: dict[str, dict] = {}
@@ -177,11 +221,15 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
                 score.append(f"implicit {a['implicit_reward']:+.2f}")
             if a.get("rm_score") is not None:
                 score.append(f"RM {a['rm_score']:+.2f}")
-            cells.append(f"{_e(a.get('answer'))}<br><span class='note'>{a.get('tokens', '-')} tokens"
-                         f"{'; ' + '; '.join(score) if score else ''}</span>")
+            cells.append(
+                f"{_e(a.get('answer'))}<br><span class='note'>{a.get('tokens', '-')} tokens"
+                f"{'; ' + '; '.join(score) if score else ''}</span>"
+            )
         side_rows.append(cells)
-    side = ("<p class='note'>Greedy answers to the same held-out prompts; sampled ones are in eval/answers.jsonl.</p>"
-            + _table(["prompt", *names], side_rows, "answers"))
+    side = (
+        "<p class='note'>Greedy answers to the same held-out prompts; sampled ones are in eval/answers.jsonl.</p>"
+        + _table(["prompt", *names], side_rows, "answers")
+    )
     b = summary.get("best_of_n")
     rm_rows = []
     rm_eval = _read_json(run_dir / "rm" / "eval_after.json")
@@ -192,16 +240,48 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
     elif "skipped" in b:
         rm_rows.append(f"<p class='note'>Best-of-N skipped: {_e(b['skipped'])}</p>")
     else:
-        rm_rows.append(_table(["", f"best-of-{b['n']} (SFT)", "final model"], [
-            ["mean score (" + _e(b["scorer"]) + ")", _fmt(b["best_of_n_score"], "{:+.3f}"), _fmt(b["final_score"], "{:+.3f}")],
-            ["win rate", _fmt(1 - b["final_win_rate_vs_best_of_n"], "{:.2f}"), _fmt(b["final_win_rate_vs_best_of_n"], "{:.2f}")],
-            ["generated tokens", _e(b["generated_tokens_best_of_n"]), _e(b["generated_tokens_final"])],
-            ["generation seconds", _fmt(b["generate_s_best_of_n"], "{:.1f}"), _fmt(b["generate_s_final"], "{:.1f}")],
-        ], "bestofn") + f"<p>Extra cost: {_e(b['generation_cost_ratio'])}x the generated tokens. {_e(b['cost_note'])}.</p>")
+        rm_rows.append(
+            _table(
+                ["", f"best-of-{b['n']} (SFT)", "final model"],
+                [
+                    [
+                        "mean score (" + _e(b["scorer"]) + ")",
+                        _fmt(b["best_of_n_score"], "{:+.3f}"),
+                        _fmt(b["final_score"], "{:+.3f}"),
+                    ],
+                    [
+                        "win rate",
+                        _fmt(1 - b["final_win_rate_vs_best_of_n"], "{:.2f}"),
+                        _fmt(b["final_win_rate_vs_best_of_n"], "{:.2f}"),
+                    ],
+                    ["generated tokens", _e(b["generated_tokens_best_of_n"]), _e(b["generated_tokens_final"])],
+                    [
+                        "generation seconds",
+                        _fmt(b["generate_s_best_of_n"], "{:.1f}"),
+                        _fmt(b["generate_s_final"], "{:.1f}"),
+                    ],
+                ],
+                "bestofn",
+            )
+            + f"<p>Extra cost: {_e(b['generation_cost_ratio'])}x the generated tokens. {_e(b['cost_note'])}.</p>"
+        )
         bon = _read_jsonl(run_dir / "eval" / "best_of_n.jsonl")
-        rm_rows.append(_table(["prompt", f"best of {b['n']} SFT answers", "score", "final answer", "score"],
-                              [[_e(r["prompt"]), _e(r["best_of_n"]), _fmt(r["best_of_n_score"], "{:+.2f}"), _e(r["final"]),
-                                _fmt(r["final_score"], "{:+.2f}")] for r in bon], "answers"))
+        rm_rows.append(
+            _table(
+                ["prompt", f"best of {b['n']} SFT answers", "score", "final answer", "score"],
+                [
+                    [
+                        _e(r["prompt"]),
+                        _e(r["best_of_n"]),
+                        _fmt(r["best_of_n_score"], "{:+.2f}"),
+                        _e(r["final"]),
+                        _fmt(r["final_score"], "{:+.2f}"),
+                    ]
+                    for r in bon
+                ],
+                "answers",
+            )
+        )
     return models, side, "".join(rm_rows)
 
 
@@ -216,11 +296,24 @@ def _export_section(run_dir: Path) -> str:
         for t, v in data.items():
             status = str(v.get("status"))
             cls = {"ok": "ok", "FAIL": "fail"}.get(status, "warn")
-            rows.append([_e(t), f"<span class='{cls}'>{_e(status)}</span>", _fmt(v.get("agree"), "{:.2f}"),
-                         _fmt(v.get("ppl_change"), "{:+.3f}"), _e(v.get("tokens_same")),
-                         _e("; ".join(v.get("reasons") or []))])
-        out.append(f"<p>{_e(path.parent)}</p>" + _table(["GGUF", "status", "top-1 agreement", "perplexity change",
-                                                          "same greedy tokens", "reasons"], rows, "verify"))
+            rows.append(
+                [
+                    _e(t),
+                    f"<span class='{cls}'>{_e(status)}</span>",
+                    _fmt(v.get("agree"), "{:.2f}"),
+                    _fmt(v.get("ppl_change"), "{:+.3f}"),
+                    _e(v.get("tokens_same")),
+                    _e("; ".join(v.get("reasons") or [])),
+                ]
+            )
+        out.append(
+            f"<p>{_e(path.parent)}</p>"
+            + _table(
+                ["GGUF", "status", "top-1 agreement", "perplexity change", "same greedy tokens", "reasons"],
+                rows,
+                "verify",
+            )
+        )
     return "".join(out)
 
 
@@ -238,9 +331,13 @@ def write_html(run_dir: Path) -> Path:
         ("reward", "Reward model and best-of-N", rm),
         ("export", "Export verification", _export_section(run_dir)),
     ]
-    body = "\n".join(f'<section id="{sid}"><h2>{_e(title)}</h2>\n{content}</section>' for sid, title, content in sections)
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lowvram report: {_e(run_dir.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>lowvram report: {_e(run_dir.name)}</h1>\n{body}\n</body></html>\n")
+    body = "\n".join(
+        f'<section id="{sid}"><h2>{_e(title)}</h2>\n{content}</section>' for sid, title, content in sections
+    )
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lowvram report: {_e(run_dir.name)}</title>"
+        f"<style>{CSS}</style></head><body><h1>lowvram report: {_e(run_dir.name)}</h1>\n{body}\n</body></html>\n"
+    )
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

@@ -35,14 +35,19 @@ def _load_classifier(model_path: str, plan, adapter: Path | None = None, trainab
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict = {"num_labels": 1,
-                    "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)}
+    kwargs: dict = {
+        "num_labels": 1,
+        "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32),
+    }
     if plan.load_in_4bit:  # as the policy's base (lowvram/hf_backend.py)
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=kwargs["dtype"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     torch.manual_seed(0)  # the new score head starts the same way every time
     model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
@@ -75,18 +80,35 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     cfg = rm_data_config(recipe)
     data = load_preference_data(cfg, recipe.sample_file(cfg), base_dir=Path.cwd(), seed=recipe.seed)
-    print(f"[rm] reward model on {len(data.train)} pairs" + (f", {len(data.eval)} held out" if data.eval else "")
-          + f" from {data.source}; LoRA r={plan.lora_r} + a scalar head on the base", flush=True)
+    print(
+        f"[rm] reward model on {len(data.train)} pairs"
+        + (f", {len(data.eval)} held out" if data.eval else "")
+        + f" from {data.source}; LoRA r={plan.lora_r} + a scalar head on the base",
+        flush=True,
+    )
     tok = load_tokenizer(model_path, recipe)
     model = _load_classifier(model_path, plan)
     model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
-    peft_config = LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=recipe.lora.dropout,
-                             target_modules=list(recipe.lora.target_modules), task_type="SEQ_CLS")  # + the score head
+    peft_config = LoraConfig(
+        r=plan.lora_r,
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=list(recipe.lora.target_modules),
+        task_type="SEQ_CLS",
+    )  # + the score head
     train_ds, eval_ds = _datasets(data.train, data.eval)
-    args = RewardConfig(**_common_args(ctx), **_eval_args(recipe.rm, eval_ds), max_length=ctx.sp.max_seq_len,
-                        dataset_num_proc=None)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                            peft_config=peft_config, callbacks=[make_callback(RM_DIR, ctx.run_dir / "metrics.jsonl")])
+    args = RewardConfig(
+        **_common_args(ctx), **_eval_args(recipe.rm, eval_ds), max_length=ctx.sp.max_seq_len, dataset_num_proc=None
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[make_callback(RM_DIR, ctx.run_dir / "metrics.jsonl")],
+    )
     _quiet(trainer)
     return _train_and_save(ctx, trainer, trainer.model, tok)
 
@@ -133,7 +155,9 @@ def load_scorer(run_dir: Path):
         try:
             with torch.no_grad():
                 for i in range(0, len(prompts), batch_size):
-                    texts = [score_text(tok, p, a) for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+                    texts = [
+                        score_text(tok, p, a) for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])
+                    ]
                     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
                     out.extend(model(**enc).logits[:, 0].float().tolist())
         finally:

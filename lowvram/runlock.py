@@ -68,14 +68,20 @@ def _describe(owner: dict) -> str:
 
 
 def _busy(folder: Path, what: str, owner: dict) -> FolderBusy:
-    return FolderBusy(f"{folder} is in use by another lowvram {what}: {_describe(owner)}.",
-                      hint="Wait for it to finish, or stop it first (Ctrl-C saves a checkpoint). "
-                           "Two processes on one folder would overwrite each other's files.")
+    return FolderBusy(
+        f"{folder} is in use by another lowvram {what}: {_describe(owner)}.",
+        hint="Wait for it to finish, or stop it first (Ctrl-C saves a checkpoint). "
+        "Two processes on one folder would overwrite each other's files.",
+    )
 
 
 def _owner_record() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-            "command": " ".join(["lowvram", *sys.argv[1:]])[:300]}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.time(),
+        "command": " ".join(["lowvram", *sys.argv[1:]])[:300],
+    }
 
 
 @contextlib.contextmanager
@@ -109,8 +115,10 @@ def _locked(path: Path, folder: Path, what: str) -> Iterator[str | None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"Cannot write in {folder}: {e.strerror or e}.",
-                            hint="lowvram needs a writable folder for this (it keeps a lock file there).") from None
+            raise UserError(
+                f"Cannot write in {folder}: {e.strerror or e}.",
+                hint="lowvram needs a writable folder for this (it keeps a lock file there).",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

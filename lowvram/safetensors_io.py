@@ -19,8 +19,20 @@ from pathlib import Path
 
 COPY_CHUNK_BYTES = 64 << 20  # bounded buffer for tensors copied or converted without merging
 # Bytes per element of the safetensors dtypes a checkpoint may hold.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -93,16 +105,27 @@ def read_tensor(entry: TensorEntry):
 def torch_dtype(st_dtype: str):
     import torch
 
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[st_dtype]
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }[st_dtype]
 
 
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor: the header (all shapes known up front), then the data.
 
-        with SafetensorsWriter(path, [(name, dtype, shape), ...], metadata) as w:
-            w.write(name, tensor_or_bytes)     # in the declared order
+    with SafetensorsWriter(path, [(name, dtype, shape), ...], metadata) as w:
+        w.write(name, tensor_or_bytes)     # in the declared order
     """
 
     def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):

@@ -25,8 +25,10 @@ import re
 from dataclasses import dataclass
 
 NEAR_ZERO = 0.1  # of the median row norm
-RESERVED = re.compile(r"^(<unused\d+>|<\|reserved_special_token_\d+\|>|\[unused\d+\]|<extra_id_\d+>|<\|extra_\d+\|>"
-                      r"|<\|unused_?\d+\|>|<reserved_\d+>)$")
+RESERVED = re.compile(
+    r"^(<unused\d+>|<\|reserved_special_token_\d+\|>|\[unused\d+\]|<extra_id_\d+>|<\|extra_\d+\|>"
+    r"|<\|unused_?\d+\|>|<reserved_\d+>)$"
+)
 MIN_RESERVED = 4
 SAMPLE_ROWS = 20000
 
@@ -141,9 +143,9 @@ def fix_untrained(model, untrained: list[Untrained], tokenizer=None) -> list[int
                 reserved, _ = _reference_ids(tokenizer, weight.shape[0], set(bad))
                 keep[reserved] = False
             chunks = range(0, weight.shape[0], 16384)  # in chunks: no fp32 copy of the whole matrix
-            norms = torch.cat([weight[s:s + 16384].float().norm(dim=1) for s in chunks])
+            norms = torch.cat([weight[s : s + 16384].float().norm(dim=1) for s in chunks])
             keep &= (norms >= NEAR_ZERO * norms[keep].median()).to(keep.device)
-            total = sum(weight[s:s + 16384][keep[s:s + 16384].to(weight.device)].float().sum(0) for s in chunks)
+            total = sum(weight[s : s + 16384][keep[s : s + 16384].to(weight.device)].float().sum(0) for s in chunks)
             weight[bad] = (total / keep.sum()).to(weight.dtype)
     return bad
 
@@ -352,9 +354,11 @@ def memory_note(n_tokens: int, hidden: int, tied: bool, vocab: int) -> str:
     """What training the rows costs: fp32 values + gradient + AdamW's two moments (16 bytes a value), and
     the LM head's patched copy that each forward builds (vocab x hidden, 2 bytes a value in 16-bit)."""
     values = n_tokens * hidden * (1 if tied else 2)
-    return (f"{values:,} trainable values ({values * 16 / 2**10:,.1f} KiB with AdamW state) and a transient "
-            f"copy of the LM head in each forward ({vocab * hidden * 2 / 2**30:.2f} GiB in 16-bit), instead of "
-            f"{vocab * hidden * (1 if tied else 2) * 16 / 2**30:.2f} GiB to train whole embedding matrices")
+    return (
+        f"{values:,} trainable values ({values * 16 / 2**10:,.1f} KiB with AdamW state) and a transient "
+        f"copy of the LM head in each forward ({vocab * hidden * 2 / 2**30:.2f} GiB in 16-bit), instead of "
+        f"{vocab * hidden * (1 if tied else 2) * 16 / 2**30:.2f} GiB to train whole embedding matrices"
+    )
 
 
 def prepare(model, tokenizer, chat_template: str | None, init_adapter=None, say=print) -> list[int]:
@@ -383,6 +387,8 @@ def prepare(model, tokenizer, chat_template: str | None, init_adapter=None, say=
     head = model.get_output_embeddings()
     tied = head is None or head.weight.data_ptr() == emb.data_ptr()
     make_rows_trainable(model, ids)
-    say(f"[tokens] rows set to the mean of the trained rows and trained with the adapter (input embeddings and "
-        f"LM head): {memory_note(len(ids), emb.shape[1], tied, emb.shape[0])}")
+    say(
+        f"[tokens] rows set to the mean of the trained rows and trained with the adapter (input embeddings and "
+        f"LM head): {memory_note(len(ids), emb.shape[1], tied, emb.shape[0])}"
+    )
     return ids

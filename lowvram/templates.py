@@ -143,22 +143,57 @@ ALPACA = (
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
 
-NAMED_TEMPLATES: dict[str, NamedTemplate] = {t.name: t for t in [
-    NamedTemplate("chatml", "ChatML (SmolLM, OpenHermes, many fine-tunes; lowvram's tiny model)", CHATML,
-                  ("<|im_start|>", "<|im_end|>"), "<|im_end|>", "its own turn"),
-    NamedTemplate("qwen-2.5", "Qwen2.5 / Qwen2 (ChatML with Qwen's default system prompt)", QWEN25,
-                  ("<|im_start|>", "<|im_end|>"), "<|im_end|>", "its own turn; a default one when absent"),
-    NamedTemplate("llama-3", "Llama 3 / 3.1 / 3.2", LLAMA3,
-                  ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>", "its own turn"),
-    NamedTemplate("gemma", "Gemma 2 / Gemma 3", GEMMA, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>",
-                  "folded into the first user turn"),
-    NamedTemplate("mistral", "Mistral [INST] (7B Instruct v0.3, Mixtral)", MISTRAL, (), None,
-                  "folded into the last user turn"),
-    NamedTemplate("phi-4", "Phi-4", PHI4, ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "<|im_end|>",
-                  "its own turn"),
-    NamedTemplate("alpaca", "Alpaca instruction format (no special tokens; any tokenizer)", ALPACA, (), None,
-                  "a preamble; a default one when absent"),
-]}
+NAMED_TEMPLATES: dict[str, NamedTemplate] = {
+    t.name: t
+    for t in [
+        NamedTemplate(
+            "chatml",
+            "ChatML (SmolLM, OpenHermes, many fine-tunes; lowvram's tiny model)",
+            CHATML,
+            ("<|im_start|>", "<|im_end|>"),
+            "<|im_end|>",
+            "its own turn",
+        ),
+        NamedTemplate(
+            "qwen-2.5",
+            "Qwen2.5 / Qwen2 (ChatML with Qwen's default system prompt)",
+            QWEN25,
+            ("<|im_start|>", "<|im_end|>"),
+            "<|im_end|>",
+            "its own turn; a default one when absent",
+        ),
+        NamedTemplate(
+            "llama-3",
+            "Llama 3 / 3.1 / 3.2",
+            LLAMA3,
+            ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            "<|eot_id|>",
+            "its own turn",
+        ),
+        NamedTemplate(
+            "gemma",
+            "Gemma 2 / Gemma 3",
+            GEMMA,
+            ("<start_of_turn>", "<end_of_turn>"),
+            "<end_of_turn>",
+            "folded into the first user turn",
+        ),
+        NamedTemplate(
+            "mistral", "Mistral [INST] (7B Instruct v0.3, Mixtral)", MISTRAL, (), None, "folded into the last user turn"
+        ),
+        NamedTemplate(
+            "phi-4", "Phi-4", PHI4, ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "<|im_end|>", "its own turn"
+        ),
+        NamedTemplate(
+            "alpaca",
+            "Alpaca instruction format (no special tokens; any tokenizer)",
+            ALPACA,
+            (),
+            None,
+            "a preamble; a default one when absent",
+        ),
+    ]
+}
 
 
 def looks_like_jinja(value: str) -> bool:
@@ -172,8 +207,9 @@ def resolve_chat_template(value: str | None) -> NamedTemplate | None:
     key = value.strip().lower()
     if key in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[key]
-    raise UserError(f"model.chat_template: {value!r} is neither a template name nor a Jinja template.",
-                    hint=_choice_hint(value))
+    raise UserError(
+        f"model.chat_template: {value!r} is neither a template name nor a Jinja template.", hint=_choice_hint(value)
+    )
 
 
 def template_problem(value: str) -> str | None:
@@ -188,8 +224,10 @@ def template_problem(value: str) -> str | None:
 def _choice_hint(value: str | None = None) -> str:
     close = difflib.get_close_matches((value or "").lower(), list(NAMED_TEMPLATES), n=1) if value else []
     extra = f"Did you mean {close[0]!r}? " if close else ""
-    return (f"{extra}Name one of: {', '.join(NAMED_TEMPLATES)} (lowvram recipes templates lists them), "
-            "or give the Jinja text itself.")
+    return (
+        f"{extra}Name one of: {', '.join(NAMED_TEMPLATES)} (lowvram recipes templates lists them), "
+        "or give the Jinja text itself."
+    )
 
 
 def chat_template_text(value: str | None) -> str | None:
@@ -201,12 +239,15 @@ def chat_template_text(value: str | None) -> str | None:
 def templates_table() -> str:
     from lowvram.ui import table
 
-    rows = [(t.name, t.family, " ".join(t.control_tokens) or "(none)", t.end_of_turn or "the tokenizer's EOS",
-             t.system) for t in NAMED_TEMPLATES.values()]
+    rows = [
+        (t.name, t.family, " ".join(t.control_tokens) or "(none)", t.end_of_turn or "the tokenizer's EOS", t.system)
+        for t in NAMED_TEMPLATES.values()
+    ]
     return table(rows, ("name", "family", "control tokens", "ends a turn", "system prompt"))
 
 
 # ------------------------------------------------------------------ before anything loads
+
 
 def _local_tokenizer_config(model_dir: Path) -> dict | None:
     path = model_dir / "tokenizer_config.json"
@@ -237,19 +278,27 @@ def base_has_chat_template(model_path: str) -> bool | None:
 
 def looks_like_path(name: str) -> bool:
     """A model name meant as a local folder, not a Hub id (`org/name`)."""
-    return (name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(("/", "\\")) or name.count("/") > 1
-            or "\\" in name or name in (".", ".."))
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\"))
+        or name.endswith(("/", "\\"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name in (".", "..")
+    )
 
 
 def check_model_path(model: str) -> None:
     """UserError when a model named as a local folder does not exist (before a run directory is made)."""
     if looks_like_path(model) and not Path(model).expanduser().is_dir():
-        raise UserError(f"model.name: no model folder {model!r}.",
-                        hint="Give a local Hugging Face folder (with config.json), a Hub id like org/name, "
-                             "or builtin:tiny-llama.")
+        raise UserError(
+            f"model.name: no model folder {model!r}.",
+            hint="Give a local Hugging Face folder (with config.json), a Hub id like org/name, or builtin:tiny-llama.",
+        )
     if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(f"model.name: {model!r} is a folder without config.json, not a Hugging Face model.",
-                        hint="Point model.name at the folder that holds config.json and the weights.")
+        raise UserError(
+            f"model.name: {model!r} is a folder without config.json, not a Hugging Face model.",
+            hint="Point model.name at the folder that holds config.json and the weights.",
+        )
 
 
 def check_chat_template(recipe, model: str, chat_data: bool) -> None:
@@ -257,10 +306,12 @@ def check_chat_template(recipe, model: str, chat_data: bool) -> None:
     if not chat_data or recipe.model.chat_template:
         return
     if base_has_chat_template(model) is False:
-        raise UserError(f"The training data is chat-formatted, but {model} has no chat template (a base model).",
-                        ["chat data is rendered with the tokenizer's chat template, and this tokenizer has none"],
-                        hint=f"Set model.chat_template to the model family's template, e.g. "
-                             f"model.chat_template=gemma. {_choice_hint()}")
+        raise UserError(
+            f"The training data is chat-formatted, but {model} has no chat template (a base model).",
+            ["chat data is rendered with the tokenizer's chat template, and this tokenizer has none"],
+            hint=f"Set model.chat_template to the model family's template, e.g. "
+            f"model.chat_template=gemma. {_choice_hint()}",
+        )
 
 
 def validate_template_tokens(tokenizer, value: str | None) -> list[str]:
@@ -276,8 +327,16 @@ def validate_template_tokens(tokenizer, value: str | None) -> list[str]:
     return problems
 
 
-CHAT_FORMATS = ("chat", "sharegpt", "alpaca", "chat-preference", "chat-transcripts", "hh-rlhf", "argilla-dpo-mix",
-                "ultrafeedback-binarized")
+CHAT_FORMATS = (
+    "chat",
+    "sharegpt",
+    "alpaca",
+    "chat-preference",
+    "chat-transcripts",
+    "hh-rlhf",
+    "argilla-dpo-mix",
+    "ultrafeedback-binarized",
+)
 PEEK_ROWS = 20
 
 
@@ -342,5 +401,7 @@ def turn_token_note(recipe, model: str) -> str | None:
         from lowvram.special_tokens import memory_note
 
         cost = f"; if so, training them costs {memory_note(n, spec.hidden_size, spec.tied_embeddings, spec.vocab_size)}"
-    return (f"turn tokens: the {named.name} template's {n} control tokens are checked in the base when it loads; "
-            f"untrained ones get the mean of trained rows and train with the adapter{cost}")
+    return (
+        f"turn tokens: the {named.name} template's {n} control tokens are checked in the base when it loads; "
+        f"untrained ones get the mean of trained rows and train with the adapter{cost}"
+    )

@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 TINY_NAME = "builtin:tiny-llama"
-TINY_VERSION = 3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
+TINY_VERSION = (
+    3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
+)
 PRETRAIN_STEPS = 300  # about 35 s on 2 cores, once (the model is cached); enough to recall the sample facts
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -133,8 +135,9 @@ def build_tiny_model(out_dir: Path, seed: int = 0, pretrain_steps: int = PRETRAI
     model = LlamaForCausalLM(config)
     if pretrain_steps:
         _pretrain(model, tok, _plain_text(), pretrain_steps, seed)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=im_end,
-                                               pad_token_id=tok.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=im_end, pad_token_id=tok.pad_token_id
+    )
     model.save_pretrained(str(out_dir))
     return out_dir
 
@@ -190,8 +193,11 @@ def ensure_tiny_tokenizer() -> Path:
     for name in (f"tiny-llama-v{TINY_VERSION}", f"tiny-llama-v{TINY_VERSION}-init"):
         if _complete(cache_dir() / name):
             return cache_dir() / name
-    return _ensure(f"tiny-llama-v{TINY_VERSION}-tokenizer", lambda out: build_tokenizer(out, _corpus()),
-                   marker="tokenizer_config.json")
+    return _ensure(
+        f"tiny-llama-v{TINY_VERSION}-tokenizer",
+        lambda out: build_tokenizer(out, _corpus()),
+        marker="tokenizer_config.json",
+    )
 
 
 def _complete(folder: Path, marker: str = "config.json") -> bool:

@@ -47,6 +47,7 @@ class StageContext:
 
 # ------------------------------------------------------------------ progress, metrics, Ctrl-C
 
+
 class _Stop:
     requested = False
 
@@ -68,8 +69,11 @@ def graceful_interrupt():
         if _Stop.requested:
             raise KeyboardInterrupt
         _Stop.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now).",
-              file=sys.stderr, flush=True)
+        print(
+            "\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
         signal.signal(signal.SIGINT, handler)
@@ -84,8 +88,12 @@ def graceful_interrupt():
 
 KEY_METRICS = {
     "sft": [("loss", "loss", "{:.3f}"), ("mean_token_accuracy", "tok_acc", "{:.2f}")],
-    "dpo": [("loss", "loss", "{:.3f}"), ("rewards/accuracies", "pref_acc", "{:.2f}"),
-            ("rewards/margins", "margin", "{:+.3f}"), ("kl", "KL", "{:.2f} nats")],
+    "dpo": [
+        ("loss", "loss", "{:.3f}"),
+        ("rewards/accuracies", "pref_acc", "{:.2f}"),
+        ("rewards/margins", "margin", "{:+.3f}"),
+        ("kl", "KL", "{:.2f} nats"),
+    ],
     "rm": [("loss", "loss", "{:.3f}"), ("accuracy", "pair_acc", "{:.2f}"), ("margin", "margin", "{:+.3f}")],
 }
 
@@ -125,8 +133,13 @@ def make_callback(stage: str, metrics_path: Path):
                 self.tokens_per_s = (tokens - self.last_tokens) / (now - self.last_t)
             if tokens is not None:
                 self.last_tokens, self.last_t = tokens, now
-            record = {"stage": stage, "step": state.global_step, "max_steps": state.max_steps,
-                      "elapsed_s": round(now - (self.t0 or now), 3), **logs}
+            record = {
+                "stage": stage,
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "elapsed_s": round(now - (self.t0 or now), 3),
+                **logs,
+            }
             eval_mode = any(k.startswith("eval_") for k in logs)
             if self.tokens_per_s is not None and not eval_mode:
                 record["tokens_per_s"] = round(self.tokens_per_s, 1)
@@ -148,6 +161,7 @@ def make_callback(stage: str, metrics_path: Path):
 
 # ------------------------------------------------------------------ loading
 
+
 def resolve_model_path(name: str) -> str:
     """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
     from lowvram.models import BUILTIN_PREFIX
@@ -167,8 +181,10 @@ def load_tokenizer(source: str, recipe: Recipe):
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
-        raise UserError(f"Cannot load the tokenizer of {source!r}: {e}",
-                        hint="Offline? Use a model already in the Hugging Face cache or a local folder.") from None
+        raise UserError(
+            f"Cannot load the tokenizer of {source!r}: {e}",
+            hint="Offline? Use a model already in the Hugging Face cache or a local folder.",
+        ) from None
     _apply_template(tok, recipe)
     if tok.pad_token is None:
         # Padding is masked out of the loss, so reusing EOS as pad is safe for training.
@@ -192,9 +208,15 @@ def load_model(ctx: StageContext, adapter: Path | None):
             _apply_template(tok, ctx.recipe)
             _turn_tokens(model, tok, ctx)
 
-        model, tok = unsloth_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter,
-                                                       grad_ckpt=sp.grad_ckpt, max_seq_len=sp.max_seq_len,
-                                                       prepare_tokens=prepare_tokens)
+        model, tok = unsloth_backend.load_for_training(
+            ctx.plan,
+            ctx.recipe,
+            ctx.model_path,
+            adapter,
+            grad_ckpt=sp.grad_ckpt,
+            max_seq_len=sp.max_seq_len,
+            prepare_tokens=prepare_tokens,
+        )
         _apply_template(tok, ctx.recipe)
         train_rows(model, ctx.stage, ctx.recipe.dpo.method)
         return model, tok
@@ -202,12 +224,20 @@ def load_model(ctx: StageContext, adapter: Path | None):
 
     tok = load_tokenizer(ctx.model_path, ctx.recipe)
     try:
-        model = hf_backend.load_for_training(ctx.plan, ctx.recipe, ctx.model_path, adapter, grad_ckpt=sp.grad_ckpt,
-                                             prepare_tokens=lambda m: _turn_tokens(m, tok, ctx))
+        model = hf_backend.load_for_training(
+            ctx.plan,
+            ctx.recipe,
+            ctx.model_path,
+            adapter,
+            grad_ckpt=sp.grad_ckpt,
+            prepare_tokens=lambda m: _turn_tokens(m, tok, ctx),
+        )
         train_rows(model, ctx.stage, ctx.recipe.dpo.method)
     except OSError as e:
-        raise UserError(f"Cannot load model {ctx.model_path!r}: {e}",
-                        hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.") from None
+        raise UserError(
+            f"Cannot load model {ctx.model_path!r}: {e}",
+            hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.",
+        ) from None
     return model, tok
 
 
@@ -253,8 +283,11 @@ def _main_resume_point(ctx: StageContext, required, checkpoint_step, newest_comp
     resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints", required)
     for path, why in skipped:
         moved = set_aside(path)
-        print(f"[{ctx.stage}] skipped {path.name}: {why}; it is incomplete (moved to {moved.name}, "
-              "delete it to free the space)", flush=True)
+        print(
+            f"[{ctx.stage}] skipped {path.name}: {why}; it is incomplete (moved to {moved.name}, "
+            "delete it to free the space)",
+            flush=True,
+        )
     # the steps after the checkpoint are trained again: their old metrics lines would be logged twice
     supersede_metrics(ctx.run_dir, ctx.stage, checkpoint_step(resume_from) if resume_from else None)
     return resume_from
@@ -318,6 +351,7 @@ def _datasets(rows_train, rows_eval):
 
 # ------------------------------------------------------------------ SFT
 
+
 def sft_loss_mode(tok, rows: list[dict], assistant_only: bool) -> tuple[list[dict], bool, str]:
     """(rows, assistant_only_loss flag for TRL, reason) for how the SFT loss is masked."""
     first = rows[0]
@@ -340,8 +374,14 @@ def sft_loss_mode(tok, rows: list[dict], assistant_only: bool) -> tuple[list[dic
             msgs = r["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             split.append({"prompt": msgs[:last], "completion": [msgs[last]]})
-        return split, False, ("assistant tokens only, via a prompt/completion split (TRL cannot add generation "
-                              "markers to this chat template): in multi-turn rows only the last answer is a target")
+        return (
+            split,
+            False,
+            (
+                "assistant tokens only, via a prompt/completion split (TRL cannot add generation "
+                "markers to this chat template): in multi-turn rows only the last answer is a target"
+            ),
+        )
     if "completion" in first:
         return rows, False, "loss on the completion only"
     return rows, False, "plain text: loss on every token"
@@ -351,8 +391,10 @@ def _check_has_template(tok, rows: list[dict], what: str) -> None:
     first = rows[0]
     conversational = isinstance(first.get("messages") or first.get("prompt") or first.get("chosen"), list)
     if conversational and not tok.chat_template:
-        raise UserError(f"The {what} data is chat-formatted but the model's tokenizer has no chat template.",
-                        hint="Set model.chat_template in the recipe, or use an instruct model that ships one.")
+        raise UserError(
+            f"The {what} data is chat-formatted but the model's tokenizer has no chat template.",
+            hint="Set model.chat_template in the recipe, or use an instruct model that ships one.",
+        )
 
 
 def run_sft(ctx: StageContext, data) -> Path:
@@ -374,13 +416,20 @@ def run_sft(ctx: StageContext, data) -> Path:
         dataset_num_proc=None,
     )
     with _fp32_adapters(ctx, model):
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tok,
+            callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")],
+        )
     _quiet(trainer)
     return _train_and_save(ctx, trainer, model, tok)
 
 
 # ------------------------------------------------------------------ DPO / ORPO
+
 
 def run_preference(ctx: StageContext, data) -> Path:
     cfg = ctx.recipe.dpo
@@ -404,10 +453,18 @@ def run_preference(ctx: StageContext, data) -> Path:
     if cfg.method in ("dpo", "kto") and data.eval:  # KL(policy || reference) at each held-out evaluation
         from lowvram.evaluate import kl_callback
 
-        callbacks.insert(0, kl_callback(data.eval, tok, ctx.recipe, ctx.run_dir))  # first: it adds to the row the logger writes
+        callbacks.insert(
+            0, kl_callback(data.eval, tok, ctx.recipe, ctx.run_dir)
+        )  # first: it adds to the row the logger writes
     with _fp32_adapters(ctx, model):
-        trainer = Trainer(model=model, args=Config(**kwargs), train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tok, callbacks=callbacks)
+        trainer = Trainer(
+            model=model,
+            args=Config(**kwargs),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tok,
+            callbacks=callbacks,
+        )
     _quiet(trainer)
     if cfg.method != "orpo":
         _check_reference(ctx, trainer, model)
@@ -433,6 +490,7 @@ def _check_reference(ctx: StageContext, trainer, model) -> None:
 
 # ------------------------------------------------------------------ shared
 
+
 def _fp32_adapters(ctx: StageContext, model):
     """TRL casts a 4-bit model's LoRA weights to bf16 in its constructors; the hf backend keeps them fp32."""
     from contextlib import nullcontext
@@ -451,6 +509,7 @@ def _quiet(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
+
 def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
     if trainer.eval_dataset is None:
         return {}
@@ -459,7 +518,7 @@ def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
     for key, value in metrics.items():  # TRL logs its own metrics as eval_*, the Trainer as eval_<when>_*
         for prefix in (f"eval_{when}_", "eval_"):
             if key.startswith(prefix):
-                out[key[len(prefix):]] = value
+                out[key[len(prefix) :]] = value
                 break
     if trainer.is_world_process_zero():
         with (ctx.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
@@ -474,8 +533,10 @@ def _oom_message(ctx: StageContext) -> OutOfMemory:
     if sp.batch_size > floor:
         new_bs = max(floor, sp.batch_size // 2)
         new_ga = sp.grad_accum * sp.batch_size // new_bs
-        fix = (f"Lower {st}.batch_size to {new_bs} with {st}.grad_accum={new_ga} (same effective batch "
-               f"{sp.effective_batch})")
+        fix = (
+            f"Lower {st}.batch_size to {new_bs} with {st}.grad_accum={new_ga} (same effective batch "
+            f"{sp.effective_batch})"
+        )
         overrides = f"{st}.batch_size={new_bs} {st}.grad_accum={new_ga}"
     else:
         new_seq = max(128, sp.max_seq_len // 2)
@@ -508,8 +569,10 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         # checkpoint that also holds DPO's ref/ adapter (lowvram.adapters), so load it here under every version
         restore_policy(model, resume_from)
         if rows:  # not in the Trainer's checkpoint files: saved beside them by completion_callback
-            print(f"[{ctx.stage}] turn-token rows {restore_rows(model, resume_from)} restored from "
-                  f"{resume_from.name}", flush=True)
+            print(
+                f"[{ctx.stage}] turn-token rows {restore_rows(model, resume_from)} restored from {resume_from.name}",
+                flush=True,
+            )
         print(f"[{ctx.stage}] resuming from {resume_from.name}", flush=True)
     elif trainer.eval_dataset is not None:
         before = _evaluate(trainer, ctx, "before")
@@ -524,19 +587,29 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         raise _oom_message(ctx) from None
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of this step; say where the last one is
         ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
-        where = (f"The newest complete checkpoint is {ckpt} (step {ckpt.name.split('-')[-1]}); later steps are lost."
-                 if ckpt else f"No checkpoint was saved yet: resuming starts {ctx.stage} again.")
-        raise Interrupted(f"Stopped {ctx.stage} at once at step {trainer.state.global_step}. {where}",
-                          hint=f"Resume with: {_resume_cmd(ctx)}") from None
+        where = (
+            f"The newest complete checkpoint is {ckpt} (step {ckpt.name.split('-')[-1]}); later steps are lost."
+            if ckpt
+            else f"No checkpoint was saved yet: resuming starts {ctx.stage} again."
+        )
+        raise Interrupted(
+            f"Stopped {ctx.stage} at once at step {trainer.state.global_step}. {where}",
+            hint=f"Resume with: {_resume_cmd(ctx)}",
+        ) from None
     finally:
         ui.close_progress()  # a bar left live by an exception would keep the cursor hidden and stdout redirected
     if guard.problem:
         raise divergence_error(ctx.stage, guard.problem, ctx.run_dir, ctx.recipe, guard.step)
     if _Stop.requested:
-        raise Interrupted(f"Stopped {ctx.stage} at step {trainer.state.global_step}; a checkpoint was saved.",
-                          hint=f"Resume with: {_resume_cmd(ctx)}")
-    stats = {"global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
-             "train_loss": result.metrics.get("train_loss")}
+        raise Interrupted(
+            f"Stopped {ctx.stage} at step {trainer.state.global_step}; a checkpoint was saved.",
+            hint=f"Resume with: {_resume_cmd(ctx)}",
+        )
+    stats = {
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_loss": result.metrics.get("train_loss"),
+    }
     from lowvram.distributed import is_main, wait_for_everyone
 
     bad = nonfinite_parameters(model)
@@ -593,8 +666,10 @@ def run_stage(ctx: StageContext, data) -> Path:
             raise
         ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
         where = f"The newest complete checkpoint is {ckpt.name}." if ckpt else "No checkpoint was completed."
-        raise UserError(f"The disk is full: {ctx.stage} could not write to {ctx.run_dir} ({str(e)[:200]}). {where}",
-                        hint=f"Free some space, then resume: {_resume_cmd(ctx)}") from None
+        raise UserError(
+            f"The disk is full: {ctx.stage} could not write to {ctx.run_dir} ({str(e)[:200]}). {where}",
+            hint=f"Free some space, then resume: {_resume_cmd(ctx)}",
+        ) from None
     finally:
         release_memory()
 

@@ -35,6 +35,7 @@ def is_terminal(stream: IO | None = None) -> bool:
 
 # ------------------------------------------------------------------ tables
 
+
 class Table(str):
     """A table as its plain text (what str operations, files, HTML and tests see), carrying its cells for rich."""
 
@@ -43,8 +44,9 @@ class Table(str):
     title: str | None
 
 
-def table(rows: Iterable[Sequence], headers: Sequence | None = None, *, title: str | None = None,
-          plain: str | None = None) -> Table:
+def table(
+    rows: Iterable[Sequence], headers: Sequence | None = None, *, title: str | None = None, plain: str | None = None
+) -> Table:
     """Rows of cells (None prints empty). Plain form: left-aligned columns, two spaces apart, a dashed rule
     under the headers; `plain` replaces it where a listing has its own established text form."""
     cells = tuple(tuple("" if c is None else str(c) for c in r) for r in rows)
@@ -76,9 +78,14 @@ def rich_table(t: Table):
     from rich.text import Text
 
     # cells, headers and title as Text: never read as rich markup ("[...]" in a path or a message stays as is)
-    rt = RichTable(show_header=t.headers is not None,
-                   box=box.SIMPLE_HEAD if t.headers else None, show_edge=False, header_style="bold", pad_edge=False,
-                   padding=(0, 1) if t.headers else (0, 2, 0, 0))
+    rt = RichTable(
+        show_header=t.headers is not None,
+        box=box.SIMPLE_HEAD if t.headers else None,
+        show_edge=False,
+        header_style="bold",
+        pad_edge=False,
+        padding=(0, 1) if t.headers else (0, 2, 0, 0),
+    )
     ncols = max([len(t.headers or ())] + [len(r) for r in t.rows] + [1])
     for i in range(ncols):
         header = t.headers[i] if t.headers and i < len(t.headers) else ""
@@ -125,10 +132,12 @@ def _console(file: IO):
 
 # ------------------------------------------------------------------ training progress
 
+
 def metric_text(logs: dict, metrics: Sequence[Metric], prefix: str = "") -> str:
     """The key metrics present in `logs`, e.g. `loss 1.234  tok_acc 0.41` (`prefix` "eval_": a held-out eval's)."""
-    return "  ".join(f"{label} {fmt.format(logs[prefix + key])}" for key, label, fmt in metrics
-                     if logs.get(prefix + key) is not None)
+    return "  ".join(
+        f"{label} {fmt.format(logs[prefix + key])}" for key, label, fmt in metrics if logs.get(prefix + key) is not None
+    )
 
 
 def note(*parts: str, bar: StageProgress | None = None) -> None:
@@ -140,8 +149,9 @@ def note(*parts: str, bar: StageProgress | None = None) -> None:
         print(text, flush=True)
 
 
-def progress(stage: str, total: int, metrics: Sequence[Metric] = (), start: int = 0, file: IO | None = None,
-             console: Any = None) -> StageProgress:
+def progress(
+    stage: str, total: int, metrics: Sequence[Metric] = (), start: int = 0, file: IO | None = None, console: Any = None
+) -> StageProgress:
     """One stage's progress: a rich bar in a terminal (or on `console`), else one plain line per update."""
     out = sys.stdout if file is None else file
     if console is None and not is_terminal(out):
@@ -192,21 +202,33 @@ class RichStageProgress(StageProgress):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}", style="bold", markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("{task.fields[metrics]}", markup=False), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console or _console(file),
-            redirect_stdout=True, redirect_stderr=True)  # other output during training prints above the bar
-        self._task = self._progress.add_task(f"[{stage}]", total=self.total, completed=start, metrics="", rate="",
-                                             eta="-")
+            TextColumn("{task.description}", style="bold", markup=False),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}", markup=False),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=console or _console(file),
+            redirect_stdout=True,
+            redirect_stderr=True,
+        )  # other output during training prints above the bar
+        self._task = self._progress.add_task(
+            f"[{stage}]", total=self.total, completed=start, metrics="", rate="", eta="-"
+        )
         self._progress.start()
         _open.add(self)
 
     def update(self, step: int, logs: dict, tokens_per_s: float | None = None) -> None:
         self.step = step
         eta = self.eta_s(step)
-        self._progress.update(self._task, completed=step, metrics=metric_text(logs, self.metrics),
-                              rate=f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "",
-                              eta=_clock(eta) if eta is not None else "-")
+        self._progress.update(
+            self._task,
+            completed=step,
+            metrics=metric_text(logs, self.metrics),
+            rate=f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "",
+            eta=_clock(eta) if eta is not None else "-",
+        )
         self._progress.refresh()
 
     def note(self, text: str) -> None:

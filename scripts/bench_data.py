@@ -23,8 +23,33 @@ import time
 from functools import partial
 from pathlib import Path
 
-WORDS = ["the", "model", "answers", "every", "question", "with", "care", "and", "a", "short", "list", "of", "steps",
-         "that", "user", "can", "follow", "to", "reach", "result", "quickly", "while", "keeping", "memory", "low"]
+WORDS = [
+    "the",
+    "model",
+    "answers",
+    "every",
+    "question",
+    "with",
+    "care",
+    "and",
+    "a",
+    "short",
+    "list",
+    "of",
+    "steps",
+    "that",
+    "user",
+    "can",
+    "follow",
+    "to",
+    "reach",
+    "result",
+    "quickly",
+    "while",
+    "keeping",
+    "memory",
+    "low",
+]
 
 
 def sentence(rng: random.Random, n_words: int) -> str:
@@ -34,8 +59,16 @@ def sentence(rng: random.Random, n_words: int) -> str:
 def write_pairs(path: Path, rows: int, rng: random.Random) -> None:
     with path.open("w", encoding="utf-8") as f:
         for _ in range(rows):
-            f.write(json.dumps({"prompt": sentence(rng, 15), "chosen": sentence(rng, rng.randint(50, 100)),
-                                "rejected": sentence(rng, rng.randint(50, 100))}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": sentence(rng, 15),
+                        "chosen": sentence(rng, rng.randint(50, 100)),
+                        "rejected": sentence(rng, rng.randint(50, 100)),
+                    }
+                )
+                + "\n"
+            )
 
 
 def write_hh(path: Path, rows: int, rng: random.Random) -> None:
@@ -43,8 +76,10 @@ def write_hh(path: Path, rows: int, rng: random.Random) -> None:
         for _ in range(rows):
             prefix = "".join(f"\n\nHuman: {sentence(rng, 12)}\n\nAssistant: {sentence(rng, 30)}" for _ in range(2))
             prefix += f"\n\nHuman: {sentence(rng, 12)}\n\nAssistant:"
-            f.write(json.dumps({"chosen": f"{prefix} {sentence(rng, 60)}", "rejected": f"{prefix} {sentence(rng, 60)}"})
-                    + "\n")
+            f.write(
+                json.dumps({"chosen": f"{prefix} {sentence(rng, 60)}", "rejected": f"{prefix} {sentence(rng, 60)}"})
+                + "\n"
+            )
 
 
 def timed(fn, repeats: int) -> float:
@@ -88,10 +123,14 @@ def main() -> None:
     pairs, hh = tmp / "pairs.jsonl", tmp / "hh.jsonl"
     write_pairs(pairs, args.rows, rng)
     write_hh(hh, args.rows, rng)
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.python_implementation()} "
-          f"{platform.python_version()}; {args.rows} rows per file; median of {args.repeats} runs")
-    print(f"{'file':<12}{'MiB':>6}{'floor s':>9}{'datasets s':>12}{'load s':>8}{'check s':>9}"
-          f"{'load/floor':>12}{'check/floor':>13}{'check/datasets':>16}{'rows/s check':>14}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.python_implementation()} "
+        f"{platform.python_version()}; {args.rows} rows per file; median of {args.repeats} runs"
+    )
+    print(
+        f"{'file':<12}{'MiB':>6}{'floor s':>9}{'datasets s':>12}{'load s':>8}{'check s':>9}"
+        f"{'load/floor':>12}{'check/floor':>13}{'check/datasets':>16}{'rows/s check':>14}"
+    )
     for name, path in (("pairs", pairs), ("hh-rlhf", hh)):
         cfg = DataConfig(path=str(path))
         t_floor = timed(partial(floor, path), args.repeats)
@@ -99,8 +138,10 @@ def main() -> None:
         t_load = timed(partial(load_preference_data, cfg), args.repeats)
         t_check = timed(partial(check_data, cfg, "preference"), args.repeats)
         mib = path.stat().st_size / 2**20
-        print(f"{name:<12}{mib:>6.1f}{t_floor:>9.2f}{t_ds:>12.2f}{t_load:>8.2f}{t_check:>9.2f}"
-              f"{t_load / t_floor:>12.1f}{t_check / t_floor:>13.1f}{t_check / t_ds:>16.2f}{args.rows / t_check:>14.0f}")
+        print(
+            f"{name:<12}{mib:>6.1f}{t_floor:>9.2f}{t_ds:>12.2f}{t_load:>8.2f}{t_check:>9.2f}"
+            f"{t_load / t_floor:>12.1f}{t_check / t_floor:>13.1f}{t_check / t_ds:>16.2f}{args.rows / t_check:>14.0f}"
+        )
 
 
 if __name__ == "__main__":

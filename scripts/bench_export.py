@@ -61,21 +61,42 @@ def build_model(out: Path, layers: int, tiny_dir: Path) -> int:
     from lowvram.safetensors_io import SafetensorsWriter
 
     vocab = VOCAB or json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False,
-                      max_position_embeddings=2048, dtype="bfloat16", bos_token_id=2, eos_token_id=5, pad_token_id=0,
-                      architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        dtype="bfloat16",
+        bos_token_id=2,
+        eos_token_id=5,
+        pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
+    )
     out.mkdir(parents=True)
     cfg.save_pretrained(str(out))
     kv = HIDDEN // HEADS * KV_HEADS
-    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (vocab, HIDDEN),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-                   p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                   p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                   p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
-                   p + "post_attention_layernorm.weight": (HIDDEN,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+            p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        }
     names = list(shapes)
     shards, cur, size = [], [], 0
     for n in names:  # ~1 GB shards, like Hub checkpoints
@@ -95,8 +116,9 @@ def build_model(out: Path, layers: int, tiny_dir: Path) -> int:
                 w.write(n, t.to(torch.bfloat16))
                 weight_map[n] = fname
     total = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * total},
-                                                                  "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 2 * total}, "weight_map": weight_map})
+    )
     for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy2(tiny_dir / f, out / f)
     return total
@@ -109,16 +131,28 @@ def build_adapter(out: Path, layers: int) -> None:
     from lowvram.safetensors_io import SafetensorsWriter
 
     out.mkdir(parents=True)
-    LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(str(out))
+    LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(
+        str(out)
+    )
     kv = HIDDEN // HEADS * KV_HEADS
-    dims = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, kv), "v_proj": (HIDDEN, kv), "o_proj": (HIDDEN, HIDDEN),
-            "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}  # (in, out)
+    dims = {
+        "q_proj": (HIDDEN, HIDDEN),
+        "k_proj": (HIDDEN, kv),
+        "v_proj": (HIDDEN, kv),
+        "o_proj": (HIDDEN, HIDDEN),
+        "gate_proj": (HIDDEN, INTER),
+        "up_proj": (HIDDEN, INTER),
+        "down_proj": (INTER, HIDDEN),
+    }  # (in, out)
     layout = []
     for i in range(layers):
         for m in TARGETS:
             part = "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             key = f"base_model.model.model.layers.{i}.{part}.{m}"
-            layout += [(key + ".lora_A.weight", "F32", (RANK, dims[m][0])), (key + ".lora_B.weight", "F32", (dims[m][1], RANK))]
+            layout += [
+                (key + ".lora_A.weight", "F32", (RANK, dims[m][0])),
+                (key + ".lora_B.weight", "F32", (dims[m][1], RANK)),
+            ]
     gen = torch.Generator().manual_seed(1)
     with SafetensorsWriter(out / "adapter_model.safetensors", layout, {"format": "pt"}) as w:
         for name, _, shape in layout:
@@ -132,8 +166,9 @@ def build_run(root: Path, layers: int, tiny_dir: Path) -> tuple[Path, int]:
     build_adapter(run / "dpo" / "adapter", layers)
     (run / "dpo" / "DONE").write_text("ok\n")
     shutil.copytree(base, run / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors*", "config.json"))
-    (run / "base.json").write_text(json.dumps({"model": str(base), "model_path": str(base), "base_16bit": None,
-                                               "load_in_4bit": False}))
+    (run / "base.json").write_text(
+        json.dumps({"model": str(base), "model_path": str(base), "base_16bit": None, "load_in_4bit": False})
+    )
     return run, params
 
 
@@ -189,8 +224,12 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=24, help="layers of the main model (24 = 1.08B parameters)")
     ap.add_argument("--work", help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="default",
-                    help="tensor sizes: default (TinyLlama-like) or llama3-8b (an 8B model's largest tensors, fewer layers)")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="default",
+        help="tensor sizes: default (TinyLlama-like) or llama3-8b (an 8B model's largest tensors, fewer layers)",
+    )
     args = ap.parse_args()
     global HIDDEN, INTER, HEADS, KV_HEADS, VOCAB
     HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = SHAPES[args.shape]
@@ -204,33 +243,80 @@ def main() -> int:
         half = args.layers // 2
         run, params = build_run(root, args.layers, tiny)
         run_half, params_half = build_run(root, half, tiny)
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"{__import__('psutil').virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}")
-        print(f"model: synthetic Llama bf16 ({args.shape} shape: hidden {HIDDEN}, MLP {INTER}, vocabulary "
-              f"{VOCAB or 'tiny'}), {args.layers} layers, {params / 1e9:.2f}B parameters "
-              f"({2 * params / 2**30:.2f} GiB); LoRA r={RANK} on {len(TARGETS)} projections\n")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{__import__('psutil').virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}"
+        )
+        print(
+            f"model: synthetic Llama bf16 ({args.shape} shape: hidden {HIDDEN}, MLP {INTER}, vocabulary "
+            f"{VOCAB or 'tiny'}), {args.layers} layers, {params / 1e9:.2f}B parameters "
+            f"({2 * params / 2**30:.2f} GiB); LoRA r={RANK} on {len(TARGETS)} projections\n"
+        )
 
-        lv = measure([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify",
-                      "--out", str(root / "lv")], env)
-        naive = measure([sys.executable, "-c", NAIVE, str(Path(json.loads((run / "base.json").read_text())["model"])),
-                         str(run / "dpo" / "adapter"), str(root / "naive-merged"), str(run / "tokenizer"),
-                         str(root / "naive.gguf")], env)
-        lv_half = measure([sys.executable, "-m", "lowvram", "export", str(run_half), "--gguf", "f16", "--no-verify",
-                           "--out", str(root / "lv-half")], env)
+        lv = measure(
+            [
+                sys.executable,
+                "-m",
+                "lowvram",
+                "export",
+                str(run),
+                "--gguf",
+                "f16",
+                "--no-verify",
+                "--out",
+                str(root / "lv"),
+            ],
+            env,
+        )
+        naive = measure(
+            [
+                sys.executable,
+                "-c",
+                NAIVE,
+                str(Path(json.loads((run / "base.json").read_text())["model"])),
+                str(run / "dpo" / "adapter"),
+                str(root / "naive-merged"),
+                str(run / "tokenizer"),
+                str(root / "naive.gguf"),
+            ],
+            env,
+        )
+        lv_half = measure(
+            [
+                sys.executable,
+                "-m",
+                "lowvram",
+                "export",
+                str(run_half),
+                "--gguf",
+                "f16",
+                "--no-verify",
+                "--out",
+                str(root / "lv-half"),
+            ],
+            env,
+        )
         same, frac, worst = compare_gguf_tensors(root / "lv" / f"{run.name}-f16.gguf", root / "naive.gguf")
 
-        rows = [("lowvram export (streaming merge + converter)", lv), ("naive (PEFT merge_and_unload + save + converter)", naive),
-                (f"lowvram export, {half} layers ({params_half / 1e9:.2f}B)", lv_half)]
+        rows = [
+            ("lowvram export (streaming merge + converter)", lv),
+            ("naive (PEFT merge_and_unload + save + converter)", naive),
+            (f"lowvram export, {half} layers ({params_half / 1e9:.2f}B)", lv_half),
+        ]
         w = max(len(r[0]) for r in rows)
         print(f"{'path':<{w}}  {'peak RSS':>10}  {'wall':>8}")
         for name, m in rows:
             print(f"{name:<{w}}  {m['peak_rss_mib']:>7.0f} MiB  {m['wall_s']:>6.1f} s")
         print(f"\npeak RSS lowvram / naive: {lv['peak_rss_mib'] / naive['peak_rss_mib']:.2f}x (target <= 0.50)")
         print(f"wall time lowvram / naive: {lv['wall_s'] / naive['wall_s']:.2f}x (target <= 1.20)")
-        print(f"peak RSS {args.layers} layers / {half} layers (lowvram): {lv['peak_rss_mib'] / lv_half['peak_rss_mib']:.2f}x "
-              f"for {params / params_half:.2f}x the parameters")
-        print(f"GGUF tensors of both paths: same names and types {same}; values differing {100 * frac:.4f}%, "
-              f"largest difference {worst:.2e}")
+        print(
+            f"peak RSS {args.layers} layers / {half} layers (lowvram): {lv['peak_rss_mib'] / lv_half['peak_rss_mib']:.2f}x "
+            f"for {params / params_half:.2f}x the parameters"
+        )
+        print(
+            f"GGUF tensors of both paths: same names and types {same}; values differing {100 * frac:.4f}%, "
+            f"largest difference {worst:.2e}"
+        )
         return 0 if same and frac < 1e-3 else 1
     finally:
         if not args.keep:

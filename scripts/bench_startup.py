@@ -81,9 +81,11 @@ def main() -> None:
     base = med(("import torch, transformers, trl (baseline)", ""), 0)
     with open("/proc/loadavg") if os.path.exists("/proc/loadavg") else open(os.devnull) as fh:
         load = " ".join(fh.read().split()[:3]) or "n/a"
-    print(f"machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}, {args.repeat} runs each, medians, output to "
-          f"{'a pseudo-terminal' if args.tty else '/dev/null'}; load average at the end {load}")
+    print(
+        f"machine: {platform.machine()}, {platform.system()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, {args.repeat} runs each, medians, output to "
+        f"{'a pseudo-terminal' if args.tty else '/dev/null'}; load average at the end {load}"
+    )
     print(f"{'command':<46} {'median s':>9} {'CPU s':>7} {'vs training imports':>20}")
     for name in COMMANDS:
         print(f"{name:<46} {med((name, ''), 0):>9.3f} {med((name, ''), 1):>7.3f} {med((name, ''), 0) / base:>19.2f}x")
@@ -91,7 +93,7 @@ def main() -> None:
         print(f"\nagainst {trees['old']}: this tree minus that one, ms")
         print(f"{'command':<46} {'wall':>8} {'CPU':>8}")
         for name in LIGHT:
-            dw, dc = ((med((name, ''), i) - med((name, 'old'), i)) * 1000 for i in (0, 1))
+            dw, dc = ((med((name, ""), i) - med((name, "old"), i)) * 1000 for i in (0, 1))
             print(f"{name:<46} {dw:>+8.1f} {dc:>+8.1f}")
 
 

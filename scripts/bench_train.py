@@ -54,10 +54,21 @@ def child_lowvram(stage: str, model: str, steps: int, workdir: Path, backend: st
     from lowvram.pipeline import run_pipeline
 
     run = workdir / f"lowvram-{stage}"
-    overrides = [f"model.name={model}", f"model.backend={backend}", f"{stage}.max_steps={steps}",
-                 f"{stage}.save_steps=100000", f"{stage}.batch_size={BATCH}", f"{stage}.grad_accum=1",
-                 f"{stage}.max_seq_len={SEQ}", f"{stage}.learning_rate={LR}", f"lora.r={RANK}", f"lora.alpha={ALPHA}",
-                 "dpo.data.eval_fraction=0", "sft.warmup_ratio=0", "dpo.warmup_ratio=0"]
+    overrides = [
+        f"model.name={model}",
+        f"model.backend={backend}",
+        f"{stage}.max_steps={steps}",
+        f"{stage}.save_steps=100000",
+        f"{stage}.batch_size={BATCH}",
+        f"{stage}.grad_accum=1",
+        f"{stage}.max_seq_len={SEQ}",
+        f"{stage}.learning_rate={LR}",
+        f"lora.r={RANK}",
+        f"lora.alpha={ALPHA}",
+        "dpo.data.eval_fraction=0",
+        "sft.warmup_ratio=0",
+        "dpo.warmup_ratio=0",
+    ]
     if stage == "dpo":
         overrides.append("sft.enabled=false")
     else:
@@ -76,16 +87,37 @@ def child_trl(stage: str, model_dir: str, steps: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32"),
-                           LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                      "down_proj"]))
-    common = dict(output_dir=str(workdir / f"trl-{stage}"), per_device_train_batch_size=BATCH,
-                  gradient_accumulation_steps=1, learning_rate=LR, max_steps=steps, logging_steps=1, save_steps=100000,
-                  report_to="none", disable_tqdm=True, use_cpu=True, seed=42, data_seed=42, lr_scheduler_type="linear",
-                  optim="adamw_torch", dataloader_num_workers=0,
-                  # what lowvram's CPU plan sets; TRL's own defaults are bf16 autocast and gradient checkpointing
-                  bf16=False, fp16=False, gradient_checkpointing=False)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32"),
+        LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    common = dict(
+        output_dir=str(workdir / f"trl-{stage}"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        max_steps=steps,
+        logging_steps=1,
+        save_steps=100000,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=42,
+        data_seed=42,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        dataloader_num_workers=0,
+        # what lowvram's CPU plan sets; TRL's own defaults are bf16 autocast and gradient checkpointing
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+    )
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -94,13 +126,21 @@ def child_trl(stage: str, model_dir: str, steps: int, workdir: Path) -> dict:
             msgs = r["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             rows.append({"prompt": msgs[:last], "completion": [msgs[last]]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=SEQ), train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, max_length=SEQ),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, max_length=SEQ, beta=0.1, loss_type=["sigmoid"]),
-                             train_dataset=Dataset.from_list(_rows("concise_prefs.jsonl")), processing_class=tok)
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, max_length=SEQ, beta=0.1, loss_type=["sigmoid"]),
+            train_dataset=Dataset.from_list(_rows("concise_prefs.jsonl")),
+            processing_class=tok,
+        )
     result = trainer.train()
     tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
     return {"tokens": tokens, "train_runtime_s": result.metrics["train_runtime"]}
@@ -108,8 +148,22 @@ def child_trl(stage: str, model_dir: str, steps: int, workdir: Path) -> dict:
 
 def run_child(variant: str, stage: str, model: str, steps: int, backend: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--child", variant, "--stage", stage, "--model", model, "--steps", str(steps),
-               "--workdir", tmp, "--backend", backend]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--stage",
+            stage,
+            "--model",
+            model,
+            "--steps",
+            str(steps),
+            "--workdir",
+            tmp,
+            "--backend",
+            backend,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{variant} {stage} failed:\n{res.stderr[-3000:]}")
@@ -152,18 +206,21 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    variants = [("lowvram-unsloth", "unsloth"), ("lowvram-hf", "hf")] if args.backends else \
-        [("lowvram", "hf"), ("trl", "hf")]
+    variants = (
+        [("lowvram-unsloth", "unsloth"), ("lowvram-hf", "hf")] if args.backends else [("lowvram", "hf"), ("trl", "hf")]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = str(build_bench_model(Path(tmp) / "bench-model"))
-        print(f"machine: {platform.machine()} {platform.system()}, python {platform.python_version()}; "
-              f"model: 6-layer Llama, hidden 256; seq {SEQ}, batch {BATCH}, LoRA r={RANK}; {args.steps} steps; "
-              f"{args.repeat} alternating runs each, medians")
+        print(
+            f"machine: {platform.machine()} {platform.system()}, python {platform.python_version()}; "
+            f"model: 6-layer Llama, hidden 256; seq {SEQ}, batch {BATCH}, LoRA r={RANK}; {args.steps} steps; "
+            f"{args.repeat} alternating runs each, medians"
+        )
         results: dict = {}
         for stage in ("sft", "dpo"):
             for i in range(args.repeat):
                 # ABBA order: whichever runs first in a pair gets no systematic advantage
-                for name, backend in (variants if i % 2 == 0 else variants[::-1]):
+                for name, backend in variants if i % 2 == 0 else variants[::-1]:
                     variant = "trl" if name == "trl" else "lowvram"
                     results.setdefault((stage, name), []).append(run_child(variant, stage, model, args.steps, backend))
         print(f"{'stage':<5} {'variant':<16} {'tokens/s':>10} {'peak RSS MiB':>13} {'tokens':>8}")
@@ -180,7 +237,9 @@ def main() -> None:
                     vram = f"  peak VRAM {statistics.median(r['peak_vram_gib'] for r in rs):.2f} GiB"
                 print(f"{stage:<5} {name:<16} {tps:>10.0f} {rss:>13.0f} {rs[0]['tokens']:>8.0f}{vram}  (runs: {each})")
             a, b = (variants[0][0], variants[1][0])
-            print(f"{stage:<5} ratio {a}/{b}: tokens/s {meds[a][0] / meds[b][0]:.3f}, peak RSS {meds[a][1] / meds[b][1]:.3f}")
+            print(
+                f"{stage:<5} ratio {a}/{b}: tokens/s {meds[a][0] / meds[b][0]:.3f}, peak RSS {meds[a][1] / meds[b][1]:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,12 @@ SYSTEM = "You are terse."
 
 def before_verify():
     """verify_ggufs as it was at BEFORE_COMMIT, loaded from git."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/verify.py"], check=True,
-                         capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/verify.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     mod = types.ModuleType("verify_before")
     sys.modules["verify_before"] = mod  # dataclasses look their module up
     exec(compile(src, "verify_before.py", "exec"), mod.__dict__)
@@ -63,12 +67,31 @@ def every_core():
 
 def convert(run: Path, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "q4_k_m", "--merged",
-                           "--no-verify", "--out", str(out)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowvram",
+            "export",
+            str(run),
+            "--gguf",
+            "f16",
+            "q4_k_m",
+            "--merged",
+            "--no-verify",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    steps = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(f16|q4_k_m|merge):.*\[([\d.]+) s\]",
-                                                                  proc.stdout, re.M)}
+    steps = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^\s+(f16|q4_k_m|merge):.*\[([\d.]+) s\]", proc.stdout, re.M)
+    }
     return {"f16": steps.get("f16", 0.0), "q4_k_m": steps.get("q4_k_m", 0.0)}
 
 
@@ -91,10 +114,14 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     run, params = bench_export.build_run(root, args.layers, ensure_tiny_model())
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
-          f"RAM, Python {platform.python_version()}")
-    print(f"model: synthetic Llama bf16, {args.layers} layers, {params / 1e9:.2f}B parameters, vocabulary "
-          f"{args.vocab or 'of the tiny tokenizer'}, random init\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+        f"RAM, Python {platform.python_version()}"
+    )
+    print(
+        f"model: synthetic Llama bf16, {args.layers} layers, {params / 1e9:.2f}B parameters, vocabulary "
+        f"{args.vocab or 'of the tiny tokenizer'}, random init\n"
+    )
     out = root / "out"
     ggufs = {t: out / f"{run.name}-{t}.gguf" for t in ("f16", "q4_k_m")}
     old = before_verify()
@@ -116,17 +143,24 @@ def main() -> int:
             r[which] = time.perf_counter() - t0
         r["same_status"] = [x["status"] for x in rows] == [x["status"] for x in old_rows]
         rounds.append(r)
-        print(f"round {i + 1}: conversion {r['conversion']:.1f} s (f16 {r['f16']:.1f} + q4_k_m {r['q4_k_m']:.1f}; "
-              f"load {r['load']:.1f}); verification now {r['now']:.1f} s ({r['threads']} llama.cpp threads, load "
-              f"{r['load_now']:.1f}), before {r['before']:.1f} s (load {r['load_before']:.1f}); "
-              f"now/conversion {r['now'] / r['conversion']:.2f}, before/conversion {r['before'] / r['conversion']:.2f}; "
-              f"same statuses: {r['same_status']}", flush=True)
+        print(
+            f"round {i + 1}: conversion {r['conversion']:.1f} s (f16 {r['f16']:.1f} + q4_k_m {r['q4_k_m']:.1f}; "
+            f"load {r['load']:.1f}); verification now {r['now']:.1f} s ({r['threads']} llama.cpp threads, load "
+            f"{r['load_now']:.1f}), before {r['before']:.1f} s (load {r['load_before']:.1f}); "
+            f"now/conversion {r['now'] / r['conversion']:.2f}, before/conversion {r['before'] / r['conversion']:.2f}; "
+            f"same statuses: {r['same_status']}",
+            flush=True,
+        )
     med = {k: statistics.median(r[k] for r in rounds) for k in ("conversion", "now", "before")}
     ratio = {k: statistics.median(r[k] / r["conversion"] for r in rounds) for k in ("now", "before")}
-    print(f"\nmedians over {len(rounds)} rounds: conversion {med['conversion']:.1f} s, verification now "
-          f"{med['now']:.1f} s, before {med['before']:.1f} s")
-    print(f"median ratio to the conversion (same round): now {ratio['now']:.2f}x, before {ratio['before']:.2f}x; "
-          f"now/before {statistics.median(r['now'] / r['before'] for r in rounds):.2f}")
+    print(
+        f"\nmedians over {len(rounds)} rounds: conversion {med['conversion']:.1f} s, verification now "
+        f"{med['now']:.1f} s, before {med['before']:.1f} s"
+    )
+    print(
+        f"median ratio to the conversion (same round): now {ratio['now']:.2f}x, before {ratio['before']:.2f}x; "
+        f"now/before {statistics.median(r['now'] / r['before'] for r in rounds):.2f}"
+    )
     print("\nverification now, last round:")
     print(verify_table(rows))
     return 0

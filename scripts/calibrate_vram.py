@@ -65,8 +65,9 @@ MODELS: dict[str, ModelSpec] = {
     # microsoft/phi-4 config.json: hidden 5120, 40 layers, 40 heads, 10 KV heads, MLP 17920, vocab 100352.
     "Phi-4": ModelSpec("unsloth/Phi-4", "phi", 14.66, 40, 5120, 40, 10, 17920, 100352, False, False),
     # mistralai/Mistral-7B-v0.1: v0.3's shapes with the older 32000-token vocabulary.
-    "Mistral-7B-v0.1": replace(CATALOG["unsloth/mistral-7b-instruct-v0.3-bnb-4bit"],
-                               name="mistralai/Mistral-7B-v0.1", vocab_size=32000),
+    "Mistral-7B-v0.1": replace(
+        CATALOG["unsloth/mistral-7b-instruct-v0.3-bnb-4bit"], name="mistralai/Mistral-7B-v0.1", vocab_size=32000
+    ),
 }
 
 # fms-acceleration's baseline ran transformers 4.48 + TRL 0.13: the model's own loss upcasts full
@@ -163,16 +164,24 @@ class Calibration:
 
     @property
     def context_failures(self) -> list[tuple[int, int, int]]:
-        return [(gb, ours, pub) for gb, ours, pub in self.context
-                if ours > pub or (gb in CONTEXT_CHECKED_GB and ours < CONTEXT_FLOOR * pub)]
+        return [
+            (gb, ours, pub)
+            for gb, ours, pub in self.context
+            if ours > pub or (gb in CONTEXT_CHECKED_GB and ours < CONTEXT_FLOOR * pub)
+        ]
 
     @property
     def ok(self) -> bool:
-        return (bool(self.full) and not self.out_of_bound and self.lowvram_mae < self.unsloth_mae
-                and not self.context_failures)
+        return (
+            bool(self.full)
+            and not self.out_of_bound
+            and self.lowvram_mae < self.unsloth_mae
+            and not self.context_failures
+        )
 
 
 # ---------------------------------------------------------------- reading rows
+
 
 def _leading_int(text: str) -> int:
     m = re.match(r"\s*(\d+)", text)
@@ -182,8 +191,14 @@ def _leading_int(text: str) -> int:
 
 
 def _ckpt(value: str) -> str:
-    return {"on": "standard", "true": "standard", "standard": "standard", "unsloth": "unsloth",
-            "off": "off", "none": "off"}[value.strip().lower()]
+    return {
+        "on": "standard",
+        "true": "standard",
+        "standard": "standard",
+        "unsloth": "unsloth",
+        "off": "off",
+        "none": "off",
+    }[value.strip().lower()]
 
 
 def _lowvram_row(row: dict, label: str, measured: float) -> Point:
@@ -193,11 +208,23 @@ def _lowvram_row(row: dict, label: str, measured: float) -> Point:
     if spec is None:
         return Point(label, row["stack"], measured, None, f"unknown model {row['model']!r}: not in the catalog")
     targets = ALL_LINEAR if opts.get("targets", "all") == "all" else tuple(opts["targets"].split("+"))
-    setup = Setup(spec, opts.get("stage", "sft"), _leading_int(row["max_seq_len"]), _leading_int(row["batch"]),
-                  _leading_int(row["lora_r"]), targets, _ckpt(row["grad_ckpt"]), opts.get("optim", "adamw_8bit"),
-                  opts.get("dtype", "bf16"), opts.get("backend", "unsloth"), "nvidia" in row["kind"].lower(),
-                  spec.prequantized_4bit, float(opts["vram_gib"]) if "vram_gib" in opts else None,
-                  "far shorter" in row["max_seq_len"], opts.get("check") == "bound")
+    setup = Setup(
+        spec,
+        opts.get("stage", "sft"),
+        _leading_int(row["max_seq_len"]),
+        _leading_int(row["batch"]),
+        _leading_int(row["lora_r"]),
+        targets,
+        _ckpt(row["grad_ckpt"]),
+        opts.get("optim", "adamw_8bit"),
+        opts.get("dtype", "bf16"),
+        opts.get("backend", "unsloth"),
+        "nvidia" in row["kind"].lower(),
+        spec.prequantized_4bit,
+        float(opts["vram_gib"]) if "vram_gib" in opts else None,
+        "far shorter" in row["max_seq_len"],
+        opts.get("check") == "bound",
+    )
     return Point(label, row["stack"], measured, setup)
 
 
@@ -211,32 +238,59 @@ def read_points(csv_path: Path = DATA) -> list[Point]:
                 points.append(_lowvram_row(row, label, measured))
                 continue
             if "torchtune" in stack:
-                points.append(Point(label, stack, measured, None,
-                                    "torchtune's own QLoRA stack (torchao NF4, its own checkpointing and offloading, "
-                                    "chunked cross-entropy, torch.compile where used); lowvram's estimator describes "
-                                    "Unsloth and transformers+PEFT"))
+                points.append(
+                    Point(
+                        label,
+                        stack,
+                        measured,
+                        None,
+                        "torchtune's own QLoRA stack (torchao NF4, its own checkpointing and offloading, "
+                        "chunked cross-entropy, torch.compile where used); lowvram's estimator describes "
+                        "Unsloth and transformers+PEFT",
+                    )
+                )
                 continue
             spec = MODELS.get(row["model"])
             if spec is None:
                 points.append(Point(label, stack, measured, None, f"no dimensions for {row['model']!r}"))
                 continue
             card = next((gib for name, gib in CARD_GIB.items() if name in stack), None)
-            common = {"spec": spec, "max_seq_len": _leading_int(row["max_seq_len"]),
-                      "batch_size": _leading_int(row["batch"]), "lora_r": _leading_int(row["lora_r"]),
-                      "grad_ckpt": _ckpt(row["grad_ckpt"]), "vram_gib": card,
-                      "short_rows": "far shorter" in row["max_seq_len"]}
+            common = {
+                "spec": spec,
+                "max_seq_len": _leading_int(row["max_seq_len"]),
+                "batch_size": _leading_int(row["batch"]),
+                "lora_r": _leading_int(row["lora_r"]),
+                "grad_ckpt": _ckpt(row["grad_ckpt"]),
+                "vram_gib": card,
+                "short_rows": "far shorter" in row["max_seq_len"],
+            }
             if stack.startswith("unsloth SFT"):
                 # The notebooks: all seven linears, adamw_8bit, fp16 on a T4, pre-quantized
                 # (double-quant) repos, peak read with max_memory_reserved().
-                setup = Setup(stage="sft", targets=ALL_LINEAR, optim="adamw_8bit",
-                              dtype="fp16" if "T4" in stack else "bf16", backend=UNSLOTH_NOTEBOOKS, with_context=False,
-                              repo_double_quant=True, **common)
+                setup = Setup(
+                    stage="sft",
+                    targets=ALL_LINEAR,
+                    optim="adamw_8bit",
+                    dtype="fp16" if "T4" in stack else "bf16",
+                    backend=UNSLOTH_NOTEBOOKS,
+                    with_context=False,
+                    repo_double_quant=True,
+                    **common,
+                )
             elif stack.startswith("HF PEFT + bitsandbytes"):
                 targets = ("q_proj", "k_proj", "v_proj", "o_proj") if "qkvo" in stack else ALL_LINEAR
                 # HF Trainer's default optimizer (adamw_torch), bf16, read from nvidia-smi (scripts/data/README.md).
                 # Quantized on load from mistralai/Mistral-7B-v0.1, whose config has no quantization section.
-                setup = Setup(stage="sft", targets=targets, optim="adamw_torch", dtype="bf16", backend=HF_448,
-                              with_context=True, repo_double_quant=False, **common)
+                setup = Setup(
+                    stage="sft",
+                    targets=targets,
+                    optim="adamw_torch",
+                    dtype="bf16",
+                    backend=HF_448,
+                    with_context=True,
+                    repo_double_quant=False,
+                    **common,
+                )
             else:
                 points.append(Point(label, stack, measured, None, "stack not described by lowvram's estimator"))
                 continue
@@ -246,10 +300,22 @@ def read_points(csv_path: Path = DATA) -> list[Point]:
 
 # ---------------------------------------------------------------- the two estimators
 
+
 def lowvram_estimate(s: Setup) -> MemoryEstimate:
-    return estimate(s.spec, s.stage, max_seq_len=s.max_seq_len, batch_size=s.batch_size, lora_r=s.lora_r,
-                    target_modules=s.targets, grad_ckpt=s.grad_ckpt, optim=s.optim, dtype=s.dtype,
-                    backend=s.backend, load_in_4bit=True, vram_gib=s.vram_gib)
+    return estimate(
+        s.spec,
+        s.stage,
+        max_seq_len=s.max_seq_len,
+        batch_size=s.batch_size,
+        lora_r=s.lora_r,
+        target_modules=s.targets,
+        grad_ckpt=s.grad_ckpt,
+        optim=s.optim,
+        dtype=s.dtype,
+        backend=s.backend,
+        load_in_4bit=True,
+        vram_gib=s.vram_gib,
+    )
 
 
 LLAMA_8B = MODELS["Llama-3.1-8B"]
@@ -257,9 +323,23 @@ LLAMA_8B = MODELS["Llama-3.1-8B"]
 
 def max_context(vram_gib: float, spec: ModelSpec = LLAMA_8B, lora_r: int = 32) -> int:
     """The longest sequence whose estimated peak (with the CUDA context) fits a card, at batch 1."""
+
     def fits(seq: int) -> bool:
-        return estimate(spec, "sft", max_seq_len=seq, batch_size=1, lora_r=lora_r, grad_ckpt="unsloth",
-                        optim="adamw_8bit", dtype="bf16", backend="unsloth", vram_gib=vram_gib).total_gib <= vram_gib
+        return (
+            estimate(
+                spec,
+                "sft",
+                max_seq_len=seq,
+                batch_size=1,
+                lora_r=lora_r,
+                grad_ckpt="unsloth",
+                optim="adamw_8bit",
+                dtype="bf16",
+                backend="unsloth",
+                vram_gib=vram_gib,
+            ).total_gib
+            <= vram_gib
+        )
 
     lo, hi = 0, 1 << 21
     while lo < hi:  # the estimate grows with the sequence: bisect
@@ -270,8 +350,14 @@ def max_context(vram_gib: float, spec: ModelSpec = LLAMA_8B, lora_r: int = 32) -
 
 # Unsloth Studio's constants, as VRAM_ESTIMATION.md states them.
 UNSLOTH_CUDA_OVERHEAD_BYTES = 1.4 * GIB
-UNSLOTH_OPTIM_BYTES = {"adamw_8bit": 4, "paged_adamw_8bit": 4, "adamw_torch": 6, "adamw_torch_fused": 6,
-                       "paged_adamw_32bit": 8, "sgd": 4}
+UNSLOTH_OPTIM_BYTES = {
+    "adamw_8bit": 4,
+    "paged_adamw_8bit": 4,
+    "adamw_torch": 6,
+    "adamw_torch_fused": 6,
+    "paged_adamw_32bit": 8,
+    "sgd": 4,
+}
 
 
 def unsloth_studio_gib(s: Setup) -> float:
@@ -285,8 +371,15 @@ def unsloth_studio_gib(s: Setup) -> float:
     non_quantizable = 2 * h * n_layers + v * h + (0 if sp.tied_embeddings else v * h)
     weights = quantizable * 2 / (3.6 if s.repo_double_quant else 3.2) + non_quantizable * 2
     # 2. LoRA adapters, 2 bytes per param.
-    per_module = {"q_proj": h * r + r * h, "k_proj": h * r + r * k, "v_proj": h * r + r * k, "o_proj": h * r + r * h,
-                  "gate_proj": h * r + r * m, "up_proj": h * r + r * m, "down_proj": m * r + r * h}
+    per_module = {
+        "q_proj": h * r + r * h,
+        "k_proj": h * r + r * k,
+        "v_proj": h * r + r * k,
+        "o_proj": h * r + r * h,
+        "gate_proj": h * r + r * m,
+        "up_proj": h * r + r * m,
+        "down_proj": m * r + r * h,
+    }
     lora_params = sum(per_module[t] for t in s.targets) * n_layers
     lora = lora_params * 2
     # 3. optimizer states, calibrated bytes per param.
@@ -317,6 +410,7 @@ def calibrate(csv_path: Path = DATA) -> Calibration:
 
 # ---------------------------------------------------------------- report
 
+
 def report(cal: Calibration, verbose: bool = False) -> list[str]:
     from lowvram.ui import table
 
@@ -324,11 +418,35 @@ def report(cal: Calibration, verbose: bool = False) -> list[str]:
     for r in cal.results:
         s = r.point.setup
         what = "nvidia-smi" if s.with_context else "reserved"
-        rows.append((r.point.label, r.point.stack[:44], f"{s.max_seq_len}x{s.batch_size}", what,
-                     f"{r.point.measured_gib:.2f}", f"{r.lowvram_gib:.2f}", f"{r.lowvram_error:+.1%}",
-                     f"{r.unsloth_gib:.2f}", f"{r.unsloth_error:+.1%}"))
-    out = [table(rows, ("model", "stack", "seq x batch", "measured as", "measured GiB", "lowvram GiB", "error",
-                        "Unsloth GiB", "error"))]
+        rows.append(
+            (
+                r.point.label,
+                r.point.stack[:44],
+                f"{s.max_seq_len}x{s.batch_size}",
+                what,
+                f"{r.point.measured_gib:.2f}",
+                f"{r.lowvram_gib:.2f}",
+                f"{r.lowvram_error:+.1%}",
+                f"{r.unsloth_gib:.2f}",
+                f"{r.unsloth_error:+.1%}",
+            )
+        )
+    out = [
+        table(
+            rows,
+            (
+                "model",
+                "stack",
+                "seq x batch",
+                "measured as",
+                "measured GiB",
+                "lowvram GiB",
+                "error",
+                "Unsloth GiB",
+                "error",
+            ),
+        )
+    ]
     if verbose:
         for r in cal.results:
             out.append(f"\n{r.point.label} ({r.point.stack}):")
@@ -346,31 +464,44 @@ def report(cal: Calibration, verbose: bool = False) -> list[str]:
     gpu = [r for r in cal.results if r.point.stack.startswith("lowvram")]
     out += [
         "",
-        (f"rows that fill max_seq_len ({len(cal.full)}): lowvram mean |error| {cal.lowvram_mae:.1%}, worst "
-         f"{worst.lowvram_error:+.1%} ({worst.point.label}); Unsloth mean |error| {cal.unsloth_mae:.1%}, worst "
-         f"{worst_u.unsloth_error:+.1%} ({worst_u.point.label})"),
+        (
+            f"rows that fill max_seq_len ({len(cal.full)}): lowvram mean |error| {cal.lowvram_mae:.1%}, worst "
+            f"{worst.lowvram_error:+.1%} ({worst.point.label}); Unsloth mean |error| {cal.unsloth_mae:.1%}, worst "
+            f"{worst_u.unsloth_error:+.1%} ({worst_u.point.label})"
+        ),
     ]
     if short:
-        out.append(f"upper-bound rows ({len(short)}: short samples estimated at max_seq_len, or check=bound): "
-                   + ", ".join(f"{r.point.label} {r.lowvram_error:+.1%}" for r in short))
+        out.append(
+            f"upper-bound rows ({len(short)}: short samples estimated at max_seq_len, or check=bound): "
+            + ", ".join(f"{r.point.label} {r.lowvram_error:+.1%}" for r in short)
+        )
         every = cal.results
-        out.append(f"all {len(every)} rows: lowvram mean |error| "
-                   f"{sum(abs(r.lowvram_error) for r in every) / len(every):.1%}, Unsloth "
-                   f"{sum(abs(r.unsloth_error) for r in every) / len(every):.1%}")
+        out.append(
+            f"all {len(every)} rows: lowvram mean |error| "
+            f"{sum(abs(r.lowvram_error) for r in every) / len(every):.1%}, Unsloth "
+            f"{sum(abs(r.unsloth_error) for r in every) / len(every):.1%}"
+        )
     for stage in ("sft", "dpo", "orpo"):
         rows = [r for r in gpu if r.point.setup.stage == stage]
         if rows:
             errs = ", ".join(f"{r.lowvram_error:+.0%}" for r in rows)
             out.append(f"lowvram's own GPU rows, {stage} ({len(rows)}): {errs}")
-    out.append(f"{len(cal.results) - len(cal.out_of_bound)}/{len(cal.results)} rows pass "
-               f"(+-{ERROR_BOUND:.0%}, or an upper bound for short samples and check=bound rows)")
+    out.append(
+        f"{len(cal.results) - len(cal.out_of_bound)}/{len(cal.results)} rows pass "
+        f"(+-{ERROR_BOUND:.0%}, or an upper bound for short samples and check=bound rows)"
+    )
     if cal.context:
         ctx = [(f"{gb} GB", f"{ours:,}", f"{pub:,}", f"{ours / pub:.2f}") for gb, ours, pub in cal.context]
-        out += ["", "Max context, Llama-3.1-8B r=32 batch 1 (the longest sequence whose estimate fits the card):",
-                table(ctx, ("card", "lowvram", "Unsloth published", "ratio"))]
+        out += [
+            "",
+            "Max context, Llama-3.1-8B r=32 batch 1 (the longest sequence whose estimate fits the card):",
+            table(ctx, ("card", "lowvram", "Unsloth published", "ratio")),
+        ]
         checked = [ours / pub for gb, ours, pub in cal.context if gb in CONTEXT_CHECKED_GB]
-        out.append(f"ratio at {'/'.join(map(str, CONTEXT_CHECKED_GB))} GB: min {min(checked):.2f}, "
-                   f"max {max(checked):.2f} (needs {CONTEXT_FLOOR} to 1)")
+        out.append(
+            f"ratio at {'/'.join(map(str, CONTEXT_CHECKED_GB))} GB: min {min(checked):.2f}, "
+            f"max {max(checked):.2f} (needs {CONTEXT_FLOOR} to 1)"
+        )
     for r in cal.out_of_bound:
         what = f"beyond +-{ERROR_BOUND:.0%}" if r.full_length else "below the measurement (not an upper bound)"
         out.append(f"FAIL: {r.point.label} ({r.point.stack}) is off by {r.lowvram_error:+.1%}, {what}")
@@ -379,8 +510,10 @@ def report(cal: Calibration, verbose: bool = False) -> list[str]:
     for gb, ours, pub in cal.context_failures:
         out.append(f"FAIL: max context at {gb} GB is {ours:,} tokens, {ours / pub:.2f}x Unsloth's {pub:,}")
     if cal.ok:
-        out.append("OK: every row passes, lowvram's mean error is below Unsloth's, and the max context is "
-                   f"{CONTEXT_FLOOR}x to 1x Unsloth's table")
+        out.append(
+            "OK: every row passes, lowvram's mean error is below Unsloth's, and the max context is "
+            f"{CONTEXT_FLOOR}x to 1x Unsloth's table"
+        )
     return out
 
 

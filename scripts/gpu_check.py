@@ -60,6 +60,7 @@ HEAD_DIM = {"unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit": 128}
 
 # ------------------------------------------------------------------ models and data
 
+
 def config_for(name: str, max_positions: int = 131072):
     """A transformers config of `name`'s family at the catalog's real dimensions."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -70,10 +71,17 @@ def config_for(name: str, max_positions: int = 131072):
     if spec is None:
         raise SystemExit(f"{name}: dimensions unknown to lowvram's catalog")
     head_dim = HEAD_DIM.get(name) or getattr(spec, "head_dim", None) or spec.hidden_size // spec.num_heads
-    common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                  num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-                  intermediate_size=spec.intermediate_size, tie_word_embeddings=spec.tied_embeddings,
-                  max_position_embeddings=max_positions, head_dim=head_dim)
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        tie_word_embeddings=spec.tied_embeddings,
+        max_position_embeddings=max_positions,
+        head_dim=head_dim,
+    )
     if spec.family == "qwen":
         return Qwen2Config(**common)  # q/k/v projections carry biases, as in Qwen2.5
     if spec.family == "mistral":
@@ -126,17 +134,35 @@ def write_full_length_data(out: Path, tokenizer_dir: Path, tokens: int, rows: in
     sft, pref = out / "sft.jsonl", out / "prefs.jsonl"
     with sft.open("w") as fh:
         for i in range(rows):
-            fh.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: tell me a long story."},
-                                              {"role": "assistant", "content": answer()}]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Question {i}: tell me a long story."},
+                            {"role": "assistant", "content": answer()},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     with pref.open("w") as fh:
         for i in range(rows):
             prompt = [{"role": "user", "content": f"Question {i}: tell me a long story."}]
-            fh.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer()}],
-                                 "rejected": [{"role": "assistant", "content": answer()}]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "chosen": [{"role": "assistant", "content": answer()}],
+                        "rejected": [{"role": "assistant", "content": answer()}],
+                    }
+                )
+                + "\n"
+            )
     return sft, pref
 
 
 # ------------------------------------------------------------------ one job, in its own process
+
 
 def _stage_peaks(peaks: dict):
     """Wrap lowvram.train.run_stage so each stage's peak memory is measured on its own."""
@@ -154,9 +180,11 @@ def _stage_peaks(peaks: dict):
             return original(ctx, data)
         finally:
             torch.cuda.synchronize()
-            peaks[ctx.stage] = {"reserved_at_start_gib": round(start, 3),
-                                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 3),
-                                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3)}
+            peaks[ctx.stage] = {
+                "reserved_at_start_gib": round(start, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 3),
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3),
+            }
 
     train.run_stage = measured
     import lowvram.pipeline as pipeline  # run_pipeline imports run_stage from lowvram.train at call time
@@ -182,7 +210,9 @@ def _resume_probe(report: dict):
             worst, n = 0.0, 0
             for key, tensor in saved.items():
                 name = key.replace(".weight", ".default.weight")
-                match = [v for k, v in live.items() if k.endswith(name) or k.endswith(name.replace("base_model.model.", ""))]
+                match = [
+                    v for k, v in live.items() if k.endswith(name) or k.endswith(name.replace("base_model.model.", ""))
+                ]
                 if match:
                     n += 1
                     worst = max(worst, (match[0].detach().float().cpu() - tensor.float()).abs().max().item())
@@ -216,10 +246,15 @@ def child(args) -> None:
         _resume_probe(out)
     overrides = json.loads(args.overrides)
     try:
-        pipeline.run_pipeline(None if args.resume else "chat-assistant", [] if args.resume else overrides,
-                              run_dir=args.run_dir, resume=args.run_dir if args.resume else None,
-                              gpu="t4" if args.t4 else None, vram=None if args.t4 or args.budget >= total else args.budget,
-                              export=False)
+        pipeline.run_pipeline(
+            None if args.resume else "chat-assistant",
+            [] if args.resume else overrides,
+            run_dir=args.run_dir,
+            resume=args.run_dir if args.resume else None,
+            gpu="t4" if args.t4 else None,
+            vram=None if args.t4 or args.budget >= total else args.budget,
+            export=False,
+        )
         out["ok"] = True
     except BaseException as e:  # report, do not hide: OOM or anything else, verbatim
         out["ok"] = False
@@ -230,6 +265,7 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------ the parent: plan jobs, run them, report
+
 
 def _plan(overrides: list[str], budget: float, t4: bool):
     from lowvram.hardware import Device, detect_device
@@ -251,8 +287,19 @@ def longest_planned_seq(model_dir: str, budget: float, lora_r: int = 32) -> int:
     while hi - lo > 64:
         mid = (lo + hi) // 2
         try:
-            _plan([f"model.name={model_dir}", f"lora.r={lora_r}", "sft.batch_size=1", "sft.grad_accum=1",
-                   f"sft.max_seq_len={mid}", "dpo.enabled=false", "use_samples=true"], budget, False)
+            _plan(
+                [
+                    f"model.name={model_dir}",
+                    f"lora.r={lora_r}",
+                    "sft.batch_size=1",
+                    "sft.grad_accum=1",
+                    f"sft.max_seq_len={mid}",
+                    "dpo.enabled=false",
+                    "use_samples=true",
+                ],
+                budget,
+                False,
+            )
             lo = mid
         except UserError:
             hi = mid
@@ -265,11 +312,30 @@ class Runner:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.results: list[dict] = []
 
-    def start(self, job: str, model_dir: Path, budget: float, overrides: list[str], t4=False, resume=False,
-              run_dir: Path | None = None) -> tuple[subprocess.Popen, dict]:
+    def start(
+        self,
+        job: str,
+        model_dir: Path,
+        budget: float,
+        overrides: list[str],
+        t4=False,
+        resume=False,
+        run_dir: Path | None = None,
+    ) -> tuple[subprocess.Popen, dict]:
         run_dir = run_dir or self.work / f"run-{job}"
-        cmd = [sys.executable, __file__, "--child", "--job", job, "--run-dir", str(run_dir), "--budget", str(budget),
-               "--overrides", json.dumps([f"model.name={model_dir}", *overrides])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--job",
+            job,
+            "--run-dir",
+            str(run_dir),
+            "--budget",
+            str(budget),
+            "--overrides",
+            json.dumps([f"model.name={model_dir}", *overrides]),
+        ]
         cmd += ["--t4"] if t4 else []
         cmd += ["--resume"] if resume else []
         log = (self.out / "logs" / f"{job}.log").open("a")
@@ -281,8 +347,11 @@ class Runner:
         info["log"].close()
         text = (self.out / "logs" / f"{info['job']}.log").read_text(errors="replace")
         lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
-        res = json.loads(lines[-1][7:]) if lines else {"job": info["job"], "ok": False,
-                                                        "error": f"exit {proc.returncode}: {text[-600:]}"}
+        res = (
+            json.loads(lines[-1][7:])
+            if lines
+            else {"job": info["job"], "ok": False, "error": f"exit {proc.returncode}: {text[-600:]}"}
+        )
         res["wall_s"] = round(time.monotonic() - info["t0"], 1)
         res.update(_run_facts(info["run_dir"]))
         res.update(info.get("extra") or {})
@@ -306,14 +375,24 @@ def _run_facts(run_dir: Path) -> dict:
         out["stages"] = {}
         for s, sp in plan["stages"].items():
             est = sp.get("estimate") or {}
-            out["stages"][s] = {"seq": sp["max_seq_len"], "batch": sp["batch_size"], "accum": sp["grad_accum"],
-                                "estimate_gib": round(est.get("total_gib", float("nan")), 3),
-                                "budget_gib": sp.get("budget_gib")}
+            out["stages"][s] = {
+                "seq": sp["max_seq_len"],
+                "batch": sp["batch_size"],
+                "accum": sp["grad_accum"],
+                "estimate_gib": round(est.get("total_gib", float("nan")), 3),
+                "budget_gib": sp.get("budget_gib"),
+            }
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        first = [r for r in rows if r.get("stage") == "dpo" and "rewards/margins" in r and "eval" not in r
-                 and not any(k.startswith("eval_") for k in r)]
+        first = [
+            r
+            for r in rows
+            if r.get("stage") == "dpo"
+            and "rewards/margins" in r
+            and "eval" not in r
+            and not any(k.startswith("eval_") for k in r)
+        ]
         if first:
             out["dpo_first_margin"] = first[0]["rewards/margins"]
             out["dpo_margins"] = [round(r["rewards/margins"], 4) for r in first]
@@ -331,23 +410,29 @@ def _run_facts(run_dir: Path) -> dict:
 
 
 def _table(results: list[dict]) -> list[str]:
-    head = (f"{'job':<28} {'model':<44} {'stage':<5} {'seq':>6} {'bs':>3} {'ga':>3} {'budget':>6} {'est':>6} "
-            f"{'peak':>6} {'alloc':>6} {'tok/s':>8}  result")
+    head = (
+        f"{'job':<28} {'model':<44} {'stage':<5} {'seq':>6} {'bs':>3} {'ga':>3} {'budget':>6} {'est':>6} "
+        f"{'peak':>6} {'alloc':>6} {'tok/s':>8}  result"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         stages = r.get("stages") or {"-": {}}
         for s, sp in stages.items():
             pk = (r.get("peaks") or {}).get(s, {})
             status = "ok" if r.get("ok") else ("OOM" if r.get("oom") else "FAILED")
-            lines.append(f"{r['job']:<28} {str(r.get('model', ''))[-44:]:<44} {s:<5} {sp.get('seq', ''):>6} "
-                         f"{sp.get('batch', ''):>3} {sp.get('accum', ''):>3} {r.get('budget_gib', 0):>6.1f} "
-                         f"{sp.get('estimate_gib', float('nan')):>6.2f} {pk.get('peak_reserved_gib', float('nan')):>6.2f} "
-                         f"{pk.get('peak_allocated_gib', float('nan')):>6.2f} {sp.get('tokens_per_s', float('nan')):>8.0f}  {status}")
+            lines.append(
+                f"{r['job']:<28} {str(r.get('model', ''))[-44:]:<44} {s:<5} {sp.get('seq', ''):>6} "
+                f"{sp.get('batch', ''):>3} {sp.get('accum', ''):>3} {r.get('budget_gib', 0):>6.1f} "
+                f"{sp.get('estimate_gib', float('nan')):>6.2f} {pk.get('peak_reserved_gib', float('nan')):>6.2f} "
+                f"{pk.get('peak_allocated_gib', float('nan')):>6.2f} {sp.get('tokens_per_s', float('nan')):>8.0f}  {status}"
+            )
         if r.get("dpo_first_margin") is not None:
             lines.append(f"{'':<28} first logged reward margin {r['dpo_first_margin']:+.6f}")
         if r.get("resume_adapter_max_abs_diff") is not None:
-            lines.append(f"{'':<28} resumed from {r['resume_checkpoint']}: policy adapter max |diff| vs checkpoint "
-                         f"{r['resume_adapter_max_abs_diff']:.3g} over {r['resume_adapter_tensors_compared']} tensors")
+            lines.append(
+                f"{'':<28} resumed from {r['resume_checkpoint']}: policy adapter max |diff| vs checkpoint "
+                f"{r['resume_adapter_max_abs_diff']:.3g} over {r['resume_adapter_tensors_compared']} tensors"
+            )
         if r.get("error"):
             lines.append(f"{'':<28} {r['error'][:300]}")
     return lines
@@ -365,11 +450,14 @@ def _versions() -> str:
             vers.append(f"{n} {md.version(n)}")
         except md.PackageNotFoundError:
             vers.append(f"{n} -")
-    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip()
+    drv = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
     p = torch.cuda.get_device_properties(0)
-    return (f"device: {p.name}, {p.total_memory / 1024**3:.1f} GiB, cc {p.major}.{p.minor}, driver {drv}; "
-            f"torch {torch.__version__} (CUDA {torch.version.cuda}); " + ", ".join(vers))
+    return (
+        f"device: {p.name}, {p.total_memory / 1024**3:.1f} GiB, cc {p.major}.{p.minor}, driver {drv}; "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}); " + ", ".join(vers)
+    )
 
 
 def main() -> None:
@@ -423,9 +511,17 @@ def main() -> None:
     runner = Runner(out, work, total)
     tiny = ensure_tiny_model()
     steps = args.steps
-    base = ["use_samples=false", f"sft.max_steps={steps}", f"dpo.max_steps={steps}", "sft.save_steps=1000",
-            "dpo.save_steps=1000", "dpo.data.eval_fraction=0", "dpo.data.eval_split=", "sft.logging_steps=1",
-            "dpo.logging_steps=1"]
+    base = [
+        "use_samples=false",
+        f"sft.max_steps={steps}",
+        f"dpo.max_steps={steps}",
+        "sft.save_steps=1000",
+        "dpo.save_steps=1000",
+        "dpo.data.eval_fraction=0",
+        "dpo.data.eval_split=",
+        "sft.logging_steps=1",
+        "dpo.logging_steps=1",
+    ]
 
     def data_for(tag: str, tokens: int, rows: int) -> list[str]:
         sft, pref = write_full_length_data(work / f"data-{tag}", tiny, tokens, rows)
@@ -434,7 +530,11 @@ def main() -> None:
     def planned(plan) -> list[str]:
         """The settings a user of the catalog model gets, pinned: the local random copy has no
         quantization_config, so left alone the planner could pick other values for it."""
-        return [f"{s}.{k}={getattr(sp, k)}" for s, sp in plan.stages.items() for k in ("max_seq_len", "batch_size", "grad_accum")]
+        return [
+            f"{s}.{k}={getattr(sp, k)}"
+            for s, sp in plan.stages.items()
+            for k in ("max_seq_len", "batch_size", "grad_accum")
+        ]
 
     def user_plan(plan) -> dict:
         return {s: round(sp.estimate.total_gib, 3) for s, sp in plan.stages.items() if sp.estimate is not None}
@@ -448,7 +548,7 @@ def main() -> None:
     pairs = [(t, f) for t in tiers for f in args.families.split(",") if f]
     pairs += [tuple(x.split(":")) for x in args.also.split(",") if x]
     for tier, family in pairs:
-        for t4 in ([False, True] if args.t4 and tier == "16gb" and family == "llama" else [False]):
+        for t4 in [False, True] if args.t4 and tier == "16gb" and family == "llama" else [False]:
             budget = T4_GIB if t4 else CARDS[tier]
             try:
                 plan = _plan([f"model.family={family}", f"model.tier={tier}", "use_samples=true"], budget, t4)
@@ -457,35 +557,78 @@ def main() -> None:
                 continue
             longest = max(sp.max_seq_len for sp in plan.stages.values())
             rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
-            groups.append([job(f"{tier}{'-t4' if t4 else ''}-{family}-unsloth", plan.model, budget,
-                               [f"model.tier={tier}", *base, *planned(plan), *data_for(f"{longest}-{rows}", longest, rows)],
-                               t4=t4, user_plan=user_plan(plan))])
+            groups.append(
+                [
+                    job(
+                        f"{tier}{'-t4' if t4 else ''}-{family}-unsloth",
+                        plan.model,
+                        budget,
+                        [f"model.tier={tier}", *base, *planned(plan), *data_for(f"{longest}-{rows}", longest, rows)],
+                        t4=t4,
+                        user_plan=user_plan(plan),
+                    )
+                ]
+            )
     if args.methods:
         small = tiers[-1] if tiers else "8gb"
         plan = _plan([f"model.tier={small}", "model.family=llama", "use_samples=true"], CARDS[small], False)
         for method in args.methods.split(","):
             extra = [f"dpo.method={method}"] if method in ("kto", "orpo") else [f"dpo.loss_type={method}"]
             extra += ["sft.enabled=false"] if method == "orpo" else []  # ORPO is a single stage from the base
-            groups.append([job(f"{small}-llama-{method}", plan.model, CARDS[small],
-                               [f"model.tier={small}", *base, *extra, *data_for("m1024", 1024, 8 * steps * 2)])])
+            groups.append(
+                [
+                    job(
+                        f"{small}-llama-{method}",
+                        plan.model,
+                        CARDS[small],
+                        [f"model.tier={small}", *base, *extra, *data_for("m1024", 1024, 8 * steps * 2)],
+                    )
+                ]
+            )
     if args.resume_check:
-        ov = [*base, "model.tier=8gb", "sft.max_steps=3", "sft.learning_rate=1e-3", "dpo.max_steps=8",
-              "dpo.save_steps=3", "dpo.learning_rate=5e-4", "sft.batch_size=1", "sft.grad_accum=1", "sft.max_seq_len=512",
-              "dpo.batch_size=1", "dpo.grad_accum=2", "dpo.max_seq_len=512", *data_for("resume", 512, 32)]
+        ov = [
+            *base,
+            "model.tier=8gb",
+            "sft.max_steps=3",
+            "sft.learning_rate=1e-3",
+            "dpo.max_steps=8",
+            "dpo.save_steps=3",
+            "dpo.learning_rate=5e-4",
+            "sft.batch_size=1",
+            "sft.grad_accum=1",
+            "sft.max_seq_len=512",
+            "dpo.batch_size=1",
+            "dpo.grad_accum=2",
+            "dpo.max_seq_len=512",
+            *data_for("resume", 512, 32),
+        ]
         small = "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"
-        groups.append([job("resume-killed", small, 8.0, ov, run="resume", kill_after="dpo/checkpoints/checkpoint-3"),
-                       job("resume-resumed", small, 8.0, [], run="resume", resume=True)])
+        groups.append(
+            [
+                job("resume-killed", small, 8.0, ov, run="resume", kill_after="dpo/checkpoints/checkpoint-3"),
+                job("resume-resumed", small, 8.0, [], run="resume", resume=True),
+            ]
+        )
     if args.long_context:
         groups.append([job("long-context-24gb", LONG_CONTEXT_MODEL, 24.0, None, long_context=True)])
     speed: list[dict] = []
     if args.compare_hf:
-        plan = _plan([f"model.name={args.compare_model}", "model.backend=hf", "use_samples=true"], args.compare_gib, False)
+        plan = _plan(
+            [f"model.name={args.compare_model}", "model.backend=hf", "use_samples=true"], args.compare_gib, False
+        )
         longest = max(sp.max_seq_len for sp in plan.stages.values())
         rows = 2 * steps * max(sp.effective_batch for sp in plan.stages.values())
         ov = [*base, *planned(plan), *data_for(f"cmp-{longest}-{rows}", longest, rows)]
         for backend in ("unsloth", "hf"):  # same settings: the ones the plain backend's plan fits
-            speed.append(job(f"speed-{backend}", args.compare_model, args.compare_gib, [*ov, f"model.backend={backend}"],
-                             user_plan=user_plan(plan)))
+            speed.append(
+                job(
+                    f"speed-{backend}",
+                    args.compare_model,
+                    args.compare_gib,
+                    [*ov, f"model.backend={backend}"],
+                    user_plan=user_plan(plan),
+                )
+            )
 
     # Every model once, at its real dimensions.
     model_dirs: dict[str, Path] = {}
@@ -499,9 +642,21 @@ def main() -> None:
     for j in [j for g in groups for j in g]:
         if j.get("long_context"):
             seq = longest_planned_seq(str(model_dirs[j["model"]]), j["budget"])
-            print(f"planner's longest SFT sequence for {j['model']} r=32 batch 1 at {j['budget']:g} GiB: {seq}", flush=True)
-            j["overrides"] = [*base, "model.tier=24gb", "lora.r=32", "sft.batch_size=1", "sft.grad_accum=1",
-                              f"sft.max_seq_len={seq}", "sft.max_steps=1", "dpo.enabled=false", *data_for("long", seq, 4)]
+            print(
+                f"planner's longest SFT sequence for {j['model']} r=32 batch 1 at {j['budget']:g} GiB: {seq}",
+                flush=True,
+            )
+            j["overrides"] = [
+                *base,
+                "model.tier=24gb",
+                "lora.r=32",
+                "sft.batch_size=1",
+                "sft.grad_accum=1",
+                f"sft.max_seq_len={seq}",
+                "sft.max_steps=1",
+                "dpo.enabled=false",
+                *data_for("long", seq, 4),
+            ]
             j["extra"] = {"planned_longest_seq": seq}
 
     gate = _Gate(total)
@@ -511,8 +666,15 @@ def main() -> None:
             gate.acquire(j["budget"])
             try:
                 run_dir = work / f"run-{j.get('run', j['job'])}"
-                proc, info = runner.start(j["job"], model_dirs[j["model"]], j["budget"], j["overrides"] or [],
-                                          t4=j.get("t4", False), resume=j.get("resume", False), run_dir=run_dir)
+                proc, info = runner.start(
+                    j["job"],
+                    model_dirs[j["model"]],
+                    j["budget"],
+                    j["overrides"] or [],
+                    t4=j.get("t4", False),
+                    resume=j.get("resume", False),
+                    run_dir=run_dir,
+                )
                 extra = {"catalog_estimate_gib": j.get("user_plan"), **j.get("extra", {})}
                 if j.get("kill_after"):
                     marker = run_dir / j["kill_after"] / "trainer_state.json"

@@ -37,8 +37,11 @@ def main() -> int:
                 tensors[f"{name}.{key}"] = value
             tensors[f"{name}.reference"] = F.dequantize_4bit(packed, state).to(torch.bfloat16)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT),
-              metadata={"bitsandbytes": bnb.__version__, "torch": torch.__version__})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(OUT),
+        metadata={"bitsandbytes": bnb.__version__, "torch": torch.__version__},
+    )
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes) with bitsandbytes {bnb.__version__}")
     return 0
 

@@ -27,17 +27,24 @@ def markdown(rows: list[dict]) -> str:
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         model = r["model"].split("/")[-1]
-        out.append(f"| {r['tier']} | {r['card']} | {model} | {r['params_b']:.1f}B | {r['stage']} | {r['max_seq_len']} | "
-                   f"{r['batch_size']} x {r['grad_accum']} | {r['lora_r']} | {r['estimate_gib']:.1f} / "
-                   f"{r['budget_gib']:.1f} |")
+        out.append(
+            f"| {r['tier']} | {r['card']} | {model} | {r['params_b']:.1f}B | {r['stage']} | {r['max_seq_len']} | "
+            f"{r['batch_size']} x {r['grad_accum']} | {r['lora_r']} | {r['estimate_gib']:.1f} / "
+            f"{r['budget_gib']:.1f} |"
+        )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="machine-readable rows")
-    ap.add_argument("--card", action="append", default=[], metavar="TIER=CARD",
-                    help="plan a tier on a known card instead, e.g. 16gb=t4 (repeatable)")
+    ap.add_argument(
+        "--card",
+        action="append",
+        default=[],
+        metavar="TIER=CARD",
+        help="plan a tier on a known card instead, e.g. 16gb=t4 (repeatable)",
+    )
     args = ap.parse_args(argv)
     rows = tier_table(dict(c.split("=", 1) for c in args.card) or None)
     print(json.dumps(rows, indent=2) if args.json else markdown(rows))

@@ -29,8 +29,10 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason=f"needs a CUDA GPU; torch {torch.__version__} sees none "
-                                   "(on a GPU machine: python scripts/gpu_check.py --tests)")
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA GPU; torch {torch.__version__} sees none "
+        "(on a GPU machine: python scripts/gpu_check.py --tests)"
+    )
     for item in gpu:
         item.add_marker(skip)
 

@@ -29,9 +29,17 @@ def build_base(tiny_dir: Path, out: Path, seed: int = 0, train_steps: int = 15) 
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
     cfg = json.loads((tiny_dir / "config.json").read_text())
-    config = LlamaConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=1024, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"],
-                         pad_token_id=cfg["pad_token_id"], initializer_range=0.08, **DIMS)
+    config = LlamaConfig(
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=cfg["bos_token_id"],
+        eos_token_id=cfg["eos_token_id"],
+        pad_token_id=cfg["pad_token_id"],
+        initializer_range=0.08,
+        **DIMS,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     rows = [json.loads(x) for x in (SAMPLES_DIR / "chat_sft.jsonl").read_text().splitlines() if x.strip()]
@@ -39,8 +47,14 @@ def build_base(tiny_dir: Path, out: Path, seed: int = 0, train_steps: int = 15) 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for step in range(train_steps):
-        batch = tok(texts[(step * 8) % len(texts):][:8], add_special_tokens=False, padding=True, truncation=True,
-                    max_length=64, return_tensors="pt")
+        batch = tok(
+            texts[(step * 8) % len(texts) :][:8],
+            add_special_tokens=False,
+            padding=True,
+            truncation=True,
+            max_length=64,
+            return_tensors="pt",
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch, labels=labels).loss.backward()
         opt.step()
@@ -63,8 +77,9 @@ def build_adapter(base_dir: Path, out: Path, seed: int, init_from: Path | None =
     if init_from is not None:  # DPO continues the SFT adapter
         peft_model = PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
     else:
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                                                      task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -85,12 +100,18 @@ def build_run_dir(tiny_dir: Path, run: Path, base_dir: Path, system_prompt: str 
     build_adapter(base_dir, run / "dpo" / "adapter", seed=2, init_from=run / "sft" / "adapter")
     (run / "dpo" / "DONE").write_text("ok\n")
     AutoTokenizer.from_pretrained(str(tiny_dir)).save_pretrained(str(run / "tokenizer"))
-    (run / "base.json").write_text(json.dumps({"model": str(base_dir), "model_path": str(base_dir),
-                                               "base_16bit": None, "load_in_4bit": False}))
+    (run / "base.json").write_text(
+        json.dumps({"model": str(base_dir), "model_path": str(base_dir), "base_16bit": None, "load_in_4bit": False})
+    )
     (run / "plan.json").write_text(json.dumps({"model": str(base_dir), "load_in_4bit": False, "dtype": "float32"}))
-    recipe = {"name": "fixture", "use_samples": True, "model": {"name": str(base_dir)},
-              "sft": {"data": {"sample": "chat_sft.jsonl"}}, "dpo": {"data": {"sample": "concise_prefs.jsonl"}},
-              "export": {"gguf": ["q4_k_m"], "system_prompt": system_prompt, "verify": True}}
+    recipe = {
+        "name": "fixture",
+        "use_samples": True,
+        "model": {"name": str(base_dir)},
+        "sft": {"data": {"sample": "chat_sft.jsonl"}},
+        "dpo": {"data": {"sample": "concise_prefs.jsonl"}},
+        "export": {"gguf": ["q4_k_m"], "system_prompt": system_prompt, "verify": True},
+    }
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return run
 

@@ -35,8 +35,18 @@ def trained(base, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["run", "demo", f"model.name={base}", "model.chat_template=chatml", "dpo.enabled=false",
-                   "export.gguf=[f16, q4_k_m]", "--run-dir", str(run)])
+        rc = main(
+            [
+                "run",
+                "demo",
+                f"model.name={base}",
+                "model.chat_template=chatml",
+                "dpo.enabled=false",
+                "export.gguf=[f16, q4_k_m]",
+                "--run-dir",
+                str(run),
+            ]
+        )
     assert rc == 0, out.getvalue()[-3000:]
     return run, out.getvalue()
 
@@ -54,8 +64,10 @@ def test_the_fixture_has_a_real_bases_properties(base, tiny_model_dir):
     assert all(u.where == ("input embeddings", "LM head") for u in found)
     # the built-in tiny model, whose turn tokens are ordinary rows, is left alone
     tiny_tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    assert find_untrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tiny_tok,
-                          turn_tokens(tiny_tok, None)) == []
+    assert (
+        find_untrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tiny_tok, turn_tokens(tiny_tok, None))
+        == []
+    )
 
 
 def test_untrained_turn_tokens_are_reported_fixed_and_trained(trained):
@@ -104,8 +116,9 @@ def test_greedy_answers_end_with_the_end_of_turn_token(trained):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     with GGUFModel(run / "export" / "demo-f16.gguf") as g:
         for q in QUESTIONS:
-            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
             out = g.greedy(tok(prompt, add_special_tokens=False)["input_ids"], 48, {eot})
             assert out[-1] == eot and len(out) < 48, (q, tok.decode(out))
 
@@ -150,10 +163,27 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     from lowvram.special_tokens import load_rows
 
     run = tmp_path / "killed"
-    args = ["run", "demo", f"model.name={base}", "model.chat_template=chatml", "--run-dir", str(run), "--no-export",
-            "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=4", "rm.enabled=false", "eval.enabled=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    args = [
+        "run",
+        "demo",
+        f"model.name={base}",
+        "model.chat_template=chatml",
+        "--run-dir",
+        str(run),
+        "--no-export",
+        "dpo.enabled=false",
+        "sft.epochs=100",
+        "sft.save_steps=4",
+        "rm.enabled=false",
+        "eval.enabled=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     ckpts = run / "sft" / "checkpoints"
     t0 = time.monotonic()
     while not any((p / MARKER).is_file() for p in ckpts.glob("checkpoint-*")):
@@ -216,8 +246,21 @@ def test_orpo_from_the_base_trains_the_turn_token_rows(base, tmp_path):
     run = tmp_path / "orpo"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["run", "orpo-tight", "--run-dir", str(run), "--no-export", "use_samples=true", f"model.name={base}",
-                   "model.chat_template=chatml", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"])
+        rc = main(
+            [
+                "run",
+                "orpo-tight",
+                "--run-dir",
+                str(run),
+                "--no-export",
+                "use_samples=true",
+                f"model.name={base}",
+                "model.chat_template=chatml",
+                "dpo.max_steps=3",
+                "dpo.batch_size=4",
+                "dpo.grad_accum=1",
+            ]
+        )
     assert rc == 0, out.getvalue()[-3000:]
     ids, mean_rows = _mean_rows(base)
     saved_ids, rows = load_rows(run / "dpo" / "adapter")

@@ -19,8 +19,21 @@ pytestmark = pytest.mark.slow
 def sft_run(tiny_model_dir, tmp_path_factory):
     """A finished SFT-only run with real Trainer checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    assert main(["run", "demo", "--run-dir", str(run), "--no-export", "dpo.enabled=false", "sft.max_steps=4",
-                 "sft.save_steps=2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "demo",
+                "--run-dir",
+                str(run),
+                "--no-export",
+                "dpo.enabled=false",
+                "sft.max_steps=4",
+                "sft.save_steps=2",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -43,14 +56,20 @@ def _truncate(path: Path, keep: float) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda c: _truncate(c / "trainer_state.json", 0), "trainer_state.json is empty"),  # disk full
-    (lambda c: _truncate(c / "optimizer.pt", 0.5), "optimizer.pt"),
-    (lambda c: _truncate(c / "adapter_model.safetensors", 0.5), "adapter_model.safetensors"),
-    (lambda c: _truncate(c / "rng_state.pth", 0.3), "rng_state.pth"),
-    (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),  # listed in the marker
-    (lambda c: ((c / MARKER).unlink(), (c / "optimizer.pt").unlink()), "optimizer.pt is missing"),  # no marker either
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda c: _truncate(c / "trainer_state.json", 0), "trainer_state.json is empty"),  # disk full
+        (lambda c: _truncate(c / "optimizer.pt", 0.5), "optimizer.pt"),
+        (lambda c: _truncate(c / "adapter_model.safetensors", 0.5), "adapter_model.safetensors"),
+        (lambda c: _truncate(c / "rng_state.pth", 0.3), "rng_state.pth"),
+        (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),  # listed in the marker
+        (
+            lambda c: ((c / MARKER).unlink(), (c / "optimizer.pt").unlink()),
+            "optimizer.pt is missing",
+        ),  # no marker either
+    ],
+)
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(sft_run, tmp_path, damage, why):
     ckpt_dir = _copy(sft_run, tmp_path / "run") / "sft" / "checkpoints"
     damage(ckpt_dir / "checkpoint-4")
@@ -103,9 +122,24 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
     import time
 
     run = small_disk / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), "--no-export",
-                             "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lowvram",
+            "run",
+            "demo",
+            "--run-dir",
+            str(run),
+            "--no-export",
+            "dpo.enabled=false",
+            "sft.epochs=100",
+            "sft.save_steps=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "sft" / "checkpoints" / "checkpoint-2" / MARKER).is_file():
@@ -124,8 +158,11 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
     assert good is not None and f"newest complete checkpoint is {good.name}" in err
     os.unlink(filler)  # space freed: resume from the newest complete checkpoint
     step = int(good.name.split("-")[1])
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
-                          f"sft.max_steps={step + 2}"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export", f"sft.max_steps={step + 2}"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {good.name}" in res.stdout
     assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == step + 2

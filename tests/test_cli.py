@@ -26,8 +26,23 @@ def test_help_and_version(capsys):
 def test_doctor_is_healthy_on_cpu(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for key in ("GPU", "precision", "tier", "backend", "torch", "transformers", "trl", "peft", "bitsandbytes",
-                "unsloth", "xformers", "GGUF f16", "GGUF q4_k_m", "free RAM", "free disk"):
+    for key in (
+        "GPU",
+        "precision",
+        "tier",
+        "backend",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "bitsandbytes",
+        "unsloth",
+        "xformers",
+        "GGUF f16",
+        "GGUF q4_k_m",
+        "free RAM",
+        "free disk",
+    ):
         assert key in out
 
 
@@ -98,8 +113,10 @@ def test_light_commands_do_not_import_training_libraries(args):
 
 def test_export_modules_import_no_training_libraries():
     """Importing the export side (merge, llama.cpp, Ollama) loads no torch: each imports it where it runs."""
-    code = ("import json, sys, lowvram.cli, lowvram.export, lowvram.ollama, lowvram.merge, lowvram.llamacpp; "
-            "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))")
+    code = (
+        "import json, sys, lowvram.cli, lowvram.export, lowvram.ollama, lowvram.merge, lowvram.llamacpp; "
+        "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
@@ -110,7 +127,8 @@ def test_recipe_script_runs_the_yaml_beside_it(name, tiny_tokenizer_dir):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
-    res = subprocess.run([sys.executable, str(script), "--plan", "--gpu", "rtx3060", "dpo.beta=0.3"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(script), "--plan", "--gpu", "rtx3060", "dpo.beta=0.3"], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     assert f"Plan for {name} " in res.stdout and "12gb tier" in res.stdout

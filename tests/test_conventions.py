@@ -23,8 +23,9 @@ def _classes_setting_exit_code(path: Path) -> list[tuple[str, ast.expr]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ClassDef):
             for stmt in node.body:
-                if (isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "exit_code"
-                                                         for t in stmt.targets)):
+                if isinstance(stmt, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "exit_code" for t in stmt.targets
+                ):
                     found.append((node.name, stmt.value))
     return found
 
@@ -34,8 +35,12 @@ def test_exit_statuses_are_defined_once_in_errors():
     assert statuses == {0, 1, 2, 3, 130}
     for name in ("EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_USER_ERROR", "EXIT_OUT_OF_MEMORY", "EXIT_INTERRUPTED"):
         assert name in errors.__doc__ and str(getattr(errors, name)) in errors.__doc__  # the table lists each
-    elsewhere = [f"{path.relative_to(ROOT)}: {cls}.exit_code" for path in sorted(PACKAGE.rglob("*.py"))
-                 if path.name != "errors.py" for cls, _ in _classes_setting_exit_code(path)]
+    elsewhere = [
+        f"{path.relative_to(ROOT)}: {cls}.exit_code"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "errors.py"
+        for cls, _ in _classes_setting_exit_code(path)
+    ]
     assert elsewhere == []  # a subclass elsewhere takes its status from errors.py, or inherits UserError's
 
 
@@ -58,10 +63,22 @@ def test_the_documented_warning_codes_are_the_emitted_ones():
 
 def test_nothing_points_outside_the_repository():
     patterns = ("../shared", "shared/calibration")  # the workspace beside the repository, not part of it
-    files = [*PACKAGE.rglob("*.py"), *(ROOT / "scripts").rglob("*.py"), *(ROOT / "scripts").rglob("*.md"),
-             *(ROOT / "recipes").glob("*"), *(ROOT / "tests").glob("*.py"), *ROOT.glob("constraints*.txt"),
-             ROOT / "pyproject.toml", ROOT / "Makefile", ROOT / ".ci" / "run"]
-    hits = [f"{f.relative_to(ROOT)}:{n}" for f in files if f.is_file()
-            for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
-            if f.resolve() != Path(__file__).resolve() and any(p in line for p in patterns)]
+    files = [
+        *PACKAGE.rglob("*.py"),
+        *(ROOT / "scripts").rglob("*.py"),
+        *(ROOT / "scripts").rglob("*.md"),
+        *(ROOT / "recipes").glob("*"),
+        *(ROOT / "tests").glob("*.py"),
+        *ROOT.glob("constraints*.txt"),
+        ROOT / "pyproject.toml",
+        ROOT / "Makefile",
+        ROOT / ".ci" / "run",
+    ]
+    hits = [
+        f"{f.relative_to(ROOT)}:{n}"
+        for f in files
+        if f.is_file()
+        for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if f.resolve() != Path(__file__).resolve() and any(p in line for p in patterns)
+    ]
     assert hits == []

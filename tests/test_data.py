@@ -43,6 +43,7 @@ def msg(role: str, content: str) -> dict:
 
 # ------------------------------------------------------------------ SFT formats
 
+
 def test_chat_messages(tmp_path):
     rows = [{"messages": [msg("system", "Be brief."), msg(USER, "Hi"), msg(BOT, "Hello.")]}] * 2
     data = sft(write_jsonl(tmp_path / "chat.jsonl", rows))
@@ -51,20 +52,29 @@ def test_chat_messages(tmp_path):
 
 
 def test_sharegpt_becomes_messages(tmp_path):
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
-                             {"from": "gpt", "value": "A"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q"},
+            {"from": "gpt", "value": "A"},
+        ]
+    }
     data = sft(write_jsonl(tmp_path / "sg.jsonl", [row]))
     assert data.format == "sharegpt"
     assert data.train == [{"messages": [msg("system", "S"), msg(USER, "Q"), msg(BOT, "A")]}]
 
 
 def test_alpaca_becomes_user_assistant(tmp_path):
-    rows = [{"instruction": "Translate.", "input": "chat", "output": "cat"},
-            {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    rows = [
+        {"instruction": "Translate.", "input": "chat", "output": "cat"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi."},
+    ]
     data = sft(write_jsonl(tmp_path / "alpaca.jsonl", rows))
     assert data.format == "alpaca"
-    assert data.train == [{"messages": [msg(USER, "Translate.\n\nchat"), msg(BOT, "cat")]},
-                          {"messages": [msg(USER, "Say hi."), msg(BOT, "Hi.")]}]
+    assert data.train == [
+        {"messages": [msg(USER, "Translate.\n\nchat"), msg(BOT, "cat")]},
+        {"messages": [msg(USER, "Say hi."), msg(BOT, "Hi.")]},
+    ]
 
 
 def test_prompt_completion_and_text(tmp_path):
@@ -75,6 +85,7 @@ def test_prompt_completion_and_text(tmp_path):
 
 
 # ------------------------------------------------------------------ preference formats
+
 
 def test_string_pairs(tmp_path):
     row = {"prompt": "P", "chosen": "good", "rejected": "bad"}
@@ -101,17 +112,21 @@ def test_hh_rlhf_prompt_is_the_shared_prefix(tmp_path):
     row = {"chosen": prefix + " About nine minutes.", "rejected": prefix + " Forever."}
     data = prefs(write_jsonl(tmp_path / "hh.jsonl", [row]))
     assert data.format == "hh-rlhf" and "HH-RLHF" in data.reason
-    assert data.train == [{
-        "prompt": [msg(USER, "How do I boil an egg?"), msg(BOT, "In water."), msg(USER, "For how long?")],
-        "chosen": [msg(BOT, "About nine minutes.")],
-        "rejected": [msg(BOT, "Forever.")],
-    }]
+    assert data.train == [
+        {
+            "prompt": [msg(USER, "How do I boil an egg?"), msg(BOT, "In water."), msg(USER, "For how long?")],
+            "chosen": [msg(BOT, "About nine minutes.")],
+            "rejected": [msg(BOT, "Forever.")],
+        }
+    ]
 
 
 def test_hh_rlhf_rows_that_diverge_early_are_named(tmp_path):
     good = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}
-    bad = {"chosen": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: more\n\nAssistant: C",
-           "rejected": "\n\nHuman: Q\n\nAssistant: X\n\nHuman: more\n\nAssistant: D"}
+    bad = {
+        "chosen": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: more\n\nAssistant: C",
+        "rejected": "\n\nHuman: Q\n\nAssistant: X\n\nHuman: more\n\nAssistant: D",
+    }
     path = write_jsonl(tmp_path / "hh.jsonl", [good, bad, good])
     assert problems_of(path, "preference") == [(2, None, "bad_value")]
 
@@ -141,12 +156,26 @@ def test_argilla_dpo_mix_and_ultrafeedback(tmp_path):
     chosen = [msg(USER, "Q"), msg(BOT, "good")]
     rejected = [msg(USER, "Q"), msg(BOT, "bad")]
     want = [{"prompt": [msg(USER, "Q")], "chosen": [msg(BOT, "good")], "rejected": [msg(BOT, "bad")]}]
-    argilla = {"dataset": "x", "chosen": chosen, "rejected": rejected, "chosen_rating": 5, "rejected_rating": 2,
-               "chosen_model": "a", "rejected_model": "b"}
+    argilla = {
+        "dataset": "x",
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_rating": 5,
+        "rejected_rating": 2,
+        "chosen_model": "a",
+        "rejected_model": "b",
+    }
     data = prefs(write_jsonl(tmp_path / "mix.jsonl", [argilla]))
     assert data.format == "argilla-dpo-mix" and data.train == want
-    uf = {"prompt": "Q", "prompt_id": "abc", "chosen": chosen, "rejected": rejected, "messages": chosen,
-          "score_chosen": 8.0, "score_rejected": 3.0}
+    uf = {
+        "prompt": "Q",
+        "prompt_id": "abc",
+        "chosen": chosen,
+        "rejected": rejected,
+        "messages": chosen,
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
     data = prefs(write_jsonl(tmp_path / "uf.jsonl", [uf]))
     assert data.format == "ultrafeedback-binarized" and data.train == want
     # the prompt column must agree with the dialogue it summarises
@@ -169,22 +198,36 @@ def test_unrecognised_columns_say_what_was_seen(tmp_path):
 
 # ------------------------------------------------------------------ errors, with their lines
 
+
 def test_each_error_is_named_with_its_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"})
-    path.write_bytes("\n".join([
-        good,                                                        # 1
-        '{"prompt": "P", "chosen": "a", "rejected": ',               # 2 invalid JSON
-        json.dumps({"prompt": "P", "chosen": "a"}),                  # 3 missing rejected
-        "",                                                          # 4 blank: skipped
-        json.dumps({"prompt": "P", "chosen": "  ", "rejected": "b"}),  # 5 empty chosen
-        json.dumps({"prompt": "P", "chosen": 3, "rejected": "b"}),   # 6 wrong type
-        good,                                                        # 7
-        "[1, 2]",                                                    # 8 not an object
-    ]).encode() + b"\n" + b'{"prompt": "P\xff", "chosen": "a", "rejected": "b"}\n' + good.encode() + b"\n")
+    path.write_bytes(
+        "\n".join(
+            [
+                good,  # 1
+                '{"prompt": "P", "chosen": "a", "rejected": ',  # 2 invalid JSON
+                json.dumps({"prompt": "P", "chosen": "a"}),  # 3 missing rejected
+                "",  # 4 blank: skipped
+                json.dumps({"prompt": "P", "chosen": "  ", "rejected": "b"}),  # 5 empty chosen
+                json.dumps({"prompt": "P", "chosen": 3, "rejected": "b"}),  # 6 wrong type
+                good,  # 7
+                "[1, 2]",  # 8 not an object
+            ]
+        ).encode()
+        + b"\n"
+        + b'{"prompt": "P\xff", "chosen": "a", "rejected": "b"}\n'
+        + good.encode()
+        + b"\n"
+    )
     assert problems_of(path, "preference") == [
-        (2, None, "invalid_json"), (3, None, "missing_field"), (5, None, "empty_field"),
-        (6, None, "wrong_type"), (8, None, "not_an_object"), (9, None, "undecodable")]
+        (2, None, "invalid_json"),
+        (3, None, "missing_field"),
+        (5, None, "empty_field"),
+        (6, None, "wrong_type"),
+        (8, None, "not_an_object"),
+        (9, None, "undecodable"),
+    ]
     before = path.read_bytes()
     with pytest.raises(UserError) as e:
         prefs(path)
@@ -208,8 +251,16 @@ def test_one_invalid_row_is_one_row(tmp_path, capsys):
     from lowvram.pipeline import load_stage_data
     from lowvram.recipe import load_recipe
 
-    recipe, _ = load_recipe("demo", ["use_samples=false", "sft.enabled=false", f"dpo.data.path={path}",
-                                     "dpo.data.drop_invalid=true", "dpo.data.eval_fraction=0"])
+    recipe, _ = load_recipe(
+        "demo",
+        [
+            "use_samples=false",
+            "sft.enabled=false",
+            f"dpo.data.path={path}",
+            "dpo.data.drop_invalid=true",
+            "dpo.data.eval_fraction=0",
+        ],
+    )
     load_stage_data(recipe, None, ["dpo"])
     assert ", 1 invalid row dropped from" in capsys.readouterr().out
 
@@ -217,16 +268,22 @@ def test_one_invalid_row_is_one_row(tmp_path, capsys):
 def test_message_level_errors(tmp_path):
     rows = [
         {"messages": [msg(USER, "Q"), msg(BOT, "A")]},
-        {"messages": [msg(USER, "Q"), {"role": "assistant"}]},           # 2 missing content
-        {"messages": [msg(USER, "Q"), msg("robot", "A")]},                # 3 unknown role
-        {"messages": "Q: hi A: hello"},                                   # 4 wrong type
-        {"messages": [msg(USER, "Q")]},                                   # 5 no assistant turn
-        {"messages": []},                                                 # 6 empty
+        {"messages": [msg(USER, "Q"), {"role": "assistant"}]},  # 2 missing content
+        {"messages": [msg(USER, "Q"), msg("robot", "A")]},  # 3 unknown role
+        {"messages": "Q: hi A: hello"},  # 4 wrong type
+        {"messages": [msg(USER, "Q")]},  # 5 no assistant turn
+        {"messages": []},  # 6 empty
         {"messages": [msg(USER, "Q"), {"role": "assistant", "content": ["A"]}]},  # 7 content not a string
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    assert problems_of(path, "sft") == [(2, None, "missing_field"), (3, None, "bad_value"), (4, None, "wrong_type"),
-                                        (5, None, "bad_value"), (6, None, "empty_field"), (7, None, "wrong_type")]
+    assert problems_of(path, "sft") == [
+        (2, None, "missing_field"),
+        (3, None, "bad_value"),
+        (4, None, "wrong_type"),
+        (5, None, "bad_value"),
+        (6, None, "empty_field"),
+        (7, None, "wrong_type"),
+    ]
 
 
 def test_all_rows_invalid_is_refused_even_when_dropping(tmp_path):
@@ -237,11 +294,14 @@ def test_all_rows_invalid_is_refused_even_when_dropping(tmp_path):
 
 # ------------------------------------------------------------------ files, folders, CSV, Parquet
 
+
 def test_json_array_records_know_their_lines(tmp_path):
     path = tmp_path / "data.json"
-    path.write_text('[\n  {"prompt": "P", "chosen": "a", "rejected": "b"},\n'
-                    '  {"prompt": "P",\n   "chosen": "a"},\n'
-                    '  {"prompt": "P", "chosen": "a", "rejected": "b"}\n]\n')
+    path.write_text(
+        '[\n  {"prompt": "P", "chosen": "a", "rejected": "b"},\n'
+        '  {"prompt": "P",\n   "chosen": "a"},\n'
+        '  {"prompt": "P", "chosen": "a", "rejected": "b"}\n]\n'
+    )
     assert problems_of(path, "preference") == [(3, 2, "missing_field")]
     with pytest.raises(UserError) as e:
         prefs(path)
@@ -265,15 +325,20 @@ def test_jsonl_named_json_and_column_oriented_json(tmp_path):
 
 def test_csv_rows_are_named_by_their_first_line(tmp_path):
     path = tmp_path / "data.csv"
-    path.write_bytes(b'prompt,chosen,rejected\n'                 # 1 header
-                     b'P,a,b\n'                                  # 2
-                     b'"multi\nline prompt",a,b\n'               # 3-4
-                     b'P,,b\n'                                   # 5 empty chosen
-                     b'P,a,b,extra\n'                            # 6 too many fields
-                     b'P\xfe,a,b\n'                              # 7 undecodable
-                     b'P,a,b\n')                                 # 8
-    assert problems_of(path, "preference") == [(5, None, "empty_field"), (6, None, "wrong_field_count"),
-                                               (7, None, "undecodable")]
+    path.write_bytes(
+        b"prompt,chosen,rejected\n"  # 1 header
+        b"P,a,b\n"  # 2
+        b'"multi\nline prompt",a,b\n'  # 3-4
+        b"P,,b\n"  # 5 empty chosen
+        b"P,a,b,extra\n"  # 6 too many fields
+        b"P\xfe,a,b\n"  # 7 undecodable
+        b"P,a,b\n"
+    )  # 8
+    assert problems_of(path, "preference") == [
+        (5, None, "empty_field"),
+        (6, None, "wrong_field_count"),
+        (7, None, "undecodable"),
+    ]
     data = prefs(path, drop_invalid=True)
     assert data.dropped == 3 and data.train[1]["prompt"] == "multi\nline prompt"
 
@@ -321,12 +386,15 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------ splits, samples, the Hub
 
+
 def test_hub_dataset_rows_and_eval_split(monkeypatch):
     # The Hub cannot be reached from tests: a real in-memory Dataset is what datasets.load_dataset would return.
     import datasets
 
-    splits = {"train": [{"prompt": f"P{i}", "chosen": "a", "rejected": "b"} for i in range(5)] + [{"prompt": "P"}],
-              "test": [{"prompt": "T", "chosen": "a", "rejected": "b"}]}
+    splits = {
+        "train": [{"prompt": f"P{i}", "chosen": "a", "rejected": "b"} for i in range(5)] + [{"prompt": "P"}],
+        "test": [{"prompt": "T", "chosen": "a", "rejected": "b"}],
+    }
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(splits[split]))
     cfg = DataConfig(path="someone/prefs", split="train", eval_split="test", drop_invalid=True)
     data = load_preference_data(cfg)
@@ -386,7 +454,6 @@ def test_every_recipe_reads_its_samples_offline(name):
 # ------------------------------------------------------------------ data check: warnings
 
 
-
 def check(path: Path, kind: str | None = None, **kw):
     return check_data(DataConfig(path=str(path), **kw), kind)
 
@@ -402,18 +469,24 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
 
 def test_each_preference_warning_names_its_lines(tmp_path):
     rows = [
-        pair("What is 2+2?", "It is four.", "It is five."),                         # 1 fine
-        pair("Capital of France?", "Paris.", "paris. "),                            # 2 identical (case, space)
+        pair("What is 2+2?", "It is four.", "It is five."),  # 1 fine
+        pair("Capital of France?", "Paris.", "paris. "),  # 2 identical (case, space)
         pair("Spell it", "The word is 'necessary'.", "The word is 'neccessary'."),  # 3 nearly identical
-        pair("Say hello", "Say hello", "Goodbye."),                                 # 4 chosen = prompt
-        pair("Any answer?", "Yes, here it is.", "..."),                             # 5 empty answer
-        pair("What is 2+2?", "It is four.", "It is five."),                         # 6 duplicate of 1
-        pair("What is 2+2?", "It is five.", "It is four."),                         # 7 swapped 1
+        pair("Say hello", "Say hello", "Goodbye."),  # 4 chosen = prompt
+        pair("Any answer?", "Yes, here it is.", "..."),  # 5 empty answer
+        pair("What is 2+2?", "It is four.", "It is five."),  # 6 duplicate of 1
+        pair("What is 2+2?", "It is five.", "It is four."),  # 7 swapped 1
     ]
     report = check(write_jsonl(tmp_path / "p.jsonl", rows))
     assert report.errors == [] and report.rows_valid == 7
-    assert warned(report) == {"identical_pair": [2], "near_identical_pair": [3], "chosen_equals_prompt": [4],
-                              "empty_answer": [5], "duplicate_pair": [6], "swapped_pair": [7]}
+    assert warned(report) == {
+        "identical_pair": [2],
+        "near_identical_pair": [3],
+        "chosen_equals_prompt": [4],
+        "empty_answer": [5],
+        "duplicate_pair": [6],
+        "swapped_pair": [7],
+    }
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 
 
@@ -432,8 +505,9 @@ def test_empty_answer_in_an_hh_transcript_is_a_warning_not_an_error(tmp_path):
 
 
 def test_length_bias_the_verbosity_trap(tmp_path):
-    padded = [pair(f"Q{i}", f"Answer {i}. " + "More detail that pads the reply. " * 3, f"Answer {i}.")
-              for i in range(12)]
+    padded = [
+        pair(f"Q{i}", f"Answer {i}. " + "More detail that pads the reply. " * 3, f"Answer {i}.") for i in range(12)
+    ]
     report = check(write_jsonl(tmp_path / "long.jsonl", padded))
     bias = [w for w in report.warnings if w.code == "length_bias"]
     assert len(bias) == 1 and "verbosity trap" in bias[0].message and ">= 75%" in bias[0].message
@@ -453,9 +527,11 @@ def test_length_bias_thresholds():
 
 
 def test_sft_warnings(tmp_path):
-    rows = [{"messages": [msg(USER, "Q"), msg(BOT, "A")]},
-            {"messages": [msg(USER, "Q2"), msg(BOT, "")]},
-            {"messages": [msg(USER, "Q"), msg(BOT, "A")]}]
+    rows = [
+        {"messages": [msg(USER, "Q"), msg(BOT, "A")]},
+        {"messages": [msg(USER, "Q2"), msg(BOT, "")]},
+        {"messages": [msg(USER, "Q"), msg(BOT, "A")]},
+    ]
     report = check(write_jsonl(tmp_path / "chat.jsonl", rows))
     assert report.kind == "sft" and warned(report) == {"empty_answer": [2], "duplicate_example": [3]}
 
@@ -471,6 +547,7 @@ def test_token_budget_without_a_tokenizer_is_labelled_approximate(tmp_path):
 
 
 # ------------------------------------------------------------------ data check: the command
+
 
 def test_data_check_exit_codes_and_json(tmp_path, capsys):
     clean = write_jsonl(tmp_path / "clean.jsonl", [pair("What is 2+2?", "Four.", "Five.")])
@@ -514,19 +591,24 @@ def test_broken_file_is_a_data_error_with_its_line(tmp_path, capsys):
 def test_data_check_against_a_recipe_counts_tokens_with_the_model_tokenizer(tmp_path, tiny_tokenizer_dir, capsys):
     from transformers import AutoTokenizer
 
-    rows = [{"messages": [msg(USER, "What is the capital of France?"), msg(BOT, "Paris.")]},
-            {"messages": [msg(USER, "Tell me everything. " * 20), msg(BOT, "The capital of China is Beijing.")]},
-            {"messages": [msg(USER, "Hi"), msg(BOT, "Hello.")]}]
+    rows = [
+        {"messages": [msg(USER, "What is the capital of France?"), msg(BOT, "Paris.")]},
+        {"messages": [msg(USER, "Tell me everything. " * 20), msg(BOT, "The capital of China is Beijing.")]},
+        {"messages": [msg(USER, "Hi"), msg(BOT, "Hello.")]},
+    ]
     write_jsonl(tmp_path / "chat.jsonl", rows)
     (tmp_path / "r.yaml").write_text(
         "use_samples: false\nmodel:\n  name: builtin:tiny-llama\n"
-        "sft:\n  max_seq_len: 64\n  data:\n    path: chat.jsonl\ndpo:\n  enabled: false\n")
+        "sft:\n  max_seq_len: 64\n  data:\n    path: chat.jsonl\ndpo:\n  enabled: false\n"
+    )
     assert main(["data", "check", "--recipe", str(tmp_path / "r.yaml"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)["reports"][0]
     budget = rep["token_budget"]
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     want = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
-    assert budget["approximate"] is False and "builtin:tiny-llama's tokenizer and chat template" in budget["counted_with"]
+    assert (
+        budget["approximate"] is False and "builtin:tiny-llama's tokenizer and chat template" in budget["counted_with"]
+    )
     assert budget["max_seq_len"] == 64 and budget["longest_tokens"] == max(want) > 64
     assert [loc["line"] for loc in budget["over_locations"]] == [i + 1 for i, n in enumerate(want) if n > 64] == [2]
     assert rep["stage"] == "sft" and "set by the recipe" in budget["budget_from"]

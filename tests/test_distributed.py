@@ -35,16 +35,20 @@ LOSS_REL_TOL = 0.03
 
 # ------------------------------------------------------------------ the plan per card
 
+
 def _sp(batch, accum, stage="sft"):
     return StagePlan(stage, 512, batch, accum, "off", "adamw_torch", {})
 
 
-@pytest.mark.parametrize(("batch", "accum", "world", "want"), [
-    (8, 1, 2, (4, 1)),    # the demo: 8 rows per step, 4 on each card
-    (1, 8, 2, (1, 4)),    # accumulation divided across processes
-    (2, 4, 4, (2, 1)),
-    (4, 4, 8, (2, 1)),    # more cards than accumulation steps: smaller micro-batch per card
-])
+@pytest.mark.parametrize(
+    ("batch", "accum", "world", "want"),
+    [
+        (8, 1, 2, (4, 1)),  # the demo: 8 rows per step, 4 on each card
+        (1, 8, 2, (1, 4)),  # accumulation divided across processes
+        (2, 4, 4, (2, 1)),
+        (4, 4, 8, (2, 1)),  # more cards than accumulation steps: smaller micro-batch per card
+    ],
+)
 def test_split_batch_keeps_the_global_effective_batch(batch, accum, world, want):
     sp = split_batch(_sp(batch, accum), world)
     assert (sp.batch_size, sp.grad_accum) == want
@@ -107,11 +111,14 @@ def test_plan_command_plans_per_card(capsys):
     assert "global effective batch 8 = 4 per card x accumulation 1 x 2 processes" in out
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--gpus", "2", "--strategy", "fsdp"], "FSDP shards the model over GPUs"),
-    (["--gpus", "0"], "--gpus 0"),
-    (["--strategy", "ddp"], "needs --gpus 2 or more"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "2", "--strategy", "fsdp"], "FSDP shards the model over GPUs"),
+        (["--gpus", "0"], "--gpus 0"),
+        (["--strategy", "ddp"], "needs --gpus 2 or more"),
+    ],
+)
 def test_run_refuses_a_group_it_cannot_run_before_launching(args, message, capsys, tmp_path):
     assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), *args]) == 2
     err = capsys.readouterr().err
@@ -121,13 +128,15 @@ def test_run_refuses_a_group_it_cannot_run_before_launching(args, message, capsy
 
 # ------------------------------------------------------------------ real process groups (gloo, CPU)
 
+
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}  # LOWVRAM_CACHE: the tiny model's, set by its fixture
 
 
 def _lowvram(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowvram", *args], capture_output=True, text=True, env=_env(),
-                          timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lowvram", *args], capture_output=True, text=True, env=_env(), timeout=900, **kw
+    )
 
 
 def _losses(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -204,8 +213,16 @@ STEPS = ["sft.max_steps=4", "dpo.max_steps=3", "rm.enabled=false", "eval.enabled
 @pytest.mark.slow
 def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_dir, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    after = ["rm.enabled=true", "rm.max_steps=2", "eval.enabled=true", "eval.prompts=2", "eval.max_new_tokens=8",
-             "eval.kl_samples=1", "eval.best_of=2", "export.gguf=[f16]"]  # after training: the main process alone
+    after = [
+        "rm.enabled=true",
+        "rm.max_steps=2",
+        "eval.enabled=true",
+        "eval.prompts=2",
+        "eval.max_new_tokens=8",
+        "eval.kl_samples=1",
+        "eval.best_of=2",
+        "export.gguf=[f16]",
+    ]  # after training: the main process alone
     res = _lowvram("run", "demo", "--gpus", "2", "--run-dir", str(two), *STEPS, *after)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ref = _lowvram("run", "demo", "--run-dir", str(one), "--no-export", *STEPS)
@@ -222,7 +239,11 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
             assert a == pytest.approx(b, rel=LOSS_REL_TOL), (stage, s, a, b)
     # one writer: one progress line per step, one summary, one adapter per stage, one metrics file
     assert res.stdout.count("[sft] step 1/4") == 1 and res.stdout.count("Finished demo") == 1
-    assert sorted(str(p.relative_to(two)) for p in two.glob("*/adapter")) == ["dpo/adapter", "rm/adapter", "sft/adapter"]
+    assert sorted(str(p.relative_to(two)) for p in two.glob("*/adapter")) == [
+        "dpo/adapter",
+        "rm/adapter",
+        "sft/adapter",
+    ]
     assert [p.name for p in two.rglob("metrics*.jsonl")] == ["metrics.jsonl"]
     ckpt = next((two / "sft" / "checkpoints").glob("checkpoint-*"))
     assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
@@ -241,11 +262,28 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
     # started the other way, under accelerate's own launcher: the processes agree on the new run's name
     from lowvram.distributed import launch_args
 
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "ddp", False),
-                             "-m", "lowvram", "run", "demo", f"output_dir={tmp_path}", "--no-export",
-                             "dpo.enabled=false", "sft.epochs=100", "sft.save_steps=3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launch_args(2, "ddp", False),
+            "-m",
+            "lowvram",
+            "run",
+            "demo",
+            f"output_dir={tmp_path}",
+            "--no-export",
+            "dpo.enabled=false",
+            "sft.epochs=100",
+            "sft.save_steps=3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     from lowvram.train import latest_checkpoint
 
     _wait(lambda: len(list(tmp_path.glob("demo-*/sft/checkpoints"))) > 0, proc, "the run directory")
@@ -260,10 +298,14 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
 
     # a process that dies ends the group, with a message, instead of leaving the other waiting
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common,
-                             f"sft.max_steps={step + 100}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common, f"sft.max_steps={step + 100}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
     os.kill(_worker(run, 1), signal.SIGKILL)
     try:
@@ -280,10 +322,14 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
     # Ctrl-C (SIGINT to the terminal's process group): every process saves the same checkpoint and stops
     step = int(latest_checkpoint(ckpts).name.split("-")[1])
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common,
-                             f"sft.max_steps={step + 100}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common, f"sft.max_steps={step + 100}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -311,11 +357,17 @@ def test_accelerate_does_not_apply_fsdp_to_cpu_processes(tmp_path):
         "a = Accelerator(cpu=True)\n"
         "m = a.prepare(torch.nn.Linear(4, 4))\n"
         "import os\n"  # one write per process: atomic on a pipe, the two lines never interleave
-        "os.write(1, f'WRAPPED {a.process_index} {a.distributed_type} {type(m).__name__}\\n'.encode())\n")
+        "os.write(1, f'WRAPPED {a.process_index} {a.distributed_type} {type(m).__name__}\\n'.encode())\n"
+    )
     from lowvram.distributed import launch_args
 
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "fsdp", False),
-                          str(probe)], capture_output=True, text=True, env=_env(), timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "fsdp", False), str(probe)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     wrapped = sorted(line for line in res.stdout.splitlines() if line.startswith("WRAPPED"))
     assert wrapped == [f"WRAPPED {r} DistributedType.MULTI_CPU DistributedDataParallel" for r in (0, 1)]
@@ -331,8 +383,19 @@ def test_two_gpus_train_qlora_and_export(strategy, tiny_model_dir, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs; torch sees {torch.cuda.device_count()}")
     run = tmp_path / strategy
-    res = _lowvram("run", "demo", "--gpus", "2", "--strategy", strategy, "--run-dir", str(run), *STEPS,
-                   "model.load_in_4bit=true", "export.gguf=[f16]")
+    res = _lowvram(
+        "run",
+        "demo",
+        "--gpus",
+        "2",
+        "--strategy",
+        strategy,
+        "--run-dir",
+        str(run),
+        *STEPS,
+        "model.load_in_4bit=true",
+        "export.gguf=[f16]",
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert json.loads((run / "plan.json").read_text())["parallel"] == strategy
     from safetensors.torch import load_file

@@ -42,59 +42,130 @@ def _data(name: str, content: str | bytes, says: str, suffix: str = ".jsonl") ->
 
 def _run_on_data(content: str | bytes, t: Path, suffix: str = ".jsonl") -> list[str]:
     data = _write(t / f"data{suffix}", content)
-    return ["run", "demo", "--run-dir", str(t / "run"), "--no-export", "use_samples=false", f"sft.data.path={data}",
-            "dpo.enabled=false"]
+    return [
+        "run",
+        "demo",
+        "--run-dir",
+        str(t / "run"),
+        "--no-export",
+        "use_samples=false",
+        f"sft.data.path={data}",
+        "dpo.enabled=false",
+    ]
 
 
 def _resume_with_recipe(text: str) -> Callable[[Path], list[str]]:
     def build(t: Path) -> list[str]:
         _write(t / "run" / "recipe.yaml", text)
         return ["run", "--resume", str(t / "run"), "--no-export"]
+
     return build
 
 
 CASES = [
     # ---- data: each refused with what is wrong and where, before any model loads
     _data("deep nesting", GOOD_LINE + "[" * 100_000 + "]" * 100_000 + "\n", "line 2: JSON nested too deeply"),
-    _data("huge integer", GOOD_LINE + '{"messages": [], "n": ' + "9" * 5000 + "}\n", "line 2: invalid JSON: Exceeds the limit"),
-    _data("lone surrogate", GOOD_LINE + '{"messages": [{"role": "user", "content": "hi \\ud800"}, '
-          '{"role": "assistant", "content": "yo"}]}\n', "line 2: invalid Unicode: a lone surrogate \\ud800"),
+    _data(
+        "huge integer",
+        GOOD_LINE + '{"messages": [], "n": ' + "9" * 5000 + "}\n",
+        "line 2: invalid JSON: Exceeds the limit",
+    ),
+    _data(
+        "lone surrogate",
+        GOOD_LINE + '{"messages": [{"role": "user", "content": "hi \\ud800"}, '
+        '{"role": "assistant", "content": "yo"}]}\n',
+        "line 2: invalid Unicode: a lone surrogate \\ud800",
+    ),
     _data("UTF-16 file", GOOD_LINE.encode("utf-16"), "UTF-16 or UTF-32 encoded"),
-    _data("Latin-1 file", GOOD_LINE.replace("hello", "h\u00e9llo").encode("latin-1"),
-          "no line is UTF-8: the file is in another encoding"),
+    _data(
+        "Latin-1 file",
+        GOOD_LINE.replace("hello", "h\u00e9llo").encode("latin-1"),
+        "no line is UTF-8: the file is in another encoding",
+    ),
     _data("gzip file", gzip.compress(GOOD_LINE.encode()), "gzip-compressed"),
     _data("pretty-printed JSON in .jsonl", json.dumps(GOOD, indent=2), "one pretty-printed JSON document"),
     _data("empty file", "", "the file is empty"),
     _data("whitespace-only file", "\n  \n", "the file is empty"),
-    _data("deep nesting in a .json array", "[" + json.dumps(GOOD) + ", " + "[" * 100_000 + "]" * 100_000 + "]",
-          "nested too deeply", suffix=".json"),
-    Case("17 MiB example", lambda t: ["data", "check", str(_write(t / "big.jsonl", GOOD_LINE + json.dumps(
-        {"messages": [{"role": "user", "content": "x" * (17 << 20)}, {"role": "assistant", "content": "y"}]}) + "\n")),
-        "--kind", "sft"], 1, "longer than any training example"),
+    _data(
+        "deep nesting in a .json array",
+        "[" + json.dumps(GOOD) + ", " + "[" * 100_000 + "]" * 100_000 + "]",
+        "nested too deeply",
+        suffix=".json",
+    ),
+    Case(
+        "17 MiB example",
+        lambda t: [
+            "data",
+            "check",
+            str(
+                _write(
+                    t / "big.jsonl",
+                    GOOD_LINE
+                    + json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": "x" * (17 << 20)},
+                                {"role": "assistant", "content": "y"},
+                            ]
+                        }
+                    )
+                    + "\n",
+                )
+            ),
+            "--kind",
+            "sft",
+        ],
+        1,
+        "longer than any training example",
+    ),
     # training refuses unreadable data with a user error, whatever the file type (once exit 1 for a whole-file error)
     Case("run on a gzip data file", lambda t: _run_on_data(gzip.compress(GOOD_LINE.encode()), t), 2, "gzip-compressed"),
-    Case("run on a broken .json array", lambda t: _run_on_data("[" + json.dumps(GOOD) + ", {not json]", t, ".json"),
-         2, "invalid JSON"),
+    Case(
+        "run on a broken .json array",
+        lambda t: _run_on_data("[" + json.dumps(GOOD) + ", {not json]", t, ".json"),
+        2,
+        "invalid JSON",
+    ),
     Case("run on a broken .jsonl line", lambda t: _run_on_data(GOOD_LINE + "{not json\n", t), 2, "line 2"),
     # ---- recipes and values
-    Case("name with ../", lambda t: ["run", "demo", "--run-dir", str(t / "run"), "name=../../escape"], 2,
-         "cannot name a folder inside output_dir"),
+    Case(
+        "name with ../",
+        lambda t: ["run", "demo", "--run-dir", str(t / "run"), "name=../../escape"],
+        2,
+        "cannot name a folder inside output_dir",
+    ),
     Case("absolute name", lambda t: ["plan", "demo", "name=/etc/x"], 2, "cannot name a folder"),
     Case("max_seq_len of 1", lambda t: ["plan", "demo", "sft.max_seq_len=1"], 2, "sft.max_seq_len: must be >= 16"),
     Case("infinite learning rate", lambda t: ["plan", "demo", "sft.learning_rate=.inf"], 2, "must be a finite number"),
     # ---- files and folders
-    Case("output_dir under a file", lambda t: ["run", "demo", f"output_dir={_write(t / 'f', 'x')}/runs"], 2,
-         "is a file, not a folder"),
-    Case("--run-dir under a file", lambda t: ["run", "demo", "--run-dir", f"{_write(t / 'f', 'x')}/run"], 2,
-         "is a file, not a folder"),
+    Case(
+        "output_dir under a file",
+        lambda t: ["run", "demo", f"output_dir={_write(t / 'f', 'x')}/runs"],
+        2,
+        "is a file, not a folder",
+    ),
+    Case(
+        "--run-dir under a file",
+        lambda t: ["run", "demo", "--run-dir", f"{_write(t / 'f', 'x')}/run"],
+        2,
+        "is a file, not a folder",
+    ),
     Case("--resume: missing folder", lambda t: ["run", "--resume", str(t / "nope")], 2, "not a lowvram run directory"),
     Case("--resume: corrupt recipe.yaml", _resume_with_recipe("name: [unclosed\n  sft: {"), 2, "not valid YAML"),
     Case("--resume: empty recipe.yaml", _resume_with_recipe(""), 2, "the recipe file is empty"),
     Case("--resume: recipe.yaml is a list", _resume_with_recipe("- a\n- b\n"), 2, "must be a YAML mapping"),
-    Case("recipes copy into a missing folder", lambda t: ["recipes", "copy", "demo", str(t / "no" / "such" / "x.yaml")],
-         2, "Cannot copy demo"),
-    Case("chat: not a GGUF", lambda t: ["chat", str(_write(t / "m.gguf", b"not a model at all")), "-p", "hi"], 2,
-         "is not a GGUF file"),
+    Case(
+        "recipes copy into a missing folder",
+        lambda t: ["recipes", "copy", "demo", str(t / "no" / "such" / "x.yaml")],
+        2,
+        "Cannot copy demo",
+    ),
+    Case(
+        "chat: not a GGUF",
+        lambda t: ["chat", str(_write(t / "m.gguf", b"not a model at all")), "-p", "hi"],
+        2,
+        "is not a GGUF file",
+    ),
 ]
 
 
@@ -139,9 +210,14 @@ def _read_only(folder: Path):
     return lambda: subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-@pytest.mark.parametrize("what, says", [
-    ("run", "read-only"), ("resume", "read-only"), ("recipes copy", "Cannot copy demo"),
-])
+@pytest.mark.parametrize(
+    "what, says",
+    [
+        ("run", "read-only"),
+        ("resume", "read-only"),
+        ("recipes copy", "Cannot copy demo"),
+    ],
+)
 def test_read_only_folders(what, says, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -151,9 +227,11 @@ def test_read_only_folders(what, says, tmp_path, capsys):
         (locked / "recipe.yaml").write_text(dump_recipe(load_recipe("demo")[0]))
     undo = _read_only(locked)
     try:
-        argv = {"run": ["run", "demo", "--run-dir", str(locked / "run")],
-                "resume": ["run", "--resume", str(locked)],
-                "recipes copy": ["recipes", "copy", "demo", str(locked / "x.yaml")]}[what]
+        argv = {
+            "run": ["run", "demo", "--run-dir", str(locked / "run")],
+            "resume": ["run", "--resume", str(locked)],
+            "recipes copy": ["recipes", "copy", "demo", str(locked / "x.yaml")],
+        }[what]
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and says in err and "Traceback" not in err, err

@@ -18,8 +18,14 @@ from lowvram.cli import main
 pytestmark = pytest.mark.slow
 
 # the demo recipe (rm on, best-of-4), shortened; DPO's step is larger so that 13 steps move the policy clearly
-QUICK = ["sft.epochs=1", "dpo.epochs=1", "dpo.learning_rate=1e-3", "rm.max_steps=12", "eval.prompts=6",
-         "eval.max_new_tokens=24"]
+QUICK = [
+    "sft.epochs=1",
+    "dpo.epochs=1",
+    "dpo.learning_rate=1e-3",
+    "rm.max_steps=12",
+    "eval.prompts=6",
+    "eval.max_new_tokens=24",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +48,10 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_anothe
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                           LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False))  # random A and B: the adapter changes the model
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+        LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )  # random A and B: the adapter changes the model
     model.add_adapter("ref", model.peft_config["default"])
     for name, p in model.named_parameters():  # what TRL does: the reference is a copy of the policy adapter
         if ".default." in name:
@@ -56,7 +63,8 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_anothe
     base = kl_to_reference(model, tok, prompts, reference=None, samples=3, max_new_tokens=16, seed=1)
     assert base["kl"] > 0.05  # against the base (adapters off) the same samples are more likely under the policy
     assert [n for n, p in model.named_parameters() if p.requires_grad] and all(
-        ".default." in n for n, p in model.named_parameters() if p.requires_grad)  # trainability left as it was
+        ".default." in n for n, p in model.named_parameters() if p.requires_grad
+    )  # trainability left as it was
 
 
 def test_kl_is_logged_zero_before_dpo_and_positive_after(run):
@@ -126,8 +134,9 @@ def test_reward_model_and_best_of_n(run):
     for r in rows:
         assert len(r["candidate_scores"]) == 4 and r["best_of_n_score"] == max(r["candidate_scores"])
     assert b["generated_tokens_best_of_n"] > b["generated_tokens_final"]
-    assert b["generation_cost_ratio"] == pytest.approx(b["generated_tokens_best_of_n"] / b["generated_tokens_final"],
-                                                       abs=0.01)
+    assert b["generation_cost_ratio"] == pytest.approx(
+        b["generated_tokens_best_of_n"] / b["generated_tokens_final"], abs=0.01
+    )
 
 
 def test_sampling_is_seeded(tiny_model_dir):
@@ -165,8 +174,15 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--hide-scrollbars"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 
 
 @pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (apt-get install chromium)")
@@ -178,10 +194,22 @@ def test_report_renders_in_a_real_browser(run, tmp_path):
     text = page.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # self-contained: nothing to fetch
     profile = tmp_path / "profile"
-    dom = subprocess.run([_chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    for heading in ("Plan and memory", "Data check", "Training curves", "Base vs SFT vs final",
-                    "Answers side by side", "Reward model and best-of-N", "Export verification"):
+    dom = subprocess.run(
+        [_chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for heading in (
+        "Plan and memory",
+        "Data check",
+        "Training curves",
+        "Base vs SFT vs final",
+        "Answers side by side",
+        "Reward model and best-of-N",
+        "Export verification",
+    ):
         assert f">{heading}</h2>" in dom, heading
     models = {m["model"]: m for m in _jsonl(run / "eval" / "models.jsonl")}
     assert f"{models['final']['kl']:.2f}" in dom  # the numbers on the page are the eval's
@@ -193,8 +221,19 @@ def test_report_renders_in_a_real_browser(run, tmp_path):
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     shot = tmp_path / "report.png"
-    subprocess.run([_chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,2400",
-                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            _chromium(),
+            *CHROME_FLAGS,
+            f"--user-data-dir={profile}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 2400)
     assert len(set(img.resize((60, 120)).getdata())) > 20  # text and plots drawn, not a blank page

@@ -64,10 +64,11 @@ def _hf_greedy(model_dir: Path, prompt_ids: list[int], n: int, eos: int) -> list
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 # ------------------------------------------------------------------ the happy path
+
 
 def test_export_writes_every_file_and_no_leftovers(exported):
     run, rc, out, err = exported
@@ -81,8 +82,9 @@ def test_export_writes_every_file_and_no_leftovers(exported):
     leftovers = [p.name for p in exp.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
     # the exported adapter is DPO's (the last completed stage), byte for byte
-    assert (exp / "lora" / "adapter_model.safetensors").read_bytes() == \
-        (run / "dpo" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (exp / "lora" / "adapter_model.safetensors").read_bytes() == (
+        run / "dpo" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     assert "dpo adapter" in out
 
 
@@ -111,9 +113,11 @@ def test_llama_cpp_loads_each_gguf_and_f16_greedy_equals_merged_model(exported):
     run, _, *_ = exported
     exp = run / "export"
     tok = AutoTokenizer.from_pretrained(str(exp / "merged"))
-    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     for t in TYPES:
         with GGUFModel(exp / f"fixture-{t}.gguf") as g:
@@ -135,8 +139,10 @@ def test_gguf_carries_tokenizer_special_tokens_and_chat_template(exported):
         meta = g.metadata
         assert meta["tokenizer.chat_template"] == tok.chat_template
         assert int(meta["tokenizer.ggml.eos_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
-        assert g.tokenize("<|im_start|>user\nhi<|im_end|>") == tok("<|im_start|>user\nhi<|im_end|>",
-                                                                   add_special_tokens=False)["input_ids"]
+        assert (
+            g.tokenize("<|im_start|>user\nhi<|im_end|>")
+            == tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
+        )
         assert g.tokenize("<|im_end|>") == [tok.convert_tokens_to_ids("<|im_end|>")]  # one special token
 
 
@@ -165,8 +171,10 @@ def test_verify_table_reports_every_type(exported):
 
 def test_chat_one_shot(exported, capsys):
     run, *_ = exported
-    rc, out, err = _run_cli(["chat", str(run), "--prompt", "What is the capital of France?", "--max-tokens", "8",
-                             "--temperature", "0"], capsys)
+    rc, out, err = _run_cli(
+        ["chat", str(run), "--prompt", "What is the capital of France?", "--max-tokens", "8", "--temperature", "0"],
+        capsys,
+    )
     assert rc == 0, err
     # says which file it uses, and takes the most faithful one (it used to pick q4_k_m silently)
     assert "Using fixture-f16.gguf" in out and "q4_k_m" in out
@@ -210,9 +218,23 @@ def test_export_exit_status_follows_the_worst_status(fixture_run, tmp_path, caps
 
     def fake_rows(status):
         def verify(merged_dir, ggufs, system, *a, **k):
-            return [{"type": t, "size_mib": 1.0, "tokens_same": True, "greedy": "same 1/1", "agree": 0.9,
-                     "ppl_hf": 2.0, "ppl_gguf": 2.0, "ppl_change": 0.0, "status": status, "reasons": ["x"],
-                     "n_params": 1} for t in ggufs]
+            return [
+                {
+                    "type": t,
+                    "size_mib": 1.0,
+                    "tokens_same": True,
+                    "greedy": "same 1/1",
+                    "agree": 0.9,
+                    "ppl_hf": 2.0,
+                    "ppl_gguf": 2.0,
+                    "ppl_change": 0.0,
+                    "status": status,
+                    "reasons": ["x"],
+                    "n_params": 1,
+                }
+                for t in ggufs
+            ]
+
         return verify
 
     for status, strict, code in (("warn", False, 0), ("warn", True, 1), ("FAIL", False, 1)):
@@ -225,9 +247,13 @@ def test_export_exit_status_follows_the_worst_status(fixture_run, tmp_path, caps
 
 # ------------------------------------------------------------------ bad input: one message, nothing written
 
+
 def _no_outputs(out_dir: Path) -> bool:
-    return not out_dir.exists() or not [p for p in out_dir.iterdir() if p.suffix in (".gguf", ".Modelfile")
-                                        or p.name.startswith(".") or p.name in ("merged", "lora")]
+    return not out_dir.exists() or not [
+        p
+        for p in out_dir.iterdir()
+        if p.suffix in (".gguf", ".Modelfile") or p.name.startswith(".") or p.name in ("merged", "lora")
+    ]
 
 
 def test_missing_run_dir(tmp_path, capsys):
@@ -289,8 +315,12 @@ def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path
     run = copy_run(fixture_run, tmp_path / "run")
     exp = run / "export"
     final = exp / "fixture-f16.gguf"
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -313,12 +343,18 @@ def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path
     (exp / ".big-download.partial" / "part-1").write_bytes(b"x" * 100)
     (exp / ".notes.partial").write_text("mine")
     # the next export removes what the killed one left and completes
-    proc = subprocess.run([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (exp / "fixture-f16.gguf").is_file()
-    assert sorted(p.name for p in exp.iterdir() if p.name.startswith(".")) == [".big-download.partial",
-                                                                               ".notes.partial"]
+    assert sorted(p.name for p in exp.iterdir() if p.name.startswith(".")) == [
+        ".big-download.partial",
+        ".notes.partial",
+    ]
     assert (exp / ".big-download.partial" / "part-1").read_bytes() == b"x" * 100
 
 
@@ -336,13 +372,18 @@ def _converters_writing(path: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal is Linux's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal is Linux's"
+)
 def test_kill_9_of_export_leaves_no_converter_running(fixture_run, tmp_path):
     """Only the lowvram process is killed (as an OOM killer or `kill -9 PID` would): its converter must die too."""
     run = copy_run(fixture_run, tmp_path / "run")
     exp = run / "export"
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     children: list[int] = []
     try:
         deadline = time.time() + 180
@@ -399,6 +440,7 @@ def test_pypi_gguf_over_the_converters_bundled_copy_is_detected(tmp_path, monkey
 
 # ------------------------------------------------------------------ nothing silently wrong
 
+
 def test_adapter_with_nan_weights_is_refused(fixture_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -413,11 +455,14 @@ def test_adapter_with_nan_weights_is_refused(fixture_run, tmp_path, capsys):
     assert _no_outputs(run / "export")
 
 
-@pytest.mark.parametrize("system, why", [
-    ('Answer with """ around code', 'contains """'),
-    ("Be\u00a0brief.", "U+00A0 NO-BREAK SPACE"),
-    ("Be\u200bbrief.", "U+200B ZERO WIDTH SPACE"),
-])
+@pytest.mark.parametrize(
+    "system, why",
+    [
+        ('Answer with """ around code', 'contains """'),
+        ("Be\u00a0brief.", "U+00A0 NO-BREAK SPACE"),
+        ("Be\u200bbrief.", "U+200B ZERO WIDTH SPACE"),
+    ],
+)
 def test_system_prompt_ollama_would_change_is_refused_before_any_file(fixture_run, tmp_path, capsys, system, why):
     run = copy_run(fixture_run, tmp_path / "run")
     rc, _, err = _run_cli(["export", str(run), "--gguf", "f16", "--system", system], capsys)
@@ -429,8 +474,10 @@ def test_export_folder_in_use_names_the_other_process(fixture_run, tmp_path, cap
     run = copy_run(fixture_run, tmp_path / "run")
     out = tmp_path / "out"
     out.mkdir()
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom lowvram.runlock import folder_lock\n"
-            "with folder_lock(Path(sys.argv[1]), 'export'):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom lowvram.runlock import folder_lock\n"
+        "with folder_lock(Path(sys.argv[1]), 'export'):\n    print('locked', flush=True)\n    time.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -472,18 +519,31 @@ def test_printed_commands_are_shell_quoted(tmp_path):
     out = tmp_path / "my models" / "it's here"
     canary = tmp_path / "canary"
     system = f'Be "terse" $(touch {canary}) `touch {canary}` \\ done'
-    res = ExportResult(out, files={"f16": out / "m-f16.gguf"}, modelfiles={"f16": out / "m-f16.Modelfile"},
-                       name="m", system_prompt=system)
+    res = ExportResult(
+        out,
+        files={"f16": out / "m-f16.gguf"},
+        modelfiles={"f16": out / "m-f16.Modelfile"},
+        name="m",
+        system_prompt=system,
+    )
     lines = usage_lines(res)
     cli = next(x for x in lines if x.startswith("llama-cli"))
-    argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + cli.removeprefix("llama-cli ")],
-                          capture_output=True, check=True).stdout.decode().split("\0")[:-1]
+    argv = (
+        subprocess.run(
+            ["bash", "-c", "printf '%s\\0' " + cli.removeprefix("llama-cli ")], capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")[:-1]
+    )
     assert argv == ["-m", str(out / "m-f16.gguf"), "--jinja", "-cnv", "-sys", system]
     assert not canary.exists()
     ollama = next(x for x in lines if x.startswith("ollama create"))
     first = ollama.split(" && ")[0]
-    argv = subprocess.run(["bash", "-c", "printf '%s\\0' " + first], capture_output=True,
-                          check=True).stdout.decode().split("\0")[:-1]
+    argv = (
+        subprocess.run(["bash", "-c", "printf '%s\\0' " + first], capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")[:-1]
+    )
     assert argv == ["ollama", "create", "m:f16", "-f", str(out / "m-f16.Modelfile")]
 
 
@@ -492,8 +552,12 @@ def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
     with small_tmpfs(tmp_path / "disk", 96) as mnt:
         run = copy_run(fixture_run, tmp_path / "run")
         out = mnt / "out"
-        proc = subprocess.Popen([sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify",
-                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lowvram", "export", str(run), "--gguf", "f16", "--no-verify", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None and not _converters_writing(out):
             time.sleep(0.005)
@@ -506,8 +570,9 @@ def test_disk_full_during_conversion_says_disk_full(fixture_run, tmp_path):
         assert not list(out.glob("*.gguf")) and not list(out.glob(".lowvram-export-*"))
 
 
-@pytest.mark.parametrize("what", ["truncated GGUF to chat", "corrupt tokenizer_config.json to export",
-                                  "corrupt base.json to export"])
+@pytest.mark.parametrize(
+    "what", ["truncated GGUF to chat", "corrupt tokenizer_config.json to export", "corrupt base.json to export"]
+)
 def test_corrupt_files_get_one_message(exported, tmp_path, capsys, what):
     run, rc, *_ = exported
     assert rc == 0

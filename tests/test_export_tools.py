@@ -1,4 +1,4 @@
-""""Can this machine export?": one answer per GGUF type (lowvram.llamacpp.export_tools), used by doctor and export.
+""" "Can this machine export?": one answer per GGUF type (lowvram.llamacpp.export_tools), used by doctor and export.
 
 The environment without llama-cpp-python is real: a fresh virtual environment that sees this one's packages
 except llama-cpp-python (tests/venvs.py), where `lowvram export RUN --gguf f16 q8_0` must work with the
@@ -30,10 +30,12 @@ def bare_python(tmp_path_factory):
 
 
 def _lowvram(python: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               HF_HUB_OFFLINE="1")
-    return subprocess.run([str(python), "-m", "lowvram", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        HF_HUB_OFFLINE="1",
+    )
+    return subprocess.run([str(python), "-m", "lowvram", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_doctor_and_export_tools_give_one_answer_per_type(capsys):
@@ -48,8 +50,11 @@ def test_doctor_and_export_tools_give_one_answer_per_type(capsys):
 def test_without_llama_cpp_python_doctor_says_which_types_and_why(bare_python):
     r = _lowvram(bare_python, "doctor")
     assert r.returncode == 0, r.stderr
-    rows = {line.split(None, 2)[1]: line.split(None, 2)[2] for line in r.stdout.splitlines()
-            if line.startswith("GGUF ") and not line.startswith("GGUF:")}
+    rows = {
+        line.split(None, 2)[1]: line.split(None, 2)[2]
+        for line in r.stdout.splitlines()
+        if line.startswith("GGUF ") and not line.startswith("GGUF:")
+    }
     for t in ("f16", "bf16", "q8_0"):
         assert rows[t].startswith("yes -- llama.cpp's converter"), rows[t]
     for t in ("q4_k_m", "q5_k_m", "q6_k"):
@@ -61,8 +66,10 @@ def test_without_llama_cpp_python_doctor_says_which_types_and_why(bare_python):
 def test_plan_says_before_training_which_of_the_recipes_types_cannot_be_written(bare_python, capsys):
     r = _lowvram(bare_python, "plan", "demo")  # the demo recipe exports f16, q8_0 and q4_k_m
     assert r.returncode == 0, r.stderr
-    assert ("export: f16, q8_0 can be written here; q4_k_m cannot: needs llama.cpp's quantizer: "
-            "llama-cpp-python is not installed. pip install llama-cpp-python==") in r.stdout
+    assert (
+        "export: f16, q8_0 can be written here; q4_k_m cannot: needs llama.cpp's quantizer: "
+        "llama-cpp-python is not installed. pip install llama-cpp-python=="
+    ) in r.stdout
     assert main(["plan", "demo"]) == 0  # here, with llama-cpp-python: what export_tools says
     assert capsys.readouterr().out.splitlines()[-1] == export_tools().plan_line(["f16", "q8_0", "q4_k_m"])
 

@@ -25,8 +25,12 @@ STEPS = ["--no-export", "sft.max_steps=4", "dpo.max_steps=3", "sft.save_steps=2"
 
 def _run(run: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *STEPS, *args],
-                         capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *STEPS, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -89,10 +93,28 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
     base = build_untrained_base(tiny_model_dir, tmp_path / "base")
     run = tmp_path / "u"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), "--no-export",
-                          f"model.name={base}", "model.chat_template=chatml", "model.backend=unsloth",
-                          "model.load_in_4bit=false", "dpo.max_steps=3", "rm.enabled=false", "eval.enabled=false"],
-                         capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowvram",
+            "run",
+            "demo",
+            "--run-dir",
+            str(run),
+            "--no-export",
+            f"model.name={base}",
+            "model.chat_template=chatml",
+            "model.backend=unsloth",
+            "model.load_in_4bit=false",
+            "dpo.max_steps=3",
+            "rm.enabled=false",
+            "eval.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "[tokens] untrained: <|im_end|>" in res.stdout and "mean of the trained rows" in res.stdout
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -107,8 +129,9 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
     model = PeftModel.from_pretrained(model, str(run / "sft" / "adapter")).eval()
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     for q in ("What is the capital of Japan?", "What sound does a cow make?", "Name a primary colour."):
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**prompt, max_new_tokens=48, do_sample=False, eos_token_id=eot)
-        answer = out[0, prompt["input_ids"].shape[1]:].tolist()
+        answer = out[0, prompt["input_ids"].shape[1] :].tolist()
         assert answer[-1] == eot and len(answer) < 48, (q, tok.decode(answer))

@@ -16,8 +16,11 @@ def test_recipe_refuses_non_finite_numbers():
         load_recipe("demo", ["dpo.beta=.inf", "sft.learning_rate=.nan", "sft.weight_decay=1e400"])
     text = e.value.render()
     assert "3 problems" in text
-    for key in ("dpo.beta: must be a finite number, got inf", "sft.learning_rate: must be a finite number, got nan",
-                "sft.weight_decay: must be a finite number, got inf"):
+    for key in (
+        "dpo.beta: must be a finite number, got inf",
+        "sft.learning_rate: must be a finite number, got nan",
+        "sft.weight_decay: must be a finite number, got inf",
+    ):
         assert key in text, text
 
 
@@ -34,8 +37,19 @@ def test_a_diverging_stage_stops_and_saves_nothing_non_finite(tiny_model_dir, tm
     from lowvram.guards import nonfinite_tensors
 
     run = tmp_path / "run"
-    rc = main(["run", "demo", "--run-dir", str(run), "--no-export", "sft.enabled=false", "dpo.beta=1e30",
-               "dpo.max_steps=3", "dpo.save_steps=1"])
+    rc = main(
+        [
+            "run",
+            "demo",
+            "--run-dir",
+            str(run),
+            "--no-export",
+            "sft.enabled=false",
+            "dpo.beta=1e30",
+            "dpo.max_steps=3",
+            "dpo.save_steps=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "dpo diverged at step 1" in err and "grad_norm=inf" in err and "Traceback" not in err

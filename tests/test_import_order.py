@@ -41,11 +41,27 @@ def test_unsloth_is_imported_before_any_hugging_face_library(tmp_path, tiny_init
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(PROBE)
     out = tmp_path / "order.json"
-    env = {**os.environ, "UNSLOTH_PROBE_OUT": str(out), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "UNSLOTH_PROBE_OUT": str(out),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     # A local model folder with its tokenizer and local sample data: the data-aware planner reads both.
-    res = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "run"), f"model.name={tiny_init_model_dir}",
-                          "model.backend=unsloth", "use_samples=true"], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            str(tmp_path / "run"),
+            f"model.name={tiny_init_model_dir}",
+            "model.backend=unsloth",
+            "use_samples=true",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.is_file(), res.stdout[-2000:] + res.stderr[-2000:]
     assert json.loads(out.read_text()) == [], "imported before unsloth: " + out.read_text()
     assert "unsloth does not import" in res.stdout  # the stand-in's failure reaches the user as a clear error

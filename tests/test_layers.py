@@ -66,8 +66,12 @@ def test_the_graph_is_read_from_the_code():
 
 
 def test_lower_layers_never_import_the_command_line_pipeline_or_stages():
-    bad = [f"{mod} imports {dep}" for mod, deps in import_graph().items() for dep in sorted(deps)
-           if dep in HIGH and dep != mod and dep not in MAY_IMPORT.get(mod, set())]
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, deps in import_graph().items()
+        for dep in sorted(deps)
+        if dep in HIGH and dep != mod and dep not in MAY_IMPORT.get(mod, set())
+    ]
     assert bad == []
 
 
@@ -75,8 +79,13 @@ def test_the_data_package_depends_only_on_itself_and_leaf_modules():
     graph = import_graph()
     leaves = {"lowvram.errors", "lowvram.ui"}  # ui: its report is a table (plain text, or rich in a terminal)
     assert all(not graph[leaf] for leaf in leaves)  # leaves import no lowvram module
-    bad = [f"{mod} imports {dep}" for mod, deps in graph.items() if mod.startswith("lowvram.data")
-           for dep in sorted(deps) if not dep.startswith("lowvram.data") and dep not in leaves]
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        if mod.startswith("lowvram.data")
+        for dep in sorted(deps)
+        if not dep.startswith("lowvram.data") and dep not in leaves
+    ]
     assert bad == []
 
 

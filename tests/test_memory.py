@@ -37,7 +37,9 @@ def test_estimate_grows_with_sequence_batch_and_rank(spec, backend, ckpt, stage)
 @pytest.mark.parametrize("backend,ckpt", BACKENDS)
 def test_preference_stages_cost_more_than_sft(spec, backend, ckpt):
     for seq, batch in ((512, 1), (1024, 2), (2048, 1)):
-        sft, orpo, dpo = (est(spec, s, seq=seq, batch=batch, backend=backend, ckpt=ckpt) for s in ("sft", "orpo", "dpo"))
+        sft, orpo, dpo = (
+            est(spec, s, seq=seq, batch=batch, backend=backend, ckpt=ckpt) for s in ("sft", "orpo", "dpo")
+        )
         assert sft.activations_gib < orpo.activations_gib == dpo.activations_gib
         if backend == "hf":  # the same LM head for all three: DPO adds its reference forward
             assert sft.total_gib < orpo.total_gib < dpo.total_gib
@@ -91,8 +93,17 @@ def test_large_vocabulary_logits_dominate_short_sequences_activations_long_ones(
     assert est(LLAMA_8B, seq=2048).logits_gib > 3.5 * est(MISTRAL_7B, seq=2048).logits_gib
 
 
-@pytest.mark.parametrize("bad", [{"stage": "kto"}, {"ckpt": "sometimes"}, {"optim": "lion"}, {"dtype": "fp8"},
-                                 {"backend": "hf", "ckpt": "unsloth"}, {"seq": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"stage": "kto"},
+        {"ckpt": "sometimes"},
+        {"optim": "lion"},
+        {"dtype": "fp8"},
+        {"backend": "hf", "ckpt": "unsloth"},
+        {"seq": 0},
+    ],
+)
 def test_invalid_inputs_are_bugs_not_user_errors(bad):
     with pytest.raises(ValueError):
         est(**bad)
@@ -109,11 +120,19 @@ def _autograd_saved_bytes_per_token(num_layers: int, targets: list[str], batch: 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=688,
-                      num_hidden_layers=num_layers, vocab_size=1024, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=688,
+        num_hidden_layers=num_layers,
+        vocab_size=1024,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16),
-                           LoraConfig(r=8, target_modules=targets, lora_dropout=0.0))
+    model = get_peft_model(
+        LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=8, target_modules=targets, lora_dropout=0.0)
+    )
     tokens = batch * seq
     storages: dict[int, int] = {}
 
@@ -131,17 +150,33 @@ def _autograd_saved_bytes_per_token(num_layers: int, targets: list[str], batch: 
     return sum(storages.values()) / tokens
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"],
-                                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
-                         ids=["qkvo", "all-linear"])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ],
+    ids=["qkvo", "all-linear"],
+)
 def test_hf_activation_model_matches_what_autograd_saves(targets):
     """One decoder layer's saved activations, estimated vs counted in a real transformers + PEFT forward."""
     measured = (_autograd_saved_bytes_per_token(3, targets) - _autograd_saved_bytes_per_token(1, targets)) / 2
 
     def per_token(layers: int) -> float:
         spec = ModelSpec("tiny", "llama", 0.001, layers, 256, 4, 2, 688, 1024, False, False)
-        e = estimate(spec, "sft", max_seq_len=384, batch_size=2, lora_r=8, target_modules=tuple(targets),
-                     grad_ckpt="off", optim="adamw_torch", dtype="bf16", backend=STACKS["hf"], load_in_4bit=False)
+        e = estimate(
+            spec,
+            "sft",
+            max_seq_len=384,
+            batch_size=2,
+            lora_r=8,
+            target_modules=tuple(targets),
+            grad_ckpt="off",
+            optim="adamw_torch",
+            dtype="bf16",
+            backend=STACKS["hf"],
+            load_in_4bit=False,
+        )
         return e.activations_gib * GIB / e.tokens
 
     estimated = (per_token(3) - per_token(1)) / 2
@@ -161,7 +196,8 @@ def test_unsloth_loss_is_chunked_to_free_memory_not_a_full_logits_buffer():
     # chunks of at least 512 rows, and caps a chunk at 2 GiB whatever is free.
     old = replace(STACKS["unsloth"], ce_chunk_cap_gib=None)
     assert est(seq=2048, batch=2, vram_gib=24, backend=old).details["loss_chunk_gib"] == pytest.approx(
-        4096 * 128256 * 8 / GIB)
+        4096 * 128256 * 8 / GIB
+    )
     assert est(seq=2048, batch=2, vram_gib=24).details["loss_chunk_gib"] == pytest.approx(512 * 128256 * 8 / GIB)
     assert est(seq=2048, batch=8, vram_gib=80).details["loss_chunk_gib"] == pytest.approx(2048 * 128256 * 8 / GIB)
     assert est(seq=8192, batch=8, vram_gib=80).details["loss_chunk_gib"] == pytest.approx(2.0)
@@ -202,8 +238,16 @@ def test_head_dim_from_config_json_is_honoured(tmp_path):
     from lowvram.models import get_spec, spec_from_config
 
     # google/gemma-2-9b-it: 16 heads of 256 over a 3584-wide residual (3584 / 16 would be 224).
-    gemma = {"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16,
-             "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000}
+    gemma = {
+        "model_type": "gemma2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 42,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 256,
+        "intermediate_size": 14336,
+        "vocab_size": 256000,
+    }
     spec = spec_from_config(gemma, "gemma-2-9b")
     assert spec.head_dim == 256 and spec.tied_embeddings
     assert spec.params_b == pytest.approx(9.24, abs=0.01)  # Google's published count

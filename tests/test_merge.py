@@ -18,11 +18,21 @@ BNB_FIXTURE = Path(__file__).parent / "data" / "bnb4bit.safetensors"  # scripts/
 def test_writer_output_is_read_by_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 
-    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).bfloat16(),
-               "empty": torch.zeros(0, 3)}
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(4).bfloat16(),
+        "empty": torch.zeros(0, 3),
+    }
     path = tmp_path / "x.safetensors"
-    with SafetensorsWriter(path, [(k, {torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}[v.dtype],
-                                   tuple(v.shape)) for k, v in tensors.items()], {"format": "pt"}) as w:
+    with SafetensorsWriter(
+        path,
+        [
+            (k, {torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}[v.dtype], tuple(v.shape))
+            for k, v in tensors.items()
+        ],
+        {"format": "pt"},
+    ) as w:
         for k, v in tensors.items():
             w.write(k, v)
     loaded = load_file(str(path))
@@ -61,31 +71,56 @@ def _four_bit_checkpoint(tmp_path: Path) -> Path:
     entries, _ = read_safetensors_header(BNB_FIXTURE)
     src = "nf4_nested.weight"
     target = "model.layers.0.mlp.down_proj.weight"
-    tensors = {target + k.removeprefix(src): read_tensor(e).clone() for k, e in entries.items()
-               if k.startswith(src) and not k.endswith(".reference")}
+    tensors = {
+        target + k.removeprefix(src): read_tensor(e).clone()
+        for k, e in entries.items()
+        if k.startswith(src) and not k.endswith(".reference")
+    }
     tensors["model.norm.weight"] = torch.ones(96)
     out = tmp_path / "base-4bit"
     out.mkdir()
     save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16",
-                                                 "quantization_config": {"load_in_4bit": True,
-                                                                         "quant_method": "bitsandbytes"}}))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "torch_dtype": "bfloat16",
+                "quantization_config": {"load_in_4bit": True, "quant_method": "bitsandbytes"},
+            }
+        )
+    )
     return out
 
 
 def test_merge_into_a_4bit_base_dequantizes_then_adds_the_delta(tmp_path):
     base = _four_bit_checkpoint(tmp_path)
-    (tmp_path / "base.json").write_text(json.dumps({"model": "org/model-bnb-4bit", "model_path": str(base),
-                                                    "base_16bit": "org/model-not-downloaded", "load_in_4bit": True}))
+    (tmp_path / "base.json").write_text(
+        json.dumps(
+            {
+                "model": "org/model-bnb-4bit",
+                "model_path": str(base),
+                "base_16bit": "org/model-not-downloaded",
+                "load_in_4bit": True,
+            }
+        )
+    )
     choice = choose_base(tmp_path / "base.json")
     assert choice.quantized_4bit and choice.path == base and "dequantizing the 4-bit base" in choice.reason
     assert "is not downloaded" in choice.reason
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 128, generator=gen), torch.randn(96, 4, generator=gen)
-    adapter = read_adapter(_write_adapter(tmp_path / "adapter", {
-        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": a,
-        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": b}, r=4, alpha=8))
+    adapter = read_adapter(
+        _write_adapter(
+            tmp_path / "adapter",
+            {
+                "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": a,
+                "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": b,
+            },
+            r=4,
+            alpha=8,
+        )
+    )
     report = merge_lora(choice, adapter, tmp_path / "merged")
     assert report.merged == 1 and report.dtype == "bf16"
 
@@ -100,15 +135,24 @@ def test_merge_into_a_4bit_base_dequantizes_then_adds_the_delta(tmp_path):
 
 def test_choose_base_prefers_the_local_16bit_original(tmp_path, tiny_init_model_dir):
     base4 = _four_bit_checkpoint(tmp_path)
-    (tmp_path / "base.json").write_text(json.dumps({"model": "x-bnb-4bit", "model_path": str(base4),
-                                                    "base_16bit": str(tiny_init_model_dir), "load_in_4bit": True}))
+    (tmp_path / "base.json").write_text(
+        json.dumps(
+            {
+                "model": "x-bnb-4bit",
+                "model_path": str(base4),
+                "base_16bit": str(tiny_init_model_dir),
+                "load_in_4bit": True,
+            }
+        )
+    )
     choice = choose_base(tmp_path / "base.json")
     assert choice.path == tiny_init_model_dir and not choice.quantized_4bit and "16-bit original" in choice.reason
 
 
 def test_base_not_on_this_machine(tmp_path):
-    (tmp_path / "base.json").write_text(json.dumps({"model": "org/never-downloaded", "model_path": None,
-                                                    "base_16bit": None, "load_in_4bit": True}))
+    (tmp_path / "base.json").write_text(
+        json.dumps({"model": "org/never-downloaded", "model_path": None, "base_16bit": None, "load_in_4bit": True})
+    )
     with pytest.raises(UserError, match="not on this machine"):
         choose_base(tmp_path / "base.json")
 
@@ -120,8 +164,16 @@ def test_peft_semantics_rank_alpha_patterns_rslora_embeddings_modules_to_save(tm
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_init_model_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
-                     rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 32}, use_rslora=True, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"q_proj": 32},
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -137,13 +189,14 @@ def test_peft_semantics_rank_alpha_patterns_rslora_embeddings_modules_to_save(tm
     merge_lora(BaseChoice(tiny_init_model_dir, False, "test"), adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).state_dict()
     for k, v in ref.items():
-        torch.testing.assert_close(merged[k], v.bfloat16().float(), rtol=0, atol=float(v.abs().max()) * 2**-7,
-                                   msg=k)
+        torch.testing.assert_close(merged[k], v.bfloat16().float(), rtol=0, atol=float(v.abs().max()) * 2**-7, msg=k)
 
 
 def test_corrupt_and_unsupported_adapters(tmp_path):
-    ok = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 8),
-          "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(8, 4)}
+    ok = {
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 8),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(8, 4),
+    }
     with pytest.raises(UserError, match="DoRA"):
         read_adapter(_write_adapter(tmp_path / "dora", ok, r=4, alpha=8, use_dora=True))
     with pytest.raises(UserError, match="rank 4 in the weights, 2 in adapter_config.json"):
@@ -165,8 +218,10 @@ def test_corrupt_and_unsupported_adapters(tmp_path):
 def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_init_model_dir):
     from lowvram.merge import merge_layout
 
-    wrong = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 999),
-             "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(128, 4)}
+    wrong = {
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 999),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(128, 4),
+    }
     adapter = read_adapter(_write_adapter(tmp_path / "a", wrong, r=4, alpha=8))
     with pytest.raises(UserError, match=r"does not fit the base.*\n.*down_proj.weight: base shape \[128, 344\]"):
         merge_layout(tiny_init_model_dir, adapter, False, "bf16")

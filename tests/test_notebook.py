@@ -183,9 +183,16 @@ def _kernel(jupyter: Path, name: str, python: Path, env: dict[str, str]) -> str:
     """A kernel spec that runs `python` (another environment) with `env`; JUPYTER_PATH must name `jupyter`."""
     spec = jupyter / "kernels" / name
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": name, "language": "python", "env": env}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": name,
+                "language": "python",
+                "env": env,
+            }
+        )
+    )
     return name
 
 
@@ -209,6 +216,7 @@ def _release_when_training_starts(notebook_log: Path, hold: Path, deadline_s: fl
     A notebook that waited for the install before training would hold here until the install's own limit
     ran out, and then log its training after the install: the order check below fails, it does not hang.
     """
+
     def watch():
         t0 = time.time()
         while time.time() - t0 < deadline_s:
@@ -223,14 +231,18 @@ def _release_when_training_starts(notebook_log: Path, hold: Path, deadline_s: fl
 
 
 def _pip_has_built_llama_cpp() -> bool:
-    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format", "abspath"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format", "abspath"],
+        capture_output=True,
+        text=True,
+    ).stdout
     return "llama_cpp_python-" in out
 
 
 @pytest.mark.slow
 def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_from_drive(
-        tmp_path, tiny_model_dir, monkeypatch):
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """Two runtimes on CPU, each a fresh environment without llama-cpp-python, sharing a folder that stands in
     for Drive. The first trains while llama-cpp-python installs in the background and fills the wheel cache;
     the second installs it from that cache without compiling, and resumes the finished run from Drive."""
@@ -242,8 +254,12 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
 
     drive, hold, jupyter = tmp_path / "drive", tmp_path / "hold", tmp_path / "jupyter"
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
-    env = {"LOWVRAM_DRIVE": str(drive), HOLD_ENV: str(hold), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        "LOWVRAM_DRIVE": str(drive),
+        HOLD_ENV: str(hold),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
     # runtime 1: the whole notebook
     first = tmp_path / "runtime1"
@@ -278,9 +294,12 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     again = _read()
     again.cells = [c for c in again.cells if c.get("id") in ("setup", "recipe", "drive", "train")]
     again.cells.insert(2, nbformat.v4.new_code_cell(SHORTEN))
-    again.cells.append(nbformat.v4.new_code_cell(  # the export cell's first lines, without the export itself
-        "from lowvram.llamacpp import export_tools\nfrom lowvram.wheelcache import describe, wait\n"
-        "print(describe(wait(BUILD), BUILD))\nprint('q4_k_m:', export_tools().reason('q4_k_m'))"))
+    again.cells.append(
+        nbformat.v4.new_code_cell(  # the export cell's first lines, without the export itself
+            "from lowvram.llamacpp import export_tools\nfrom lowvram.wheelcache import describe, wait\n"
+            "print(describe(wait(BUILD), BUILD))\nprint('q4_k_m:', export_tools().reason('q4_k_m'))"
+        )
+    )
     _execute(again, second, _kernel(jupyter, "runtime2", python, env))
     assert "from the wheel cache" in _text(_cell(again, "setup"))
     log = (second / "logs" / "llama-cpp-python.log").read_text()
@@ -303,12 +322,20 @@ def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_p
     jupyter = tmp_path / "jupyter"
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
     (tmp_path / "no-wheels").mkdir()
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(tmp_path / "no-wheels"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     python = venv_without(tmp_path / "env", hide=("llama_cpp", "llama_cpp_python"))
     nb = _read()
-    nb.cells = [_cell(nb, "setup"), nbformat.v4.new_code_cell(f"RUN_DIR = Path({str(run)!r})"),
-                _cell(nb, "export"), _cell(nb, "keep")]
+    nb.cells = [
+        _cell(nb, "setup"),
+        nbformat.v4.new_code_cell(f"RUN_DIR = Path({str(run)!r})"),
+        _cell(nb, "export"),
+        _cell(nb, "keep"),
+    ]
     _execute(nb, tmp_path, _kernel(jupyter, "no-llama-cpp", python, env))
 
     text = _text(nb.cells[2])

@@ -20,7 +20,7 @@ import pytest
 from lowvram.offline import hub_uses
 from lowvram.recipe import load_recipe
 
-GUARD = '''
+GUARD = """
 import os, socket
 
 _log = os.environ["LOWVRAM_NET_LOG"]
@@ -59,7 +59,7 @@ def connect_ex(self, address):
 socket.getaddrinfo = getaddrinfo
 socket.socket.connect = connect
 socket.socket.connect_ex = connect_ex
-'''
+"""
 
 SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 
@@ -97,14 +97,34 @@ def test_demo_run_makes_no_network_lookup(tiny_model_dir, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(guard), *filter(None, [env.get("PYTHONPATH")])])
     env["LOWVRAM_NET_LOG"] = str(log)
     # the guard itself works: a lookup is recorded (and fails: there is no network in the namespace)
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import socket; socket.getaddrinfo('huggingface.co', 443)"],
-                           env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import socket; socket.getaddrinfo('huggingface.co', 443)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode != 0 and "huggingface.co" in log.read_text()
     log.unlink()
 
     run = tmp_path / "run"
-    res = subprocess.run([*prefix, sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), "--no-export",
-                          "sft.max_steps=2", "dpo.max_steps=2"], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "lowvram",
+            "run",
+            "demo",
+            "--run-dir",
+            str(run),
+            "--no-export",
+            "sft.max_steps=2",
+            "dpo.max_steps=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "network: off" in res.stdout
     assert (run / "dpo" / "DONE").is_file()

@@ -16,8 +16,9 @@ import pytest
 from lowvram.ollama import TemplateUnsupported, derive_chat_format, from_tokenizer, modelfile, probe_conversations
 
 GO_RENDERER = Path(__file__).parent / "go" / "render_template.go"
-needs_go = pytest.mark.skipif(shutil.which("go") is None,
-                              reason="Go is not installed (apt-get install golang-go); .ci/run installs it")
+needs_go = pytest.mark.skipif(
+    shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go); .ci/run installs it"
+)
 
 # Shortened copies of real templates (tools and date logic removed), to check the derivation on
 # the shapes that matter: a default system prompt (Qwen2.5), BOS + headers + trim (Llama 3), and a
@@ -44,8 +45,10 @@ LLAMA2 = (
     "message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 EXTRA = [  # beyond the probes the derivation itself checks
-    [{"role": "system", "content": "Line one.\nLine two, with a tab\tand \\backslash."},
-     {"role": "user", "content": "Summarise: a {{ not a template }} \"\"\" triple quotes."}],
+    [
+        {"role": "system", "content": "Line one.\nLine two, with a tab\tand \\backslash."},
+        {"role": "user", "content": 'Summarise: a {{ not a template }} """ triple quotes.'},
+    ],
     [{"role": "user", "content": "Only a user, ünïcödé 日本語"}],
 ]
 
@@ -59,20 +62,33 @@ def tiny_tok(tiny_tokenizer_dir):
 
 def _jinja(tok, template: str, bos: str, eos: str):
     def fn(messages, add_generation_prompt):
-        return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
+        return tok.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+        )
+
     return fn
 
 
 def _template_from_modelfile(text: str) -> str:
     """The TEMPLATE value as Ollama's parser reads it: everything between the triple quotes."""
     start = text.index('TEMPLATE """') + len('TEMPLATE """')
-    return text[start: text.index('"""', start)]
+    return text[start : text.index('"""', start)]
 
 
 def _go_render(template: str, conversations: list[list[dict]]) -> list[str]:
-    proc = subprocess.run(["go", "run", str(GO_RENDERER)], check=False, input=json.dumps(
-        {"template": template, "conversations": conversations}), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["go", "run", str(GO_RENDERER)],
+        check=False,
+        input=json.dumps({"template": template, "conversations": conversations}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -99,11 +115,18 @@ def test_go_renders_the_tiny_models_template_like_jinja(tiny_tok):
 
 
 @needs_go
-@pytest.mark.parametrize("name,template,bos,specials", [
-    ("qwen2.5", QWEN25, "", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]),
-    ("llama3", LLAMA3, "<|begin_of_text|>", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                             "<|eot_id|>"]),
-])
+@pytest.mark.parametrize(
+    "name,template,bos,specials",
+    [
+        ("qwen2.5", QWEN25, "", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]),
+        (
+            "llama3",
+            LLAMA3,
+            "<|begin_of_text|>",
+            ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        ),
+    ],
+)
 def test_go_renders_other_template_shapes_like_jinja(tiny_tok, name, template, bos, specials):
     eos = specials[-1]
     fn = _jinja(tiny_tok, template, bos, eos)
@@ -126,10 +149,21 @@ def test_a_template_of_another_shape_is_refused_with_a_reason(tiny_tok):
         derive_chat_format(fn, "<s>", ["<s>", "</s>"], ["</s>"])
 
 
-BOS_EOS = {"llama-3": ("<|begin_of_text|>", "<|end_of_text|>"), "gemma": ("<bos>", "<eos>"),
-           "mistral": ("<s>", "</s>"), "alpaca": ("<s>", "</s>")}
-SYSTEM_MODE = {"chatml": "turn", "qwen-2.5": "turn", "llama-3": "turn", "phi-4": "turn", "alpaca": "turn",
-               "gemma": "first_user", "mistral": "last_user"}
+BOS_EOS = {
+    "llama-3": ("<|begin_of_text|>", "<|end_of_text|>"),
+    "gemma": ("<bos>", "<eos>"),
+    "mistral": ("<s>", "</s>"),
+    "alpaca": ("<s>", "</s>"),
+}
+SYSTEM_MODE = {
+    "chatml": "turn",
+    "qwen-2.5": "turn",
+    "llama-3": "turn",
+    "phi-4": "turn",
+    "alpaca": "turn",
+    "gemma": "first_user",
+    "mistral": "last_user",
+}
 IGNORES_SYSTEM = (
     "{%- for message in messages %}{%- if message['role'] != 'system' %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
@@ -155,8 +189,11 @@ def _named_format(tiny_tok, name):
 
 def _conversations_with_and_without_system():
     sys_ = {"role": "system", "content": "Be brief.\nNo lists."}
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-             {"role": "user", "content": "Name a colour."}]
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ]
     return [turns[:1], [sys_, *turns[:1]], turns, [sys_, *turns], *probe_conversations(), *EXTRA]
 
 
@@ -187,13 +224,18 @@ def test_go_renders_every_named_template_like_jinja(tiny_tok, name):
 def test_templates_without_a_system_role(tiny_tok, template, mode):
     bos = "<bos>" if mode == "refused" else ""
     fn = _jinja(tiny_tok, template, bos, "<eos>")
-    fmt = derive_chat_format(fn, bos or None, ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
-                                               "<bos>"], ["<eos>"])
+    fmt = derive_chat_format(
+        fn, bos or None, ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<bos>"], ["<eos>"]
+    )
     assert fmt.system_mode == mode and not fmt.takes_system
-    convs = [c for c in _conversations_with_and_without_system()
-             if mode == "ignored" or not any(m["role"] == "system" for m in c)]
+    convs = [
+        c
+        for c in _conversations_with_and_without_system()
+        if mode == "ignored" or not any(m["role"] == "system" for m in c)
+    ]
     assert _go_render(_template_from_modelfile(modelfile("m.gguf", fmt)), convs) == [
-        fn(c, True).removeprefix(bos) for c in convs]
+        fn(c, True).removeprefix(bos) for c in convs
+    ]
     with pytest.raises(TemplateUnsupported, match="no place for one"):
         modelfile("m.gguf", fmt, system="Be brief.")
 
@@ -205,30 +247,38 @@ def test_plain_text_model_gets_a_raw_prompt_template_and_its_stop():
 
 # ------------------------------------------------------------------ strings Ollama's Modelfile parser would change
 
+
 def test_stop_strings_are_written_without_escapes_ollama_does_not_read():
     """A Modelfile value has no escape sequences: json.dumps' \\n or \\" would reach Ollama as backslashes."""
     text = modelfile("m.gguf", None, stop=["</s>", "line\nbreak", 'say "hi"'])
     assert 'PARAMETER stop "</s>"' in text
     assert 'PARAMETER stop "line\nbreak"' in text  # a real newline inside the quotes, as Ollama keeps it
-    assert 'PARAMETER stop """say "hi\""""' in text
+    assert 'PARAMETER stop """say "hi""""' in text
     assert "\\" not in text
 
 
-@pytest.mark.parametrize("system, why", [
-    ('a """ b', 'contains """'), ("no\u00a0break", "U+00A0 NO-BREAK SPACE"), ("zero\u200bwidth", "U+200B"),
-    ("bell\x07", "U+0007"),
-])
+@pytest.mark.parametrize(
+    "system, why",
+    [
+        ('a """ b', 'contains """'),
+        ("no\u00a0break", "U+00A0 NO-BREAK SPACE"),
+        ("zero\u200bwidth", "U+200B"),
+        ("bell\x07", "U+0007"),
+    ],
+)
 def test_modelfile_refuses_what_ollama_would_drop_or_cut(system, why):
     from lowvram.ollama import modelfile_problems
 
     assert any(why in p for p in modelfile_problems(system)), modelfile_problems(system)
     with pytest.raises(ValueError):
         modelfile("m.gguf", None, system=system)
-    assert modelfile_problems("Tabs\tand\nnewlines, café, 日本, 🙂 and \"quotes\" are fine") == []
+    assert modelfile_problems('Tabs\tand\nnewlines, café, 日本, 🙂 and "quotes" are fine') == []
 
 
-NBSP_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\u00a0\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-               "{% if add_generation_prompt %}<|im_start|>assistant\u00a0\n{% endif %}")
+NBSP_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\u00a0\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\u00a0\n{% endif %}"
+)
 
 
 @needs_go

@@ -16,8 +16,15 @@ from lowvram.oom import MIN_SEQ_LEN, next_settings
 
 pytestmark = pytest.mark.slow
 
-SFT_ONLY = ["--no-export", "dpo.enabled=false", "sft.max_steps=4", "sft.batch_size=2", "sft.grad_accum=2",
-            "sft.save_steps=1", "sft.epochs=1"]
+SFT_ONLY = [
+    "--no-export",
+    "dpo.enabled=false",
+    "sft.max_steps=4",
+    "sft.batch_size=2",
+    "sft.grad_accum=2",
+    "sft.save_steps=1",
+    "sft.epochs=1",
+]
 
 
 @pytest.fixture
@@ -101,14 +108,24 @@ def test_a_resumed_stage_keeps_what_an_earlier_out_of_memory_stepped_down_to(tmp
     plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
     ctx = StageContext(tmp_path, recipe, plan, "sft", "builtin:tiny-llama")
     ctx.stage_dir.mkdir()
-    (ctx.stage_dir / "step_down.jsonl").write_text(json.dumps(
-        {"step": 1, "from": {"batch_size": 4, "grad_accum": 2, "max_seq_len": 128},
-         "to": {"batch_size": 2, "grad_accum": 4}, "why": "", "resumed_from": "checkpoint-3"}) + "\n")
+    (ctx.stage_dir / "step_down.jsonl").write_text(
+        json.dumps(
+            {
+                "step": 1,
+                "from": {"batch_size": 4, "grad_accum": 2, "max_seq_len": 128},
+                "to": {"batch_size": 2, "grad_accum": 4},
+                "why": "",
+                "resumed_from": "checkpoint-3",
+            }
+        )
+        + "\n"
+    )
     seen = []
     run_with_step_down(ctx, lambda c: seen.append(c.sp) or tmp_path)
     assert (seen[0].batch_size, seen[0].grad_accum) == (2, 4)  # same effective batch 8, the smaller split
     # Off: the plan's own settings.
-    off = dataclasses.replace(ctx, recipe=load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2",
-                                                               "sft.oom_step_down=false"])[0])
+    off = dataclasses.replace(
+        ctx, recipe=load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2", "sft.oom_step_down=false"])[0]
+    )
     run_with_step_down(off, lambda c: seen.append(c.sp) or tmp_path)
     assert seen[1].batch_size == 4

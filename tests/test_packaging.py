@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                          str(out), str(ROOT)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {res.stderr[-300:]}")
     return next(out.glob("lowvram-*.whl"))
@@ -24,17 +28,24 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_package_recipes_and_samples(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("lowvram/cli.py", "lowvram/data/load.py", "lowvram/recipes/demo.yaml",
-                 "lowvram/recipes/chat-assistant.py", "lowvram/recipes/data/chat_sft.jsonl",
-                 "lowvram/recipes/data/concise_prefs.jsonl"):
+    for name in (
+        "lowvram/cli.py",
+        "lowvram/data/load.py",
+        "lowvram/recipes/demo.yaml",
+        "lowvram/recipes/chat-assistant.py",
+        "lowvram/recipes/data/chat_sft.jsonl",
+        "lowvram/recipes/data/concise_prefs.jsonl",
+    ):
         assert name in names, name
     assert any(n.endswith("entry_points.txt") for n in names)
 
 
 def test_installed_copy_finds_its_own_recipes(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import lowvram.recipe as r; "
-            "print(r.RECIPES_DIR); print(sorted(r.shipped_recipes())); r.load_recipe('demo')")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import lowvram.recipe as r; "
+        "print(r.RECIPES_DIR); print(sorted(r.shipped_recipes())); r.load_recipe('demo')"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     recipes_dir, names = res.stdout.splitlines()[:2]

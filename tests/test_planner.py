@@ -27,10 +27,19 @@ def reestimate(plan, stage: str, max_seq_len: int | None = None, batch_size: int
     """The estimate of a planned stage, recomputed from the plan's own fields."""
     sp = plan.stages[stage]
     est_stage = "orpo" if stage == "dpo" and method == "orpo" else stage
-    return estimate(get_spec(plan.model), est_stage, max_seq_len=max_seq_len or sp.max_seq_len,
-                    batch_size=batch_size or sp.batch_size, lora_r=plan.lora_r, grad_ckpt=sp.grad_ckpt,
-                    optim=sp.optim, dtype=plan.dtype, backend=plan.backend, load_in_4bit=plan.load_in_4bit,
-                    vram_gib=plan.device.usable_vram_gib)
+    return estimate(
+        get_spec(plan.model),
+        est_stage,
+        max_seq_len=max_seq_len or sp.max_seq_len,
+        batch_size=batch_size or sp.batch_size,
+        lora_r=plan.lora_r,
+        grad_ckpt=sp.grad_ckpt,
+        optim=sp.optim,
+        dtype=plan.dtype,
+        backend=plan.backend,
+        load_in_4bit=plan.load_in_4bit,
+        vram_gib=plan.device.usable_vram_gib,
+    )
 
 
 @pytest.mark.parametrize("card", sorted(KNOWN_CARDS))
@@ -68,8 +77,7 @@ def test_chosen_settings_are_the_largest_that_fit(card):
     tier = TIERS[plan.tier]
     for stage, sp in plan.stages.items():
         target_seq = tier.dpo_max_seq_len if stage == "dpo" else tier.sft_max_seq_len
-        target_eff = (tier.dpo_batch_size * tier.dpo_grad_accum if stage == "dpo"
-                      else tier.batch_size * tier.grad_accum)
+        target_eff = tier.dpo_batch_size * tier.dpo_grad_accum if stage == "dpo" else tier.batch_size * tier.grad_accum
         longer = [s for s in SEQ_LADDER if sp.max_seq_len < s <= target_seq]
         if longer:  # the next ladder step up would not have fit, even at batch 1
             assert reestimate(plan, stage, max_seq_len=min(longer), batch_size=1).total_gib > sp.budget_gib
@@ -79,8 +87,9 @@ def test_chosen_settings_are_the_largest_that_fit(card):
 
 
 def test_smaller_card_gets_shorter_or_smaller_settings_for_the_same_model():
-    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                                               "model.tier=24gb"])
+    recipe, _ = load_recipe(
+        "chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "model.tier=24gb"]
+    )
     big, small = make_plan(recipe, simulated_device(24)), make_plan(recipe, simulated_device(12))
     for stage in big.stages:
         b, s = big.stages[stage], small.stages[stage]
@@ -126,12 +135,16 @@ def test_default_model_is_the_largest_of_its_family_the_estimator_fits(vram, tie
     r = t.lora_r
 
     def fits(spec):
-        return all(estimate(spec, st, max_seq_len=seq, batch_size=1, lora_r=r, vram_gib=vram,
-                            dtype=plan.dtype).total_gib <= budget for st, seq in targets.items())
+        return all(
+            estimate(spec, st, max_seq_len=seq, batch_size=1, lora_r=r, vram_gib=vram, dtype=plan.dtype).total_gib
+            <= budget
+            for st, seq in targets.items()
+        )
 
     assert fits(chosen)
-    larger = [s for s in CATALOG.values() if s.family == family and s.prequantized_4bit
-              and s.params_b > chosen.params_b]
+    larger = [
+        s for s in CATALOG.values() if s.family == family and s.prequantized_4bit and s.params_b > chosen.params_b
+    ]
     assert not any(fits(s) for s in larger), [s.name for s in larger if fits(s)]
 
 
@@ -142,9 +155,10 @@ def test_12gb_chat_plan_gets_an_8b_class_model_and_24gb_more_than_8b():
     assert get_spec(make_plan(qwen, known_card("rtx4090")).model).params_b > 8
 
 
-@pytest.mark.parametrize("card,override,effective", [("rtx4090", "sft.batch_size=1", 8),
-                                                     ("rtx3060", "sft.batch_size=2", 8),
-                                                     ("rtx4090", "dpo.batch_size=1", 8)])
+@pytest.mark.parametrize(
+    "card,override,effective",
+    [("rtx4090", "sft.batch_size=1", 8), ("rtx3060", "sft.batch_size=2", 8), ("rtx4090", "dpo.batch_size=1", 8)],
+)
 def test_setting_batch_size_keeps_the_tiers_effective_batch(card, override, effective):
     recipe, _ = load_recipe("chat-assistant", [override])
     plan = make_plan(recipe, known_card(card))
@@ -157,8 +171,10 @@ def test_setting_batch_size_keeps_the_tiers_effective_batch(card, override, effe
 
 
 def test_refusal_suggests_the_longest_sequence_that_fits_computed_for_the_card():
-    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                                               "sft.max_seq_len=131072", "lora.r=32"])
+    recipe, _ = load_recipe(
+        "chat-assistant",
+        ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "sft.max_seq_len=131072", "lora.r=32"],
+    )
     device = simulated_device(24)
     with pytest.raises(UserError) as e:
         make_plan(recipe, device)
@@ -167,11 +183,15 @@ def test_refusal_suggests_the_longest_sequence_that_fits_computed_for_the_card()
     idea = next(p for p in e.value.problems if p.startswith("sft.max_seq_len="))
     seq = int(idea.split("=")[1].split()[0])
     assert seq > 8192 and seq not in SEQ_LADDER  # computed, not the next entry of a fixed list
-    fixed, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                                              f"sft.max_seq_len={seq}", "lora.r=32"])
+    fixed, _ = load_recipe(
+        "chat-assistant",
+        ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", f"sft.max_seq_len={seq}", "lora.r=32"],
+    )
     assert make_plan(fixed, device).stages["sft"].fits
-    over, _ = load_recipe("chat-assistant", ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                                             f"sft.max_seq_len={seq + 64}", "lora.r=32"])
+    over, _ = load_recipe(
+        "chat-assistant",
+        ["model.name=unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", f"sft.max_seq_len={seq + 64}", "lora.r=32"],
+    )
     with pytest.raises(UserError):
         make_plan(over, device)
 
@@ -188,8 +208,10 @@ def test_plan_json_is_strict_json_or_a_clear_error(args, capsys):
     code = main(["plan", "chat-assistant", *args, "--json"])
     out = capsys.readouterr()
     if code == 0:
+
         def refuse(const):
             raise ValueError(f"not strict JSON: {const}")
+
         json.loads(out.out, parse_constant=refuse)
     else:
         assert code == 2 and out.out == "" and out.err
@@ -237,8 +259,19 @@ def test_tier_table_is_planner_output_that_fits():
 def test_plan_command_prints_the_memory_table_and_json(capsys):
     assert main(["plan", "chat-assistant", "--gpu", "t4"]) == 0
     out = capsys.readouterr().out
-    for needle in ("weights", "LoRA+optimizer", "activations", "logits", "ref forward", "overhead", "total",
-                   "budget", "sft (seq", "dpo (seq", "minus a 10% safety margin"):
+    for needle in (
+        "weights",
+        "LoRA+optimizer",
+        "activations",
+        "logits",
+        "ref forward",
+        "overhead",
+        "total",
+        "budget",
+        "sft (seq",
+        "dpo (seq",
+        "minus a 10% safety margin",
+    ):
         assert needle in out
     assert main(["plan", "chat-assistant", "--gpu", "t4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -248,8 +281,21 @@ def test_plan_command_prints_the_memory_table_and_json(capsys):
 
 
 def test_refusal_exits_2_without_traceback():
-    res = subprocess.run([sys.executable, "-m", "lowvram", "plan", "chat-assistant", "--gpu", "rtx4060",
-                          "model.name=unsloth/Qwen2.5-14B-Instruct-bnb-4bit"], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowvram",
+            "plan",
+            "chat-assistant",
+            "--gpu",
+            "rtx4060",
+            "model.name=unsloth/Qwen2.5-14B-Instruct-bnb-4bit",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 2
     assert "does not fit" in res.stderr and "model.name=" in res.stderr and "Traceback" not in res.stderr
 
@@ -287,8 +333,11 @@ def test_lowvram_own_gpu_peaks_are_met_from_above_within_a_few_percent():
     # and within the +-20% bound above (DPO was +22% to +105% before TRL's fused LM head was modelled).
     cal_mod = _calibration_module()
     cal = cal_mod.calibrate()
-    rows = [r for r in cal.results if r.point.stack.startswith("lowvram backend=unsloth")
-            and r.point.setup.stage in ("sft", "dpo")]
+    rows = [
+        r
+        for r in cal.results
+        if r.point.stack.startswith("lowvram backend=unsloth") and r.point.setup.stage in ("sft", "dpo")
+    ]
     assert {r.point.setup.stage for r in rows} == {"sft", "dpo"} and len(rows) >= 10
     for r in rows:
         assert -0.05 <= r.lowvram_error <= cal_mod.ERROR_BOUND, (r.point.label, r.point.setup, r.lowvram_error)

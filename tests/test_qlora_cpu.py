@@ -28,11 +28,19 @@ from lowvram.recipe import load_recipe
 
 CPU = Device("cpu", "CPU", 0, 0, None, "none")
 # 4-bit on CPU is slower than fp32: a few steps of each stage, checkpoints every 4
-Q4 = ["model.load_in_4bit=true", "sft.max_steps=8", "sft.save_steps=4", "dpo.max_steps=6", "dpo.save_steps=3",
-      "rm.enabled=false", "eval.enabled=false"]
+Q4 = [
+    "model.load_in_4bit=true",
+    "sft.max_steps=8",
+    "sft.save_steps=4",
+    "dpo.max_steps=6",
+    "dpo.save_steps=3",
+    "rm.enabled=false",
+    "eval.enabled=false",
+]
 
 
 # ------------------------------------------------------------------ planning (fast)
+
 
 def test_cpu_plans_full_precision_unless_the_recipe_asks_for_4bit():
     recipe, _ = load_recipe("demo")
@@ -53,8 +61,9 @@ def test_prequantized_checkpoint_on_cpu_needs_the_4bit_flag():
         make_plan(recipe, CPU)
     hint = err.value.render()
     assert "model.name=unsloth/Llama-3.2-1B-Instruct" in hint and "model.load_in_4bit=true" in hint
-    recipe, _ = load_recipe("chat-assistant", ["model.name=unsloth/Llama-3.2-1B-Instruct-bnb-4bit",
-                                               "model.load_in_4bit=true"])
+    recipe, _ = load_recipe(
+        "chat-assistant", ["model.name=unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "model.load_in_4bit=true"]
+    )
     assert make_plan(recipe, CPU).load_in_4bit
 
     apple = Device("mps", "Apple GPU (MPS)", 0, 0, None, "platform")
@@ -69,6 +78,7 @@ def test_gpu_plans_are_unchanged():
 
 
 # ------------------------------------------------------------------ the model as loaded
+
 
 def _plan(dtype: str):
     recipe, _ = load_recipe("demo", ["model.load_in_4bit=true"])
@@ -120,6 +130,7 @@ def test_bf16_qlora_sft_then_dpo_runs_under_autocast(tiny_model_dir, tmp_path):
 
 # ------------------------------------------------------------------ a real run on an NF4 checkpoint
 
+
 @pytest.fixture(scope="module")
 def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny Llama saved the way Unsloth's -bnb-4bit repos are: transformers' bitsandbytes NF4 serialization."""
@@ -129,8 +140,12 @@ def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
     from lowvram.hf_backend import quantization_config
 
     out = tmp_path_factory.mktemp("nf4") / "tiny-llama-bnb-4bit"
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, device_map={"": "cpu"},
-                                                 quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir),
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")),
+    )
     model.save_pretrained(str(out))
     for f in tiny_model_dir.iterdir():  # tokenizer files, generation config
         if f.is_file() and not (out / f.name).exists():
@@ -206,8 +221,12 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
 
     # the policy exactly as DPO trained it: the NF4 base in bitsandbytes + the adapter
-    base = AutoModelForCausalLM.from_pretrained(str(nf4_base), dtype=torch.float32, device_map={"": "cpu"},
-                                                quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")))
+    base = AutoModelForCausalLM.from_pretrained(
+        str(nf4_base),
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")),
+    )
     prepare_4bit_model(base, torch.float32)
     policy = PeftModel.from_pretrained(base, str(q4_run / "dpo" / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
@@ -227,13 +246,22 @@ def test_merge_prefers_the_local_16bit_original(q4_run, nf4_base, tiny_model_dir
     from lowvram.merge import choose_base, merge_lora, read_adapter
 
     base_json = tmp_path / "base.json"
-    base_json.write_text(json.dumps({"model": "tiny-llama-bnb-4bit", "model_path": str(nf4_base),
-                                     "base_16bit": str(tiny_model_dir), "load_in_4bit": True}))
+    base_json.write_text(
+        json.dumps(
+            {
+                "model": "tiny-llama-bnb-4bit",
+                "model_path": str(nf4_base),
+                "base_16bit": str(tiny_model_dir),
+                "load_in_4bit": True,
+            }
+        )
+    )
     choice = choose_base(base_json)
     assert choice.path == tiny_model_dir and not choice.quantized_4bit
     merge_lora(choice, read_adapter(q4_run / "dpo" / "adapter"), tmp_path / "merged")
-    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
-                                         str(q4_run / "dpo" / "adapter"))
+    original = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(q4_run / "dpo" / "adapter")
+    )
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     ids = torch.randint(0, merged.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
     want, got = _logits(original, ids), _logits(merged, ids)
@@ -247,8 +275,13 @@ def test_killed_nf4_run_resumes_with_its_8bit_optimizer(tiny_model_dir, tmp_path
     run = tmp_path / "killed"
     env = {**os.environ, "LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
     args = ["--no-export", "dpo.enabled=false", "model.load_in_4bit=true", "sft.epochs=100", "sft.save_steps=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     t0 = time.monotonic()
     while latest_checkpoint(run / "sft" / "checkpoints") is None:
         assert proc.poll() is None, "training ended before a checkpoint: " + proc.stderr.read()
@@ -259,8 +292,12 @@ def test_killed_nf4_run_resumes_with_its_8bit_optimizer(tiny_model_dir, tmp_path
     ckpt = latest_checkpoint(run / "sft" / "checkpoints")
     step = int(ckpt.name.split("-")[1])
 
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
-                          f"sft.max_steps={step + 2}"], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export", f"sft.max_steps={step + 2}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{step}" in res.stdout and "optim adamw_8bit" in res.stdout
     # Steps the killed run logged past its checkpoint are trimmed on resume (they are trained again), so the

@@ -82,8 +82,10 @@ def test_nothing_to_train_and_missing_data_are_errors():
 
 
 def test_dotted_overrides_set_nested_values_with_yaml_types():
-    data = apply_overrides({"dpo": {"beta": 0.1}}, ["dpo.beta=0.2", "sft.packing=true", "export.gguf=[q8_0, f16]",
-                                                    "model.name=builtin:tiny-llama"])
+    data = apply_overrides(
+        {"dpo": {"beta": 0.1}},
+        ["dpo.beta=0.2", "sft.packing=true", "export.gguf=[q8_0, f16]", "model.name=builtin:tiny-llama"],
+    )
     assert data["dpo"]["beta"] == 0.2 and data["sft"]["packing"] is True
     assert data["export"]["gguf"] == ["q8_0", "f16"] and data["model"]["name"] == "builtin:tiny-llama"
     recipe, _ = load_recipe("chat-assistant", ["dpo.beta=0.2", "lora.r=8"])

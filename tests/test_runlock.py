@@ -15,12 +15,14 @@ from lowvram.cli import main
 from lowvram.recipe import dump_recipe, load_recipe
 from lowvram.runlock import LOCK_NAME, FolderBusy, folder_lock
 
-HOLD = ("import sys, time\n"
-        "from pathlib import Path\n"
-        "from lowvram.runlock import folder_lock\n"
-        "with folder_lock(Path(sys.argv[1]), 'run'):\n"
-        "    print('locked', flush=True)\n"
-        "    time.sleep(600)\n")
+HOLD = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from lowvram.runlock import folder_lock\n"
+    "with folder_lock(Path(sys.argv[1]), 'run'):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(600)\n"
+)
 
 
 def _holder(folder: Path) -> subprocess.Popen:
@@ -81,24 +83,30 @@ def test_lock_is_reentrant_within_one_process(tmp_path):
 
 def test_two_processes_racing_for_one_folder_never_both_hold_it(tmp_path):
     """Many short-lived holders at once: the lock file records exactly one owner at any moment."""
-    code = ("import os, sys, time\n"
-            "from pathlib import Path\n"
-            "from lowvram.runlock import folder_lock, FolderBusy\n"
-            "got = 0\n"
-            "for _ in range(40):\n"
-            "    try:\n"
-            "        with folder_lock(Path(sys.argv[1]), 'run'):\n"
-            "            marker = Path(sys.argv[1]) / 'owner'\n"
-            "            assert not marker.exists(), 'two holders at once'\n"
-            "            marker.write_text(str(os.getpid()))\n"
-            "            time.sleep(0.002)\n"
-            "            marker.unlink()\n"
-            "            got += 1\n"
-            "    except FolderBusy:\n"
-            "        pass\n"
-            "print(got)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    code = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from lowvram.runlock import folder_lock, FolderBusy\n"
+        "got = 0\n"
+        "for _ in range(40):\n"
+        "    try:\n"
+        "        with folder_lock(Path(sys.argv[1]), 'run'):\n"
+        "            marker = Path(sys.argv[1]) / 'owner'\n"
+        "            assert not marker.exists(), 'two holders at once'\n"
+        "            marker.write_text(str(os.getpid()))\n"
+        "            time.sleep(0.002)\n"
+        "            marker.unlink()\n"
+        "            got += 1\n"
+        "    except FolderBusy:\n"
+        "        pass\n"
+        "print(got)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err

@@ -59,7 +59,8 @@ def test_a_misspelt_template_name_is_a_recipe_problem(capsys):
 @pytest.mark.parametrize("command", ["plan", "data"])
 def test_chat_data_on_a_base_without_template_is_refused_naming_the_options(base_dir, command, capsys):
     args = (["plan", "demo"] if command == "plan" else ["data", "check", "--recipe", "demo"]) + [
-        f"model.name={base_dir}"]
+        f"model.name={base_dir}"
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no chat template" in err and "model.chat_template" in err

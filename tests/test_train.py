@@ -40,10 +40,22 @@ def _tensors(path: Path) -> dict:
 
 
 def test_run_directory_has_everything_export_needs(demo_run):
-    for rel in ("recipe.yaml", "plan.json", "base.json", "tokenizer/tokenizer_config.json", "metrics.jsonl",
-                "summary.json", "sft/adapter/adapter_config.json", "sft/DONE", "dpo/adapter/adapter_config.json",
-                "dpo/DONE", "plots/loss.png", "plots/reward_margin.png", "plots/preference_accuracy.png",
-                "plots/rewards_chosen_rejected.png"):
+    for rel in (
+        "recipe.yaml",
+        "plan.json",
+        "base.json",
+        "tokenizer/tokenizer_config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "sft/adapter/adapter_config.json",
+        "sft/DONE",
+        "dpo/adapter/adapter_config.json",
+        "dpo/DONE",
+        "plots/loss.png",
+        "plots/reward_margin.png",
+        "plots/preference_accuracy.png",
+        "plots/rewards_chosen_rejected.png",
+    ):
         assert (demo_run / rel).exists(), rel
     for t in ("f16", "q8_0", "q4_k_m"):  # `lowvram run` ends with the recipe's GGUF export
         assert (demo_run / "export" / f"demo-{t}.gguf").is_file(), t
@@ -64,7 +76,10 @@ def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
     out = (demo_run.parent / "stdout.txt").read_text()
     assert "\r" not in out and "\x1b" not in out
     rows = [json.loads(x) for x in (demo_run / "metrics.jsonl").read_text().splitlines()]
-    metrics = {"sft": r"loss \d+\.\d{3}  tok_acc \d\.\d\d", "dpo": r"loss \d+\.\d{3}  pref_acc \d\.\d\d  margin [+-]\d+\.\d{3}"}
+    metrics = {
+        "sft": r"loss \d+\.\d{3}  tok_acc \d\.\d\d",
+        "dpo": r"loss \d+\.\d{3}  pref_acc \d\.\d\d  margin [+-]\d+\.\d{3}",
+    }
     for stage, shown in metrics.items():
         logged = [r["step"] for r in rows if r["stage"] == stage and "loss" in r and "eval" not in r]
         lines = re.findall(rf"^\[{stage}\] step (\d+)/\d+  {shown}(?:  [\d,]+ tok/s)?  ETA \d+:\d\d$", out, re.M)
@@ -127,8 +142,10 @@ def test_dpo_reference_is_checked_and_only_the_policy_is_saved(demo_run):
     """lowvram checked that TRL's reference is a frozen copy of the SFT adapter and the rewards start at 0."""
     out = (demo_run.parent / "stdout.txt").read_text()
     assert f"[dpo] reference: a frozen copy of the SFT adapter ({demo_run / 'sft' / 'adapter'})" in out
-    assert "[dpo] reference: at step 0 the policy equals its reference: chosen +0.0000, rejected +0.0000, " \
-           "margins +0.0000" in out
+    assert (
+        "[dpo] reference: at step 0 the policy equals its reference: chosen +0.0000, rejected +0.0000, "
+        "margins +0.0000" in out
+    )
     adapter = demo_run / "dpo" / "adapter"
     assert not (adapter / "ref").exists() and sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []
     assert json.loads((adapter / "adapter_config.json").read_text())["inference_mode"] is True
@@ -194,15 +211,31 @@ def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypat
             alive_when_dpo_loads.extend(ref() is not None for ref in loaded)
         model, tok = real_load(ctx, adapter)
         params = dict(model.named_parameters())  # the tensors that hold (GPU) memory, base and LoRA
-        loaded.extend(weakref.ref(params[n]) for n in (next(n for n in params if "lora_" not in n),
-                                                         next(n for n in params if "lora_B" in n)))
+        loaded.extend(
+            weakref.ref(params[n])
+            for n in (next(n for n in params if "lora_" not in n), next(n for n in params if "lora_B" in n))
+        )
         return model, tok
 
     monkeypatch.setattr(train, "load_model", load_model)
     gc.disable()  # as when the collector has not happened to run yet: only lowvram's own cleanup frees cycles
     try:
-        assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", "sft.max_steps=2",
-                     "dpo.max_steps=1", "rm.enabled=false", "eval.enabled=false"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "demo",
+                    "--run-dir",
+                    str(tmp_path / "r"),
+                    "--no-export",
+                    "sft.max_steps=2",
+                    "dpo.max_steps=1",
+                    "rm.enabled=false",
+                    "eval.enabled=false",
+                ]
+            )
+            == 0
+        )
     finally:
         gc.enable()
     assert alive_when_dpo_loads == [False, False]
@@ -217,25 +250,43 @@ def test_invalid_recipe_is_rejected_before_anything_loads(tmp_path, capsys):
 
 def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                   "{not json\n")
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n'
+    )
     run = tmp_path / "run"
-    code = main(["run", "demo", "--run-dir", str(run), "use_samples=false", f"sft.data.path={bad}",
-                 "dpo.enabled=false"])
+    code = main(
+        ["run", "demo", "--run-dir", str(run), "use_samples=false", f"sft.data.path={bad}", "dpo.enabled=false"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 2" in err
     assert not (run / "sft" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["sft.enabled=false", "dpo.loss_type=ipo", "dpo.max_steps=2"],
-    ["sft.enabled=false", "dpo.loss_type=hinge", "dpo.max_steps=2"],
-    ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["sft.enabled=false", "dpo.loss_type=ipo", "dpo.max_steps=2"],
+        ["sft.enabled=false", "dpo.loss_type=hinge", "dpo.max_steps=2"],
+        ["sft.enabled=false", "dpo.method=kto", "dpo.max_steps=2"],
+    ],
+)
 def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
-    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), "--no-export", *overrides, "rm.enabled=false",
-                 "eval.enabled=false"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "demo",
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--no-export",
+                *overrides,
+                "rm.enabled=false",
+                "eval.enabled=false",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r" / "dpo" / "DONE").is_file()
     assert not (tmp_path / "r" / "dpo" / "adapter" / "ref").exists()
     out = capsys.readouterr().out
@@ -244,8 +295,18 @@ def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
 
 
 def test_orpo_single_stage_recipe_runs(tiny_model_dir, tmp_path, capsys):
-    args = ["run", "orpo-tight", "--run-dir", str(tmp_path / "orpo"), "--no-export", "use_samples=true",
-            "model.name=builtin:tiny-llama", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=1"]
+    args = [
+        "run",
+        "orpo-tight",
+        "--run-dir",
+        str(tmp_path / "orpo"),
+        "--no-export",
+        "use_samples=true",
+        "model.name=builtin:tiny-llama",
+        "dpo.max_steps=3",
+        "dpo.batch_size=4",
+        "dpo.grad_accum=1",
+    ]
     assert main(args) == 0
     assert (tmp_path / "orpo" / "dpo" / "adapter" / "adapter_config.json").is_file()
     steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dpo] step ")]
@@ -258,13 +319,19 @@ def _spawn(args, env_extra=None, terminal=False):
     read in the background; `proc.terminal_output()` returns what it showed once the process has ended."""
     env = {**os.environ, **(env_extra or {})}
     if not terminal:
-        return subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "lowvram", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
     import threading
 
     leader, follower = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "lowvram", *args], stdout=follower, stderr=subprocess.PIPE,
-                            text=True, env={**env, "TERM": "xterm", "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvram", *args],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "TERM": "xterm", "COLUMNS": "120"},
+    )
     os.close(follower)
     chunks: list[bytes] = []
 
@@ -307,7 +374,7 @@ def _sft_steps(run: Path) -> list[int]:
     """The training steps logged in metrics.jsonl, in file order (a line cut short by a kill is skipped)."""
     steps = []
     path = run / "metrics.jsonl"
-    for line in (path.read_text().splitlines() if path.is_file() else []):
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
@@ -332,17 +399,24 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
     assert max(_sft_steps(run)) > ckpt_step
 
-    res = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export",
-                          f"sft.max_steps={ckpt_step + 3}"],
-                         capture_output=True, text=True, env={**os.environ, **env})
+    res = subprocess.run(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export", f"sft.max_steps={ckpt_step + 3}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert res.returncode == 0, res.stderr
     assert f"resuming from checkpoint-{ckpt_step}" in res.stdout
     # each step once: the lines logged after the checkpoint by the killed process are superseded
     assert _sft_steps(run) == list(range(1, ckpt_step + 4))
     assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == ckpt_step + 3
 
-    again = subprocess.run([sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export"], capture_output=True,
-                           text=True, env={**os.environ, **env})
+    again = subprocess.run(
+        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), "--no-export"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert again.returncode == 0 and "[sft] already done, skipping" in again.stdout
 
 
@@ -364,8 +438,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
 def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_dir, tmp_path):
     """In a terminal: the progress bar that the interrupt leaves live is closed, the cursor shown again."""
     run = tmp_path / "twice"
-    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]},
-                  terminal=True)
+    proc = _spawn(
+        ["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}, terminal=True
+    )
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)
@@ -408,8 +483,10 @@ def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
 def _wait_for_step(ckpt_dir: Path, proc, step: int, timeout_s=300) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if any(int(p.name.split("-")[1]) >= step and (p / "trainer_state.json").is_file()
-               for p in ckpt_dir.glob("checkpoint-*")):
+        if any(
+            int(p.name.split("-")[1]) >= step and (p / "trainer_state.json").is_file()
+            for p in ckpt_dir.glob("checkpoint-*")
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError("training ended before the checkpoint: " + proc.stderr.read())
@@ -436,9 +513,22 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
     from lowvram import train
 
     run = tmp_path / "dpo-killed"
-    proc = _spawn(["run", "demo", "--run-dir", str(run), "--no-export", "sft.max_steps=6", "dpo.epochs=100",
-                   "dpo.save_steps=5", "dpo.learning_rate=1e-3", "rm.enabled=false", "eval.enabled=false"],
-                  {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    proc = _spawn(
+        [
+            "run",
+            "demo",
+            "--run-dir",
+            str(run),
+            "--no-export",
+            "sft.max_steps=6",
+            "dpo.epochs=100",
+            "dpo.save_steps=5",
+            "dpo.learning_rate=1e-3",
+            "rm.enabled=false",
+            "eval.enabled=false",
+        ],
+        {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]},
+    )
     _wait_for_step(run / "dpo" / "checkpoints", proc, 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -457,8 +547,9 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
 
         def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
             if stage == "dpo":
-                at_resume.update({k: v.detach().clone() for k, v in
-                                  get_peft_model_state_dict(model, adapter_name="default").items()})
+                at_resume.update(
+                    {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+                )
             return begin(args, state, control, model=model, **kw)
 
         cb.on_train_begin = on_train_begin

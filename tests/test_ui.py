@@ -51,8 +51,9 @@ def test_eta_counts_only_the_steps_this_bar_has_seen():
 
 def test_terminal_progress_draws_a_bar_with_metrics_rate_and_eta():
     console, buf = _terminal()
-    bar = ui.progress("dpo", 10, [("loss", "loss", "{:.3f}"), ("rewards/margins", "margin", "{:+.3f}")],
-                      console=console)
+    bar = ui.progress(
+        "dpo", 10, [("loss", "loss", "{:.3f}"), ("rewards/margins", "margin", "{:+.3f}")], console=console
+    )
     assert isinstance(bar, ui.RichStageProgress)
     for step in range(1, 11):
         bar.update(step, {"loss": 0.69 - step / 100, "rewards/margins": step / 50}, tokens_per_s=987.0)

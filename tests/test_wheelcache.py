@@ -59,18 +59,28 @@ def test_a_cache_hit_installs_in_the_background_without_pip_wheel(tmp_path):
     _wheel(cache / "cp27-other_platform", version="9.9")  # another runtime's folder is never read
     log = tmp_path / "logs" / "probe.log"
     # start() runs the job with this module's Python: run it in the fresh environment instead
-    code = ("import sys; from pathlib import Path; from lowvram import wheelcache as w; "
-            "log = w.start('lowvram_probe', Path(sys.argv[1]), Path(sys.argv[2])); "
-            "import json; print(json.dumps(w.wait(log, poll_s=0.2)))")
-    out = subprocess.run([str(python), "-c", code, str(cache), str(log)], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    code = (
+        "import sys; from pathlib import Path; from lowvram import wheelcache as w; "
+        "log = w.start('lowvram_probe', Path(sys.argv[1]), Path(sys.argv[2])); "
+        "import json; print(json.dumps(w.wait(log, poll_s=0.2)))"
+    )
+    out = subprocess.run(
+        [str(python), "-c", code, str(cache), str(log)], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     status = json.loads(out.strip().splitlines()[-1])
     assert status["state"] == "ok" and status["from_cache"] and not status["compiled"], log.read_text()
     text = log.read_text()
-    assert "installed from the wheel cache" in text and "--no-index" in text and " wheel " not in text.replace(
-        "wheel cache", "")
-    got = subprocess.run([str(python), "-c", "import lowvram_probe; print(lowvram_probe.VERSION)"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    assert (
+        "installed from the wheel cache" in text
+        and "--no-index" in text
+        and " wheel " not in text.replace("wheel cache", "")
+    )
+    got = subprocess.run(
+        [str(python), "-c", "import lowvram_probe; print(lowvram_probe.VERSION)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert got == "1.0"
     assert "installed from the wheel cache" in wheelcache.describe(status, log)
 
@@ -116,8 +126,9 @@ def test_wait_reports_progress_while_the_job_runs(tmp_path):
         def report(line):
             lines.append(line)
             if len(lines) == 2:
-                wheelcache._write_status(log, state="ok", finished=time.time(), seconds=1.0, from_cache=False,
-                                         compiled=True)
+                wheelcache._write_status(
+                    log, state="ok", finished=time.time(), seconds=1.0, from_cache=False, compiled=True
+                )
 
         status = wheelcache.wait(log, poll_s=0.02, report=report, every_s=0.05)
     finally:

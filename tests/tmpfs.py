@@ -14,8 +14,9 @@ import pytest
 def small_tmpfs(mnt: Path, size_mib: int) -> Iterator[Path]:
     """Mount a `size_mib` tmpfs at `mnt` (created); the test is skipped where mounting needs root it lacks."""
     mnt.mkdir(exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "lowvram-test", str(mnt)],
-                         capture_output=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "lowvram-test", str(mnt)], capture_output=True
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
     try:

@@ -36,8 +36,12 @@ def venv_without(dest: Path, hide: tuple[str, ...] = ("llama_cpp", "llama_cpp_py
         if _dist_name(entry.name) not in hidden:
             (overlay / entry.name).symlink_to(entry)
     python = env / "bin" / "python"
-    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         check=True, capture_output=True, text=True).stdout.strip()
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # addsitedir (not a bare path line) so the overlay's own .pth files run: editable installs among them
     (Path(own) / "_test_overlay.pth").write_text(f"import site; site.addsitedir({str(overlay)!r})\n")
     return python

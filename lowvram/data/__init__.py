@@ -11,5 +11,14 @@ from lowvram.data.formats import DATA_FORMATS, KINDS, PREFERENCE_FORMATS, SFT_FO
 from lowvram.data.load import LoadedData, load_preference_data, load_sft_data
 from lowvram.data.sources import Location, Problem
 
-__all__ = ["DATA_FORMATS", "KINDS", "PREFERENCE_FORMATS", "SFT_FORMATS", "LoadedData", "Location", "Problem",
-           "load_preference_data", "load_sft_data"]
+__all__ = [
+    "DATA_FORMATS",
+    "KINDS",
+    "PREFERENCE_FORMATS",
+    "SFT_FORMATS",
+    "LoadedData",
+    "Location",
+    "Problem",
+    "load_preference_data",
+    "load_sft_data",
+]

@@ -54,8 +54,12 @@ class Finding:
     locations: tuple[Location, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"code": self.code, "message": self.message, "count": len(self.locations),
-                "locations": [loc.to_dict() for loc in self.locations]}
+        return {
+            "code": self.code,
+            "message": self.message,
+            "count": len(self.locations),
+            "locations": [loc.to_dict() for loc in self.locations],
+        }
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,17 @@ class TokenBudget:
     examples: int
 
     def to_dict(self) -> dict:
-        return {"max_seq_len": self.max_seq_len, "budget_from": self.budget_from, "counted_with": self.counted_with,
-                "approximate": self.approximate, "over": len(self.over), "examples": self.examples,
-                "longest_tokens": self.longest_tokens, "median_tokens": self.median_tokens,
-                "over_locations": [loc.to_dict() for loc in self.over]}
+        return {
+            "max_seq_len": self.max_seq_len,
+            "budget_from": self.budget_from,
+            "counted_with": self.counted_with,
+            "approximate": self.approximate,
+            "over": len(self.over),
+            "examples": self.examples,
+            "longest_tokens": self.longest_tokens,
+            "median_tokens": self.median_tokens,
+            "over_locations": [loc.to_dict() for loc in self.over],
+        }
 
 
 @dataclass
@@ -97,12 +108,19 @@ class CheckReport:
         return EXIT_CHECK_FAILED if self.errors or (strict and self.warnings) else EXIT_OK
 
     def to_dict(self, strict: bool = False) -> dict:
-        return {"source": self.source, "stage": self.stage, "kind": self.kind, "format": self.format,
-                "reason": self.reason,
-                "rows": {"read": self.rows_read, "valid": self.rows_valid, "invalid": self.rows_read - self.rows_valid},
-                "errors": [p.to_dict() for p in self.errors], "warnings": [w.to_dict() for w in self.warnings],
-                "stats": self.stats, "token_budget": self.tokens.to_dict() if self.tokens else None,
-                "exit_code": self.exit_code(strict)}
+        return {
+            "source": self.source,
+            "stage": self.stage,
+            "kind": self.kind,
+            "format": self.format,
+            "reason": self.reason,
+            "rows": {"read": self.rows_read, "valid": self.rows_valid, "invalid": self.rows_read - self.rows_valid},
+            "errors": [p.to_dict() for p in self.errors],
+            "warnings": [w.to_dict() for w in self.warnings],
+            "stats": self.stats,
+            "token_budget": self.tokens.to_dict() if self.tokens else None,
+            "exit_code": self.exit_code(strict),
+        }
 
     def lines(self, strict: bool = False) -> list[str]:
         """The report: a table (lowvram.ui) of what was found, whose plain text reads one finding per line."""
@@ -115,33 +133,50 @@ class CheckReport:
         rows: list[tuple[str, str, list[str]]] = []  # (field, first line, further lines as indented in plain text)
         if self.format:
             rows.append(("format", f"{self.format}  -- {self.reason}", []))
-        rows.append(("rows", f"{self.rows_read} read, {self.rows_valid} valid, {self.rows_read - self.rows_valid} invalid", []))
+        rows.append(
+            ("rows", f"{self.rows_read} read, {self.rows_valid} valid, {self.rows_read - self.rows_valid} invalid", [])
+        )
         if self.errors:
             more = [f"  - {p}" for p in self.errors[:SHOWN_ERRORS]]
             if len(self.errors) > SHOWN_ERRORS:
                 more.append(f"  ... and {len(self.errors) - SHOWN_ERRORS} more (--json lists every one)")
-            rows.append(("errors", f"{len(self.errors)} (training refuses these rows; data.drop_invalid=true skips them)",
-                         more))
+            rows.append(
+                ("errors", f"{len(self.errors)} (training refuses these rows; data.drop_invalid=true skips them)", more)
+            )
         if self.warnings:
             more = []
             for w in self.warnings:
                 more.append(f"  - {w.message}")
                 if w.locations:
                     shown = ", ".join(_short(loc) for loc in w.locations[:SHOWN_LOCATIONS])
-                    extra = f" and {len(w.locations) - SHOWN_LOCATIONS} more" if len(w.locations) > SHOWN_LOCATIONS else ""
+                    extra = (
+                        f" and {len(w.locations) - SHOWN_LOCATIONS} more" if len(w.locations) > SHOWN_LOCATIONS else ""
+                    )
                     more.append(f"      at {shown}{extra}")
             rows.append(("warnings", f"{len(self.warnings)}", more))
         if "chosen_longer_share" in self.stats:
             s = self.stats
-            rows.append(("lengths", f"chosen longer than rejected in {s['chosen_longer_share']:.0%} of {s['pairs']} "
-                         f"pairs, shorter in {s['chosen_shorter_share']:.0%}; median chosen/rejected length ratio "
-                         f"{s['median_length_ratio']:.2f} (characters)", []))
+            rows.append(
+                (
+                    "lengths",
+                    f"chosen longer than rejected in {s['chosen_longer_share']:.0%} of {s['pairs']} "
+                    f"pairs, shorter in {s['chosen_shorter_share']:.0%}; median chosen/rejected length ratio "
+                    f"{s['median_length_ratio']:.2f} (characters)",
+                    [],
+                )
+            )
         if self.tokens:
             t = self.tokens
             approx = "~" if t.approximate else ""
-            rows.append(("tokens", f"{len(t.over)} of {t.examples} examples exceed max_seq_len {t.max_seq_len} "
-                         f"({t.budget_from}) and would be truncated; longest {approx}{t.longest_tokens}, "
-                         f"median {approx}{t.median_tokens:g}", [f"          counted with {t.counted_with}"]))
+            rows.append(
+                (
+                    "tokens",
+                    f"{len(t.over)} of {t.examples} examples exceed max_seq_len {t.max_seq_len} "
+                    f"({t.budget_from}) and would be truncated; longest {approx}{t.longest_tokens}, "
+                    f"median {approx}{t.median_tokens:g}",
+                    [f"          counted with {t.counted_with}"],
+                )
+            )
         if self.errors:
             result = f"FAIL: {_n(len(self.errors), 'error')}"
         elif self.warnings:
@@ -167,8 +202,14 @@ def _short(loc: Location) -> str:
 
 # ------------------------------------------------------------------ checking
 
-def check_data(cfg: DataConfig, kind: str | None = None, sample: Path | None = None, base_dir: Path | None = None,
-               stage: str | None = None) -> CheckReport:
+
+def check_data(
+    cfg: DataConfig,
+    kind: str | None = None,
+    sample: Path | None = None,
+    base_dir: Path | None = None,
+    stage: str | None = None,
+) -> CheckReport:
     """Read, validate and lint one stage's data. `kind` None detects sft vs preference from the columns.
 
     add_token_budget(report, ...) then counts the examples longer than a stage's max_seq_len.
@@ -176,12 +217,22 @@ def check_data(cfg: DataConfig, kind: str | None = None, sample: Path | None = N
     source, records, eval_records = read_source_for_check(cfg, sample, base_dir)
     if isinstance(records, DataFileError):
         err = records
-        return CheckReport(source, kind, errors=[Problem(err.location, "unreadable_file", err.message.split(": ", 1)[-1])],
-                           stage=stage)
+        return CheckReport(
+            source, kind, errors=[Problem(err.location, "unreadable_file", err.message.split(": ", 1)[-1])], stage=stage
+        )
     parsed = parse_records(records + (eval_records or []), source, kind, cfg.format, cfg.columns)
     kind = FORMAT_KIND[parsed.format]
-    report = CheckReport(source, kind, parsed.format, parsed.reason, len(parsed.records),
-                         len(parsed.rows), list(parsed.problems), stage=stage, parsed=parsed)
+    report = CheckReport(
+        source,
+        kind,
+        parsed.format,
+        parsed.reason,
+        len(parsed.records),
+        len(parsed.rows),
+        list(parsed.problems),
+        stage=stage,
+        parsed=parsed,
+    )
     if kind == "preference":
         report.warnings += preference_warnings(parsed, report.stats)
     else:
@@ -189,20 +240,28 @@ def check_data(cfg: DataConfig, kind: str | None = None, sample: Path | None = N
     return report
 
 
-def add_token_budget(report: CheckReport, max_seq_len: int, budget_from: str, tokenizer: Any = None,
-                     tokenizer_label: str = "", chat_template: str | None = None) -> None:
+def add_token_budget(
+    report: CheckReport,
+    max_seq_len: int,
+    budget_from: str,
+    tokenizer: Any = None,
+    tokenizer_label: str = "",
+    chat_template: str | None = None,
+) -> None:
     """Count examples longer than max_seq_len with `tokenizer`, or approximately (and labelled so) without one."""
     if report.parsed is None or not report.parsed.rows:
         return
-    t = report.tokens = token_budget(report.parsed, max_seq_len, budget_from, tokenizer, tokenizer_label,
-                                     chat_template)
+    t = report.tokens = token_budget(report.parsed, max_seq_len, budget_from, tokenizer, tokenizer_label, chat_template)
     if t.over:
-        report.warnings.append(Finding(
-            "over_token_budget",
-            f"{len(t.over)} of {t.examples} examples are longer than max_seq_len {max_seq_len} "
-            f"({'approximately, ' if t.approximate else ''}counted with {t.counted_with}): training truncates them"
-            + (", cutting off the answers that carry the preference" if report.kind == "preference" else ""),
-            t.over))
+        report.warnings.append(
+            Finding(
+                "over_token_budget",
+                f"{len(t.over)} of {t.examples} examples are longer than max_seq_len {max_seq_len} "
+                f"({'approximately, ' if t.approximate else ''}counted with {t.counted_with}): training truncates them"
+                + (", cutting off the answers that carry the preference" if report.kind == "preference" else ""),
+                t.over,
+            )
+        )
 
 
 def read_source_for_check(cfg: DataConfig, sample: Path | None, base_dir: Path | None):
@@ -214,6 +273,7 @@ def read_source_for_check(cfg: DataConfig, sample: Path | None, base_dir: Path |
 
 
 # ------------------------------------------------------------------ lints
+
 
 def _norm(text: str) -> str:
     """Case and spacing do not make two answers different."""
@@ -270,31 +330,69 @@ def preference_warnings(parsed: ParsedRows, stats: dict) -> list[Finding]:
             ratios.append(lc / lr)
     out = []
     if identical:
-        out.append(Finding("identical_pair", f"{_n(len(identical), 'pair')}: identical chosen and rejected answers "
-                                             "(ignoring case and spacing): they carry no preference", tuple(identical)))
+        out.append(
+            Finding(
+                "identical_pair",
+                f"{_n(len(identical), 'pair')}: identical chosen and rejected answers "
+                "(ignoring case and spacing): they carry no preference",
+                tuple(identical),
+            )
+        )
     if near:
-        out.append(Finding("near_identical_pair", f"{_n(len(near), 'pair')}: nearly identical answers (difflib "
-                                                  f"similarity >= {NEAR_IDENTICAL_RATIO:.0%}, over characters below "
-                                                  f"{SHORT_ANSWER_CHARS} characters, else over words): the preference "
-                                                  "rests on a few tokens, which DPO then pushes on hard; check that "
-                                                  "the difference is the one you mean to teach", tuple(near)))
+        out.append(
+            Finding(
+                "near_identical_pair",
+                f"{_n(len(near), 'pair')}: nearly identical answers (difflib "
+                f"similarity >= {NEAR_IDENTICAL_RATIO:.0%}, over characters below "
+                f"{SHORT_ANSWER_CHARS} characters, else over words): the preference "
+                "rests on a few tokens, which DPO then pushes on hard; check that "
+                "the difference is the one you mean to teach",
+                tuple(near),
+            )
+        )
     if echo:
-        out.append(Finding("chosen_equals_prompt", f"{_n(len(echo), 'pair')}: chosen answer equal to the prompt: "
-                                                   "they teach the model to repeat the question", tuple(echo)))
+        out.append(
+            Finding(
+                "chosen_equals_prompt",
+                f"{_n(len(echo), 'pair')}: chosen answer equal to the prompt: "
+                "they teach the model to repeat the question",
+                tuple(echo),
+            )
+        )
     if empty:
-        out.append(Finding("empty_answer", f"{_n(len(empty), 'pair')}: an empty answer (no letters or digits) as "
-                                           "chosen or rejected", tuple(empty)))
+        out.append(
+            Finding(
+                "empty_answer",
+                f"{_n(len(empty), 'pair')}: an empty answer (no letters or digits) as chosen or rejected",
+                tuple(empty),
+            )
+        )
     if dupes:
-        out.append(Finding("duplicate_pair", f"{_n(len(dupes), 'pair')} repeating an earlier pair (same prompt, chosen and "
-                                             "rejected): they weigh double", tuple(dupes)))
+        out.append(
+            Finding(
+                "duplicate_pair",
+                f"{_n(len(dupes), 'pair')} repeating an earlier pair (same prompt, chosen and "
+                "rejected): they weigh double",
+                tuple(dupes),
+            )
+        )
     if swapped:
-        out.append(Finding("swapped_pair", f"{_n(len(swapped), 'pair')}: an earlier pair with chosen and rejected "
-                                           "swapped: the two cancel out", tuple(swapped)))
+        out.append(
+            Finding(
+                "swapped_pair",
+                f"{_n(len(swapped), 'pair')}: an earlier pair with chosen and rejected swapped: the two cancel out",
+                tuple(swapped),
+            )
+        )
     if ratios:
         n = len(ratios)
         median = statistics.median(ratios)
-        stats.update(pairs=n, chosen_longer_share=longer / n, chosen_shorter_share=shorter / n,
-                     median_length_ratio=round(median, 3))
+        stats.update(
+            pairs=n,
+            chosen_longer_share=longer / n,
+            chosen_shorter_share=shorter / n,
+            median_length_ratio=round(median, 3),
+        )
         bias = length_bias(n, longer / n, shorter / n, median)
         if bias:
             out.append(Finding("length_bias", bias))
@@ -305,16 +403,22 @@ def length_bias(pairs: int, longer_share: float, shorter_share: float, median_ra
     """A warning when chosen answers are systematically longer (or shorter) than rejected ones."""
     if pairs < LENGTH_BIAS_MIN_PAIRS:
         return None
-    rule = (f"(warned when one side is longer in >= {LENGTH_BIAS_SHARE:.0%} of at least {LENGTH_BIAS_MIN_PAIRS} pairs "
-            f"and the median chosen/rejected length ratio is >= {LENGTH_BIAS_RATIO:g} or <= {1 / LENGTH_BIAS_RATIO:g})")
+    rule = (
+        f"(warned when one side is longer in >= {LENGTH_BIAS_SHARE:.0%} of at least {LENGTH_BIAS_MIN_PAIRS} pairs "
+        f"and the median chosen/rejected length ratio is >= {LENGTH_BIAS_RATIO:g} or <= {1 / LENGTH_BIAS_RATIO:g})"
+    )
     if longer_share >= LENGTH_BIAS_SHARE and median_ratio >= LENGTH_BIAS_RATIO:
-        return (f"length bias: chosen is longer than rejected in {longer_share:.0%} of {pairs} pairs (median ratio "
-                f"{median_ratio:.2f}): DPO learns that longer wins, the verbosity trap; balance the lengths, or use "
-                f"an IPO or length-regularised loss {rule}")
+        return (
+            f"length bias: chosen is longer than rejected in {longer_share:.0%} of {pairs} pairs (median ratio "
+            f"{median_ratio:.2f}): DPO learns that longer wins, the verbosity trap; balance the lengths, or use "
+            f"an IPO or length-regularised loss {rule}"
+        )
     if shorter_share >= LENGTH_BIAS_SHARE and median_ratio <= 1 / LENGTH_BIAS_RATIO:
-        return (f"length bias: chosen is shorter than rejected in {shorter_share:.0%} of {pairs} pairs (median ratio "
-                f"{median_ratio:.2f}): DPO learns that shorter wins; fine if brevity is the goal, otherwise balance "
-                f"the lengths {rule}")
+        return (
+            f"length bias: chosen is shorter than rejected in {shorter_share:.0%} of {pairs} pairs (median ratio "
+            f"{median_ratio:.2f}): DPO learns that shorter wins; fine if brevity is the goal, otherwise balance "
+            f"the lengths {rule}"
+        )
     return None
 
 
@@ -346,15 +450,28 @@ def sft_warnings(parsed: ParsedRows) -> list[Finding]:
         seen.add(key)
     out = []
     if empty:
-        out.append(Finding("empty_answer", f"{_n(len(empty), 'example')} with an empty answer (no letters or digits): "
-                                           "they teach the model to say nothing", tuple(empty)))
+        out.append(
+            Finding(
+                "empty_answer",
+                f"{_n(len(empty), 'example')} with an empty answer (no letters or digits): "
+                "they teach the model to say nothing",
+                tuple(empty),
+            )
+        )
     if dupes:
-        out.append(Finding("duplicate_example", f"{_n(len(dupes), 'example')} repeating an earlier one exactly: they weigh "
-                                                "double and inflate the epoch", tuple(dupes)))
+        out.append(
+            Finding(
+                "duplicate_example",
+                f"{_n(len(dupes), 'example')} repeating an earlier one exactly: they weigh "
+                "double and inflate the epoch",
+                tuple(dupes),
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------ token budget
+
 
 def _texts_for_tokens(canon: dict, render) -> list[str]:
     """The text(s) training tokenizes for one example: one for SFT, prompt+chosen and prompt+rejected for pairs."""
@@ -374,18 +491,23 @@ def _conversational(parsed: ParsedRows) -> bool:
     return "messages" in canon or isinstance(canon.get("prompt"), list)
 
 
-def token_lengths(parsed: ParsedRows, tokenizer: Any = None, tokenizer_label: str = "",
-                  chat_template: str | None = None) -> tuple[list[int], str, bool]:
+def token_lengths(
+    parsed: ParsedRows, tokenizer: Any = None, tokenizer_label: str = "", chat_template: str | None = None
+) -> tuple[list[int], str, bool]:
     """(tokens per example, how they were counted, approximate?): the longer side of a pair, untruncated."""
     if tokenizer is not None:
         template = chat_template or None  # the recipe's model.chat_template wins, as in training
         if getattr(tokenizer, "chat_template", None) or template:
+
             def render(msgs):
                 return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
+
             how = f"{tokenizer_label}'s tokenizer" + (" and chat template" if _conversational(parsed) else "")
         else:
+
             def render(msgs):
                 return "\n".join(m["content"] for m in msgs)
+
             how = f"{tokenizer_label}'s tokenizer (it has no chat template: message text only)"
         groups = [_texts_for_tokens(canon, render) for _, _, canon in parsed.rows]
         flat = [t for g in groups for t in g]
@@ -394,20 +516,33 @@ def token_lengths(parsed: ParsedRows, tokenizer: Any = None, tokenizer_label: st
         lengths = [max(next(it) for _ in g) for g in groups]
         approximate = False
     else:
+
         def render(msgs):  # length in characters plus the markup a template adds
             return "\n".join(m["content"] for m in msgs) + " " * int(TOKENS_PER_MESSAGE * CHARS_PER_TOKEN) * len(msgs)
-        lengths = [max(round(len(t) / CHARS_PER_TOKEN) for t in _texts_for_tokens(canon, render))
-                   for _, _, canon in parsed.rows]
+
+        lengths = [
+            max(round(len(t) / CHARS_PER_TOKEN) for t in _texts_for_tokens(canon, render))
+            for _, _, canon in parsed.rows
+        ]
         approximate = True
-        how = (f"an approximation ({CHARS_PER_TOKEN:g} characters per token, {TOKENS_PER_MESSAGE} per message for "
-               f"chat markup; {tokenizer_label or 'no tokenizer'} not available locally)")
+        how = (
+            f"an approximation ({CHARS_PER_TOKEN:g} characters per token, {TOKENS_PER_MESSAGE} per message for "
+            f"chat markup; {tokenizer_label or 'no tokenizer'} not available locally)"
+        )
     return lengths, how, approximate
 
 
-def token_budget(parsed: ParsedRows, max_seq_len: int, budget_from: str, tokenizer: Any = None,
-                 tokenizer_label: str = "", chat_template: str | None = None) -> TokenBudget:
+def token_budget(
+    parsed: ParsedRows,
+    max_seq_len: int,
+    budget_from: str,
+    tokenizer: Any = None,
+    tokenizer_label: str = "",
+    chat_template: str | None = None,
+) -> TokenBudget:
     """Token length of each example (the longer side of a pair) against max_seq_len."""
     lengths, how, approximate = token_lengths(parsed, tokenizer, tokenizer_label, chat_template)
     over = tuple(loc for (loc, _, _), n in zip(parsed.rows, lengths) if n > max_seq_len)
-    return TokenBudget(max_seq_len, budget_from, how, approximate, over, max(lengths), statistics.median(lengths),
-                       len(lengths))
+    return TokenBudget(
+        max_seq_len, budget_from, how, approximate, over, max(lengths), statistics.median(lengths), len(lengths)
+    )

@@ -18,26 +18,59 @@ from typing import Any
 from lowvram.data.sources import is_missing, type_name
 
 SFT_FORMATS = ("chat", "sharegpt", "alpaca", "prompt-completion", "text")
-PREFERENCE_FORMATS = ("prompt-chosen-rejected", "chat-preference", "chat-transcripts", "hh-rlhf", "ranked-answers",
-                      "argilla-dpo-mix", "ultrafeedback-binarized")
+PREFERENCE_FORMATS = (
+    "prompt-chosen-rejected",
+    "chat-preference",
+    "chat-transcripts",
+    "hh-rlhf",
+    "ranked-answers",
+    "argilla-dpo-mix",
+    "ultrafeedback-binarized",
+)
 DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)
 KINDS = ("sft", "preference")
 
 # The fields a recipe's data.columns may map a source column onto.
-MAPPABLE_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion",
-                   "text", "chosen", "rejected", "question", "response_j", "response_k")
+MAPPABLE_FIELDS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "text",
+    "chosen",
+    "rejected",
+    "question",
+    "response_j",
+    "response_k",
+)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speakers seen in the wild -> chat roles.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                  "tool": "tool", "function": "tool", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 Problems = list[tuple[str, str]]  # (code, message)
 
 
 # ------------------------------------------------------------------ field helpers
+
 
 def _maybe_json_list(value: Any) -> Any:
     """CSV and Parquet exports often hold message lists as JSON text: read it back."""
@@ -74,8 +107,14 @@ def _optional_string(row: dict, key: str, problems: Problems) -> str:
     return value
 
 
-def _messages(row: dict, key: str, problems: Problems, role_key: str = "role", content_key: str = "content",
-              roles: dict[str, str] | None = None) -> list[dict] | None:
+def _messages(
+    row: dict,
+    key: str,
+    problems: Problems,
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: dict[str, str] | None = None,
+) -> list[dict] | None:
     """A validated [{"role", "content"}] list from row[key]; None (and problems) when it is not one."""
     value = _maybe_json_list(row.get(key))
     if is_missing(value):
@@ -143,8 +182,9 @@ def _first_difference(a: list[dict], b: list[dict]) -> int:
     return min(len(a), len(b))
 
 
-def _conversational_pair(prompt: list[dict] | None, chosen: list[dict], rejected: list[dict],
-                         prompt_text: str | None, problems: Problems) -> dict | None:
+def _conversational_pair(
+    prompt: list[dict] | None, chosen: list[dict], rejected: list[dict], prompt_text: str | None, problems: Problems
+) -> dict | None:
     """TRL's conversational pair: the prompt is every message before the final assistant answer.
 
     chosen/rejected are either the final answer alone (then a separate prompt is needed) or whole
@@ -152,29 +192,46 @@ def _conversational_pair(prompt: list[dict] | None, chosen: list[dict], rejected
     """
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
-            problems.append(("bad_value", (f"field '{key}': the last message is from {msgs[-1]['role']!r}, "
-                                           "not an assistant answer")))
+            problems.append(
+                (
+                    "bad_value",
+                    (f"field '{key}': the last message is from {msgs[-1]['role']!r}, not an assistant answer"),
+                )
+            )
     if problems:
         return None
     shared_c, shared_r = chosen[:-1], rejected[:-1]
     if shared_c or shared_r:
         if shared_c != shared_r:
             i = _first_difference(shared_c, shared_r)
-            problems.append(("bad_value", (f"chosen and rejected differ before their final answer (at message {i}): "
-                                           "the prompt must be the dialogue they share")))
+            problems.append(
+                (
+                    "bad_value",
+                    (
+                        f"chosen and rejected differ before their final answer (at message {i}): "
+                        "the prompt must be the dialogue they share"
+                    ),
+                )
+            )
             return None
         if prompt_text is not None:
             users = [m for m in shared_c if m["role"] == "user"]
             if not users or users[-1]["content"].strip() != prompt_text.strip():
-                problems.append(("bad_value", "field 'prompt' is not the last user message of the dialogue in 'chosen'"))
+                problems.append(
+                    ("bad_value", "field 'prompt' is not the last user message of the dialogue in 'chosen'")
+                )
                 return None
         elif prompt is not None and prompt != shared_c:
             problems.append(("bad_value", "field 'prompt' differs from the dialogue that 'chosen' starts with"))
             return None
         prompt = shared_c
     elif prompt is None:
-        problems.append(("missing_field", ("no prompt: 'chosen' and 'rejected' hold only the answer and there is no "
-                                              "'prompt' field")))
+        problems.append(
+            (
+                "missing_field",
+                ("no prompt: 'chosen' and 'rejected' hold only the answer and there is no 'prompt' field"),
+            )
+        )
         return None
     if not any(m["role"] == "user" for m in prompt):
         problems.append(("bad_value", "the prompt has no user message"))
@@ -183,6 +240,7 @@ def _conversational_pair(prompt: list[dict] | None, chosen: list[dict], rejected
 
 
 # ------------------------------------------------------------------ converters, one per format
+
 
 def _chat(row: dict, p: Problems) -> dict | None:
     key = "messages" if "messages" in row or "conversations" not in row else "conversations"
@@ -213,7 +271,9 @@ def _alpaca(row: dict, p: Problems) -> dict | None:
         return None
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
     return {"messages": msgs}
 
 
@@ -251,8 +311,9 @@ def _chat_preference(row: dict, p: Problems) -> dict | None:
         return None
     # A string prompt with whole dialogues in chosen/rejected is checked against their last user turn.
     full = len(chosen) > 1 or len(rejected) > 1
-    return _conversational_pair(None if full and prompt_text else prompt, chosen, rejected,
-                                prompt_text if full else None, p)
+    return _conversational_pair(
+        None if full and prompt_text else prompt, chosen, rejected, prompt_text if full else None, p
+    )
 
 
 def _transcripts(row: dict, p: Problems) -> dict | None:
@@ -299,6 +360,7 @@ def convert_row(fmt: str, row: dict) -> tuple[dict | None, Problems]:
 
 # ------------------------------------------------------------------ detection
 
+
 def _is_str(v: Any) -> bool:
     return isinstance(v, str)
 
@@ -314,42 +376,94 @@ def _is_hh(v: Any) -> bool:
 
 # (format, kind, test on one row, why it matched). Order breaks ties: specific shapes first.
 SIGNATURES: list[tuple[str, str, Callable[[dict], bool], str]] = [
-    ("hh-rlhf", "preference",
-     lambda r: "prompt" not in r and _is_hh(r.get("chosen")) and _is_hh(r.get("rejected")),
-     ("'chosen' and 'rejected' are '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts with no 'prompt' column "
-      "(HH-RLHF): the prompt is the dialogue they share")),
-    ("ultrafeedback-binarized", "preference",
-     lambda r: _is_str(r.get("prompt")) and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected"))
-     and (_maybe_json_list(r.get("chosen"))[0].get("role") != "assistant"),
-     ("'prompt' is a string and 'chosen'/'rejected' are whole dialogues (UltraFeedback-binarized style): "
-      "the prompt is the dialogue before the final answer")),
-    ("argilla-dpo-mix", "preference",
-     lambda r: "prompt" not in r and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected"))
-     and any(k in r for k in ("chosen_rating", "chosen_model", "chosen-rating")),
-     ("'chosen'/'rejected' are message lists with rating/model columns and no 'prompt' (Argilla dpo-mix style): "
-      "the prompt is the dialogue they share")),
-    ("chat-transcripts", "preference",
-     lambda r: "prompt" not in r and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected")),
-     "'chosen'/'rejected' are message lists with no 'prompt' column: the prompt is the dialogue they share"),
-    ("chat-preference", "preference",
-     lambda r: "prompt" in r and (_is_msgs(r.get("prompt")) or _is_msgs(r.get("chosen")))
-     and "chosen" in r and "rejected" in r,
-     "'prompt', 'chosen' and 'rejected' hold message lists (conversational preference pairs)"),
-    ("ranked-answers", "preference",
-     lambda r: all(k in r for k in ("question", "response_j", "response_k")),
-     "columns 'question', 'response_j', 'response_k' (Stack Exchange paired style: response_j is preferred)"),
-    ("prompt-chosen-rejected", "preference",
-     lambda r: all(k in r for k in ("prompt", "chosen", "rejected")),
-     "columns 'prompt', 'chosen', 'rejected' hold strings"),
-    ("sharegpt", "sft",
-     lambda r: _is_msgs(r.get("conversations"), "from") or _is_msgs(r.get("conversation"), "from")
-     or _is_msgs(r.get("messages"), "from"),
-     "'conversations' holds from/value turns (ShareGPT)"),
-    ("chat", "sft",
-     lambda r: _is_msgs(r.get("messages")) or _is_msgs(r.get("conversations")),
-     "'messages' holds role/content message lists (chat)"),
-    ("alpaca", "sft", lambda r: "instruction" in r and "output" in r,
-     "columns 'instruction', 'output' (and optional 'input'): Alpaca, turned into user/assistant messages"),
+    (
+        "hh-rlhf",
+        "preference",
+        lambda r: "prompt" not in r and _is_hh(r.get("chosen")) and _is_hh(r.get("rejected")),
+        (
+            "'chosen' and 'rejected' are '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts with no 'prompt' column "
+            "(HH-RLHF): the prompt is the dialogue they share"
+        ),
+    ),
+    (
+        "ultrafeedback-binarized",
+        "preference",
+        lambda r: (
+            _is_str(r.get("prompt"))
+            and _is_msgs(r.get("chosen"))
+            and _is_msgs(r.get("rejected"))
+            and (_maybe_json_list(r.get("chosen"))[0].get("role") != "assistant")
+        ),
+        (
+            "'prompt' is a string and 'chosen'/'rejected' are whole dialogues (UltraFeedback-binarized style): "
+            "the prompt is the dialogue before the final answer"
+        ),
+    ),
+    (
+        "argilla-dpo-mix",
+        "preference",
+        lambda r: (
+            "prompt" not in r
+            and _is_msgs(r.get("chosen"))
+            and _is_msgs(r.get("rejected"))
+            and any(k in r for k in ("chosen_rating", "chosen_model", "chosen-rating"))
+        ),
+        (
+            "'chosen'/'rejected' are message lists with rating/model columns and no 'prompt' (Argilla dpo-mix style): "
+            "the prompt is the dialogue they share"
+        ),
+    ),
+    (
+        "chat-transcripts",
+        "preference",
+        lambda r: "prompt" not in r and _is_msgs(r.get("chosen")) and _is_msgs(r.get("rejected")),
+        "'chosen'/'rejected' are message lists with no 'prompt' column: the prompt is the dialogue they share",
+    ),
+    (
+        "chat-preference",
+        "preference",
+        lambda r: (
+            "prompt" in r
+            and (_is_msgs(r.get("prompt")) or _is_msgs(r.get("chosen")))
+            and "chosen" in r
+            and "rejected" in r
+        ),
+        "'prompt', 'chosen' and 'rejected' hold message lists (conversational preference pairs)",
+    ),
+    (
+        "ranked-answers",
+        "preference",
+        lambda r: all(k in r for k in ("question", "response_j", "response_k")),
+        "columns 'question', 'response_j', 'response_k' (Stack Exchange paired style: response_j is preferred)",
+    ),
+    (
+        "prompt-chosen-rejected",
+        "preference",
+        lambda r: all(k in r for k in ("prompt", "chosen", "rejected")),
+        "columns 'prompt', 'chosen', 'rejected' hold strings",
+    ),
+    (
+        "sharegpt",
+        "sft",
+        lambda r: (
+            _is_msgs(r.get("conversations"), "from")
+            or _is_msgs(r.get("conversation"), "from")
+            or _is_msgs(r.get("messages"), "from")
+        ),
+        "'conversations' holds from/value turns (ShareGPT)",
+    ),
+    (
+        "chat",
+        "sft",
+        lambda r: _is_msgs(r.get("messages")) or _is_msgs(r.get("conversations")),
+        "'messages' holds role/content message lists (chat)",
+    ),
+    (
+        "alpaca",
+        "sft",
+        lambda r: "instruction" in r and "output" in r,
+        "columns 'instruction', 'output' (and optional 'input'): Alpaca, turned into user/assistant messages",
+    ),
     ("prompt-completion", "sft", lambda r: "prompt" in r and "completion" in r, "columns 'prompt', 'completion'"),
     ("text", "sft", lambda r: "text" in r, "column 'text' holds plain text"),
 ]

@@ -66,8 +66,10 @@ class ParsedRows:
 
 # ------------------------------------------------------------------ public entry points
 
-def load_sft_data(cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None,
-                  seed: int = 42) -> LoadedData:
+
+def load_sft_data(
+    cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None, seed: int = 42
+) -> LoadedData:
     """SFT rows ({"messages"}, {"prompt","completion"} or {"text"}) from a stage's DataConfig.
 
     `sample`: the shipped sample file to read instead of cfg.path (Recipe.sample_file resolves it).
@@ -75,8 +77,9 @@ def load_sft_data(cfg: DataConfig, sample: Path | None = None, base_dir: Path | 
     return _load(cfg, "sft", sample, base_dir, seed)
 
 
-def load_preference_data(cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None,
-                         seed: int = 42) -> LoadedData:
+def load_preference_data(
+    cfg: DataConfig, sample: Path | None = None, base_dir: Path | None = None, seed: int = 42
+) -> LoadedData:
     """Preference rows ({"prompt","chosen","rejected"}, strings or conversational) from a stage's DataConfig."""
     return _load(cfg, "preference", sample, base_dir, seed)
 
@@ -88,8 +91,14 @@ def _load(cfg: DataConfig, kind: str, sample: Path | None, base_dir: Path | None
     dropped_problems, dropped_rows = tuple(parsed.problems), parsed.invalid_records
     eval_rows = None
     if eval_records is not None:
-        eval_parsed = parse_records(eval_records, f"{source} (eval split {cfg.eval_split})", kind, parsed.format,
-                                    cfg.columns, reason=parsed.reason)
+        eval_parsed = parse_records(
+            eval_records,
+            f"{source} (eval split {cfg.eval_split})",
+            kind,
+            parsed.format,
+            cfg.columns,
+            reason=parsed.reason,
+        )
         eval_rows = _accept(eval_parsed, cfg.drop_invalid)
         dropped_problems += tuple(eval_parsed.problems)
         dropped_rows += eval_parsed.invalid_records
@@ -97,8 +106,10 @@ def _load(cfg: DataConfig, kind: str, sample: Path | None, base_dir: Path | None
         fraction = cfg.eval_fraction or LOCAL_EVAL_FRACTION
         train, eval_rows = split_eval(train, fraction, seed)
         if not cfg.eval_fraction:
-            note = (f"eval: {fraction:.0%} held out, because eval_split {cfg.eval_split!r} names a split of the "
-                    "Hub dataset and this data is local")
+            note = (
+                f"eval: {fraction:.0%} held out, because eval_split {cfg.eval_split!r} names a split of the "
+                "Hub dataset and this data is local"
+            )
             parsed.reason = f"{parsed.reason}; {note}"
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
@@ -108,10 +119,13 @@ def _load(cfg: DataConfig, kind: str, sample: Path | None, base_dir: Path | None
 def _accept(parsed: ParsedRows, drop_invalid: bool) -> list[dict]:
     """The canonical rows, or UserError naming the first bad rows unless they may be dropped."""
     if parsed.problems and not drop_invalid:
-        raise UserError(f"{parsed.source}: {plural(parsed.invalid_records, 'invalid row')} ({parsed.format} data, "
-                        f"{plural(len(parsed.records), 'row')} in all):", _listing(parsed.problems),
-                        hint="Fix those rows, or set data.drop_invalid=true to train without them. "
-                             "`lowvram data check PATH` lists every problem.")
+        raise UserError(
+            f"{parsed.source}: {plural(parsed.invalid_records, 'invalid row')} ({parsed.format} data, "
+            f"{plural(len(parsed.records), 'row')} in all):",
+            _listing(parsed.problems),
+            hint="Fix those rows, or set data.drop_invalid=true to train without them. "
+            "`lowvram data check PATH` lists every problem.",
+        )
     if not parsed.rows:
         raise UserError(f"{parsed.source}: no valid rows ({len(parsed.records)} read).", _listing(parsed.problems))
     return [canon for _, _, canon in parsed.rows]
@@ -132,14 +146,17 @@ def _listing(problems: list[Problem]) -> list[str]:
 def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Deterministic held-out split: the same seed picks the same rows; both keep their file order."""
     if len(rows) < 2:
-        raise UserError(f"eval_fraction={fraction:g} needs at least 2 rows to hold some out; there are {len(rows)}.",
-                        hint="Set data.eval_fraction=0 or add data.")
+        raise UserError(
+            f"eval_fraction={fraction:g} needs at least 2 rows to hold some out; there are {len(rows)}.",
+            hint="Set data.eval_fraction=0 or add data.",
+        )
     n_eval = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
     held = set(random.Random(seed).sample(range(len(rows)), n_eval))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 # ------------------------------------------------------------------ reading and parsing
+
 
 def resolve_path(path: str, base_dir: Path | None) -> Path | None:
     """A local file/folder for `path` (relative to base_dir, then the cwd), or None if there is none."""
@@ -148,8 +165,9 @@ def resolve_path(path: str, base_dir: Path | None) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
-def read_source(cfg: DataConfig, sample: Path | None, base_dir: Path | None
-                ) -> tuple[str, list[Record], list[Record] | None]:
+def read_source(
+    cfg: DataConfig, sample: Path | None, base_dir: Path | None
+) -> tuple[str, list[Record], list[Record] | None]:
     """(source label, records, eval-split records or None) for a stage's data settings.
 
     `sample`, when given, is read instead of cfg.path: the shipped sample file the recipe resolved.
@@ -159,15 +177,19 @@ def read_source(cfg: DataConfig, sample: Path | None, base_dir: Path | None
             raise UserError(f"No shipped sample file {sample}.")
         return str(sample), read_local(sample), None
     if not cfg.path:
-        raise UserError("data.path is empty: name a local file or folder, or a Hub dataset.",
-                        hint="Or set use_samples=true to train on the shipped samples.")
+        raise UserError(
+            "data.path is empty: name a local file or folder, or a Hub dataset.",
+            hint="Or set use_samples=true to train on the shipped samples.",
+        )
     local = resolve_path(cfg.path, base_dir)
     if local is not None:
         return str(local), read_local(local), None
     if looks_like_local_path(cfg.path):
         where = f" (looked in {base_dir} and {Path.cwd()})" if base_dir else f" (looked in {Path.cwd()})"
-        raise UserError(f"No such data file or folder: {cfg.path!r}{where}.",
-                        hint="Relative paths are resolved against the recipe's folder, then the current folder.")
+        raise UserError(
+            f"No such data file or folder: {cfg.path!r}{where}.",
+            hint="Relative paths are resolved against the recipe's folder, then the current folder.",
+        )
     records = read_hub(cfg.path, cfg.split)
     eval_records = read_hub(cfg.path, cfg.eval_split) if cfg.eval_split else None
     return f"{cfg.path}[{cfg.split}]", records, eval_records
@@ -177,16 +199,25 @@ def apply_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     """Rows with source columns copied onto the names a format reads ({prompt: question, ...})."""
     if not columns:
         return rows
-    problems = [f"{target!r} is not a field lowvram reads" + (f" (did you mean {close[0]!r}?)" if close else "")
-                for target in columns if target not in MAPPABLE_FIELDS
-                for close in [difflib.get_close_matches(target, MAPPABLE_FIELDS, n=1)]]
+    problems = [
+        f"{target!r} is not a field lowvram reads" + (f" (did you mean {close[0]!r}?)" if close else "")
+        for target in columns
+        if target not in MAPPABLE_FIELDS
+        for close in [difflib.get_close_matches(target, MAPPABLE_FIELDS, n=1)]
+    ]
     seen = {k for r in rows[:1000] for k in r}
-    problems += [f"{target}: {src!r} is not a column of this data (columns: {', '.join(sorted(seen))})"
-                 for target, src in columns.items() if src not in seen]
+    problems += [
+        f"{target}: {src!r} is not a column of this data (columns: {', '.join(sorted(seen))})"
+        for target, src in columns.items()
+        if src not in seen
+    ]
     if problems:
-        raise UserError("data.columns: bad column mapping:", problems,
-                        hint=f"Map fields lowvram reads ({', '.join(MAPPABLE_FIELDS)}) to columns of your data, "
-                             "e.g. {prompt: question, chosen: response_j, rejected: response_k}.")
+        raise UserError(
+            "data.columns: bad column mapping:",
+            problems,
+            hint=f"Map fields lowvram reads ({', '.join(MAPPABLE_FIELDS)}) to columns of your data, "
+            "e.g. {prompt: question, chosen: response_j, rejected: response_k}.",
+        )
     out = []
     for r in rows:
         mapped = {k: v for k, v in r.items() if k not in columns.values()}
@@ -195,24 +226,35 @@ def apply_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     return out
 
 
-def parse_records(records: list[Record], source: str, kind: str | None, fmt: str = "auto",
-                  columns: dict[str, str] | None = None, reason: str | None = None) -> ParsedRows:
+def parse_records(
+    records: list[Record],
+    source: str,
+    kind: str | None,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    reason: str | None = None,
+) -> ParsedRows:
     """Detect (or check) the format and convert every record; problems are collected, not raised."""
     if fmt not in DATA_FORMATS:
         close = difflib.get_close_matches(fmt, DATA_FORMATS, n=1)
-        raise UserError(f"data.format: {fmt!r} is not a format lowvram reads" +
-                        (f" (did you mean {close[0]!r}?)" if close else "") + ".",
-                        hint=f"Formats: {', '.join(DATA_FORMATS)}.")
+        raise UserError(
+            f"data.format: {fmt!r} is not a format lowvram reads"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + ".",
+            hint=f"Formats: {', '.join(DATA_FORMATS)}.",
+        )
     readable = [r for r in records if r.row is not None]
     mapped = apply_columns([r.row for r in readable], columns or {})
     if fmt == "auto":
         fmt, why = detect_format(mapped, kind)
         if fmt is None:
             noun = {"sft": "SFT", "preference": "preference"}.get(kind or "", "training")
-            raise UserError(f"{source}: cannot tell which {noun} format this is; {why}.",
-                            hint="Name it with data.format, or map your columns with data.columns "
-                                 "(e.g. {prompt: question, chosen: response_j, rejected: response_k}). "
-                                 "Formats: " + ", ".join(DATA_FORMATS[1:]) + ".")
+            raise UserError(
+                f"{source}: cannot tell which {noun} format this is; {why}.",
+                hint="Name it with data.format, or map your columns with data.columns "
+                "(e.g. {prompt: question, chosen: response_j, rejected: response_k}). "
+                "Formats: " + ", ".join(DATA_FORMATS[1:]) + ".",
+            )
         reason = reason or why
     else:
         if kind is not None and FORMAT_KIND[fmt] != kind:

@@ -25,7 +25,14 @@ from typing import Any
 from lowvram.errors import UserError
 
 # Suffix -> reader. `.json` files that turn out to hold one object per line are read as JSONL.
-FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+FILE_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,12 @@ def type_name(value: Any) -> str:
 
 # ------------------------------------------------------------------ local files
 
+
 def _walk_error(err: OSError) -> None:
-    raise UserError(f"Cannot read the data folder {err.filename}: {err.strerror or err}.",
-                    hint="Every file in a data folder is training data: fix its permissions, or move it out.")
+    raise UserError(
+        f"Cannot read the data folder {err.filename}: {err.strerror or err}.",
+        hint="Every file in a data folder is training data: fix its permissions, or move it out.",
+    )
 
 
 def local_files(path: Path) -> list[Path]:
@@ -116,8 +126,10 @@ def local_files(path: Path) -> list[Path]:
     """
     if path.is_file():
         if path.suffix.lower() not in FILE_KINDS:
-            raise UserError(f"{path}: unknown data file type {path.suffix!r}.",
-                            hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files (or a folder of them).")
+            raise UserError(
+                f"{path}: unknown data file type {path.suffix!r}.",
+                hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files (or a folder of them).",
+            )
         return [path]
     found = []
     for root, dirs, names in os.walk(path, onerror=_walk_error):
@@ -125,8 +137,9 @@ def local_files(path: Path) -> list[Path]:
         found += [Path(root) / n for n in names if not n.startswith(".")]
     files = sorted(p for p in found if p.is_file() and p.suffix.lower() in FILE_KINDS)
     if not files:
-        raise UserError(f"{path}: the folder holds no data files.",
-                        hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files.")
+        raise UserError(
+            f"{path}: the folder holds no data files.", hint=f"lowvram reads {', '.join(sorted(FILE_KINDS))} files."
+        )
     return files
 
 
@@ -155,8 +168,13 @@ def read_file(path: Path) -> list[Record]:
 
 
 MAX_RECORD_BYTES = 16 << 20  # no training example is this long: refuse before any model loads
-_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
-               b"PK\x03\x04": "zip"}
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
 
 
 def _sniff(data: bytes, name: str) -> None:
@@ -165,12 +183,21 @@ def _sniff(data: bytes, name: str) -> None:
         raise DataFileError(Location(name), "the file is empty.")
     for magic, what in _COMPRESSED.items():
         if data.startswith(magic):
-            raise DataFileError(Location(name), f"the file is {what}-compressed, not text.",
-                                hint=f"Decompress it first (for gzip: gunzip -k {name}) and point the recipe at the result.")
-    if data[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE) or data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) \
-            or data[:4096].count(b"\x00") > len(data[:4096]) // 4:
-        raise DataFileError(Location(name), "the file is UTF-16 or UTF-32 encoded (it is full of zero bytes); "
-                            "lowvram reads UTF-8.", hint=f"Convert it: iconv -f UTF-16 -t UTF-8 {name} > fixed.jsonl")
+            raise DataFileError(
+                Location(name),
+                f"the file is {what}-compressed, not text.",
+                hint=f"Decompress it first (for gzip: gunzip -k {name}) and point the recipe at the result.",
+            )
+    if (
+        data[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+        or data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        or data[:4096].count(b"\x00") > len(data[:4096]) // 4
+    ):
+        raise DataFileError(
+            Location(name),
+            "the file is UTF-16 or UTF-32 encoded (it is full of zero bytes); lowvram reads UTF-8.",
+            hint=f"Convert it: iconv -f UTF-16 -t UTF-8 {name} > fixed.jsonl",
+        )
 
 
 def _bad_strings(obj: Any) -> str | None:
@@ -182,8 +209,10 @@ def _bad_strings(obj: Any) -> str | None:
             try:
                 x.encode("utf-8")
             except UnicodeEncodeError as e:
-                return (f"invalid Unicode: a lone surrogate \\u{ord(x[e.start]):04x} (an escaped UTF-16 half) at "
-                        f"character {e.start + 1} of a string")
+                return (
+                    f"invalid Unicode: a lone surrogate \\u{ord(x[e.start]):04x} (an escaped UTF-16 half) at "
+                    f"character {e.start + 1} of a string"
+                )
         elif isinstance(x, dict):
             stack += list(x.keys()) + list(x.values())
         elif isinstance(x, list):
@@ -233,15 +262,27 @@ def _read_jsonl(data: bytes, name: str) -> list[Record]:
             records.append(Record(loc, None, Problem(loc, "undecodable", bad)))
             continue
         if len(raw) > MAX_RECORD_BYTES:
-            records.append(Record(loc, None, Problem(loc, "too_long", f"the line is {len(raw) / 2**20:.0f} MiB, longer "
-                                                     f"than any training example ({MAX_RECORD_BYTES >> 20} MiB at most)")))
+            records.append(
+                Record(
+                    loc,
+                    None,
+                    Problem(
+                        loc,
+                        "too_long",
+                        f"the line is {len(raw) / 2**20:.0f} MiB, longer "
+                        f"than any training example ({MAX_RECORD_BYTES >> 20} MiB at most)",
+                    ),
+                )
+            )
             continue
         obj, code, msg = _parse_line(raw.decode("utf-8"))
         if code:
             records.append(Record(loc, None, Problem(loc, code, msg)))
             continue
         if not isinstance(obj, dict):
-            records.append(Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}")))
+            records.append(
+                Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}"))
+            )
             continue
         records.append(Record(loc, obj))
     if records and all(r.row is None for r in records):
@@ -253,18 +294,22 @@ def _unreadable_file(data: bytes, name: str, records: list[Record]) -> None:
     """No line of a JSONL file could be read: say what the whole file is, with its first bad line."""
     first = records[0].problem
     if all(r.problem and r.problem.code == "undecodable" for r in records):
-        raise DataFileError(Location(name), f"no line is UTF-8: the file is in another encoding (Latin-1? "
-                            f"Windows-1252?); first bad line: {first}.",
-                            hint=f"Convert it: iconv -f LATIN1 -t UTF-8 {name} > fixed.jsonl")
+        raise DataFileError(
+            Location(name),
+            f"no line is UTF-8: the file is in another encoding (Latin-1? Windows-1252?); first bad line: {first}.",
+            hint=f"Convert it: iconv -f LATIN1 -t UTF-8 {name} > fixed.jsonl",
+        )
     try:
         json.loads(data.decode("utf-8", errors="replace"))
         whole_json = len(records) > 1  # several lines that only parse together
     except (ValueError, RecursionError):
         whole_json = False
     if whole_json:
-        raise DataFileError(Location(name), "the file is one pretty-printed JSON document, not one JSON object per "
-                            f"line (JSONL): {first}.", hint="Rename it to .json (lowvram reads JSON arrays too), or "
-                            "write one object per line.")
+        raise DataFileError(
+            Location(name),
+            f"the file is one pretty-printed JSON document, not one JSON object per line (JSONL): {first}.",
+            hint="Rename it to .json (lowvram reads JSON arrays too), or write one object per line.",
+        )
     raise DataFileError(Location(name), f"no line of the file could be read; the first: {first}.")
 
 
@@ -309,19 +354,26 @@ def _read_json(data: bytes, name: str) -> list[Record]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataFileError(Location(name, line=e.lineno), f"invalid JSON at column {e.colno}: {e.msg}.",
-                                hint="A broken JSON array cannot be read past the error. Fix it there, or store the data "
-                                 "as JSONL (one object per line), where a bad line can be skipped.") from None
+            raise DataFileError(
+                Location(name, line=e.lineno),
+                f"invalid JSON at column {e.colno}: {e.msg}.",
+                hint="A broken JSON array cannot be read past the error. Fix it there, or store the data "
+                "as JSONL (one object per line), where a bad line can be skipped.",
+            ) from None
         except (RecursionError, ValueError) as e:
             what = "JSON nested too deeply to read" if isinstance(e, RecursionError) else str(e).split(";")[0]
-            raise DataFileError(Location(name, line=line), f"invalid JSON in record {len(records) + 1}: {what}.") from None
+            raise DataFileError(
+                Location(name, line=line), f"invalid JSON in record {len(records) + 1}: {what}."
+            ) from None
         loc = Location(name, line=line, record=len(records) + 1)
         span = range(line, line + text.count("\n", pos, end) + 1)
         what = next((bad_lines[n] for n in span if n in bad_lines), None)
         if what:
             records.append(Record(loc, None, Problem(loc, "undecodable", what)))
         elif not isinstance(obj, dict):
-            records.append(Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}")))
+            records.append(
+                Record(loc, None, Problem(loc, "not_an_object", f"expected a JSON object, got {type_name(obj)}"))
+            )
         elif _bad_strings(obj):
             records.append(Record(loc, None, Problem(loc, "bad_value", _bad_strings(obj))))
         else:
@@ -335,8 +387,9 @@ def _read_json(data: bytes, name: str) -> list[Record]:
         if pos < len(text) and text[pos] == "]":
             break
         col = pos - text.rfind("\n", 0, pos)
-        raise DataFileError(Location(name, line=line),
-                            f"invalid JSON at column {col}: expected ',' or ']' after record {len(records)}.")
+        raise DataFileError(
+            Location(name, line=line), f"invalid JSON at column {col}: expected ',' or ']' after record {len(records)}."
+        )
     return records
 
 
@@ -356,9 +409,12 @@ def _records_from_object(obj: Any, name: str) -> list[Record]:
         if obj and len(lists) == len(obj) and len({len(v) for v in lists.values()}) == 1:
             n = len(next(iter(lists.values())))
             return [Record(Location(name, record=i + 1), {k: v[i] for k, v in obj.items()}) for i in range(n)]
-    raise DataFileError(Location(name), f"expected a JSON array of objects (or one object per line), got "
-                        f"{type_name(obj)}.", hint='Shapes lowvram reads: [{"prompt": ...}, ...], {"data": [{...}, ...]}, '
-                         '{"prompt": [...], "chosen": [...]} or JSONL.')
+    raise DataFileError(
+        Location(name),
+        f"expected a JSON array of objects (or one object per line), got {type_name(obj)}.",
+        hint='Shapes lowvram reads: [{"prompt": ...}, ...], {"data": [{...}, ...]}, '
+        '{"prompt": [...], "chosen": [...]} or JSONL.',
+    )
 
 
 def _read_csv(data: bytes, name: str, delimiter: str) -> list[Record]:
@@ -383,8 +439,11 @@ def _read_csv(data: bytes, name: str, delimiter: str) -> list[Record]:
         except StopIteration:
             break
         except csv.Error as e:
-            raise DataFileError(Location(name, line=start), f"cannot parse CSV: {e}.",
-                                hint="Check the quoting there: a field with commas, quotes or newlines must be quoted.") from None
+            raise DataFileError(
+                Location(name, line=start),
+                f"cannot parse CSV: {e}.",
+                hint="Check the quoting there: a field with commas, quotes or newlines must be quoted.",
+            ) from None
         end = reader.line_num
         loc = Location(name, line=start)
         span = range(start, end + 1)
@@ -395,8 +454,13 @@ def _read_csv(data: bytes, name: str, delimiter: str) -> list[Record]:
         if what:
             records.append(Record(loc, None, Problem(loc, "undecodable", what)))
         elif len(cells) != len(header):
-            records.append(Record(loc, None, Problem(
-                loc, "wrong_field_count", f"{len(cells)} fields, but the header names {len(header)}")))
+            records.append(
+                Record(
+                    loc,
+                    None,
+                    Problem(loc, "wrong_field_count", f"{len(cells)} fields, but the header names {len(header)}"),
+                )
+            )
         else:
             records.append(Record(loc, dict(zip(header, cells))))
     return records
@@ -414,34 +478,48 @@ def _read_parquet(path: Path) -> list[Record]:
 
 # ------------------------------------------------------------------ the Hub
 
+
 def looks_like_local_path(name: str) -> bool:
     """True for names that can only be meant as local paths (a data-file suffix, ./, ~, absolute)."""
-    return (Path(name).suffix.lower() in FILE_KINDS or name.startswith((".", "~", os.sep))
-            or name.count("/") > 1 or "\\" in name)
+    return (
+        Path(name).suffix.lower() in FILE_KINDS
+        or name.startswith((".", "~", os.sep))
+        or name.count("/") > 1
+        or "\\" in name
+    )
 
 
 def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def read_hub(name: str, split: str) -> list[Record]:
     """Rows of a Hub dataset split (from the local cache when offline); UserError when unreachable."""
     import datasets  # heavy: only when a Hub dataset is named
 
-    hint = ("Train on the shipped samples with use_samples=true, or point data.path at a local "
-            "JSONL/JSON/CSV/Parquet file or folder.")
+    hint = (
+        "Train on the shipped samples with use_samples=true, or point data.path at a local "
+        "JSONL/JSON/CSV/Parquet file or folder."
+    )
     try:
         ds = datasets.load_dataset(name, split=split)
     except ConnectionError as e:
-        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache" \
-            if hub_offline() else f"the Hub cannot be reached ({e})"
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache"
+            if hub_offline()
+            else f"the Hub cannot be reached ({e})"
+        )
         raise UserError(f"Cannot load Hub dataset {name!r}: {why}.", hint=hint) from None
     except FileNotFoundError as e:  # datasets' DatasetNotFoundError is one
         raise UserError(f"No local file or Hub dataset named {name!r}: {e}.", hint=hint) from None
     except ValueError as e:
         if "split" in str(e).lower():
-            raise UserError(f"Hub dataset {name!r} has no split {split!r}: {e}.",
-                            hint="Set data.split (and data.eval_split) to a split the dataset has.") from None
+            raise UserError(
+                f"Hub dataset {name!r} has no split {split!r}: {e}.",
+                hint="Set data.split (and data.eval_split) to a split the dataset has.",
+            ) from None
         raise
     label = f"{name}[{split}]"
     return [Record(Location(label, record=i), dict(r)) for i, r in enumerate(ds, 1)]
