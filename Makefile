@@ -25,8 +25,8 @@ demo: $(STAMP)
 # tiny-model cache (LOWVRAM_TEST_CACHE, a temporary folder unless set), so nothing is built twice.
 test: $(STAMP)
 	@cache="$${LOWVRAM_TEST_CACHE:-$$(mktemp -d)}"; \
-	HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -m "not slow" \
-	&& HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -m slow; \
+	HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -rs -m "not slow" \
+	&& HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -rs -m slow; \
 	rc=$$?; [ -n "$$LOWVRAM_TEST_CACHE" ] || rm -rf "$$cache"; exit $$rc
 
 test-fast: $(STAMP)
@@ -55,6 +55,7 @@ test-gpu-versions: $(GPUVERS_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lowvram tests scripts recipes
+	$(BIN)/ruff format --check lowvram tests scripts recipes
 
 clean:
 	rm -rf $(VENV) $(GPUVERS_VENV) runs
