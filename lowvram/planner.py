@@ -95,7 +95,7 @@ class Plan:
         for sp in self.stages.values():
             settings = (
                 f"seq {sp.max_seq_len}, batch {sp.batch_size} x accum {sp.grad_accum}"
-                f" (effective {sp.effective_batch}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}"
+                f" (effective {self._effective(sp)}), grad_ckpt {sp.grad_ckpt}, optim {sp.optim}"
             )
             out.append(
                 table(
@@ -107,6 +107,12 @@ class Plan:
                 )
             )
         return out + self.memory_lines()
+
+    def _effective(self, sp: StagePlan) -> str:
+        """The effective batch as a reader checks it: per card, and over all cards when there are several."""
+        if self.processes <= 1:
+            return str(sp.effective_batch)
+        return f"{sp.effective_batch} per card, {sp.effective_batch * self.processes} over {self.processes} cards"
 
     def memory_lines(self) -> list[str]:
         """The estimated peak VRAM of each stage, line by line, against the budget."""

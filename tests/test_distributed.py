@@ -109,6 +109,7 @@ def test_plan_command_plans_per_card(capsys):
     out = capsys.readouterr().out
     assert "parallel  ddp x 2 processes" in out
     assert "global effective batch 8 = 4 per card x accumulation 1 x 2 processes" in out
+    assert "(effective 4 per card, 8 over 2 cards)" in out  # the stage line reads per card and in all
 
 
 @pytest.mark.parametrize(
