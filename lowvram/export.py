@@ -198,11 +198,11 @@ def _clean_leftovers(out_dir: Path) -> None:
 
     Nothing else in the folder is touched: a user's own hidden or .partial files stay.
     """
-    from lowvram.runlock import _pid_alive
+    from lowvram.runlock import pid_alive
 
     for p in out_dir.glob(f"{SCRATCH_PREFIX}*"):
         pid = p.name[len(SCRATCH_PREFIX) :]
-        if p.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if p.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
 
 

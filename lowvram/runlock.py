@@ -44,7 +44,7 @@ def _read_owner(path: Path) -> dict:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -159,7 +159,7 @@ def _pid_file_lock(path: Path, folder: Path, what: str) -> Iterator[str | None]:
         except FileExistsError:
             old = _read_owner(path)
             pid = old.get("pid")
-            if isinstance(pid, int) and _pid_alive(pid) and pid != os.getpid():
+            if isinstance(pid, int) and pid_alive(pid) and pid != os.getpid():
                 raise _busy(folder, what, old) from None
             note = f"took over a stale lock on {folder} from {_describe(old)}, which is no longer running"
             with contextlib.suppress(FileNotFoundError):

@@ -168,13 +168,9 @@ def _alive(pid) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)  # reaps our own child once it ends
         return done == 0
     except ChildProcessError:  # not our child (another kernel started it): ask the OS
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        from lowvram.runlock import pid_alive  # standard library only, like this module
+
+        return pid_alive(pid)
 
 
 def last_line(log: Path) -> str:
