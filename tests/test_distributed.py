@@ -188,6 +188,29 @@ def _worker(run: Path, rank: int) -> int | None:
     return None
 
 
+def _resume_group(run: Path, step: int) -> subprocess.Popen:
+    """`lowvram run --resume RUN --gpus 2` in a session of its own, with room for 100 more SFT steps."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lowvram",
+            "run",
+            "--resume",
+            str(run),
+            "--gpus",
+            "2",
+            "--no-export",
+            f"sft.max_steps={step + 100}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+
+
 def _none_left(run: Path, timeout_s: float = 30) -> bool:
     t0 = time.monotonic()
     while _processes_of(run):
@@ -299,14 +322,7 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
 
     # a process that dies ends the group, with a message, instead of leaving the other waiting
     started = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common, f"sft.max_steps={step + 100}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
-    )
+    proc = _resume_group(run, step)
     _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
     os.kill(_worker(run, 1), signal.SIGKILL)
     try:
@@ -323,14 +339,7 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
     # Ctrl-C (SIGINT to the terminal's process group): every process saves the same checkpoint and stops
     step = int(latest_checkpoint(ckpts).name.split("-")[1])
     started = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowvram", "run", "--resume", str(run), *common, f"sft.max_steps={step + 100}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
-    )
+    proc = _resume_group(run, step)
     _wait(lambda: _trained_past(run, step + 1, started), proc, "a step")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -103,41 +103,22 @@ def test_rows_that_fill_max_seq_len_plan_like_the_worst_case(model_8b, tmp_path)
 
 def test_plan_command_prints_the_lengths_line(model_8b, tmp_path, capsys):
     data = _chat_rows(tmp_path / "short.jsonl", 40, 20)
-    assert (
-        main(
-            [
-                "plan",
-                "chat-assistant",
-                "--vram",
-                "11",
-                f"model.name={model_8b}",
-                "use_samples=false",
-                f"sft.data.path={data}",
-                "dpo.enabled=false",
-            ]
-        )
-        == 0
-    )
+    args = [
+        "plan",
+        "chat-assistant",
+        "--vram",
+        "11",
+        f"model.name={model_8b}",
+        "use_samples=false",
+        f"sft.data.path={data}",
+        "dpo.enabled=false",
+    ]
+    assert main(args) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "lengths:" in x).strip()
     assert line.startswith("lengths: p50 ") and ", p99 " in line and "tokens from 40 rows" in line
     assert "(data) x batch" in out  # the memory table says which length it used
-    assert (
-        main(
-            [
-                "plan",
-                "chat-assistant",
-                "--vram",
-                "11",
-                f"model.name={model_8b}",
-                "use_samples=false",
-                f"sft.data.path={data}",
-                "dpo.enabled=false",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["sft"]["data_lengths"]["rows"] == 40
 
 
