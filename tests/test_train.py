@@ -430,6 +430,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"lowvram run --resume {run}" in err and "Traceback" not in err
+    assert "pip install kernels" not in err  # bitsandbytes' notice on a CPU with AVX512-BF16 (this CI's): not ours
     from lowvram.train import latest_checkpoint
 
     state = json.loads((latest_checkpoint(run / "sft" / "checkpoints") / "trainer_state.json").read_text())
