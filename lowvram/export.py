@@ -24,12 +24,18 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lowvram.errors import UserError
 from lowvram.hardware import available_ram_bytes
 from lowvram.llamacpp import GGUF_TYPES
 from lowvram.ollama import SYSTEM_MODES
 from lowvram.verify import verify_ggufs
+
+if TYPE_CHECKING:
+    from lowvram.llamacpp import ExportTools
+    from lowvram.merge import Adapter, BaseChoice, ShardLayout
+    from lowvram.ollama import ChatFormat
 
 STAGES = ("dpo", "sft")  # latest first: DPO continues the SFT adapter, so it holds both
 PARTIAL = ".partial"
@@ -158,6 +164,30 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     name: str = "model"  # the run's name, which the GGUF files and Ollama tags carry
     system_prompt: str | None = None  # the one the Modelfiles were written with
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """What step 1 settled, after every check passed: steps 2-5 only carry it out."""
+
+    run: RunInfo
+    opts: ExportOptions
+    out_dir: Path
+    adapter: Adapter
+    types: tuple[str, ...]  # the GGUF types to write, checked
+    verify: bool  # after the RAM and runtime checks
+    system: str | None  # the system prompt the Modelfiles get
+    need_merge: bool
+    base: BaseChoice | None = None  # when merging
+    layout: list[ShardLayout] | None = None  # when merging
+    fmt: ChatFormat | None = None  # the Ollama template, when the chat template has one
+    end_of_turn: str | None = None  # the token that ends the assistant's turn, when GGUFs are written
+    intermediate: str | None = None  # the 16-bit GGUF the quantizer reads, when one is quantized
+    tools: ExportTools | None = None  # when GGUFs are written
+
+    def stops(self) -> list[str]:
+        """The Modelfiles' stop tokens: the template's, the end of turn, the tokenizer's EOS."""
+        return [*(self.fmt.stop if self.fmt else ()), self.end_of_turn, *_eos_tokens(self.run.tokenizer_dir)]
 
 
 def _say(msg: str) -> None:
@@ -298,12 +328,26 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             verify = False
             result.notes.append(f"verification skipped: {tools.verify_reason()}")
     fmt, end_of_turn = _chat_format(run, system) if types else (None, None)
+    decided = _Decided(
+        run,
+        opts,
+        out_dir,
+        adapter,
+        types,
+        verify,
+        system,
+        need_merge,
+        base=base,
+        layout=layout,
+        fmt=fmt,
+        end_of_turn=end_of_turn,
+        intermediate=_quant_source(types, out_dtype, tools),
+        tools=tools,
+    )
     if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
         from lowvram.ollama import modelfile_problems
 
-        problems = modelfile_problems(
-            system, [*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]
-        )
+        problems = modelfile_problems(system, decided.stops())
         if problems:
             raise UserError(
                 "Cannot write an Ollama Modelfile that Ollama would read back as written:",
@@ -311,14 +355,13 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
                 hint="Change the SYSTEM prompt (--system TEXT, or export.system_prompt in the recipe).",
             )
     _check_adapter_finite(run)
-    intermediate = _quant_source(types, out_dtype, tools)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
     from lowvram.fileio import check_writable
 
     check_writable(out_dir, "export folder", hint="Write elsewhere with --out DIR.")
     check_disk(
         out_dir,
-        disk_needed(merged_bytes, types, opts.merged, intermediate, adapter_bytes)
+        disk_needed(merged_bytes, types, opts.merged, decided.intermediate, adapter_bytes)
         if need_merge
         else {"adapter copy": adapter_bytes},
     )
@@ -340,23 +383,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             result.notes.append(note)
         _clean_leftovers(out_dir)
         try:
-            return _export_locked(
-                run,
-                opts,
-                result,
-                out_dir,
-                adapter,
-                base,
-                layout,
-                types,
-                verify,
-                system,
-                fmt,
-                end_of_turn,
-                intermediate,
-                need_merge,
-                tools,
-            )
+            return _export_locked(decided, result)
         except (OSError, RuntimeError) as e:
             from lowvram.fileio import disk_full
 
@@ -379,27 +406,12 @@ def _check_adapter_finite(run: RunInfo) -> None:
     )
 
 
-def _export_locked(
-    run: RunInfo,
-    opts: ExportOptions,
-    result: ExportResult,
-    out_dir: Path,
-    adapter,
-    base,
-    layout,
-    types,
-    verify,
-    system,
-    fmt,
-    end_of_turn,
-    intermediate,
-    need_merge,
-    tools,
-) -> ExportResult:
+def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
     """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
     from lowvram import merge as mg
 
-    _say(f"Exporting {run.run_dir} ({run.stage} adapter: {adapter.line()})")
+    run, opts, out_dir, types = d.run, d.opts, d.out_dir, d.types
+    _say(f"Exporting {run.run_dir} ({run.stage} adapter: {d.adapter.line()})")
     for note in result.notes:
         _say(f"  {note}")
     scratch = out_dir / f"{SCRATCH_PREFIX}{os.getpid()}"
@@ -408,19 +420,19 @@ def _export_locked(
         if opts.lora:
             result.files["lora"] = _export_lora(run, out_dir, scratch)
             _say(f"  adapter -> {result.files['lora']}")
-        if not need_merge:
+        if not d.need_merge:
             return result
         # 2. merge
-        _say(f"  base: {base.reason}")
+        _say(f"  base: {d.base.reason}")
         t0 = time.perf_counter()
         merged_dir = scratch / "merged"
         report = mg.merge_lora(
-            base, adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, layout=layout
+            d.base, d.adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, layout=d.layout
         )
-        if end_of_turn:
+        if d.end_of_turn:
             from lowvram.gguf_checks import set_end_of_turn
 
-            note = set_end_of_turn(merged_dir, end_of_turn)
+            note = set_end_of_turn(merged_dir, d.end_of_turn)
             if note:
                 _say(f"  {note}")
         _say(
@@ -429,31 +441,35 @@ def _export_locked(
         )
         # 3. GGUF
         if types:
-            _export_gguf(run, types, intermediate, merged_dir, scratch, out_dir, result, tools, end_of_turn)
+            _export_gguf(d, merged_dir, scratch, result)
             for t in types:
                 mf = out_dir / f"{run.name}-{t}.Modelfile"
                 from lowvram.ollama import modelfile
 
                 _write_text(
                     mf,
-                    modelfile(result.files[t].name, fmt, system, stop=[end_of_turn, *_eos_tokens(run.tokenizer_dir)]),
+                    modelfile(
+                        result.files[t].name, d.fmt, d.system, stop=[d.end_of_turn, *_eos_tokens(run.tokenizer_dir)]
+                    ),
                     scratch,
                 )
                 result.modelfiles[t] = mf
-            stops = ", ".join(dict.fromkeys([*(fmt.stop if fmt else ()), end_of_turn, *_eos_tokens(run.tokenizer_dir)]))
+            stops = ", ".join(dict.fromkeys(d.stops()))
             _say(
                 "  Modelfile: "
                 + (
-                    f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[fmt.system_mode]})"
-                    if fmt
+                    f"TEMPLATE from the chat template (system prompt: {SYSTEM_MODES[d.fmt.system_mode]})"
+                    if d.fmt
                     else "TEMPLATE passes the prompt as is (no chat template)"
                 )
                 + f"; stop {stops}"
             )
         # 5. verify (before the merged folder is moved: it reads it)
-        if verify:
+        if d.verify:
             rows = verify_ggufs(
-                merged_dir, {t: result.files[t] for t in types}, system if fmt is None or fmt.takes_system else None
+                merged_dir,
+                {t: result.files[t] for t in types},
+                d.system if d.fmt is None or d.fmt.takes_system else None,
             )
             result.verify_rows = rows
             result.verified_ok = all(r["status"] != "FAIL" for r in rows)
@@ -490,19 +506,10 @@ def _quant_source(types: tuple[str, ...], merged_dtype: str, tools) -> str | Non
     return merged_dtype
 
 
-def _export_gguf(
-    run: RunInfo,
-    types,
-    intermediate,
-    merged_dir: Path,
-    scratch: Path,
-    out_dir: Path,
-    result: ExportResult,
-    tools,
-    end_of_turn: str | None = None,
-) -> None:
+def _export_gguf(d: _Decided, merged_dir: Path, scratch: Path, result: ExportResult) -> None:
     from lowvram import llamacpp
 
+    run, types, intermediate, tools, out_dir = d.run, d.types, d.intermediate, d.tools, d.out_dir
     log = out_dir / "export.log"
     sixteen = [t for t in types if tools.writer(t) == "converter"]  # q8_0 too where the quantizer is missing
     if intermediate and intermediate not in sixteen:
@@ -517,7 +524,7 @@ def _export_gguf(
             from lowvram.gguf_checks import check_gguf_tokenizer
 
             info = check_gguf_tokenizer(
-                temp, merged_dir, expect_eos=end_of_turn, expect_name=run.name, tokenize=tools.verifies
+                temp, merged_dir, expect_eos=d.end_of_turn, expect_name=run.name, tokenize=tools.verifies
             )
             _say(f"  GGUF {info.line()}")
         if t in types:
