@@ -299,21 +299,20 @@ def load_run_models(run_dir: Path):
     kwargs: dict = {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.get("dtype"), torch.float32)}
     if cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if plan.get("load_in_4bit"):  # the base the adapters were trained on (lowvram/hf_backend.py)
-        from transformers import BitsAndBytesConfig
+    if plan.get("load_in_4bit"):  # the base the adapters were trained on
+        from lowvram.hf_backend import four_bit_kwargs
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"],
-        )
+        kwargs.update(four_bit_kwargs(path, kwargs["dtype"]))
         kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
     tok_dir = run_dir / "tokenizer"
     tok = AutoTokenizer.from_pretrained(str(tok_dir if tok_dir.is_dir() else path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if plan.get("load_in_4bit"):
+        from lowvram.hf_backend import use_compute_dtype
+
+        use_compute_dtype(model, kwargs["dtype"])
     names = {"base": None}
     for stage, name in (("sft", "sft"), ("dpo", "final")):
         ad = run_dir / stage / "adapter"

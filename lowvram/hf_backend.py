@@ -42,19 +42,45 @@ def lora_config(plan: Plan, recipe: Recipe, trainable_token_indices: dict | None
     )
 
 
-def quantization_config(plan: Plan):
-    """NF4 with double quantization, computing in the plan's dtype (what Unsloth's 4-bit checkpoints use)."""
+def quantization_config(dtype, fsdp: bool = False):
+    """NF4 with double quantization, computing in `dtype` (a torch dtype; what Unsloth's 4-bit checkpoints use)."""
     from transformers import BitsAndBytesConfig
 
     # FSDP shards flat tensors of one dtype: 4-bit weights stored in the compute dtype (QLoRA with FSDP)
-    storage = {"bnb_4bit_quant_storage": torch_dtype(plan)} if plan.parallel == "fsdp" else {}
+    storage = {"bnb_4bit_quant_storage": dtype} if fsdp else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch_dtype(plan),
+        bnb_4bit_compute_dtype=dtype,
         **storage,
     )
+
+
+def saved_quantization(model_path: str) -> dict | None:
+    """The quantization_config a checkpoint was saved with (Unsloth's -bnb-4bit repos), or None."""
+    from transformers import AutoConfig
+
+    q = getattr(AutoConfig.from_pretrained(model_path), "quantization_config", None)
+    return q if isinstance(q, dict) else (q.to_dict() if q is not None else None)
+
+
+def four_bit_kwargs(model_path: str, dtype, fsdp: bool = False) -> dict:
+    """from_pretrained's quantization argument for a 4-bit base: quantization_config(...), unless the checkpoint
+    is saved already quantized. transformers then uses the saved config and ignores (with a warning) the one
+    passed, compute dtype included: Unsloth's -bnb-4bit configs say bfloat16, which a T4 cannot run. So none is
+    passed, and `use_compute_dtype` gives the loaded layers the plan's dtype."""
+    if saved_quantization(model_path):
+        return {}
+    return {"quantization_config": quantization_config(dtype, fsdp)}
+
+
+def use_compute_dtype(model, dtype) -> int:
+    """Every bitsandbytes 4-bit layer computes in `dtype` (the plan's), whatever its checkpoint said; the count."""
+    layers = [m for m in model.modules() if m.__class__.__name__ == "Linear4bit"]
+    for m in layers:
+        m.compute_dtype, m.compute_type_is_set = dtype, True  # not re-guessed from the first input
+    return len(layers)
 
 
 def device_map(plan: Plan) -> dict:
@@ -123,10 +149,11 @@ def load_for_training(
 
     kwargs: dict = {"dtype": torch_dtype(plan)}
     if plan.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(plan)
+        kwargs.update(four_bit_kwargs(model_path, torch_dtype(plan), plan.parallel == "fsdp"))
         kwargs["device_map"] = device_map(plan)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if plan.load_in_4bit:
+        use_compute_dtype(model, torch_dtype(plan))
         other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
         parts = ", ".join(f"{_size(n)} {k}" for k, n in sorted(other.items()))
         print(

@@ -39,18 +39,17 @@ def _load_classifier(model_path: str, plan, adapter: Path | None = None, trainab
         "num_labels": 1,
         "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32),
     }
-    if plan.load_in_4bit:  # as the policy's base (lowvram/hf_backend.py)
-        from transformers import BitsAndBytesConfig
+    if plan.load_in_4bit:  # as the policy's base
+        from lowvram.hf_backend import four_bit_kwargs
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"],
-        )
+        kwargs.update(four_bit_kwargs(model_path, kwargs["dtype"]))
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     torch.manual_seed(0)  # the new score head starts the same way every time
     model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+    if plan.load_in_4bit:
+        from lowvram.hf_backend import use_compute_dtype
+
+        use_compute_dtype(model, kwargs["dtype"])
     if adapter is not None:
         from peft import PeftModel
 

@@ -92,21 +92,15 @@ def fmt(d: dict[str, int]) -> str:
 def measure(name: str, ckpt: Path) -> dict:
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from lowvram.hf_backend import prepare_4bit_model
+    from lowvram.hf_backend import prepare_4bit_model, quantization_config
     from lowvram.memory import GIB, NF4_BYTES_PER_PARAM, NF4_SCALE_BYTES_PER_PARAM, estimate
     from lowvram.models import get_spec
 
     spec = get_spec(name)
     t0 = time.monotonic()
-    # the hf backend's quantization_config(plan) for a bf16 plan, spelled out
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    qcfg = quantization_config(torch.bfloat16)  # the hf backend's, for a bf16 plan
     model = AutoModelForCausalLM.from_pretrained(
         str(ckpt), dtype=torch.bfloat16, quantization_config=qcfg, device_map={"": "cpu"}
     )

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -128,6 +127,40 @@ def test_bf16_qlora_sft_then_dpo_runs_under_autocast(tiny_model_dir, tmp_path):
     assert len(losses) >= 4 and all(0 < x < 100 for x in losses)  # finite: no fp16/bf16 overflow
 
 
+def test_a_checkpoint_saved_in_4bit_computes_in_the_plans_dtype(tiny_init_model_dir, tmp_path):
+    """Unsloth's -bnb-4bit repos carry their own quantization_config (compute dtype bfloat16), which transformers
+    uses instead of one passed: lowvram passes none (no warning) and sets the plan's dtype on the layers (a T4
+    cannot compute in bf16). Every loader of a 4-bit base does so: the policy, the reward model, evaluation."""
+    import warnings
+
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowvram.hf_backend import four_bit_kwargs, load_for_training, quantization_config, saved_quantization
+
+    saved = tmp_path / "tiny-bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(
+        str(tiny_init_model_dir), dtype=torch.float32, quantization_config=quantization_config(torch.bfloat16)
+    ).save_pretrained(str(saved))
+    for f in tiny_init_model_dir.iterdir():
+        if f.is_file() and not (saved / f.name).exists():
+            shutil.copy2(f, saved / f.name)
+    assert saved_quantization(str(saved))["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert saved_quantization(str(tiny_init_model_dir)) is None
+    assert four_bit_kwargs(str(saved), torch.float16) == {}
+    assert "quantization_config" in four_bit_kwargs(str(tiny_init_model_dir), torch.float16)
+
+    plan, recipe = _plan("fp16")  # a T4's plan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_for_training(plan, recipe, str(saved))
+    assert not [w for w in caught if "quantization_config" in str(w.message)]
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and {m.compute_dtype for m in linears} == {torch.float16}
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)  # loaded as saved, not re-quantized
+
+
 # ------------------------------------------------------------------ a real run on an NF4 checkpoint
 
 
@@ -144,7 +177,7 @@ def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
         str(tiny_model_dir),
         dtype=torch.float32,
         device_map={"": "cpu"},
-        quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")),
+        quantization_config=quantization_config(torch.float32),
     )
     model.save_pretrained(str(out))
     for f in tiny_model_dir.iterdir():  # tokenizer files, generation config
@@ -213,7 +246,7 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
     from transformers import AutoModelForCausalLM
 
     from lowvram.export import ExportOptions, export_run
-    from lowvram.hf_backend import prepare_4bit_model, quantization_config
+    from lowvram.hf_backend import prepare_4bit_model
 
     result = export_run(q4_run, ExportOptions(gguf=("f16",), merged=True))
     assert result.verified_ok and result.verify_rows and result.files["f16"].is_file()
@@ -221,12 +254,7 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
 
     # the policy exactly as DPO trained it: the NF4 base in bitsandbytes + the adapter
-    base = AutoModelForCausalLM.from_pretrained(
-        str(nf4_base),
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        quantization_config=quantization_config(SimpleNamespace(dtype="fp32", parallel="single")),
-    )
+    base = AutoModelForCausalLM.from_pretrained(str(nf4_base), dtype=torch.float32, device_map={"": "cpu"})
     prepare_4bit_model(base, torch.float32)
     policy = PeftModel.from_pretrained(base, str(q4_run / "dpo" / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
@@ -306,3 +334,26 @@ def test_killed_nf4_run_resumes_with_its_8bit_optimizer(tiny_model_dir, tmp_path
     steps = [r["step"] for r in rows if r.get("stage") == "sft" and "loss" in r]
     assert steps == list(range(1, step + 3)), steps
     assert json.loads((run / "sft" / "DONE").read_text())["global_step"] == step + 2
+
+
+@pytest.mark.slow
+def test_reward_model_and_evaluation_load_the_saved_4bit_base_as_training_does(q4_run, nf4_base):
+    """The other two loaders of a 4-bit base: the reward model's classifier and `lowvram eval`'s models."""
+    import warnings
+
+    import bitsandbytes as bnb
+    import torch
+
+    from lowvram.evaluate import load_run_models
+    from lowvram.reward import _load_classifier
+
+    plan, _ = _plan("bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rm = _load_classifier(str(nf4_base), plan)  # nf4_base was saved computing in fp32
+        model, _tok, names = load_run_models(q4_run)
+    assert not [w for w in caught if "quantization_config" in str(w.message)]
+    assert {m.compute_dtype for m in rm.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
+    run_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[json.loads((q4_run / "plan.json").read_text())["dtype"]]
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {run_dtype}
+    assert set(names) == {"base", "sft", "final"}
