@@ -16,6 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from lowvram.errors import UserError
 from lowvram.planner import Plan
 from lowvram.recipe import Recipe
 
@@ -68,11 +69,22 @@ def saved_quantization(model_path: str) -> dict | None:
 def four_bit_kwargs(model_path: str, dtype, fsdp: bool = False) -> dict:
     """from_pretrained's quantization argument for a 4-bit base: quantization_config(...), unless the checkpoint
     is saved already quantized. transformers then uses the saved config and ignores (with a warning) the one
-    passed, compute dtype included: Unsloth's -bnb-4bit configs say bfloat16, which a T4 cannot run. So none is
-    passed, and `use_compute_dtype` gives the loaded layers the plan's dtype."""
-    if saved_quantization(model_path):
+    passed, compute dtype included: Unsloth's -bnb-4bit configs say bfloat16, and a T4 has no bf16. So none is
+    passed, and `use_compute_dtype` gives the loaded layers the plan's dtype. A checkpoint quantized another way
+    (GPTQ, AWQ, bitsandbytes 8-bit) cannot be this base: a UserError."""
+    saved = saved_quantization(model_path)
+    if saved is None:
+        return {"quantization_config": quantization_config(dtype, fsdp)}
+    if saved.get("quant_method") == "bitsandbytes" and (saved.get("load_in_4bit") or saved.get("_load_in_4bit")):
         return {}
-    return {"quantization_config": quantization_config(dtype, fsdp)}
+    how = saved.get("quant_method", "an unknown method")
+    if how == "bitsandbytes":
+        how = "bitsandbytes 8-bit"
+    raise UserError(
+        f"{model_path} is saved quantized with {how}; lowvram trains on a bitsandbytes 4-bit (NF4) base.",
+        hint="Use the model's 16-bit original (lowvram quantizes it to 4-bit as it loads), "
+        "or its bitsandbytes 4-bit version (Unsloth's -bnb-4bit repos).",
+    )
 
 
 def use_compute_dtype(model, dtype) -> int:

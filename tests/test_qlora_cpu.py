@@ -151,6 +151,18 @@ def test_a_checkpoint_saved_in_4bit_computes_in_the_plans_dtype(tiny_init_model_
     assert four_bit_kwargs(str(saved), torch.float16) == {}
     assert "quantization_config" in four_bit_kwargs(str(tiny_init_model_dir), torch.float16)
 
+    other = tmp_path / "tiny-gptq"  # quantized another way: a clear error, not transformers' own
+    other.mkdir()
+    config = json.loads((tiny_init_model_dir / "config.json").read_text())
+    for q, named in (
+        ({"quant_method": "gptq", "bits": 4}, "gptq"),
+        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes 8-bit"),
+    ):
+        (other / "config.json").write_text(json.dumps({**config, "quantization_config": q}))
+        with pytest.raises(UserError, match=f"saved quantized with {named}") as err:
+            four_bit_kwargs(str(other), torch.float16)
+        assert "16-bit original" in err.value.render()
+
     plan, recipe = _plan("fp16")  # a T4's plan
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
