@@ -296,23 +296,19 @@ def load_run_models(run_dir: Path):
     base = json.loads((run_dir / "base.json").read_text()) if (run_dir / "base.json").is_file() else {}
     path = base.get("model_path") or resolve_model_path(plan["model"])
     cuda = torch.cuda.is_available()
-    kwargs: dict = {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.get("dtype"), torch.float32)}
-    if cuda:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if plan.get("load_in_4bit"):  # the base the adapters were trained on
-        from lowvram.hf_backend import four_bit_kwargs
-
-        kwargs.update(four_bit_kwargs(path, kwargs["dtype"]))
-        kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.get("dtype"), torch.float32)
     tok_dir = run_dir / "tokenizer"
     tok = AutoTokenizer.from_pretrained(str(tok_dir if tok_dir.is_dir() else path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if plan.get("load_in_4bit"):
-        from lowvram.hf_backend import use_compute_dtype
+    if plan.get("load_in_4bit"):  # the base the adapters were trained on
+        from lowvram.hf_backend import load_4bit
 
-        use_compute_dtype(model, kwargs["dtype"])
+        device = torch.cuda.current_device() if cuda else "cpu"
+        model = load_4bit(AutoModelForCausalLM, path, dtype, device_map={"": device})
+    else:
+        cards = {"device_map": {"": torch.cuda.current_device()}} if cuda else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **cards)
     names = {"base": None}
     for stage, name in (("sft", "sft"), ("dpo", "final")):
         ad = run_dir / stage / "adapter"

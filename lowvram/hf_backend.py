@@ -87,6 +87,13 @@ def four_bit_kwargs(model_path: str, dtype, fsdp: bool = False) -> dict:
     )
 
 
+def load_4bit(auto_class, model_path: str, dtype, fsdp: bool = False, **kwargs):
+    """`auto_class.from_pretrained` of a 4-bit base (four_bit_kwargs), its layers computing in `dtype`."""
+    model = auto_class.from_pretrained(model_path, dtype=dtype, **four_bit_kwargs(model_path, dtype, fsdp), **kwargs)
+    use_compute_dtype(model, dtype)
+    return model
+
+
 def use_compute_dtype(model, dtype) -> int:
     """Every bitsandbytes 4-bit layer computes in `dtype` (the plan's), whatever its checkpoint said; the count."""
     layers = [m for m in model.modules() if m.__class__.__name__ == "Linear4bit"]
@@ -159,13 +166,10 @@ def load_for_training(
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch_dtype(plan)}
     if plan.load_in_4bit:
-        kwargs.update(four_bit_kwargs(model_path, torch_dtype(plan), plan.parallel == "fsdp"))
-        kwargs["device_map"] = device_map(plan)
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if plan.load_in_4bit:
-        use_compute_dtype(model, torch_dtype(plan))
+        model = load_4bit(
+            AutoModelForCausalLM, model_path, torch_dtype(plan), plan.parallel == "fsdp", device_map=device_map(plan)
+        )
         other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
         parts = ", ".join(f"{_size(n)} {k}" for k, n in sorted(other.items()))
         print(
@@ -173,9 +177,11 @@ def load_for_training(
             f"(embeddings in {plan.dtype}, norms fp32)",
             flush=True,
         )
-    elif grad_ckpt != "off":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(plan))
+        if grad_ckpt != "off":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
     # prepare_tokens(model) -> {module: token ids} fixes untrained turn tokens before the adapter wraps them
     tokens = prepare_tokens(model) if prepare_tokens else None
     if adapter is not None:  # its trainable tokens, if any, come with it

@@ -35,21 +35,15 @@ def _load_classifier(model_path: str, plan, adapter: Path | None = None, trainab
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict = {
-        "num_labels": 1,
-        "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32),
-    }
-    if plan.load_in_4bit:  # as the policy's base
-        from lowvram.hf_backend import four_bit_kwargs
-
-        kwargs.update(four_bit_kwargs(model_path, kwargs["dtype"]))
-        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)
     torch.manual_seed(0)  # the new score head starts the same way every time
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
-    if plan.load_in_4bit:
-        from lowvram.hf_backend import use_compute_dtype
+    if plan.load_in_4bit:  # as the policy's base
+        from lowvram.hf_backend import load_4bit
 
-        use_compute_dtype(model, kwargs["dtype"])
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        model = load_4bit(AutoModelForSequenceClassification, model_path, dtype, num_labels=1, device_map={"": device})
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
 
