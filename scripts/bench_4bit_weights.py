@@ -34,24 +34,12 @@ DEFAULT_MODELS = ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "unsloth/Llama-3.2-3
 def build_checkpoint(name: str, out: Path) -> Path:
     """Random bf16 weights at `name`'s catalog dimensions, saved as transformers saves a checkpoint."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from lowvram.models import get_spec
+    from scripts.gpu_check import config_for  # the GPU check's models, at the same dimensions
 
-    spec = get_spec(name)
-    cfg = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size,
-        tie_word_embeddings=spec.tied_embeddings,
-        head_dim=spec.head_dim,
-        dtype="bfloat16",
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)  # built in bf16: no fp32 copy in RAM
+    model = AutoModelForCausalLM.from_config(config_for(name), dtype=torch.bfloat16)  # bf16: no fp32 copy in RAM
     model.save_pretrained(str(out), max_shard_size="1GB")
     del model
     return out
