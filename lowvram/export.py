@@ -184,10 +184,11 @@ class _Decided:
     end_of_turn: str | None = None  # the token that ends the assistant's turn, when GGUFs are written
     intermediate: str | None = None  # the 16-bit GGUF the quantizer reads, when one is quantized
     tools: ExportTools | None = None  # when GGUFs are written
+    eos: tuple[str, ...] = ()  # the tokenizer's EOS tokens, stops in every Modelfile
 
     def stops(self) -> list[str]:
         """The Modelfiles' stop tokens: the template's, the end of turn, the tokenizer's EOS."""
-        return [*(self.fmt.stop if self.fmt else ()), self.end_of_turn, *_eos_tokens(self.run.tokenizer_dir)]
+        return [*(self.fmt.stop if self.fmt else ()), self.end_of_turn, *self.eos]
 
 
 def _say(msg: str) -> None:
@@ -343,6 +344,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         end_of_turn=end_of_turn,
         intermediate=_quant_source(types, out_dtype, tools),
         tools=tools,
+        eos=tuple(_eos_tokens(run.tokenizer_dir)) if types else (),
     )
     if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
         from lowvram.ollama import modelfile_problems
@@ -448,9 +450,7 @@ def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
 
                 _write_text(
                     mf,
-                    modelfile(
-                        result.files[t].name, d.fmt, d.system, stop=[d.end_of_turn, *_eos_tokens(run.tokenizer_dir)]
-                    ),
+                    modelfile(result.files[t].name, d.fmt, d.system, stop=[d.end_of_turn, *d.eos]),
                     scratch,
                 )
                 result.modelfiles[t] = mf
