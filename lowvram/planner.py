@@ -612,12 +612,14 @@ def make_plan(
             f"bitsandbytes 4-bit ({model}) runs on CUDA GPUs and CPUs, not on Apple GPUs.",
             hint="Use a 16-bit model with model.name=..., or model.load_in_4bit=false.",
         )
-    if device.kind == "cpu" and prequantized and not q4:
+    if prequantized and not q4:  # its saved 4-bit weights would load anyway, against a 16-bit plan
         alt = spec.base_16bit if spec.base_16bit else None
+        why = "on a CPU lowvram trains in full precision by default" if device.kind == "cpu" else q4_reason
         raise UserError(
-            f"{model} is stored in bitsandbytes 4-bit; on a CPU lowvram trains in full precision by default.",
+            f"{model} is stored in bitsandbytes 4-bit; this plan loads the base in 16-bit: {why}.",
             hint=(f"Use the 16-bit original: model.name={alt}, or " if alt else "")
-            + "set model.load_in_4bit=true to train the 4-bit checkpoint on the CPU (real, but slow).",
+            + "set model.load_in_4bit=true to train the 4-bit checkpoint"
+            + (" on the CPU (real, but slow)." if device.kind == "cpu" else "."),
         )
     if device.kind == "cpu" and q4:
         q4_reason += (

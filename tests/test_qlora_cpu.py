@@ -65,6 +65,17 @@ def test_prequantized_checkpoint_on_cpu_needs_the_4bit_flag():
     )
     assert make_plan(recipe, CPU).load_in_4bit
 
+    # on a GPU too: model.load_in_4bit=false with a 4-bit checkpoint would train its 4-bit weights on a 16-bit plan
+    recipe, _ = load_recipe(
+        "chat-assistant", ["model.name=unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "model.load_in_4bit=false"]
+    )
+    with pytest.raises(UserError, match="stored in bitsandbytes 4-bit") as err:
+        make_plan(recipe, known_card("t4"))
+    assert "model.name=unsloth/Llama-3.2-1B-Instruct," in err.value.render()
+
+    recipe, _ = load_recipe(
+        "chat-assistant", ["model.name=unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "model.load_in_4bit=true"]
+    )
     apple = Device("mps", "Apple GPU (MPS)", 0, 0, None, "platform")
     with pytest.raises(UserError, match="not on Apple GPUs"):
         make_plan(recipe, apple)
