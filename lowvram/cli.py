@@ -166,14 +166,15 @@ def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """`lowvram sft` / `lowvram dpo`: one stage alone, optionally continuing an existing adapter."""
     from lowvram.pipeline import run_pipeline
+    from lowvram.rundir import adapter_dir
 
     init = None
     if getattr(args, "from_", None):
         src = Path(args.from_)
         if (src / "adapter_config.json").is_file():
             init = src
-        elif (src / "sft" / "adapter" / "adapter_config.json").is_file():
-            init = src / "sft" / "adapter"
+        elif (adapter_dir(src, "sft") / "adapter_config.json").is_file():
+            init = adapter_dir(src, "sft")
         else:
             raise UserError(
                 f"--from {src}: neither a LoRA adapter folder nor a run directory with sft/adapter.",
@@ -297,8 +298,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         strict=args.strict,
     )
+    from lowvram.rundir import report_file
+
     code = export_and_report(Path(args.run_dir), opts)
-    if (Path(args.run_dir) / "report.html").is_file():  # the run's report gains the export verification table
+    if report_file(args.run_dir).is_file():  # the run's report gains the export verification table
         from lowvram.report_html import write_html
 
         write_html(Path(args.run_dir))
@@ -388,7 +391,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     echo(summary_lines(evaluate_run(run_dir, best_of=args.best_of, prompts_limit=args.prompts)))
-    print(f"Answers side by side: {run_dir / 'eval' / 'answers.jsonl'}")
+    from lowvram.rundir import eval_dir
+
+    print(f"Answers side by side: {eval_dir(run_dir) / 'answers.jsonl'}")
     from lowvram.report_html import write_html
 
     print(f"Report: {write_html(run_dir)}")
@@ -397,14 +402,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from lowvram.report_html import write_html
+    from lowvram.rundir import require_run_dir
 
-    rdir = Path(args.run_dir)
-    if not (rdir / "recipe.yaml").is_file():
-        raise UserError(
-            f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
-        )
-    print(f"Report: {write_html(rdir)}")
+    print(f"Report: {write_html(require_run_dir(args.run_dir))}")
     return 0
 
 

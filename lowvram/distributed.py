@@ -478,18 +478,13 @@ def launch_run(args, recipe_name: str | None, overrides: list[str], training_dev
             f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} CUDA device(s).",
             hint="Use --gpus with at most that many, or run on several machines (README: More than one GPU).",
         )
-    from lowvram.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
+    from lowvram.recipe import load_recipe
 
     if args.resume:
+        from lowvram.rundir import read_recipe
+
         rdir = Path(args.resume)
-        if not (rdir / "recipe.yaml").is_file():
-            raise UserError(
-                f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
-            )
-        recipe = parse_recipe(
-            apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides), source=str(rdir / "recipe.yaml")
-        )
+        recipe = read_recipe(rdir, overrides)
         recipe_dir, child = None, ["run", "--resume", str(rdir)]
     else:
         if not recipe_name:

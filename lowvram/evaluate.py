@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.errors import UserError
 
 REFERENCE = "ref"  # TRL's frozen copy of the SFT adapter inside a DPO/KTO PeftModel
@@ -224,8 +225,8 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
 
     cfg = recipe.eval
     if run_dir is not None and is_main():
-        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
-        _write_jsonl(Path(run_dir) / "eval" / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
+        rundir.eval_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(rundir.eval_dir(run_dir) / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
     prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[: cfg.prompts]]
 
     class KLCallback(TrainerCallback):
@@ -266,7 +267,7 @@ def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[li
     """(prompts, where they come from): those the preference stage kept, else its held-out split reloaded."""
     from lowvram.data import load_preference_data
 
-    kept = Path(run_dir) / "eval" / PROMPTS_FILE if run_dir is not None else None
+    kept = rundir.eval_dir(run_dir) / PROMPTS_FILE if run_dir is not None else None
     if kept is not None and kept.is_file():
         rows = [json.loads(x) for x in kept.read_text(encoding="utf-8").splitlines() if x.strip()]
         return [r["prompt"] for r in rows[:limit]], f"{min(limit, len(rows))} held-out prompts of the preference stage"
@@ -292,16 +293,15 @@ def load_run_models(run_dir: Path):
 
     from lowvram.train import resolve_model_path
 
-    plan = json.loads((run_dir / "plan.json").read_text())
-    base = json.loads((run_dir / "base.json").read_text()) if (run_dir / "base.json").is_file() else {}
-    path = base.get("model_path") or resolve_model_path(plan["model"])
+    base = rundir.trained_base(run_dir)
+    path = base.model_path or resolve_model_path(base.model)
     cuda = torch.cuda.is_available()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.get("dtype"), torch.float32)
-    tok_dir = run_dir / "tokenizer"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base.dtype, torch.float32)
+    tok_dir = rundir.tokenizer_dir(run_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir if tok_dir.is_dir() else path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if plan.get("load_in_4bit"):  # the base the adapters were trained on
+    if base.load_in_4bit:  # the base the adapters were trained on
         from lowvram.hf_backend import load_4bit
 
         device = torch.cuda.current_device() if cuda else "cpu"
@@ -311,7 +311,7 @@ def load_run_models(run_dir: Path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **cards)
     names = {"base": None}
     for stage, name in (("sft", "sft"), ("dpo", "final")):
-        ad = run_dir / stage / "adapter"
+        ad = rundir.adapter_dir(run_dir, stage)
         if not (ad / "adapter_config.json").is_file():
             continue
         if not isinstance(model, PeftModel):
@@ -344,17 +344,8 @@ def _win_rate(a: list[float], b: list[float]) -> float | None:
 
 def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int | None = None) -> dict:
     """Answer held-out prompts with every model of the run; write RUN/eval/*.jsonl and RUN/eval/summary.json."""
-    import yaml
-
-    from lowvram.recipe import parse_recipe
-
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(
-            f"{run_dir} is not a lowvram run directory (no recipe.yaml).",
-            hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
-        )
-    recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), source=str(run_dir / "recipe.yaml"))
+    recipe = rundir.read_recipe(run_dir)
     cfg = recipe.eval
     best_of = cfg.best_of if best_of is None else best_of
     raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts, run_dir)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lowvram import rundir
 from lowvram.errors import UserError
 from lowvram.hardware import available_ram_bytes
 from lowvram.llamacpp import GGUF_TYPES
@@ -73,21 +74,22 @@ def inspect_run(run_dir: Path) -> RunInfo:
             hint="Pass the folder `lowvram run` wrote (it prints it), e.g. runs/demo-YYYYMMDD-HHMMSS.",
         )
     problems = []
-    done = [s for s in STAGES if (run_dir / s / "DONE").is_file()]
+    done = [s for s in STAGES if rundir.is_done(run_dir, s)]
     if not done:
-        started = [s for s in STAGES if (run_dir / s).is_dir()]
+        started = [s for s in STAGES if rundir.stage_dir(run_dir, s).is_dir()]
         problems.append(
             "no completed stage: neither sft/DONE nor dpo/DONE exists"
             + (f" ({', '.join(started)} started but did not finish)" if started else "")
         )
     stage = done[0] if done else "sft"
-    adapter = run_dir / stage / "adapter"
+    adapter = rundir.adapter_dir(run_dir, stage)
     if done and not adapter.is_dir():
         problems.append(f"{stage}/DONE exists but {stage}/adapter/ is missing")
-    for rel in ("base.json", "tokenizer/tokenizer_config.json"):
-        if not (run_dir / rel).is_file():
-            problems.append(f"{rel} is missing")
-    for f in [run_dir / "base.json", *sorted((run_dir / "tokenizer").glob("*.json"))]:
+    tokenizer, base_json = rundir.tokenizer_dir(run_dir), rundir.base_file(run_dir)
+    for f in (base_json, tokenizer / "tokenizer_config.json"):
+        if not f.is_file():
+            problems.append(f"{f.relative_to(run_dir).as_posix()} is missing")
+    for f in [base_json, *sorted(tokenizer.glob("*.json"))]:
         if f.is_file():  # a file cut short or overwritten would otherwise fail deep inside a library
             try:
                 json.loads(f.read_text(encoding="utf-8"))
@@ -99,24 +101,15 @@ def inspect_run(run_dir: Path) -> RunInfo:
             problems,
             hint=f"Finish training first: lowvram run --resume {run_dir}",
         )
-    recipe = None
-    if (run_dir / "recipe.yaml").is_file():
-        import yaml
-
-        from lowvram.recipe import parse_recipe
-
-        try:
-            recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
-        except yaml.YAMLError as e:
-            raise UserError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {e}.") from None
+    recipe = rundir.read_recipe(run_dir) if rundir.recipe_file(run_dir).is_file() else None
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name if recipe else run_dir.name).strip("-.") or "model"
     return RunInfo(
         run_dir,
         name,
         stage,
         adapter,
-        run_dir / "tokenizer",
-        run_dir / "base.json",
+        tokenizer,
+        base_json,
         recipe.export.system_prompt if recipe else None,
         tuple(recipe.export.gguf) if recipe else ("q4_k_m",),
         recipe.export.verify if recipe else True,
@@ -294,7 +287,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     verify = run.recipe_verify if opts.verify is None else opts.verify
     verify = verify and bool(types)
     system = opts.system_prompt if opts.system_prompt is not None else run.system_prompt
-    out_dir = (opts.out_dir or run_dir / "export").resolve()
+    out_dir = (opts.out_dir or rundir.export_dir(run_dir)).resolve()
     need_merge = bool(types) or opts.merged
     result = ExportResult(out_dir, name=run.name, system_prompt=system)
 
@@ -616,7 +609,7 @@ def find_gguf(target: Path) -> tuple[Path, str | None]:
         return target, None
     if not target.is_dir():
         raise UserError(f"No such file or directory {str(target)!r}.", hint="Pass a GGUF file or a run directory.")
-    for folder in (target / "export", target):
+    for folder in (rundir.export_dir(target), target):
         found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
         status = {}
         if (folder / VERIFY_FILE).is_file():

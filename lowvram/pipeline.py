@@ -3,10 +3,8 @@
     lowvram run demo                     # new run in runs/demo-YYYYmmdd-HHMMSS, then its GGUF export
     lowvram run --resume runs/demo-...   # continue after a crash, Ctrl-C or kill -9
 
-Layout of a run directory (export reads it):
-    recipe.yaml  plan.json  base.json  tokenizer/  metrics.jsonl  summary.json  plots/
-    sft/{checkpoints/,adapter/,DONE}     dpo/{checkpoints/,adapter/,DONE}
-A stage with a DONE file is never redone; one without resumes from its newest checkpoint.
+The run directory's layout is lowvram/rundir.py's: a stage with a DONE file is never redone; one without
+resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +18,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.errors import UserError
 from lowvram.hardware import Device, detect_device
 from lowvram.lengths import plan_with_data
 from lowvram.planner import Plan
-from lowvram.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
+from lowvram.recipe import Recipe, dump_recipe, load_recipe
 
 
 def _training_device(vram, gpu) -> Device:
@@ -115,8 +114,8 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
     from lowvram.fileio import atomic_write_text
     from lowvram.models import get_spec
 
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+    atomic_write_text(rundir.recipe_file(run_dir), dump_recipe(recipe))
+    atomic_write_text(rundir.plan_file(run_dir), json.dumps(plan.to_dict(), indent=2))
     spec = get_spec(plan.model)
     local = Path(model_path).is_dir()
     base = {
@@ -125,17 +124,7 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
         "base_16bit": spec.base_16bit if spec else None,
         "load_in_4bit": plan.load_in_4bit,
     }
-    atomic_write_text(run_dir / "base.json", json.dumps(base, indent=2))
-
-
-def _has_progress(rdir: Path) -> bool:
-    """Anything worth keeping: a finished stage, a checkpoint, or logged metrics (say, of a stage that diverged)."""
-    metrics = rdir / "metrics.jsonl"
-    return (
-        any(rdir.glob("*/DONE"))
-        or any(rdir.glob("*/checkpoints/checkpoint-*"))
-        or (metrics.is_file() and metrics.stat().st_size > 0)
-    )
+    atomic_write_text(rundir.base_file(run_dir), json.dumps(base, indent=2))
 
 
 def _run_stages(
@@ -151,15 +140,17 @@ def _run_stages(
     from lowvram.train import StageContext, run_stage
 
     for stage in todo:
-        done = rdir / stage / "DONE"
-        if done.is_file():
+        if rundir.is_done(rdir, stage):
             print(f"[{stage}] already done, skipping", flush=True)
         else:
             t0 = time.monotonic()
             ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
             run_stage(ctx, datasets[stage])
-            print(f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rdir / stage / 'adapter'}", flush=True)
-        adapter = rdir / stage / "adapter"
+            print(
+                f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rundir.adapter_dir(rdir, stage)}",
+                flush=True,
+            )
+        adapter = rundir.adapter_dir(rdir, stage)
 
 
 def run_pipeline(
@@ -219,17 +210,11 @@ def _run_pipeline(
     stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export
 ) -> int:
     from lowvram import distributed
-    from lowvram.recipe import read_recipe_file
     from lowvram.report import summary_lines, write_report
 
     recipe_dir: Path | None
     if resume:
-        rdir = Path(resume)
-        if not (rdir / "recipe.yaml").is_file():
-            raise UserError(
-                f"{rdir} is not a lowvram run directory (no recipe.yaml).",
-                hint="Pass the folder 'lowvram run' created, e.g. runs/demo-20261122-101500.",
-            )
+        rdir = rundir.require_run_dir(resume)
         if recipe_name:
             raise UserError(
                 "--resume continues the run's own recipe; do not name another one.",
@@ -237,8 +222,7 @@ def _run_pipeline(
             )
         check_writable(rdir, "run directory")
         _lock_run_dir(stack, rdir)
-        data = apply_overrides(read_recipe_file(rdir / "recipe.yaml"), overrides)
-        recipe = parse_recipe(data, source=str(rdir / "recipe.yaml"))
+        recipe = rundir.read_recipe(rdir, overrides)
         recipe_dir = None
         print(f"Resuming {rdir}", flush=True)
     else:
@@ -276,7 +260,7 @@ def _run_pipeline(
     from lowvram.templates import preflight
 
     preflight(recipe, plan.model, recipe_dir, todo)
-    datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
+    datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not rundir.is_done(rdir, s)])
 
     from lowvram.train import resolve_model_path
 
@@ -291,7 +275,7 @@ def _run_pipeline(
     elif distributed.is_main():
         from lowvram.fileio import atomic_write_text
 
-        atomic_write_text(rdir / "recipe.yaml", dump_recipe(recipe))
+        atomic_write_text(rundir.recipe_file(rdir), dump_recipe(recipe))
     distributed.wait_for_everyone()
     print(f"Run directory: {rdir}", flush=True)
     adapter = Path(init_adapter) if init_adapter else None
@@ -299,7 +283,7 @@ def _run_pipeline(
         _run_stages(rdir, recipe, plan, todo, model_path, recipe_dir, adapter, datasets)
     except BaseException:
         if (
-            fresh and distributed.is_main() and not _has_progress(rdir)
+            fresh and distributed.is_main() and not rundir.has_progress(rdir)
         ):  # failed before any checkpoint: leave no empty run behind
             shutil.rmtree(rdir, ignore_errors=True)
             print(f"Removed {rdir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
@@ -308,7 +292,7 @@ def _run_pipeline(
         return 0
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
-    print(f"Plots: {rdir / 'plots'}   Metrics: {rdir / 'metrics.jsonl'}")
+    print(f"Plots: {rundir.plots_dir(rdir)}   Metrics: {rundir.metrics_file(rdir)}")
     from lowvram.report_html import after_training
 
     after_training(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lowvram import rundir
+
 
 def _parse_lines(path: Path) -> list[dict]:
     rows = []
@@ -38,7 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     After a resume the steps between the checkpoint and the interruption are trained again; the file
     is trimmed when that happens (`supersede_metrics`), and this also holds for files written before.
     """
-    path = run_dir / "metrics.jsonl"
+    path = rundir.metrics_file(run_dir)
     if not path.is_file():
         return []
     latest: dict[tuple, dict] = {}
@@ -53,7 +55,7 @@ def supersede_metrics(run_dir: Path, stage: str, resumed_step: int | None) -> in
     trained and logged again. Lines cut short by a kill go too. Returns how many lines were dropped."""
     from lowvram.fileio import atomic_write_text
 
-    path = run_dir / "metrics.jsonl"
+    path = rundir.metrics_file(run_dir)
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -140,7 +142,7 @@ def kl_warn_nats(run_dir: Path) -> float:
     import yaml
 
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        recipe = yaml.safe_load(rundir.recipe_file(run_dir).read_text()) or {}
         return float((recipe.get("eval") or {}).get("kl_warn_nats", 10.0))
     except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
         return 10.0
@@ -177,7 +179,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    out_dir = run_dir / "plots"
+    out_dir = rundir.plots_dir(run_dir)
     out_dir.mkdir(exist_ok=True)
     written = []
     for name, keys, stages in PLOTS:
@@ -218,7 +220,7 @@ def write_report(run_dir: Path) -> dict:
     summary["plots"] = [str(p.relative_to(run_dir)) for p in write_plots(run_dir)]
     from lowvram.fileio import atomic_write_text
 
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(rundir.summary_file(run_dir), json.dumps(summary, indent=2))
     return summary
 
 

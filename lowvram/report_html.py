@@ -14,6 +14,7 @@ import html
 import json
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.report import write_plots
 
 CSS = """
@@ -69,7 +70,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _plan_section(run_dir: Path) -> str:
-    plan = _read_json(run_dir / "plan.json")
+    plan = _read_json(rundir.plan_file(run_dir))
     if not plan:
         return "<p class='note'>No plan.json in this run.</p>"
     reasons = plan.get("reasons", {})
@@ -120,13 +121,10 @@ def _plan_section(run_dir: Path) -> str:
 
 
 def _data_section(run_dir: Path) -> str:
-    import yaml
-
     from lowvram.data.check import check_data
-    from lowvram.recipe import parse_recipe
 
     try:
-        recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), source="recipe.yaml")
+        recipe = rundir.read_recipe(run_dir)
     except Exception as e:  # the report still renders the rest
         return f"<p class='note'>Data check unavailable: {_e(e)}</p>"
     out = []
@@ -166,7 +164,7 @@ def _summary_section(run_dir: Path) -> str:
 
 
 def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
-    summary = _read_json(run_dir / "eval" / "summary.json")
+    summary = _read_json(rundir.eval_dir(run_dir) / "summary.json")
     if not summary:
         msg = f"<p class='note'>No evaluation yet: <code>lowvram eval {_e(run_dir)}</code>.</p>"
         return msg, msg, msg
@@ -205,7 +203,7 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
             "models",
         )
     )
-    answers = _read_jsonl(run_dir / "eval" / "answers.jsonl")
+    answers = _read_jsonl(rundir.eval_dir(run_dir) / "answers.jsonl")
     names = [m["model"] for m in summary["models"]]
     by_prompt: dict[str, dict] = {}
     for a in answers:
@@ -232,7 +230,7 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
     )
     b = summary.get("best_of_n")
     rm_rows = []
-    rm_eval = _read_json(run_dir / "rm" / "eval_after.json")
+    rm_eval = _read_json(rundir.stage_dir(run_dir, "rm") / "eval_after.json")
     if rm_eval:
         rm_rows.append(f"<p>Reward model held-out pair accuracy: {_fmt(rm_eval.get('accuracy'), '{:.2f}')}</p>")
     if not b:
@@ -265,7 +263,7 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
             )
             + f"<p>Extra cost: {_e(b['generation_cost_ratio'])}x the generated tokens. {_e(b['cost_note'])}.</p>"
         )
-        bon = _read_jsonl(run_dir / "eval" / "best_of_n.jsonl")
+        bon = _read_jsonl(rundir.eval_dir(run_dir) / "best_of_n.jsonl")
         rm_rows.append(
             _table(
                 ["prompt", f"best of {b['n']} SFT answers", "score", "final answer", "score"],
@@ -286,7 +284,7 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
 
 
 def _export_section(run_dir: Path) -> str:
-    found = sorted(run_dir.glob("export*/verify.json"))
+    found = sorted(run_dir.glob(f"{rundir.EXPORT}*/verify.json"))
     if not found:
         return f"<p class='note'>No export yet: <code>lowvram export {_e(run_dir)}</code>.</p>"
     out = []
@@ -338,15 +336,15 @@ def write_html(run_dir: Path) -> Path:
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lowvram report: {_e(run_dir.name)}</title>"
         f"<style>{CSS}</style></head><body><h1>lowvram report: {_e(run_dir.name)}</h1>\n{body}\n</body></html>\n"
     )
-    out = run_dir / "report.html"
+    out = rundir.report_file(run_dir)
     out.write_text(page, encoding="utf-8")
     return out
 
 
 def after_training(run_dir: Path, recipe, plan=None, model_path: str | None = None) -> Path:
     """End of `lowvram run`: the reward model (rm.enabled), the evaluation (eval.enabled), then report.html."""
-    tuned = (run_dir / "dpo" / "adapter").is_dir()  # the reward model and the eval look at the preference stage
-    if tuned and recipe.rm.enabled and plan is not None and not (run_dir / "rm" / "DONE").is_file():
+    tuned = rundir.adapter_dir(run_dir, "dpo").is_dir()  # the reward model and the eval look at the preference stage
+    if tuned and recipe.rm.enabled and plan is not None and not rundir.is_done(run_dir, "rm"):
         from lowvram.reward import run_rm
 
         run_rm(run_dir, recipe, plan, model_path)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lowvram import rundir
+
 RM_DIR = "rm"
 
 
@@ -100,7 +102,7 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
         eval_dataset=eval_ds,
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[make_callback(RM_DIR, ctx.run_dir / "metrics.jsonl")],
+        callbacks=[make_callback(RM_DIR, rundir.metrics_file(ctx.run_dir))],
     )
     _quiet(trainer)
     return _train_and_save(ctx, trainer, trainer.model, tok)
@@ -115,9 +117,7 @@ def score_text(tok, prompt, answer: str) -> str:
 
 def load_scorer(run_dir: Path):
     """A function (prompts, answers) -> scores from RUN/rm/adapter, or None when the run has no reward model."""
-    import json
-
-    adapter = Path(run_dir) / RM_DIR / "adapter"
+    adapter = rundir.adapter_dir(run_dir, RM_DIR)
     if not (adapter / "adapter_config.json").is_file():
         return None
     import torch
@@ -125,18 +125,12 @@ def load_scorer(run_dir: Path):
 
     from lowvram.train import resolve_model_path
 
-    plan_d = json.loads((Path(run_dir) / "plan.json").read_text())
-    base = json.loads((Path(run_dir) / "base.json").read_text()) if (Path(run_dir) / "base.json").is_file() else {}
-    path = base.get("model_path") or resolve_model_path(plan_d["model"])
-
-    class _P:  # the two plan fields the loader reads
-        dtype = plan_d.get("dtype")
-        load_in_4bit = plan_d.get("load_in_4bit")
-
-    tok = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
+    base = rundir.trained_base(run_dir)  # its dtype and load_in_4bit: as the policy's base was loaded
+    path = base.model_path or resolve_model_path(base.model)
+    tok = AutoTokenizer.from_pretrained(str(rundir.tokenizer_dir(run_dir)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = _load_classifier(path, _P, adapter)
+    model = _load_classifier(path, base, adapter)
     model.config.pad_token_id = tok.pad_token_id
     model.eval()
     dev = next(model.parameters()).device
