@@ -153,6 +153,24 @@ def _run_stages(
         adapter = rundir.adapter_dir(rdir, stage)
 
 
+def after_training(rdir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
+    """The reward model (rm.enabled), the evaluation (eval.enabled), then report.html, which only renders them."""
+    from lowvram.evaluate import evaluate_run
+    from lowvram.evaluate import summary_lines as eval_lines
+    from lowvram.report_html import write_html
+    from lowvram.reward import run_rm
+    from lowvram.ui import echo
+
+    tuned = rundir.adapter_dir(rdir, "dpo").is_dir()  # the reward model and the eval look at the preference stage
+    if tuned and recipe.rm.enabled and not rundir.is_done(rdir, "rm"):
+        run_rm(rdir, recipe, plan, model_path)  # RUN/rm/
+    if tuned and recipe.eval.enabled:
+        print("", flush=True)
+        echo(eval_lines(evaluate_run(rdir)))  # RUN/eval/, as `lowvram eval`
+    page = write_html(rdir)
+    print(f"Report: {page.resolve().as_uri()}   (rebuild: lowvram report {rdir})", flush=True)
+
+
 def run_pipeline(
     recipe_name: str | None,
     overrides: list[str],
@@ -293,11 +311,7 @@ def _run_pipeline(
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
     print(f"Plots: {rundir.plots_dir(rdir)}   Metrics: {rundir.metrics_file(rdir)}")
-    from lowvram.report_html import after_training
-
-    after_training(
-        rdir, recipe, plan, model_path
-    )  # RUN/rm/ (rm.enabled), RUN/eval/ (lowvram eval) and RUN/report.html (lowvram report)
+    after_training(rdir, recipe, plan, model_path)
     if not export or not recipe.export.gguf or stages:
         return 0
     from lowvram.llamacpp import export_tools

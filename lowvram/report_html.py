@@ -339,22 +339,3 @@ def write_html(run_dir: Path) -> Path:
     out = rundir.report_file(run_dir)
     out.write_text(page, encoding="utf-8")
     return out
-
-
-def after_training(run_dir: Path, recipe, plan=None, model_path: str | None = None) -> Path:
-    """End of `lowvram run`: the reward model (rm.enabled), the evaluation (eval.enabled), then report.html."""
-    tuned = rundir.adapter_dir(run_dir, "dpo").is_dir()  # the reward model and the eval look at the preference stage
-    if tuned and recipe.rm.enabled and plan is not None and not rundir.is_done(run_dir, "rm"):
-        from lowvram.reward import run_rm
-
-        run_rm(run_dir, recipe, plan, model_path)
-    if tuned and recipe.eval.enabled:
-        from lowvram.evaluate import evaluate_run, summary_lines
-
-        print("", flush=True)
-        from lowvram.ui import echo
-
-        echo(summary_lines(evaluate_run(run_dir)))
-    page = write_html(run_dir)
-    print(f"Report: {page.resolve().as_uri()}   (rebuild: lowvram report {run_dir})", flush=True)
-    return page

@@ -129,3 +129,10 @@ def test_no_new_import_cycles():
     ]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]  # the finder finds one
     assert [c for c in _cycles(import_graph()) if c not in known] == []
+
+
+def test_the_html_report_only_renders():
+    """report_html reads the run's files; the reward model and the evaluation are the pipeline's steps."""
+    graph = import_graph()
+    assert graph["lowvram.report_html"].isdisjoint({"lowvram.train", "lowvram.reward", "lowvram.evaluate"})
+    assert {"lowvram.reward", "lowvram.evaluate", "lowvram.report_html"} <= graph["lowvram.pipeline"]
