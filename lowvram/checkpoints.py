@@ -155,7 +155,7 @@ def completion_callback(save_extra=None):
 
     class CompletionMarker(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
-            from lowvram.distributed import wait_for_everyone
+            from lowvram.dist import wait_for_everyone
 
             wait_for_everyone()  # in a process group each process writes its own RNG state file
             if not state.is_world_process_zero:

@@ -101,7 +101,7 @@ def _group_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowvram.distributed import plan_per_card
+    from lowvram.parallel import plan_per_card
     from lowvram.recipe import load_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides)
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        from lowvram.distributed import is_main
+        from lowvram.dist import is_main
 
         if is_main() or e.exit_code != EXIT_INTERRUPTED:  # after a Ctrl-C every process says the same: one does
             print(f"error: {e.render()}", file=sys.stderr)

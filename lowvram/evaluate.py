@@ -221,7 +221,7 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
     """
     from transformers import TrainerCallback
 
-    from lowvram.distributed import is_main
+    from lowvram.dist import is_main
 
     cfg = recipe.eval
     if run_dir is not None and is_main():

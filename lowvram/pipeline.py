@@ -189,12 +189,12 @@ def run_pipeline(
     CLI passes one that prints its report; None stops after training.
 
     Under a launcher (`--gpus N`, `accelerate launch`) every process runs this; only the main one
-    locks, prints and writes (lowvram/distributed.py).
+    locks, prints and writes (lowvram/dist.py).
     """
-    from lowvram import distributed
+    from lowvram import dist
 
     with contextlib.ExitStack() as stack:
-        distributed.join(stack)
+        dist.join(stack)
         return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
 
 
@@ -213,7 +213,7 @@ def _unsloth_first(recipe: Recipe, device: Device) -> None:
 
 
 def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
-    from lowvram.distributed import is_main
+    from lowvram.dist import is_main
     from lowvram.runlock import folder_lock
 
     if not is_main():  # the main process holds the lock for its group
@@ -227,7 +227,7 @@ def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
 def _run_pipeline(
     stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export
 ) -> int:
-    from lowvram import distributed
+    from lowvram import dist, parallel
     from lowvram.report import summary_lines, write_report
 
     recipe_dir: Path | None
@@ -248,19 +248,17 @@ def _run_pipeline(
             raise UserError("Name a recipe to run.", hint="lowvram run demo   (or 'lowvram recipes' to list them)")
         recipe, path = load_recipe(recipe_name, overrides)
         recipe_dir = path.parent
-        rdir = Path(run_dir) if run_dir else Path(distributed.same_on_all(str(new_run_dir(recipe))))
+        rdir = Path(run_dir) if run_dir else Path(dist.same_on_all(str(new_run_dir(recipe))))
         check_writable(rdir, "run directory")
     todo = stages or recipe.stages()  # `lowvram sft`/`dpo` name their stage; `run` takes the enabled ones
     from lowvram.offline import network_policy
 
     network = network_policy(recipe, recipe.model.name, todo)  # before any Hugging Face library is imported
     device = _training_device(vram, gpu)
-    world = distributed.world_size()
-    _unsloth_first(distributed.group_recipe(recipe, world)[0], device)
-    if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/distributed.py)
-        plan = distributed.plan_per_card(
-            recipe, device, recipe_dir, world, distributed.launched_strategy(), launched=True
-        )
+    world = dist.world_size()
+    _unsloth_first(parallel.group_recipe(recipe, world)[0], device)
+    if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/parallel.py)
+        plan = parallel.plan_per_card(recipe, device, recipe_dir, world, dist.launched_strategy(), launched=True)
     else:
         plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
@@ -284,29 +282,29 @@ def _run_pipeline(
 
     model_path = resolve_model_path(plan.model)
     fresh = not resume and not rdir.exists()
-    distributed.wait_for_everyone()  # every process has looked before the main one creates it
+    dist.wait_for_everyone()  # every process has looked before the main one creates it
     if not resume:
         _make_run_dir(rdir)
         _lock_run_dir(stack, rdir)
-        if distributed.is_main():
+        if dist.is_main():
             _write_run_files(rdir, recipe, plan, model_path)
-    elif distributed.is_main():
+    elif dist.is_main():
         from lowvram.fileio import atomic_write_text
 
         atomic_write_text(rundir.recipe_file(rdir), dump_recipe(recipe))
-    distributed.wait_for_everyone()
+    dist.wait_for_everyone()
     print(f"Run directory: {rdir}", flush=True)
     adapter = Path(init_adapter) if init_adapter else None
     try:
         _run_stages(rdir, recipe, plan, todo, model_path, recipe_dir, adapter, datasets)
     except BaseException:
         if (
-            fresh and distributed.is_main() and not rundir.has_progress(rdir)
+            fresh and dist.is_main() and not rundir.has_progress(rdir)
         ):  # failed before any checkpoint: leave no empty run behind
             shutil.rmtree(rdir, ignore_errors=True)
             print(f"Removed {rdir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
         raise
-    if not distributed.leave():  # the other processes are done; the main one reports and exports alone
+    if not dist.leave():  # the other processes are done; the main one reports and exports alone
         return 0
     summary = write_report(rdir)
     print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))

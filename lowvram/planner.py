@@ -69,7 +69,7 @@ class Plan:
     lora_alpha: int
     stages: dict[str, StagePlan]
     reasons: dict[str, str]
-    processes: int = 1  # training processes, one card each (lowvram.distributed.plan_per_card)
+    processes: int = 1  # training processes, one card each (lowvram.parallel.plan_per_card)
     parallel: str = "single"  # "single", "ddp", "fsdp" or "deepspeed"
 
     def to_dict(self) -> dict:
@@ -89,7 +89,7 @@ class Plan:
             (k, str(getattr(self, k)) if k != "lora" else f"r={self.lora_r} alpha={self.lora_alpha}", self.reasons[k])
             for k in ("tier", "model", "backend", "dtype", "load_in_4bit", "lora")
         ]
-        if self.processes > 1:  # several cards (lowvram.distributed)
+        if self.processes > 1:  # several cards (lowvram.parallel)
             decisions.append(("parallel", f"{self.parallel} x {self.processes} processes", self.reasons["parallel"]))
         out = [table(decisions, plain="\n".join(f"{k:<9} {v}  -- {why}" for k, v, why in decisions))]
         for sp in self.stages.values():

@@ -266,7 +266,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | None:
     """The checkpoint to resume from; newer incomplete ones are named, with why, and set aside."""
     from lowvram.checkpoints import checkpoint_step, newest_complete, set_aside
-    from lowvram.distributed import is_main, wait_for_everyone
+    from lowvram.dist import is_main, wait_for_everyone
     from lowvram.report import supersede_metrics
 
     wait_for_everyone()
@@ -296,7 +296,7 @@ def _main_resume_point(ctx: StageContext, required, checkpoint_step, newest_comp
 def _resume_cmd(ctx: StageContext, *overrides: str) -> str:
     import shlex
 
-    from lowvram.distributed import world_size
+    from lowvram.dist import world_size
 
     group = ["--gpus", str(world_size())] if world_size() > 1 else []  # the same number of processes
     return shlex.join(["lowvram", "run", "--resume", str(ctx.run_dir), *group, *overrides])
@@ -610,7 +610,7 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_loss": result.metrics.get("train_loss"),
     }
-    from lowvram.distributed import is_main, wait_for_everyone
+    from lowvram.dist import is_main, wait_for_everyone
 
     bad = nonfinite_parameters(model)
     if bad or not math.isfinite(stats["train_loss"] or 0.0):

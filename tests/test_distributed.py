@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from lowvram.cli import main
-from lowvram.distributed import plan_per_card, split_batch
 from lowvram.errors import UserError
 from lowvram.hardware import simulated_device
+from lowvram.parallel import plan_per_card, split_batch
 from lowvram.planner import StagePlan
 from lowvram.recipe import load_recipe
 
