@@ -130,29 +130,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lowvram.pipeline import run_pipeline
+    from lowvram.pipeline import RunRequest, run_pipeline
 
     recipe, overrides = args.recipe, list(args.overrides or [])
     if recipe and "=" in recipe:  # `run --resume DIR key=value`: argparse took the override for the recipe
         recipe, overrides = None, [recipe, *overrides]
-    if args.gpus not in (None, 1) or args.strategy != "auto":
-        from lowvram.distributed import launch_run
-        from lowvram.pipeline import _training_device, new_run_dir
-
-        code = launch_run(args, recipe, overrides, lambda: _training_device(args.vram, args.gpu), new_run_dir)
-        # None: already inside a launched group
-        if code is not None:
-            return code
-    return run_pipeline(
+    req = RunRequest(
         recipe,
-        overrides,
+        tuple(overrides),
         vram=args.vram,
         gpu=args.gpu,
-        resume=args.resume,
-        run_dir=args.run_dir,
-        stages=None,
-        export=None if args.no_export else _export_run,
+        resume=Path(args.resume) if args.resume else None,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        export=not args.no_export,
+        gpus=args.gpus,
+        strategy=args.strategy,
     )
+    if req.gpus not in (None, 1) or req.strategy != "auto":
+        from lowvram.distributed import launch_run
+
+        code = launch_run(req)  # None: already inside a launched group
+        if code is not None:
+            return code
+    return run_pipeline(req, _export_run)
 
 
 def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
@@ -165,7 +165,7 @@ def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """`lowvram sft` / `lowvram dpo`: one stage alone, optionally continuing an existing adapter."""
-    from lowvram.pipeline import run_pipeline
+    from lowvram.pipeline import RunRequest, run_pipeline
     from lowvram.rundir import adapter_dir
 
     init = None
@@ -180,15 +180,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
                 f"--from {src}: neither a LoRA adapter folder nor a run directory with sft/adapter.",
                 hint="Pass a run directory made by 'lowvram run' or 'lowvram sft', or an adapter folder.",
             )
-    return run_pipeline(
+    req = RunRequest(
         args.recipe,
-        args.overrides,
+        tuple(args.overrides),
         vram=args.vram,
         gpu=args.gpu,
-        run_dir=args.run_dir,
-        stages=[args.command],
-        init_adapter=str(init) if init else None,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        stages=(args.command,),
+        init_adapter=init,
     )
+    return run_pipeline(req)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -311,7 +312,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def export_and_report(run_dir: Path, opts) -> int:
     """Export, then print the verification table and the commands to run the result; the exit status.
 
-    `lowvram export` and the export at the end of `lowvram run` (pipeline.run_pipeline's `export`) both end here.
+    `lowvram export` and the export at the end of `lowvram run` (the ExportStep given to pipeline.run_pipeline) both end here.
     """
     import shlex
 

@@ -21,11 +21,11 @@ import shlex
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from lowvram.dist import in_group, world_size
 from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
 from lowvram.parallel import plan_per_card
+from lowvram.pipeline import Run, RunRequest, open_run, training_device
 
 # ------------------------------------------------------------------ `lowvram run --gpus N`
 
@@ -148,14 +148,14 @@ def _launcher_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def launch_run(args, recipe_name: str | None, overrides: list[str], training_device, new_run_dir) -> int | None:
+def launch_run(req: RunRequest) -> int | None:
     """`lowvram run ... --gpus N`: plan per card, choose the mode, then run the same command in N processes.
 
-    `training_device()` is the card each process will train on, `new_run_dir(recipe)` names a new run
-    (both from lowvram.pipeline, passed in by the command line). Returns None inside an already launched group (`accelerate launch -m lowvram run ...`): the
-    caller then trains as one of its processes.
+    The recipe and the run directory are found as the pipeline finds them (pipeline.open_run), so each
+    process opens the same run. Returns None inside an already launched group (`accelerate launch -m lowvram
+    run ...`): the caller then trains as one of its processes.
     """
-    gpus = 1 if args.gpus is None else args.gpus
+    gpus = 1 if req.gpus is None else req.gpus
     if in_group():
         if gpus not in (1, world_size()):
             raise UserError(
@@ -166,7 +166,18 @@ def launch_run(args, recipe_name: str | None, overrides: list[str], training_dev
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: give a number of processes, 1 or more.")
     if gpus == 1:
-        raise UserError(f"--strategy {args.strategy} shares the training between cards; it needs --gpus 2 or more.")
+        raise UserError(f"--strategy {req.strategy} shares the training between cards; it needs --gpus 2 or more.")
+    cuda = _check_cards(gpus)
+    run = open_run(req)
+    plan = plan_per_card(run.recipe, training_device(req.vram, req.gpu), run.recipe_dir, gpus, req.strategy)
+    if not cuda:
+        print(f"No CUDA GPU: {gpus} processes on the CPU, connected by gloo (what the tests use).", flush=True)
+    hint = shlex.join(["lowvram", "run", "--resume", str(run.dir), "--gpus", str(gpus)])
+    return launch(gpus, plan.parallel, _child_args(req, run), cuda, hint)
+
+
+def _check_cards(gpus: int) -> bool:
+    """Whether the processes train on CUDA cards; refuses more processes than the machine has cards."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -175,31 +186,17 @@ def launch_run(args, recipe_name: str | None, overrides: list[str], training_dev
             f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} CUDA device(s).",
             hint="Use --gpus with at most that many, or run on several machines (README: More than one GPU).",
         )
-    from lowvram.recipe import load_recipe
+    return cuda
 
-    if args.resume:
-        from lowvram.rundir import read_recipe
 
-        rdir = Path(args.resume)
-        recipe = read_recipe(rdir, overrides)
-        recipe_dir, child = None, ["run", "--resume", str(rdir)]
-    else:
-        if not recipe_name:
-            raise UserError("Name a recipe to run.", hint="lowvram run demo --gpus 2")
-        recipe, path = load_recipe(recipe_name, overrides)
-        recipe_dir = path.parent
-        rdir = Path(args.run_dir) if args.run_dir else new_run_dir(recipe)
-        child = ["run", recipe_name, "--run-dir", str(rdir)]
-    device = training_device()
-    plan = plan_per_card(recipe, device, recipe_dir, gpus, args.strategy)
-    if not cuda:
-        print(f"No CUDA GPU: {gpus} processes on the CPU, connected by gloo (what the tests use).", flush=True)
-    child += list(overrides)
-    child += ["--no-export"] if args.no_export else []
-    child += ["--vram", str(args.vram)] if args.vram else []
-    child += ["--gpu", args.gpu] if args.gpu else []
-    hint = shlex.join(["lowvram", "run", "--resume", str(rdir), "--gpus", str(gpus)])
-    return launch(gpus, plan.parallel, child, cuda, hint)
+def _child_args(req: RunRequest, run: Run) -> list[str]:
+    """The `lowvram` command each process runs: the same run, in the folder chosen here."""
+    child = ["run", "--resume", str(run.dir)] if run.resumed else ["run", req.recipe or "", "--run-dir", str(run.dir)]
+    child += list(req.overrides)
+    child += [] if req.export else ["--no-export"]
+    child += ["--vram", str(req.vram)] if req.vram else []
+    child += ["--gpu", req.gpu] if req.gpu else []
+    return child
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""`lowvram run`: recipe -> plan -> data check -> SFT -> DPO -> GGUF export, in one run directory.
+"""`lowvram run`: recipe -> plan -> data check -> SFT -> DPO -> reward model, eval, report -> GGUF export,
+in one run directory.
 
     lowvram run demo                     # new run in runs/demo-YYYYmmdd-HHMMSS, then its GGUF export
     lowvram run --resume runs/demo-...   # continue after a crash, Ctrl-C or kill -9
 
+    run_pipeline(RunRequest("demo", ("sft.max_steps=20",), run_dir=Path("runs/x")))   # the same, from Python
+
+The steps, in order: `open_run` (which recipe, which folder; shared with the launcher of `--gpus N`),
+`plan_run` (the plan and every check that can refuse before a model loads), the data, `create_run_dir`,
+`train_stages`, then in the main process `finish` (summary, reward model, eval, report.html) and the export.
 The run directory's layout is lowvram/rundir.py's: a stage with a DONE file is never redone; one without
 resumes from its newest checkpoint.
 """
@@ -10,23 +16,68 @@ resumes from its newest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from lowvram import rundir
+from lowvram import dist, evaluate, fileio, parallel, rundir, train, unsloth_backend
+from lowvram.data import load_preference_data, load_sft_data
+from lowvram.data.load import plural
 from lowvram.errors import UserError
 from lowvram.hardware import Device, detect_device
 from lowvram.lengths import plan_with_data
-from lowvram.planner import Plan
+from lowvram.llamacpp import export_tools
+from lowvram.models import get_spec
+from lowvram.offline import network_policy
+from lowvram.planner import Plan, choose_backend
 from lowvram.recipe import Recipe, dump_recipe, load_recipe
+from lowvram.report import summary_lines, write_report
+from lowvram.report_html import write_html
+from lowvram.reward import run_rm
+from lowvram.runlock import folder_lock
+from lowvram.templates import preflight
+from lowvram.ui import echo
+
+# The export at the end of a run: called with the finished run directory and None (the recipe's GGUF types)
+# or the recipe's types this machine can write; the command line passes one that prints its report.
+ExportStep = Callable[[Path, tuple[str, ...] | None], int]
 
 
-def _training_device(vram, gpu) -> Device:
+@dataclass(frozen=True)
+class RunRequest:
+    """What `lowvram run` (or `lowvram sft`/`dpo`) was asked to do; built by the command line."""
+
+    recipe: str | None = None  # a shipped recipe's name or a recipe .yaml; None with `resume`
+    overrides: tuple[str, ...] = ()  # dotted key=value
+    vram: str | float | None = None  # --vram GIB: a smaller budget on the real CUDA card
+    gpu: str | None = None  # --gpu NAME: train as that known card would (budget and precision)
+    resume: Path | None = None  # continue this run directory
+    run_dir: Path | None = None  # a new run here instead of OUTPUT_DIR/NAME-TIMESTAMP
+    stages: tuple[str, ...] | None = None  # `lowvram sft`/`dpo`: that stage alone; None: the recipe's enabled ones
+    init_adapter: Path | None = None  # `lowvram dpo --from`: continue this adapter
+    export: bool = True  # the recipe's GGUF export at the end (--no-export: False)
+    gpus: int | None = None  # --gpus N: that many processes, one card each (lowvram/launch.py)
+    strategy: str = "auto"  # --strategy, with --gpus
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run a request names: its folder, its recipe and the stages to train."""
+
+    dir: Path
+    recipe: Recipe
+    recipe_dir: Path | None  # the recipe file's folder, for its relative data paths; None on resume
+    stages: tuple[str, ...]
+    resumed: bool
+
+
+def training_device(vram: str | float | None, gpu: str | None) -> Device:
     """The device that will train. --vram/--gpu may only shrink the budget of a real CUDA card."""
     real = detect_device(use_torch=True)
     if vram is None and gpu is None:
@@ -53,8 +104,6 @@ def _training_device(vram, gpu) -> Device:
 
 def _check_libraries(plan: Plan) -> None:
     """Missing GPU libraries are a setup mistake: say so before anything loads."""
-    import importlib.util
-
     needs_bnb = plan.load_in_4bit or any(sp.optim.endswith("8bit") for sp in plan.stages.values())
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
@@ -75,9 +124,6 @@ def new_run_dir(recipe: Recipe) -> Path:
 
 def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) -> dict:
     """Read and validate every stage's data before any model loads."""
-    from lowvram.data import load_preference_data, load_sft_data
-    from lowvram.data.load import plural
-
     out = {}
     for stage in stages:
         cfg = getattr(recipe, stage).data
@@ -95,9 +141,9 @@ def load_stage_data(recipe: Recipe, recipe_dir: Path | None, stages: list[str]) 
 
 
 def check_writable(folder: Path, what: str) -> None:
-    from lowvram.fileio import check_writable as check
-
-    check(folder, what, hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe).")
+    fileio.check_writable(
+        folder, what, hint="Choose a writable place (--run-dir DIR, or output_dir=DIR in the recipe)."
+    )
 
 
 def _make_run_dir(run_dir: Path) -> None:
@@ -111,11 +157,8 @@ def _make_run_dir(run_dir: Path) -> None:
 
 
 def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
-    from lowvram.fileio import atomic_write_text
-    from lowvram.models import get_spec
-
-    atomic_write_text(rundir.recipe_file(run_dir), dump_recipe(recipe))
-    atomic_write_text(rundir.plan_file(run_dir), json.dumps(plan.to_dict(), indent=2))
+    fileio.atomic_write_text(rundir.recipe_file(run_dir), dump_recipe(recipe))
+    fileio.atomic_write_text(rundir.plan_file(run_dir), json.dumps(plan.to_dict(), indent=2))
     spec = get_spec(plan.model)
     local = Path(model_path).is_dir()
     base = {
@@ -124,78 +167,7 @@ def _write_run_files(run_dir: Path, recipe: Recipe, plan: Plan, model_path: str)
         "base_16bit": spec.base_16bit if spec else None,
         "load_in_4bit": plan.load_in_4bit,
     }
-    atomic_write_text(rundir.base_file(run_dir), json.dumps(base, indent=2))
-
-
-def _run_stages(
-    rdir: Path,
-    recipe: Recipe,
-    plan: Plan,
-    todo: list[str],
-    model_path: str,
-    recipe_dir: Path | None,
-    adapter: Path | None,
-    datasets: dict,
-) -> None:
-    from lowvram.train import StageContext, run_stage
-
-    for stage in todo:
-        if rundir.is_done(rdir, stage):
-            print(f"[{stage}] already done, skipping", flush=True)
-        else:
-            t0 = time.monotonic()
-            ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
-            run_stage(ctx, datasets[stage])
-            print(
-                f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rundir.adapter_dir(rdir, stage)}",
-                flush=True,
-            )
-        adapter = rundir.adapter_dir(rdir, stage)
-
-
-def after_training(rdir: Path, recipe: Recipe, plan: Plan, model_path: str) -> None:
-    """The reward model (rm.enabled), the evaluation (eval.enabled), then report.html, which only renders them."""
-    from lowvram.evaluate import evaluate_run
-    from lowvram.evaluate import summary_lines as eval_lines
-    from lowvram.report_html import write_html
-    from lowvram.reward import run_rm
-    from lowvram.ui import echo
-
-    tuned = rundir.adapter_dir(rdir, "dpo").is_dir()  # the reward model and the eval look at the preference stage
-    if tuned and recipe.rm.enabled and not rundir.is_done(rdir, "rm"):
-        run_rm(rdir, recipe, plan, model_path)  # RUN/rm/
-    if tuned and recipe.eval.enabled:
-        print("", flush=True)
-        echo(eval_lines(evaluate_run(rdir)))  # RUN/eval/, as `lowvram eval`
-    page = write_html(rdir)
-    print(f"Report: {page.resolve().as_uri()}   (rebuild: lowvram report {rdir})", flush=True)
-
-
-def run_pipeline(
-    recipe_name: str | None,
-    overrides: list[str],
-    vram=None,
-    gpu=None,
-    resume: str | None = None,
-    run_dir: str | None = None,
-    stages: list[str] | None = None,
-    init_adapter: str | None = None,
-    export: Callable[[Path, tuple[str, ...] | None], int] | None = None,
-) -> int:
-    """Train (and export) with the run directory locked: a second process on it stops at once.
-
-    `export`: the export step, called with the finished run directory when the recipe asks for GGUF files,
-    and None (the recipe's types) or the recipe's types this machine can write (llamacpp.export_tools); the
-    CLI passes one that prints its report; None stops after training.
-
-    Under a launcher (`--gpus N`, `accelerate launch`) every process runs this; only the main one
-    locks, prints and writes (lowvram/dist.py).
-    """
-    from lowvram import dist
-
-    with contextlib.ExitStack() as stack:
-        dist.join(stack)
-        return _run_pipeline(stack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export)
+    fileio.atomic_write_text(rundir.base_file(run_dir), json.dumps(base, indent=2))
 
 
 def _unsloth_first(recipe: Recipe, device: Device) -> None:
@@ -204,126 +176,167 @@ def _unsloth_first(recipe: Recipe, device: Device) -> None:
     Its patches apply only to what is imported after it, and planning from the data's lengths
     loads the model's tokenizer (transformers) before the first stage starts.
     """
-    from lowvram.planner import choose_backend
-
     if choose_backend(recipe.model.backend, device)[0] == "unsloth":
-        from lowvram import unsloth_backend
-
         unsloth_backend.activate()
 
 
 def _lock_run_dir(stack: contextlib.ExitStack, rdir: Path) -> None:
-    from lowvram.dist import is_main
-    from lowvram.runlock import folder_lock
-
-    if not is_main():  # the main process holds the lock for its group
+    if not dist.is_main():  # the main process holds the lock for its group
         return
-
     note = stack.enter_context(folder_lock(rdir, "run"))
     if note:
         print(f"Note: {note}.", flush=True)
 
 
-def _run_pipeline(
-    stack: contextlib.ExitStack, recipe_name, overrides, vram, gpu, resume, run_dir, stages, init_adapter, export
-) -> int:
-    from lowvram import dist, parallel
-    from lowvram.report import summary_lines, write_report
-
-    recipe_dir: Path | None
-    if resume:
-        rdir = rundir.require_run_dir(resume)
-        if recipe_name:
+def open_run(req: RunRequest) -> Run:
+    """The recipe and folder a request names, before anything is created: a resumed run's own recipe (with the
+    request's overrides), or the named recipe and a new folder. The launcher of `--gpus N` plans with it too."""
+    if req.resume:
+        rdir = rundir.require_run_dir(req.resume)
+        if req.recipe:
             raise UserError(
                 "--resume continues the run's own recipe; do not name another one.",
                 hint=f"lowvram run --resume {shlex.quote(str(rdir))} [key=value ...]",
             )
-        check_writable(rdir, "run directory")
-        _lock_run_dir(stack, rdir)
-        recipe = rundir.read_recipe(rdir, overrides)
-        recipe_dir = None
-        print(f"Resuming {rdir}", flush=True)
-    else:
-        if not recipe_name:
-            raise UserError("Name a recipe to run.", hint="lowvram run demo   (or 'lowvram recipes' to list them)")
-        recipe, path = load_recipe(recipe_name, overrides)
-        recipe_dir = path.parent
-        rdir = Path(run_dir) if run_dir else Path(dist.same_on_all(str(new_run_dir(recipe))))
-        check_writable(rdir, "run directory")
-    todo = stages or recipe.stages()  # `lowvram sft`/`dpo` name their stage; `run` takes the enabled ones
-    from lowvram.offline import network_policy
+        recipe = rundir.read_recipe(rdir, req.overrides)
+        return Run(rdir, recipe, None, req.stages or tuple(recipe.stages()), resumed=True)
+    if not req.recipe:
+        raise UserError("Name a recipe to run.", hint="lowvram run demo   (or 'lowvram recipes' to list them)")
+    recipe, path = load_recipe(req.recipe, list(req.overrides))
+    rdir = req.run_dir or Path(dist.same_on_all(str(new_run_dir(recipe))))  # one name for a whole group
+    return Run(rdir, recipe, path.parent, req.stages or tuple(recipe.stages()), resumed=False)
 
-    network = network_policy(recipe, recipe.model.name, todo)  # before any Hugging Face library is imported
-    device = _training_device(vram, gpu)
+
+def _claim(stack: contextlib.ExitStack, run: Run) -> None:
+    """The folder must be writable; a resumed run is locked at once (a new one as soon as it exists)."""
+    check_writable(run.dir, "run directory")
+    if run.resumed:
+        _lock_run_dir(stack, run.dir)
+        print(f"Resuming {run.dir}", flush=True)
+
+
+def plan_run(run: Run, req: RunRequest, exporting: bool) -> Plan:
+    """The plan for this card (each card's share in a group), printed with its reasons, then every check that can
+    refuse the run before a model loads: libraries, the network policy, the export tools, the chat template."""
+    recipe = run.recipe
+    network = network_policy(recipe, recipe.model.name, list(run.stages))  # before any Hugging Face library
+    device = training_device(req.vram, req.gpu)
     world = dist.world_size()
     _unsloth_first(parallel.group_recipe(recipe, world)[0], device)
     if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/parallel.py)
-        plan = parallel.plan_per_card(recipe, device, recipe_dir, world, dist.launched_strategy(), launched=True)
+        plan = parallel.plan_per_card(recipe, device, run.recipe_dir, world, dist.launched_strategy(), launched=True)
     else:
-        plan = plan_with_data(recipe, device, recipe_dir)  # sized for the data's own lengths when local
+        plan = plan_with_data(recipe, device, run.recipe_dir)  # sized for the data's own lengths when local
     print(f"Plan for {recipe.name} on {device.name}:")
-    from lowvram.ui import echo
-
     echo(plan.lines())
     _check_libraries(plan)
     print(network, flush=True)
-    if export and recipe.export.gguf and not stages:
-        from lowvram.llamacpp import export_tools
-
+    if exporting and recipe.export.gguf:
         tools = export_tools()
         if tools.split(recipe.export.gguf)[1]:  # said now, not only after training
             print(tools.plan_line(recipe.export.gguf), flush=True)
-    from lowvram.templates import preflight
+    preflight(recipe, plan.model, run.recipe_dir, list(run.stages))
+    return plan
 
-    preflight(recipe, plan.model, recipe_dir, todo)
-    datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not rundir.is_done(rdir, s)])
 
-    from lowvram.train import resolve_model_path
-
-    model_path = resolve_model_path(plan.model)
-    fresh = not resume and not rdir.exists()
+def create_run_dir(stack: contextlib.ExitStack, run: Run, plan: Plan, model_path: str) -> bool:
+    """A new run's folder, locked, with its recipe, plan and base files; a resumed run's recipe.yaml rewritten
+    with its overrides. True when this request created the folder."""
+    fresh = not run.resumed and not run.dir.exists()
     dist.wait_for_everyone()  # every process has looked before the main one creates it
-    if not resume:
-        _make_run_dir(rdir)
-        _lock_run_dir(stack, rdir)
+    if not run.resumed:
+        _make_run_dir(run.dir)
+        _lock_run_dir(stack, run.dir)
         if dist.is_main():
-            _write_run_files(rdir, recipe, plan, model_path)
+            _write_run_files(run.dir, run.recipe, plan, model_path)
     elif dist.is_main():
-        from lowvram.fileio import atomic_write_text
-
-        atomic_write_text(rundir.recipe_file(rdir), dump_recipe(recipe))
+        fileio.atomic_write_text(rundir.recipe_file(run.dir), dump_recipe(run.recipe))
     dist.wait_for_everyone()
-    print(f"Run directory: {rdir}", flush=True)
-    adapter = Path(init_adapter) if init_adapter else None
-    try:
-        _run_stages(rdir, recipe, plan, todo, model_path, recipe_dir, adapter, datasets)
-    except BaseException:
-        if (
-            fresh and dist.is_main() and not rundir.has_progress(rdir)
-        ):  # failed before any checkpoint: leave no empty run behind
-            shutil.rmtree(rdir, ignore_errors=True)
-            print(f"Removed {rdir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
-        raise
-    if not dist.leave():  # the other processes are done; the main one reports and exports alone
-        return 0
-    summary = write_report(rdir)
-    print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(summary)]))
-    print(f"Plots: {rundir.plots_dir(rdir)}   Metrics: {rundir.metrics_file(rdir)}")
-    after_training(rdir, recipe, plan, model_path)
-    if not export or not recipe.export.gguf or stages:
-        return 0
-    from lowvram.llamacpp import export_tools
+    print(f"Run directory: {run.dir}", flush=True)
+    return fresh
 
+
+@contextlib.contextmanager
+def _removed_if_it_fails_empty(run: Run, fresh: bool) -> Iterator[None]:
+    """A new run that fails before it saved anything leaves no empty folder behind."""
+    try:
+        yield
+    except BaseException:
+        if fresh and dist.is_main() and not rundir.has_progress(run.dir):
+            shutil.rmtree(run.dir, ignore_errors=True)
+            print(f"Removed {run.dir}: the run failed before it saved anything.", file=sys.stderr, flush=True)
+        raise
+
+
+def train_stages(run: Run, plan: Plan, model_path: str, datasets: dict, adapter: Path | None) -> None:
+    """Each stage in order, each continuing the adapter before it; a stage with a DONE file is not redone."""
+    for stage in run.stages:
+        if rundir.is_done(run.dir, stage):
+            print(f"[{stage}] already done, skipping", flush=True)
+        else:
+            t0 = time.monotonic()
+            ctx = train.StageContext(run.dir, run.recipe, plan, stage, model_path, run.recipe_dir, adapter)
+            train.run_stage(ctx, datasets[stage])
+            done_in = f"[{stage}] done in {time.monotonic() - t0:.0f} s"
+            print(f"{done_in}; adapter in {rundir.adapter_dir(run.dir, stage)}", flush=True)
+        adapter = rundir.adapter_dir(run.dir, stage)
+
+
+def finish(run: Run, plan: Plan, model_path: str) -> None:
+    """The summary and plots, then the reward model (rm.enabled), the evaluation (eval.enabled) and report.html."""
+    rdir, recipe = run.dir, run.recipe
+    print("\n".join(["", f"Finished {recipe.name}: {rdir}", *summary_lines(write_report(rdir))]))
+    print(f"Plots: {rundir.plots_dir(rdir)}   Metrics: {rundir.metrics_file(rdir)}")
+    tuned = rundir.adapter_dir(rdir, "dpo").is_dir()  # the reward model and the eval look at the preference stage
+    if tuned and recipe.rm.enabled and not rundir.is_done(rdir, "rm"):
+        run_rm(rdir, recipe, plan, model_path)  # RUN/rm/
+    if tuned and recipe.eval.enabled:
+        print("", flush=True)
+        echo(evaluate.summary_lines(evaluate.evaluate_run(rdir)))  # RUN/eval/, as `lowvram eval`
+    page = write_html(rdir)
+    print(f"Report: {page.resolve().as_uri()}   (rebuild: lowvram report {rdir})", flush=True)
+
+
+def export_gguf(run: Run, export: ExportStep) -> int:
+    """The recipe's GGUF types this machine can write (the others skipped, with the reason); the export's status."""
     tools = export_tools()
-    types, cannot = tools.split(recipe.export.gguf)
+    types, cannot = tools.split(run.recipe.export.gguf)
     for t in cannot:
         print(f"\nGGUF {t} skipped: {tools.reason(t)}.")
     if not types:
-        print(f"Afterwards: lowvram export {shlex.quote(str(rdir))}")
+        print(f"Afterwards: lowvram export {shlex.quote(str(run.dir))}")
         return 0
-    print(f"\nExporting {', '.join(types)} (lowvram export {shlex.quote(str(rdir))})", flush=True)
-    code = export(rdir, tuple(types) if cannot else None)  # None: the recipe's types
-    from lowvram.report_html import write_html
-
-    write_html(rdir)  # now with the export verification table
+    print(f"\nExporting {', '.join(types)} (lowvram export {shlex.quote(str(run.dir))})", flush=True)
+    code = export(run.dir, tuple(types) if cannot else None)  # None: the recipe's types
+    write_html(run.dir)  # now with the export verification table
     return code
+
+
+def run_pipeline(req: RunRequest, export: ExportStep | None = None) -> int:
+    """Train (then report, and export with `export` when the recipe asks for GGUF files) with the run directory
+    locked: a second process on it stops at once. Without `export` (or with req.export False) it stops after
+    the report.
+
+    Under a launcher (`--gpus N`, `accelerate launch`) every process runs this; only the main one
+    locks, prints and writes (lowvram/dist.py).
+    """
+    with contextlib.ExitStack() as stack:
+        dist.join(stack)
+        return _run(stack, req, export if req.export and not req.stages else None)
+
+
+def _run(stack: contextlib.ExitStack, req: RunRequest, export: ExportStep | None) -> int:
+    run = open_run(req)
+    _claim(stack, run)
+    plan = plan_run(run, req, exporting=export is not None)
+    datasets = load_stage_data(run.recipe, run.recipe_dir, [s for s in run.stages if not rundir.is_done(run.dir, s)])
+    model_path = train.resolve_model_path(plan.model)
+    fresh = create_run_dir(stack, run, plan, model_path)
+    with _removed_if_it_fails_empty(run, fresh):
+        train_stages(run, plan, model_path, datasets, req.init_adapter)
+    if not dist.leave():  # the other processes are done; the main one reports and exports alone
+        return 0
+    finish(run, plan, model_path)
+    if export is None or not run.recipe.export.gguf:
+        return 0
+    return export_gguf(run, export)

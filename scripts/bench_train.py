@@ -51,7 +51,7 @@ def _rows(name: str) -> list[dict]:
 
 
 def child_lowvram(stage: str, model: str, steps: int, workdir: Path, backend: str) -> dict:
-    from lowvram.pipeline import run_pipeline
+    from lowvram.pipeline import RunRequest, run_pipeline
 
     run = workdir / f"lowvram-{stage}"
     overrides = [
@@ -73,7 +73,7 @@ def child_lowvram(stage: str, model: str, steps: int, workdir: Path, backend: st
         overrides.append("sft.enabled=false")
     else:
         overrides.append("dpo.enabled=false")
-    run_pipeline("demo", overrides, run_dir=str(run), export=False)
+    run_pipeline(RunRequest("demo", tuple(overrides), run_dir=run))
     stats = json.loads((run / stage / "DONE").read_text())
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     tokens = max(r.get("num_tokens", 0) for r in logs if r.get("stage") == stage)

@@ -187,7 +187,7 @@ def _stage_peaks(peaks: dict):
             }
 
     train.run_stage = measured
-    import lowvram.pipeline as pipeline  # run_pipeline imports run_stage from lowvram.train at call time
+    import lowvram.pipeline as pipeline  # the pipeline calls train.run_stage through the module: patched above
 
     return pipeline
 
@@ -246,15 +246,15 @@ def child(args) -> None:
         _resume_probe(out)
     overrides = json.loads(args.overrides)
     try:
-        pipeline.run_pipeline(
+        req = pipeline.RunRequest(
             None if args.resume else "chat-assistant",
-            [] if args.resume else overrides,
-            run_dir=args.run_dir,
-            resume=args.run_dir if args.resume else None,
+            () if args.resume else tuple(overrides),
+            run_dir=None if args.resume else Path(args.run_dir),
+            resume=Path(args.run_dir) if args.resume else None,
             gpu="t4" if args.t4 else None,
             vram=None if args.t4 or args.budget >= total else args.budget,
-            export=False,
         )
+        pipeline.run_pipeline(req)
         out["ok"] = True
     except BaseException as e:  # report, do not hide: OOM or anything else, verbatim
         out["ok"] = False

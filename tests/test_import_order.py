@@ -23,14 +23,15 @@ raise ImportError("stand-in unsloth: stop after recording the import order")
 
 DRIVER = """
 import sys
+from pathlib import Path
 import lowvram.pipeline as pipeline
 from lowvram.errors import UserError
 from lowvram.hardware import Device
 
 # This machine has no CUDA card; the pipeline is told it trains on one (a 24 GiB card).
-pipeline._training_device = lambda vram, gpu: Device("cuda", "test card", 24.0, 24.0, (8, 9), "torch")
+pipeline.training_device = lambda vram, gpu: Device("cuda", "test card", 24.0, 24.0, (8, 9), "torch")
 try:
-    pipeline.run_pipeline("demo", sys.argv[2:], run_dir=sys.argv[1], export=False)
+    pipeline.run_pipeline(pipeline.RunRequest("demo", tuple(sys.argv[2:]), run_dir=Path(sys.argv[1])))
 except UserError as e:
     print("UserError:", e)
 """
