@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
     )
     if req.gpus not in (None, 1) or req.strategy != "auto":
-        from lowvram.distributed import launch_run
+        from lowvram.launch import launch_run
 
         code = launch_run(req)  # None: already inside a launched group
         if code is not None:

@@ -284,7 +284,7 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
 @pytest.mark.slow
 def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_model_dir, tmp_path):
     # started the other way, under accelerate's own launcher: the processes agree on the new run's name
-    from lowvram.distributed import launch_args
+    from lowvram.launch import launch_args
 
     proc = subprocess.Popen(
         [
@@ -369,7 +369,7 @@ def test_accelerate_does_not_apply_fsdp_to_cpu_processes(tmp_path):
         "import os\n"  # one write per process: atomic on a pipe, the two lines never interleave
         "os.write(1, f'WRAPPED {a.process_index} {a.distributed_type} {type(m).__name__}\\n'.encode())\n"
     )
-    from lowvram.distributed import launch_args
+    from lowvram.launch import launch_args
 
     res = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", *launch_args(2, "fsdp", False), str(probe)],

@@ -20,7 +20,7 @@ HIGH = ("lowvram.cli", "lowvram.pipeline", "lowvram.train", "lowvram.export")
 MAY_IMPORT = {
     "lowvram.__main__": {"lowvram.cli"},
     "lowvram.cli": set(HIGH),
-    "lowvram.distributed": {"lowvram.pipeline"},  # the launcher opens the run as the pipeline does
+    "lowvram.launch": {"lowvram.pipeline"},  # the launcher opens the run as the pipeline does
     "lowvram.pipeline": {"lowvram.train"},
     "lowvram.evaluate": {"lowvram.train"},
     "lowvram.reward": {"lowvram.train"},

@@ -1,4 +1,4 @@
-"""More than one GPU: the same recipe in several processes, launched and connected by Hugging Face accelerate.
+"""`lowvram run --gpus N`: the same recipe in several processes, launched and connected by Hugging Face accelerate.
 
     lowvram run demo --gpus 2                          # accelerate launch --num_processes 2 ... -m lowvram run demo
     accelerate launch -m lowvram run demo              # the same, under your own `accelerate config`
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 
+from lowvram.children import python_module_cmd
 from lowvram.dist import in_group, world_size
 from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
 from lowvram.parallel import plan_per_card
@@ -80,14 +82,10 @@ def launch(world: int, mode: str, lowvram_args: list[str], cuda: bool, resume_hi
     and each worker also dies with the launcher. torchrun ends the whole group when one process fails;
     the launcher then says which one and how (`_launcher_main`).
     """
-    from lowvram.children import python_module_cmd
-
-    cmd = python_module_cmd("lowvram.distributed", [*launch_args(world, mode, cuda), "-m", "lowvram", *lowvram_args])
+    cmd = python_module_cmd("lowvram.launch", [*launch_args(world, mode, cuda), "-m", "lowvram", *lowvram_args])
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), _ENV_HINT: resume_hint}
     shown = shlex.join(["accelerate", "launch", *launch_args(world, mode, cuda)[:2], "-m", "lowvram", *lowvram_args])
     print(f"Launching {world} processes ({mode}): {shown}", flush=True)
-    import signal
-
     proc = subprocess.Popen(cmd, env=env)
     # Ctrl-C is the launcher's to handle: it passes it to every worker, which saves a checkpoint and stops
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,8 +104,6 @@ _ENV_HINT = "LOWVRAM_RESUME_HINT"
 
 def _how_it_ended(exitcode: int) -> str:
     if exitcode < 0:
-        import signal
-
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
         why = " (out of memory, or kill -9)" if name == "SIGKILL" else ""
         return f"was killed by {name}{why}"
@@ -115,7 +111,7 @@ def _how_it_ended(exitcode: int) -> str:
 
 
 def _launcher_main(argv: list[str]) -> int:
-    """`python -m lowvram.distributed LAUNCH_ARGS -m lowvram ...`: accelerate launch, and a short report if it fails.
+    """`python -m lowvram.launch LAUNCH_ARGS -m lowvram ...`: accelerate launch, and a short report if it fails.
 
     accelerate re-raises torchrun's ChildFailedError with two tracebacks of the launcher itself; the
     user needs which process failed, how, and how to go on.
