@@ -1,7 +1,7 @@
 """The import direction, read from the modules' own import statements (top-level and inside functions).
 
-The command line (cli.py) sits on top; pipeline.py composes the stages; train.py and export.py are
-the stages; everything else is a lower layer that must not reach back up. A lower module importing a
+The command line (cli.py) and the launcher of `--gpus N` (launch.py) sit on top; pipeline.py composes the
+stages; train.py and export.py are the stages; everything else is a lower layer that must not reach back up. A lower module importing a
 higher one is how the back-edges the style review found came about (export importing doctor, data
 importing the planner), so the rule is checked on the real import graph, not on a list kept by hand.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 import lowvram
 
 PACKAGE = Path(lowvram.__file__).parent
-HIGH = ("lowvram.cli", "lowvram.pipeline", "lowvram.train", "lowvram.export")
+HIGH = ("lowvram.cli", "lowvram.launch", "lowvram.pipeline", "lowvram.train", "lowvram.export")
 # Who may import each high module: the command line everything, the pipeline its stages, and the two stages
 # that load a trained model with train's helpers (eval and the reward model).
 MAY_IMPORT = {
     "lowvram.__main__": {"lowvram.cli"},
     "lowvram.cli": set(HIGH),
-    "lowvram.launch": {"lowvram.pipeline"},  # the launcher opens the run as the pipeline does
+    "lowvram.launch": {"lowvram.pipeline"},  # the launcher opens the run as the pipeline does (open_run)
     "lowvram.pipeline": {"lowvram.train"},
     "lowvram.evaluate": {"lowvram.train"},
     "lowvram.reward": {"lowvram.train"},
@@ -137,3 +137,46 @@ def test_the_html_report_only_renders():
     graph = import_graph()
     assert graph["lowvram.report_html"].isdisjoint({"lowvram.train", "lowvram.reward", "lowvram.evaluate"})
     assert {"lowvram.reward", "lowvram.evaluate", "lowvram.report_html"} <= graph["lowvram.pipeline"]
+
+
+def test_the_process_group_helpers_are_a_leaf_below_the_stages_and_the_launcher_sits_beside_the_cli():
+    """distributed.py held three jobs: dist.py (who writes, barriers) is a leaf the training modules import
+    alone; parallel.py (the plan per card) is a planner; launch.py is imported by the command line only."""
+    graph = import_graph()
+    assert "lowvram.distributed" not in graph
+    assert graph["lowvram.dist"] <= {"lowvram.errors"}
+    for mod in ("lowvram.train", "lowvram.checkpoints"):
+        assert "lowvram.dist" in graph[mod]
+        assert graph[mod].isdisjoint({"lowvram.parallel", "lowvram.launch", "lowvram.lengths"}), mod
+    assert graph["lowvram.parallel"].isdisjoint(HIGH)
+    assert {mod for mod, deps in graph.items() if "lowvram.launch" in deps} == {"lowvram.cli"}
+
+
+def _nested_lowvram_imports(path: Path) -> list[int]:
+    """Lines of `path` that import a lowvram module inside a function."""
+    lines = []
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowvram"):
+                    lines.append(node.lineno)
+                elif isinstance(node, ast.Import) and any(a.name.startswith("lowvram") for a in node.names):
+                    lines.append(node.lineno)
+    return lines
+
+
+def test_the_run_entry_and_its_new_modules_import_lowvram_at_the_top():
+    """No hidden edges: pipeline, launch, rundir, dist and parallel import lowvram modules at their top only."""
+    for name in ("pipeline", "launch", "rundir", "dist", "parallel"):
+        assert _nested_lowvram_imports(PACKAGE / f"{name}.py") == [], name
+
+
+def test_only_rundir_names_the_run_directorys_own_files():
+    """recipe.yaml, plan.json and base.json are written down once, in rundir.py (docstrings aside)."""
+    names = {"recipe.yaml", "plan.json", "base.json"}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names and path.name != "rundir.py":
+                found.append(f"{path.name}:{node.lineno} {node.value}")
+    assert found == []
