@@ -273,7 +273,7 @@ def _run_pipeline(
         tools = export_tools()
         if tools.split(recipe.export.gguf)[1]:  # said now, not only after training
             print(tools.plan_line(recipe.export.gguf), flush=True)
-    from lowvram.templates import preflight
+    from lowvram.preflight import preflight
 
     preflight(recipe, plan.model, recipe_dir, todo)
     datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
