@@ -17,9 +17,10 @@ from lowvram.data.formats import detect_format
 from lowvram.data.load import apply_columns, resolve_path
 from lowvram.data.sources import read_local
 from lowvram.errors import UserError
-from lowvram.models import BUILTIN_PREFIX, get_spec
+from lowvram.models import get_spec
 from lowvram.special_tokens import memory_note
 from lowvram.templates import choice_hint, resolve_chat_template
+from lowvram.tiny import BUILTIN_PREFIX
 
 
 def _local_tokenizer_config(model_dir: Path) -> dict | None:

@@ -19,7 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_NAME = "builtin:tiny-llama"
+BUILTIN_PREFIX = "builtin:"  # a model lowvram builds itself instead of loading
+TINY_NAME = f"{BUILTIN_PREFIX}tiny-llama"
 TINY_VERSION = (
     3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
 )

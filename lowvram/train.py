@@ -164,7 +164,7 @@ def make_callback(stage: str, metrics_path: Path):
 
 def resolve_model_path(name: str) -> str:
     """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.tiny import BUILTIN_PREFIX
 
     if name.startswith(BUILTIN_PREFIX):
         from lowvram.tiny import TINY_NAME, ensure_tiny_model

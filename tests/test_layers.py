@@ -89,6 +89,16 @@ def test_the_data_package_depends_only_on_itself_and_leaf_modules():
     assert bad == []
 
 
+def test_the_small_upward_edges_stay_gone():
+    """Three edges the style review found climbing back up the layers: each was a name in the wrong module."""
+    graph = import_graph()
+    assert "lowvram.guards" not in graph["lowvram.export"]  # the saved-adapter check lives in adapters.py
+    for backend in ("lowvram.hf_backend", "lowvram.unsloth_backend"):  # Plan and Recipe: annotations only
+        assert not graph[backend] & {"lowvram.planner", "lowvram.recipe"}, backend
+    for reader in ("lowvram.offline", "lowvram.train"):  # BUILTIN_PREFIX lives with the built-in model
+        assert "lowvram.models" not in graph[reader], reader
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     """The strongly connected components of more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
