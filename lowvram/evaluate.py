@@ -2,37 +2,22 @@
 
     lowvram eval RUN_DIR [--best-of N]      # RUN/eval/*.jsonl: base, SFT and final answers side by side
 
-During DPO/KTO, `kl_callback` adds `eval_kl` to every held-out evaluation (before, during, after):
-KL(policy || reference) estimated from the policy's own samples on held-out prompts,
-
-    KL = E_{y ~ pi(.|x)} [ sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ]   (nats per answer)
-
-averaged over prompts and samples. The samples are drawn at temperature 1 with no top-k/top-p, so they
-come from pi itself and the average is an unbiased estimate; answers are cut at `max_new_tokens`, so it
-is the KL of the answers' first tokens. The reference is TRL's frozen "ref" adapter (the SFT policy).
+Every model of the run (base, SFT, final) answers the held-out prompts the preference stage kept,
+greedily and by sampling; the KL to the reference (lowvram/kl.py), the DPO implicit reward and the
+reward model's score (lowvram/reward.py) are measured on those answers, and best-of-N SFT samples are
+set against the final model's single answer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from lowvram.errors import UserError
-
-REFERENCE = "ref"  # TRL's frozen copy of the SFT adapter inside a DPO/KTO PeftModel
-
-
-# ------------------------------------------------------------------ prompts, generation, log-probabilities
-
-
-def prompt_text(tok, prompt) -> str:
-    """The prompt as the preference trainer renders it: chat template for messages, raw text otherwise."""
-    if isinstance(prompt, list):
-        return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return prompt
+from lowvram.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, prompt_text
+from lowvram.tiny import resolve_model_path
+from lowvram.ui import quiet_libraries
 
 
 def prompt_label(prompt) -> str:
@@ -41,222 +26,6 @@ def prompt_label(prompt) -> str:
         users = [m["content"] for m in prompt if m.get("role") == "user"]
         return users[-1] if users else str(prompt[-1].get("content", ""))
     return prompt
-
-
-@contextmanager
-def adapter(model, name: str | None):
-    """Run `model` with one adapter active (None: adapters off = the base); trainability is left as it was."""
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    previous = model.active_adapter
-    try:
-        if name is None:
-            with model.disable_adapter():
-                yield
-        else:
-            model.set_adapter(name)
-            yield
-    finally:
-        if name is not None:
-            model.set_adapter(previous)
-        for n, p in model.named_parameters():  # PEFT's set_adapter makes the active adapter trainable
-            p.requires_grad_(grads[n])
-
-
-@contextmanager
-def inference(model, tok):
-    import torch
-
-    was_training, side = model.training, tok.padding_side
-    model.eval()
-    tok.padding_side = "left"  # generation continues the prompt's last token
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        tok.padding_side = side
-        if was_training:
-            model.train()
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def generate(
-    model,
-    tok,
-    prompts: list[str],
-    *,
-    sample: bool,
-    n: int = 1,
-    seed: int = 0,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-) -> list[list[list[int]]]:
-    """Per prompt, `n` answers as token ids, each cut after its first EOS (kept: it is part of the answer).
-
-    Sampling is at temperature 1 with no top-k/top-p, i.e. from the model's own distribution; seeded.
-    """
-    import torch
-
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    out: list[list[list[int]]] = []
-    torch.manual_seed(seed)
-    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    gen.update(max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=eos)
-    with inference(model, tok):
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
-            ids = model.generate(**enc, **gen)[:, enc["input_ids"].shape[1] :].tolist()
-            for j in range(len(chunk)):
-                answers = []
-                for seq in ids[j * n : (j + 1) * n]:
-                    cut = seq.index(eos) + 1 if eos in seq else len(seq)
-                    answers.append(seq[:cut])
-                out.append(answers)
-    return out
-
-
-def answer_logps(model, tok, prompts: list[str], answers: list[list[int]], batch_size: int = 16) -> list[float]:
-    """Sum over the answer's tokens of log p(token | prompt, earlier tokens), one per (prompt, answer) pair."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[float] = []
-    with inference(model, tok):
-        for i in range(0, len(prompts), batch_size):
-            rows = []
-            for text, ans in zip(prompts[i : i + batch_size], answers[i : i + batch_size]):
-                p = tok(text, add_special_tokens=False)["input_ids"]
-                rows.append((p, list(ans)))
-            width = max(len(p) + len(a) for p, a in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            target = torch.zeros((len(rows), width), dtype=torch.bool)
-            for r, (p, a) in enumerate(rows):
-                seq = p + a
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-                target[r, len(p) : len(seq)] = True
-            dev = _device(model)
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok_logp = logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-            tok_logp = tok_logp * target[:, 1:].to(dev)
-            out.extend(tok_logp.sum(-1).tolist())
-    return out
-
-
-def _flat(prompts: list[str], answers: list[list[list[int]]]) -> tuple[list[str], list[list[int]]]:
-    ps, ans = [], []
-    for p, group in zip(prompts, answers):
-        for a in group:
-            ps.append(p)
-            ans.append(a)
-    return ps, ans
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _sem(xs: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
-def kl_from_samples(
-    model, tok, prompts: list[str], samples: list[list[list[int]]], policy: str | None, reference: str | None
-) -> dict:
-    """KL(policy || reference) from answers sampled from the policy: mean of log pi - log pi_ref per answer."""
-    ps, ans = _flat(prompts, samples)
-    with adapter(model, policy):
-        lp = answer_logps(model, tok, ps, ans)
-    with adapter(model, reference):
-        lr = answer_logps(model, tok, ps, ans)
-    diffs = [a - b for a, b in zip(lp, lr)]
-    tokens = sum(len(a) for a in ans)
-    return {
-        "kl": _mean(diffs),
-        "kl_sem": _sem(diffs),
-        "kl_per_token": sum(diffs) / tokens if tokens else None,
-        "kl_answers": len(diffs),
-        "kl_mean_tokens": tokens / len(ans) if ans else None,
-    }
-
-
-def kl_to_reference(
-    model,
-    tok,
-    prompts: list[str],
-    *,
-    policy: str | None = "default",
-    reference: str | None = REFERENCE,
-    samples: int = 2,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-) -> dict:
-    """Sample `samples` answers per prompt from the policy, then KL(policy || reference) on them (nats per answer)."""
-    with adapter(model, policy):
-        drawn = generate(model, tok, prompts, sample=True, n=samples, seed=seed, max_new_tokens=max_new_tokens)
-    return kl_from_samples(model, tok, prompts, drawn, policy, reference)
-
-
-# ------------------------------------------------------------------ the training hook
-
-PROMPTS_FILE = "heldout_prompts.jsonl"  # RUN/eval/: the held-out prompts the preference stage used
-
-
-def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None):
-    """A TrainerCallback that adds `eval_kl` (and its spread) to each held-out evaluation's logs.
-
-    It runs in on_log, before lowvram's logger callback, so the number lands in the same metrics.jsonl row
-    as the held-out loss and preference accuracy. With `run_dir`, the held-out prompts are kept in
-    RUN/eval/heldout_prompts.jsonl, so `lowvram eval` answers the same ones without the data at hand.
-    """
-    from transformers import TrainerCallback
-
-    from lowvram.distributed import is_main
-
-    cfg = recipe.eval
-    if run_dir is not None and is_main():
-        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
-        _write_jsonl(Path(run_dir) / "eval" / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
-    prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[: cfg.prompts]]
-
-    class KLCallback(TrainerCallback):
-        measured: tuple[int, dict] | None = None  # (step, KL): the final evaluation often repeats the last periodic one
-
-        def on_log(self, args, state, control, logs=None, model=None, **kw):
-            if not logs or model is None or not any(k.startswith("eval_") for k in logs) or "eval_kl" in logs:
-                return
-            if not state.is_world_process_zero:  # measured and logged by the main process only
-                return
-            if REFERENCE not in getattr(model, "peft_config", {}):
-                return  # no frozen reference adapter (PEFT fallback): nothing to compare against
-            if self.measured is None or self.measured[0] != state.global_step:
-                try:
-                    kl = kl_to_reference(
-                        model, tok, prompts, samples=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens, seed=recipe.seed
-                    )
-                except Exception as e:  # a monitor must not end the training (generation on Unsloth: not run on a GPU)
-                    import sys
-
-                    print(
-                        f"warning: KL to the reference not measured at step {state.global_step}: "
-                        f"{type(e).__name__}: {e}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return
-                self.measured = (state.global_step, kl)
-            logs.update({f"eval_{k}": round(v, 6) if isinstance(v, float) else v for k, v in self.measured[1].items()})
-
-    return KLCallback()
 
 
 # ------------------------------------------------------------------ `lowvram eval RUN_DIR`
@@ -289,8 +58,6 @@ def load_run_models(run_dir: Path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowvram.train import resolve_model_path
 
     plan = json.loads((run_dir / "plan.json").read_text())
     base = json.loads((run_dir / "base.json").read_text()) if (run_dir / "base.json").is_file() else {}
@@ -331,6 +98,10 @@ def _texts(tok, answers: list[list[int]]) -> list[str]:
     return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -358,9 +129,7 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     cfg = recipe.eval
     best_of = cfg.best_of if best_of is None else best_of
     raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts, run_dir)
-    from lowvram.train import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     model, tok, names = load_run_models(run_dir)
     prompts = [prompt_text(tok, p) for p in raw_prompts]
     labels = [prompt_label(p) for p in raw_prompts]

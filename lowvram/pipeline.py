@@ -278,7 +278,7 @@ def _run_pipeline(
     preflight(recipe, plan.model, recipe_dir, todo)
     datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
 
-    from lowvram.train import resolve_model_path
+    from lowvram.tiny import resolve_model_path
 
     model_path = resolve_model_path(plan.model)
     fresh = not resume and not rdir.exists()

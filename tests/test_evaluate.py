@@ -44,7 +44,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_anothe
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.evaluate import kl_to_reference
+    from lowvram.kl import kl_to_reference
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def test_reward_model_and_best_of_n(run):
 def test_sampling_is_seeded(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.evaluate import generate
+    from lowvram.kl import generate
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

@@ -15,15 +15,16 @@ import lowvram
 
 PACKAGE = Path(lowvram.__file__).parent
 HIGH = ("lowvram.cli", "lowvram.pipeline", "lowvram.train", "lowvram.export")
-# Who may import each high module: the command line everything, the pipeline its stages, and the two stages
-# that load a trained model with train's helpers (eval and the reward model).
+# Who may import each high module: the command line everything, the pipeline its stages, and the reward model
+# (a training stage itself) train's tokenizer loader.
 MAY_IMPORT = {
     "lowvram.__main__": {"lowvram.cli"},
     "lowvram.cli": set(HIGH),
     "lowvram.pipeline": {"lowvram.train"},
-    "lowvram.evaluate": {"lowvram.train"},
     "lowvram.reward": {"lowvram.train"},
 }
+# The training modules: evaluation measures trained models, it never reaches into how they are trained.
+TRAINING = ("lowvram.train", "lowvram.train_common", "lowvram.callbacks")
 
 
 def _module_name(path: Path) -> str:
@@ -99,6 +100,12 @@ def test_the_small_upward_edges_stay_gone():
         assert "lowvram.models" not in graph[reader], reader
 
 
+def test_evaluation_and_the_kl_maths_stay_out_of_training():
+    graph = import_graph()
+    assert graph["lowvram.kl"] == set()  # generation, log-probabilities, KL: used by training and eval alike
+    assert not graph["lowvram.evaluate"] & set(TRAINING)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     """The strongly connected components of more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
@@ -131,11 +138,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_no_new_import_cycles():
-    """The recipe <-> data and templates <-> special_tokens cycles are gone (the preflight checks left the
-    template catalogue); one remains, named here so that no new one grows unnoticed."""
-    known = [
-        {"lowvram.train", "lowvram.evaluate", "lowvram.reward"},  # eval/reward load models with train's helpers
-    ]
+def test_no_import_cycles():
+    """Gone: recipe <-> data; templates <-> special_tokens (the preflight checks left the template catalogue);
+    train -> evaluate -> reward -> train (shared helpers in train_common, the KL maths in kl.py)."""
+    known: list[set[str]] = []
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]  # the finder finds one
     assert _cycles(import_graph()) == known  # none new, and the removed ones stay removed
