@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lowvram.errors import UserError
 from lowvram.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, prompt_text
@@ -131,176 +134,231 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts, run_dir)
     quiet_libraries()
     model, tok, names = load_run_models(run_dir)
-    prompts = [prompt_text(tok, p) for p in raw_prompts]
-    labels = [prompt_label(p) for p in raw_prompts]
-    reference = "sft" if "sft" in names else None  # DPO/KTO continue the SFT adapter, which TRL freezes as "ref"
-    method = recipe.dpo.method
-    implicit = "final" in names and method in ("dpo", "kto")
-    beta = recipe.dpo.beta
+    ev = EvalSet(
+        model=model,
+        tok=tok,
+        raw_prompts=list(raw_prompts),
+        prompts=[prompt_text(tok, p) for p in raw_prompts],
+        labels=[prompt_label(p) for p in raw_prompts],
+        names=names,
+        reference="sft" if "sft" in names else None,  # DPO/KTO continue the SFT adapter, which TRL freezes as "ref"
+        recipe=recipe,
+        run_dir=run_dir,
+        best_of=best_of or 0,
+    )
     from lowvram.reward import load_scorer
 
     rm = load_scorer(run_dir)  # None without an rm/ stage
     print(
-        f"[eval] {source}; models: {', '.join(names)}; reference: {reference or 'base'}"
+        f"[eval] {source}; models: {', '.join(names)}; reference: {ev.reference or 'base'}"
         + (f"; reward model: {run_dir / 'rm' / 'adapter'}" if rm else ""),
         flush=True,
     )
-
-    def implicit_rewards(answers: list[list[int]]) -> list[float]:
-        """DPO's implicit reward beta * (log pi_final - log pi_ref) of each answer."""
-        with adapter(model, "final"):
-            lf = answer_logps(model, tok, prompts, answers)
-        with adapter(model, reference):
-            lr = answer_logps(model, tok, prompts, answers)
-        return [beta * (a - b) for a, b in zip(lf, lr)]
-
-    rows, per_model, greedy = [], {}, {}
-    for name, adapter_name in names.items():
-        t0 = time.monotonic()
-        with adapter(model, adapter_name):
-            g = [a[0] for a in generate(model, tok, prompts, sample=False, max_new_tokens=cfg.max_new_tokens)]
-            s = generate(
-                model, tok, prompts, sample=True, n=cfg.kl_samples, seed=recipe.seed, max_new_tokens=cfg.max_new_tokens
-            )
-        greedy[name] = g
-        stats = {
-            "model": name,
-            "adapter": None if adapter_name is None else str(run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
-            "mean_answer_tokens": _mean([len(a) for a in g]),
-            "mean_answer_chars": _mean([len(t) for t in _texts(tok, g)]),
-            "mean_sampled_tokens": _mean([len(a) for grp in s for a in grp]),
-        }
-        stats.update(kl_from_samples(model, tok, prompts, s, adapter_name, reference))
-        stats["generate_s"] = round(time.monotonic() - t0, 2)
-        per_model[name] = stats
-        g_text = _texts(tok, g)
-        for i, lab in enumerate(labels):
-            rows.append({"prompt": lab, "model": name, "mode": "greedy", "answer": g_text[i], "tokens": len(g[i])})
-            for k, a in enumerate(s[i]):
-                rows.append(
-                    {
-                        "prompt": lab,
-                        "model": name,
-                        "mode": "sample",
-                        "sample": k,
-                        "seed": recipe.seed,
-                        "answer": tok.decode(a, skip_special_tokens=True).strip(),
-                        "tokens": len(a),
-                    }
-                )
-    base_scores: dict = {}
-    for name in names:
-        st = per_model[name]
-        if implicit:
-            r = implicit_rewards(greedy[name])
-            base_scores.setdefault("implicit", {})[name] = r
-        if rm:
-            base_scores.setdefault("rm", {})[name] = rm(raw_prompts, _texts(tok, greedy[name]))
-    for kind, by_model in base_scores.items():
-        ref_scores = by_model.get("sft")
-        for name, sc in by_model.items():
-            st = per_model[name]
-            if kind == "implicit":
-                st["implicit_reward"] = _mean(sc)
-                if ref_scores:
-                    st["implicit_margin_vs_sft"] = _mean([a - b for a, b in zip(sc, ref_scores)])
-            else:
-                st["rm_score"] = _mean(sc)
-                if ref_scores:
-                    st["rm_win_rate_vs_sft"] = _win_rate(sc, ref_scores)
-    for row in rows:  # per-answer scores for the greedy answers, so a reader can see which answer won
-        if row["mode"] == "greedy":
-            i = labels.index(row["prompt"])
-            for kind, key in (("implicit", "implicit_reward"), ("rm", "rm_score")):
-                if kind in base_scores:
-                    row[key] = round(base_scores[kind][row["model"]][i], 4)
-
+    answers = answer_all(ev)
+    judges = scorers(ev, rm)
+    scores = score(answers, judges)
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     summary = {
         "prompts_source": source,
-        "prompts": len(prompts),
-        "reference": reference or "base",
-        "method": method,
-        "beta": beta,
+        "prompts": len(ev.prompts),
+        "reference": ev.reference or "base",
+        "method": recipe.dpo.method,
+        "beta": recipe.dpo.beta,
         "seed": recipe.seed,
         "max_new_tokens": cfg.max_new_tokens,
         "kl_samples": cfg.kl_samples,
         "kl_warn_nats": cfg.kl_warn_nats,
         "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
-        "models": list(per_model.values()),
+        "models": [{**a.stats, **score_stats(scores, name)} for name, a in answers.items()],
     }
-    if best_of and best_of > 0:
-        summary["best_of_n"] = _best_of_n(
-            model,
-            tok,
-            prompts,
-            raw_prompts,
-            labels,
-            best_of,
-            recipe,
-            greedy,
-            names,
-            rm,
-            implicit_rewards if implicit else None,
-            out_dir,
-            per_model,
-        )
-    _write_jsonl(out_dir / "answers.jsonl", rows)
-    _write_jsonl(out_dir / "models.jsonl", list(per_model.values()))
+    if ev.best_of > 0:
+        summary["best_of_n"] = best_of_n(ev, answers, judges[0] if judges else None)
+    _write_jsonl(out_dir / "answers.jsonl", answer_rows(ev, answers, scores))
+    _write_jsonl(out_dir / "models.jsonl", summary["models"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _best_of_n(
-    model, tok, prompts, raw_prompts, labels, n, recipe, greedy, names, rm, implicit_rewards, out_dir, per_model
-) -> dict:
-    """N sampled SFT answers per prompt, the scorer's favourite against the final model's greedy answer."""
-    if "sft" not in names or "final" not in names:
-        return {"skipped": "best-of-N needs both an SFT and a preference-tuned model in the run"}
-    if rm is not None:
-        scorer, scorer_name = (lambda answers: rm(raw_prompts, _texts(tok, answers))), "reward model"
-    elif implicit_rewards is not None:
-        scorer, scorer_name = implicit_rewards, f"DPO implicit reward (beta={recipe.dpo.beta:g})"
-    else:
-        return {
-            "skipped": f"no scorer: no reward model (rm stage) and {recipe.dpo.method.upper()} has no implicit reward"
+@dataclass(frozen=True)
+class EvalSet:
+    """What every model of a run is asked, and the model that answers: built once by evaluate_run."""
+
+    model: Any  # the base with the run's adapters loaded by name (load_run_models)
+    tok: Any
+    raw_prompts: list  # as the data holds them (messages or text): what the reward model reads
+    prompts: list[str]  # rendered as the preference trainer renders them
+    labels: list[str]  # the last user turn, for tables; two prompts may share one
+    names: dict[str, str | None]  # model -> its adapter ("base": None, "sft", "final")
+    reference: str | None  # the adapter KL is measured against: "sft", or None for the base
+    recipe: Any
+    run_dir: Path
+    best_of: int  # SFT samples per prompt that best-of-N draws; 0: no best-of-N
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One model's answers, prompt by prompt (in EvalSet.prompts' order), and what was measured on them."""
+
+    greedy: list[list[int]]  # one greedy answer per prompt, as token ids
+    samples: list[list[list[int]]]  # eval.kl_samples answers per prompt at temperature 1
+    stats: dict  # lengths, KL to the reference, generation time: one row of models.jsonl
+
+
+@dataclass(frozen=True)
+class Scorer:
+    kind: str  # "rm" or "implicit": the key its scores are written under
+    label: str  # for tables: "reward model", "DPO implicit reward (beta=0.1)"
+    score: Callable[[list[list[int]]], list[float]]  # one answer per prompt (token ids) -> one score each
+
+
+def answer_all(ev: EvalSet) -> dict[str, Answered]:
+    """Every model answers every prompt: greedily, and eval.kl_samples times by sampling (for the KL)."""
+    cfg, out = ev.recipe.eval, {}
+    for name, adapter_name in ev.names.items():
+        t0 = time.monotonic()
+        with adapter(ev.model, adapter_name):
+            greedy = [
+                a[0] for a in generate(ev.model, ev.tok, ev.prompts, sample=False, max_new_tokens=cfg.max_new_tokens)
+            ]
+            samples = generate(
+                ev.model,
+                ev.tok,
+                ev.prompts,
+                sample=True,
+                n=cfg.kl_samples,
+                seed=ev.recipe.seed,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+        stats = {
+            "model": name,
+            "adapter": None
+            if adapter_name is None
+            else str(ev.run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+            "mean_answer_tokens": _mean([len(a) for a in greedy]),
+            "mean_answer_chars": _mean([len(t) for t in _texts(ev.tok, greedy)]),
+            "mean_sampled_tokens": _mean([len(a) for grp in samples for a in grp]),
         }
+        stats.update(kl_from_samples(ev.model, ev.tok, ev.prompts, samples, adapter_name, ev.reference))
+        stats["generate_s"] = round(time.monotonic() - t0, 2)
+        out[name] = Answered(greedy, samples, stats)
+    return out
+
+
+def scorers(ev: EvalSet, rm) -> list[Scorer]:
+    """The reward model (when the run trained one), then DPO/KTO's implicit reward (when the run has one)."""
+    found = []
+    if rm is not None:
+        found.append(Scorer("rm", "reward model", lambda answers: rm(ev.raw_prompts, _texts(ev.tok, answers))))
+    if "final" in ev.names and ev.recipe.dpo.method in ("dpo", "kto"):
+        beta = ev.recipe.dpo.beta
+
+        def implicit(answers: list[list[int]]) -> list[float]:
+            """DPO's implicit reward beta * (log pi_final - log pi_ref) of each answer."""
+            with adapter(ev.model, "final"):
+                lf = answer_logps(ev.model, ev.tok, ev.prompts, answers)
+            with adapter(ev.model, ev.reference):
+                lr = answer_logps(ev.model, ev.tok, ev.prompts, answers)
+            return [beta * (a - b) for a, b in zip(lf, lr)]
+
+        found.append(Scorer("implicit", f"DPO implicit reward (beta={beta:g})", implicit))
+    return found
+
+
+def score(answers: dict[str, Answered], judges: list[Scorer]) -> dict[str, dict[str, list[float]]]:
+    """Each scorer on each model's greedy answers: {kind: {model: [one score per prompt, in order]}}."""
+    return {j.kind: {name: j.score(a.greedy) for name, a in answers.items()} for j in judges}
+
+
+def score_stats(scores: dict[str, dict[str, list[float]]], name: str) -> dict:
+    """One model's mean scores, and how it compares with the SFT model's answers to the same prompts."""
+    out = {}
+    for kind, by_model in scores.items():
+        mine, sft = by_model[name], by_model.get("sft")
+        if kind == "implicit":
+            out["implicit_reward"] = _mean(mine)
+            if sft:
+                out["implicit_margin_vs_sft"] = _mean([a - b for a, b in zip(mine, sft)])
+        else:
+            out["rm_score"] = _mean(mine)
+            if sft:
+                out["rm_win_rate_vs_sft"] = _win_rate(mine, sft)
+    return out
+
+
+SCORE_KEYS = {"implicit": "implicit_reward", "rm": "rm_score"}
+
+
+def answer_rows(ev: EvalSet, answers: dict[str, Answered], scores: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """answers.jsonl: each model's greedy answer to each prompt, with its scores, then its sampled answers."""
+    rows = []
+    for name, a in answers.items():
+        texts = _texts(ev.tok, a.greedy)
+        for i, label in enumerate(ev.labels):  # scores by the prompt's position: two prompts may share a label
+            row = {"prompt": label, "model": name, "mode": "greedy", "answer": texts[i], "tokens": len(a.greedy[i])}
+            row.update({SCORE_KEYS[kind]: round(by_model[name][i], 4) for kind, by_model in scores.items()})
+            rows.append(row)
+            for k, sample in enumerate(a.samples[i]):
+                rows.append(
+                    {
+                        "prompt": label,
+                        "model": name,
+                        "mode": "sample",
+                        "sample": k,
+                        "seed": ev.recipe.seed,
+                        "answer": _texts(ev.tok, [sample])[0],
+                        "tokens": len(sample),
+                    }
+                )
+    return rows
+
+
+def best_of_n(ev: EvalSet, answers: dict[str, Answered], judge: Scorer | None) -> dict:
+    """N sampled SFT answers per prompt, the judge's favourite against the final model's greedy answer."""
+    if "sft" not in answers or "final" not in answers:
+        return {"skipped": "best-of-N needs both an SFT and a preference-tuned model in the run"}
+    if judge is None:
+        method = ev.recipe.dpo.method.upper()
+        return {"skipped": f"no scorer: no reward model (rm stage) and {method} has no implicit reward"}
+    n = ev.best_of
     t0 = time.monotonic()
-    with adapter(model, "sft"):
+    with adapter(ev.model, "sft"):
         cands = generate(
-            model, tok, prompts, sample=True, n=n, seed=recipe.seed + 1, max_new_tokens=recipe.eval.max_new_tokens
+            ev.model,
+            ev.tok,
+            ev.prompts,
+            sample=True,
+            n=n,
+            seed=ev.recipe.seed + 1,
+            max_new_tokens=ev.recipe.eval.max_new_tokens,
         )
     gen_s = time.monotonic() - t0
-    scores = [[0.0] * n for _ in prompts]
-    for k in range(n):  # score the k-th candidate of every prompt in one batch
-        col = scorer([c[k] for c in cands])
-        for i, v in enumerate(col):
-            scores[i][k] = v
-    best = [max(range(n), key=lambda k: scores[i][k]) for i in range(len(prompts))]
-    best_scores = [scores[i][best[i]] for i in range(len(prompts))]
-    final_scores = scorer(greedy["final"])
-    rows = []
-    for i, lab in enumerate(labels):
-        rows.append(
-            {
-                "prompt": lab,
-                "n": n,
-                "scorer": scorer_name,
-                "best_of_n": tok.decode(cands[i][best[i]], skip_special_tokens=True).strip(),
-                "best_of_n_score": round(best_scores[i], 4),
-                "candidate_scores": [round(v, 4) for v in scores[i]],
-                "final": tok.decode(greedy["final"][i], skip_special_tokens=True).strip(),
-                "final_score": round(final_scores[i], 4),
-            }
-        )
-    _write_jsonl(out_dir / "best_of_n.jsonl", rows)
+    by_candidate = [judge.score([c[k] for c in cands]) for k in range(n)]  # the k-th candidate of every prompt at once
+    scores = [[by_candidate[k][i] for k in range(n)] for i in range(len(ev.prompts))]
+    best = [max(range(n), key=lambda k: s[k]) for s in scores]
+    best_scores = [s[b] for s, b in zip(scores, best)]
+    final = answers["final"].greedy
+    final_scores = judge.score(final)
+    rows = [
+        {
+            "prompt": label,
+            "n": n,
+            "scorer": judge.label,
+            "best_of_n": _texts(ev.tok, [cands[i][best[i]]])[0],
+            "best_of_n_score": round(best_scores[i], 4),
+            "candidate_scores": [round(v, 4) for v in scores[i]],
+            "final": _texts(ev.tok, [final[i]])[0],
+            "final_score": round(final_scores[i], 4),
+        }
+        for i, label in enumerate(ev.labels)
+    ]
+    _write_jsonl(ev.run_dir / "eval" / "best_of_n.jsonl", rows)
     cand_tokens = sum(len(a) for grp in cands for a in grp)
-    final_tokens = sum(len(a) for a in greedy["final"])
+    final_tokens = sum(len(a) for a in final)
     return {
         "n": n,
-        "scorer": scorer_name,
-        "prompts": len(prompts),
+        "scorer": judge.label,
+        "prompts": len(ev.prompts),
         "best_of_n_score": _mean(best_scores),
         "final_score": _mean(final_scores),
         "final_win_rate_vs_best_of_n": _win_rate(final_scores, best_scores),
@@ -308,10 +366,10 @@ def _best_of_n(
         "generated_tokens_final": final_tokens,
         "generation_cost_ratio": round(cand_tokens / final_tokens, 2) if final_tokens else None,
         "generate_s_best_of_n": round(gen_s, 2),
-        "generate_s_final": per_model["final"]["generate_s"],
+        "generate_s_final": answers["final"].stats["generate_s"],
         "cost_note": (
             f"best-of-{n} samples {n} SFT answers per prompt at temperature 1 ({cand_tokens} tokens) "
-            f"and scores each with the {scorer_name}; the final model answers once, greedily "
+            f"and scores each with the {judge.label}; the final model answers once, greedily "
             f"({final_tokens} tokens)"
         ),
     }

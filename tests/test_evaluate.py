@@ -164,6 +164,25 @@ def test_eval_command_reruns_on_a_run_directory(run, tmp_path, capsys):
     assert "best-of-2 (SFT)" in (copy / "report.html").read_text()
 
 
+def test_each_answer_gets_its_own_scores_when_two_prompts_end_in_the_same_user_turn(run, tmp_path):
+    """The answers table is keyed by the last user turn; two prompts that share it are still two rows,
+    each with the scores of its own answer (they were found by label, so the second got the first's)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    question = {"role": "user", "content": "What is the capital of France?"}
+    prompts = [[question], [{"role": "system", "content": "Answer like a pirate, at length."}, question]]
+    (copy / "eval" / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["eval", str(copy), "--best-of", "0", "--prompts", "2"]) == 0
+    greedy = [a for a in _jsonl(copy / "eval" / "answers.jsonl") if a["mode"] == "greedy"]
+    models = {m["model"]: m for m in _jsonl(copy / "eval" / "models.jsonl")}
+    for name in ("sft", "final"):
+        rows = [a for a in greedy if a["model"] == name]
+        assert [a["prompt"] for a in rows] == [question["content"]] * 2
+        for key in ("implicit_reward", "rm_score"):  # the model's score is the mean of its answers' scores
+            assert sum(a[key] for a in rows) / 2 == pytest.approx(models[name][key], abs=1e-3), (name, key)
+        assert rows[0]["rm_score"] != rows[1]["rm_score"]  # two prompts, two answers, two scores
+
+
 def test_eval_and_report_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert main(["report", str(tmp_path)]) == 2
