@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lowvram import ui
-from lowvram.kl import PROMPTS_FILE, REFERENCE, kl_to_reference, prompt_text
+from lowvram.kl import PROMPTS_FILE, REFERENCE, kl_text, kl_to_reference, prompt_text
 
 
 class _Stop:
@@ -69,8 +69,7 @@ KEY_METRICS = {
         ("loss", "loss", "{:.3f}"),
         ("rewards/accuracies", "pref_acc", "{:.2f}"),
         ("rewards/margins", "margin", "{:+.3f}"),
-        ("kl", "KL", "{:.2f} nats"),
-    ],
+    ],  # and KL to the reference at a held-out eval, with its standard error (kl_text)
     "rm": [("loss", "loss", "{:.3f}"), ("accuracy", "pair_acc", "{:.2f}"), ("margin", "margin", "{:+.3f}")],
 }
 
@@ -122,7 +121,9 @@ def make_callback(stage: str, metrics_path: Path):
                 fh.write(json.dumps(record) + "\n")
             if eval_mode:
                 when = "before training" if state.global_step == 0 else f"at step {state.global_step}"
-                ui.note(f"[{stage} held-out eval] {when}", ui.metric_text(logs, metrics, "eval_"), bar=self.bar)
+                kl = kl_text(logs, "eval_")
+                shown = (ui.metric_text(logs, metrics, "eval_"), f"KL {kl}" if kl else "")
+                ui.note(f"[{stage} held-out eval] {when}", *shown, bar=self.bar)
             elif self.bar is not None and "train_runtime" not in logs:  # not the Trainer's closing summary
                 self.bar.update(state.global_step, logs, self.tokens_per_s)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lowvram.errors import UserError
-from lowvram.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, prompt_text
+from lowvram.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, kl_text, prompt_text
 from lowvram.tiny import resolve_model_path
 from lowvram.ui import quiet_libraries
 
@@ -386,7 +386,7 @@ def summary_lines(summary: dict) -> list[str]:
         (
             m["model"],
             f(m.get("mean_answer_tokens"), "{:.1f}"),
-            f(m.get("kl"), "{:.2f}"),
+            kl_text(m) or "-",
             f(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
             f(m.get("rm_score"), "{:+.3f}"),
             f(m.get("rm_win_rate_vs_sft"), "{:.2f}"),
@@ -400,7 +400,7 @@ def summary_lines(summary: dict) -> list[str]:
             (
                 "model",
                 "answer tokens",
-                f"KL to {summary['reference']} (nats)",
+                f"KL to {summary['reference']}",
                 "implicit margin vs sft",
                 "RM score",
                 "RM win vs sft",

@@ -231,7 +231,7 @@ def test_report_renders_in_a_real_browser(run, tmp_path):
     ):
         assert f">{heading}</h2>" in dom, heading
     models = {m["model"]: m for m in _jsonl(run / "eval" / "models.jsonl")}
-    assert f"{models['final']['kl']:.2f}" in dom  # the numbers on the page are the eval's
+    assert f"{models['final']['kl_per_token']:.3f} ± " in dom  # the numbers on the page are the eval's
     first = next(a for a in _jsonl(run / "eval" / "answers.jsonl") if a["model"] == "final" and a["mode"] == "greedy")
     assert first["answer"][:20].replace("&", "&amp;").replace("<", "&lt;") in dom
     assert "best-of-4 (SFT)" in dom and "held-out pair accuracy" in dom and "Extra cost" in dom
