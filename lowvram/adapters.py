@@ -4,6 +4,7 @@
     check_reference(model, sft_adapter)      # after building a DPO/KTO trainer: "ref" is a frozen SFT copy
     check_start_rewards(start_rewards(trainer, batch))   # and the rewards start at 0
     save_policy(model, adapter_dir)          # the final adapter, without ref/
+    check_saved_adapter_finite(adapter_dir, hint)   # before an export: no NaN/inf on disk
 
 TRL's DPO and KTO trainers copy the SFT adapter into a second, frozen adapter named "ref", so a
 checkpoint holds the policy at its root and the reference in ref/. transformers 5.17 (the newest
@@ -17,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.safetensors_io import FLOAT_DTYPES, read_safetensors_header, read_tensor
 
 POLICY = "default"  # PEFT's name for the adapter being trained
 REFERENCE = "ref"  # TRL's name for the frozen copy used as the DPO/KTO reference
@@ -147,3 +149,37 @@ def save_policy(model, adapter_dir: Path, state_dict: dict | None = None) -> Non
     """
     extra = {"state_dict": state_dict} if state_dict is not None else {}
     model.save_pretrained(str(adapter_dir), selected_adapters=[POLICY], **extra)
+
+
+# ------------------------------------------------------------------ a saved adapter, before it is exported
+
+
+def nonfinite_tensors(path: Path, limit: int = 5) -> list[str]:
+    """Names of floating-point tensors in a safetensors file that hold NaN or inf (read one at a time)."""
+    import torch
+
+    entries, _ = read_safetensors_header(path)
+    bad = []
+    for name, entry in entries.items():
+        if entry.dtype in FLOAT_DTYPES and not bool(torch.isfinite(read_tensor(entry)).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def check_saved_adapter_finite(adapter_dir: Path, stage_hint: str) -> None:
+    """UserError when an adapter on disk holds NaN/inf (an export would produce a broken model)."""
+    weights = adapter_dir / ADAPTER_FILE
+    if not weights.is_file():
+        return
+    try:
+        bad = nonfinite_tensors(weights)
+    except ValueError:
+        return  # a corrupt file is reported by the adapter reader, with its own message
+    if bad:
+        raise UserError(
+            f"The adapter in {adapter_dir} holds NaN or infinite weights ({', '.join(bad[:3])}): "
+            "training diverged, and a model exported from it would only produce garbage.",
+            hint=stage_hint,
+        )

@@ -107,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe, path = load_recipe(args.recipe, args.overrides)
     # sized for the data's own lengths when local; per card with --gpus
     plan = plan_per_card(recipe, _device(args), path.parent, args.gpus or 1, args.strategy)
-    from lowvram.templates import preflight
+    from lowvram.preflight import preflight
 
     preflight(recipe, plan.model, path.parent)
     if args.json:
@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lowvram.ui import echo
 
     echo(plan.lines())
-    from lowvram.templates import turn_token_note
+    from lowvram.preflight import turn_token_note
 
     note = turn_token_note(recipe, plan.model)
     if note:
@@ -233,8 +233,9 @@ def _check_recipe_data(
 
     from lowvram.data.check import add_token_budget, check_data
     from lowvram.lengths import local_tokenizer, stage_budget
+    from lowvram.preflight import CHAT_FORMATS, check_chat_template, check_model_path
     from lowvram.recipe import DataConfig, load_recipe
-    from lowvram.templates import CHAT_FORMATS, chat_template_text, check_chat_template, check_model_path
+    from lowvram.templates import chat_template_text
 
     recipe, recipe_path = load_recipe(recipe_name, overrides)
     stage_of = {"sft": "sft", "preference": "dpo"}

@@ -64,7 +64,7 @@ def join(stack: contextlib.ExitStack) -> None:
         return
     _die_with_parent()
     # Ctrl-C reaches the workers once, through their launcher (torchrun forwards it), not a second time from
-    # the terminal: a second Ctrl-C means "stop now" (lowvram.train.graceful_interrupt)
+    # the terminal: a second Ctrl-C means "stop now" (lowvram.callbacks.graceful_interrupt)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     import torch

@@ -2,38 +2,26 @@
 
     lowvram eval RUN_DIR [--best-of N]      # RUN/eval/*.jsonl: base, SFT and final answers side by side
 
-During DPO/KTO, `kl_callback` adds `eval_kl` to every held-out evaluation (before, during, after):
-KL(policy || reference) estimated from the policy's own samples on held-out prompts,
-
-    KL = E_{y ~ pi(.|x)} [ sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ]   (nats per answer)
-
-averaged over prompts and samples. The samples are drawn at temperature 1 with no top-k/top-p, so they
-come from pi itself and the average is an unbiased estimate; answers are cut at `max_new_tokens`, so it
-is the KL of the answers' first tokens. The reference is TRL's frozen "ref" adapter (the SFT policy).
+Every model of the run (base, SFT, final) answers the held-out prompts the preference stage kept,
+greedily and by sampling; the KL to the reference (lowvram/kl.py), the DPO implicit reward and the
+reward model's score (lowvram/reward.py) are measured on those answers, and best-of-N SFT samples are
+set against the final model's single answer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lowvram import rundir
 from lowvram.errors import UserError
-
-REFERENCE = "ref"  # TRL's frozen copy of the SFT adapter inside a DPO/KTO PeftModel
-
-
-# ------------------------------------------------------------------ prompts, generation, log-probabilities
-
-
-def prompt_text(tok, prompt) -> str:
-    """The prompt as the preference trainer renders it: chat template for messages, raw text otherwise."""
-    if isinstance(prompt, list):
-        return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return prompt
+from lowvram.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, kl_text, prompt_text
+from lowvram.tiny import resolve_model_path
+from lowvram.ui import quiet_libraries
 
 
 def prompt_label(prompt) -> str:
@@ -42,222 +30,6 @@ def prompt_label(prompt) -> str:
         users = [m["content"] for m in prompt if m.get("role") == "user"]
         return users[-1] if users else str(prompt[-1].get("content", ""))
     return prompt
-
-
-@contextmanager
-def adapter(model, name: str | None):
-    """Run `model` with one adapter active (None: adapters off = the base); trainability is left as it was."""
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    previous = model.active_adapter
-    try:
-        if name is None:
-            with model.disable_adapter():
-                yield
-        else:
-            model.set_adapter(name)
-            yield
-    finally:
-        if name is not None:
-            model.set_adapter(previous)
-        for n, p in model.named_parameters():  # PEFT's set_adapter makes the active adapter trainable
-            p.requires_grad_(grads[n])
-
-
-@contextmanager
-def inference(model, tok):
-    import torch
-
-    was_training, side = model.training, tok.padding_side
-    model.eval()
-    tok.padding_side = "left"  # generation continues the prompt's last token
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        tok.padding_side = side
-        if was_training:
-            model.train()
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def generate(
-    model,
-    tok,
-    prompts: list[str],
-    *,
-    sample: bool,
-    n: int = 1,
-    seed: int = 0,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-) -> list[list[list[int]]]:
-    """Per prompt, `n` answers as token ids, each cut after its first EOS (kept: it is part of the answer).
-
-    Sampling is at temperature 1 with no top-k/top-p, i.e. from the model's own distribution; seeded.
-    """
-    import torch
-
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    out: list[list[list[int]]] = []
-    torch.manual_seed(seed)
-    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    gen.update(max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=eos)
-    with inference(model, tok):
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
-            ids = model.generate(**enc, **gen)[:, enc["input_ids"].shape[1] :].tolist()
-            for j in range(len(chunk)):
-                answers = []
-                for seq in ids[j * n : (j + 1) * n]:
-                    cut = seq.index(eos) + 1 if eos in seq else len(seq)
-                    answers.append(seq[:cut])
-                out.append(answers)
-    return out
-
-
-def answer_logps(model, tok, prompts: list[str], answers: list[list[int]], batch_size: int = 16) -> list[float]:
-    """Sum over the answer's tokens of log p(token | prompt, earlier tokens), one per (prompt, answer) pair."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[float] = []
-    with inference(model, tok):
-        for i in range(0, len(prompts), batch_size):
-            rows = []
-            for text, ans in zip(prompts[i : i + batch_size], answers[i : i + batch_size]):
-                p = tok(text, add_special_tokens=False)["input_ids"]
-                rows.append((p, list(ans)))
-            width = max(len(p) + len(a) for p, a in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            target = torch.zeros((len(rows), width), dtype=torch.bool)
-            for r, (p, a) in enumerate(rows):
-                seq = p + a
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-                target[r, len(p) : len(seq)] = True
-            dev = _device(model)
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok_logp = logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-            tok_logp = tok_logp * target[:, 1:].to(dev)
-            out.extend(tok_logp.sum(-1).tolist())
-    return out
-
-
-def _flat(prompts: list[str], answers: list[list[list[int]]]) -> tuple[list[str], list[list[int]]]:
-    ps, ans = [], []
-    for p, group in zip(prompts, answers):
-        for a in group:
-            ps.append(p)
-            ans.append(a)
-    return ps, ans
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _sem(xs: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
-def kl_from_samples(
-    model, tok, prompts: list[str], samples: list[list[list[int]]], policy: str | None, reference: str | None
-) -> dict:
-    """KL(policy || reference) from answers sampled from the policy: mean of log pi - log pi_ref per answer."""
-    ps, ans = _flat(prompts, samples)
-    with adapter(model, policy):
-        lp = answer_logps(model, tok, ps, ans)
-    with adapter(model, reference):
-        lr = answer_logps(model, tok, ps, ans)
-    diffs = [a - b for a, b in zip(lp, lr)]
-    tokens = sum(len(a) for a in ans)
-    return {
-        "kl": _mean(diffs),
-        "kl_sem": _sem(diffs),
-        "kl_per_token": sum(diffs) / tokens if tokens else None,
-        "kl_answers": len(diffs),
-        "kl_mean_tokens": tokens / len(ans) if ans else None,
-    }
-
-
-def kl_to_reference(
-    model,
-    tok,
-    prompts: list[str],
-    *,
-    policy: str | None = "default",
-    reference: str | None = REFERENCE,
-    samples: int = 2,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-) -> dict:
-    """Sample `samples` answers per prompt from the policy, then KL(policy || reference) on them (nats per answer)."""
-    with adapter(model, policy):
-        drawn = generate(model, tok, prompts, sample=True, n=samples, seed=seed, max_new_tokens=max_new_tokens)
-    return kl_from_samples(model, tok, prompts, drawn, policy, reference)
-
-
-# ------------------------------------------------------------------ the training hook
-
-PROMPTS_FILE = "heldout_prompts.jsonl"  # RUN/eval/: the held-out prompts the preference stage used
-
-
-def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None):
-    """A TrainerCallback that adds `eval_kl` (and its spread) to each held-out evaluation's logs.
-
-    It runs in on_log, before lowvram's logger callback, so the number lands in the same metrics.jsonl row
-    as the held-out loss and preference accuracy. With `run_dir`, the held-out prompts are kept in
-    RUN/eval/heldout_prompts.jsonl, so `lowvram eval` answers the same ones without the data at hand.
-    """
-    from transformers import TrainerCallback
-
-    from lowvram.dist import is_main
-
-    cfg = recipe.eval
-    if run_dir is not None and is_main():
-        rundir.eval_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        _write_jsonl(rundir.eval_dir(run_dir) / PROMPTS_FILE, [{"prompt": r["prompt"]} for r in eval_rows])
-    prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[: cfg.prompts]]
-
-    class KLCallback(TrainerCallback):
-        measured: tuple[int, dict] | None = None  # (step, KL): the final evaluation often repeats the last periodic one
-
-        def on_log(self, args, state, control, logs=None, model=None, **kw):
-            if not logs or model is None or not any(k.startswith("eval_") for k in logs) or "eval_kl" in logs:
-                return
-            if not state.is_world_process_zero:  # measured and logged by the main process only
-                return
-            if REFERENCE not in getattr(model, "peft_config", {}):
-                return  # no frozen reference adapter (PEFT fallback): nothing to compare against
-            if self.measured is None or self.measured[0] != state.global_step:
-                try:
-                    kl = kl_to_reference(
-                        model, tok, prompts, samples=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens, seed=recipe.seed
-                    )
-                except Exception as e:  # a monitor must not end the training (generation on Unsloth: not run on a GPU)
-                    import sys
-
-                    print(
-                        f"warning: KL to the reference not measured at step {state.global_step}: "
-                        f"{type(e).__name__}: {e}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return
-                self.measured = (state.global_step, kl)
-            logs.update({f"eval_{k}": round(v, 6) if isinstance(v, float) else v for k, v in self.measured[1].items()})
-
-    return KLCallback()
 
 
 # ------------------------------------------------------------------ `lowvram eval RUN_DIR`
@@ -290,8 +62,6 @@ def load_run_models(run_dir: Path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowvram.train import resolve_model_path
 
     base = rundir.trained_base(run_dir)
     path = base.model_path or resolve_model_path(base.model)
@@ -331,6 +101,10 @@ def _texts(tok, answers: list[list[int]]) -> list[str]:
     return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -349,180 +123,233 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     cfg = recipe.eval
     best_of = cfg.best_of if best_of is None else best_of
     raw_prompts, source = heldout_prompts(recipe, prompts_limit or cfg.prompts, run_dir)
-    from lowvram.train import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     model, tok, names = load_run_models(run_dir)
-    prompts = [prompt_text(tok, p) for p in raw_prompts]
-    labels = [prompt_label(p) for p in raw_prompts]
-    reference = "sft" if "sft" in names else None  # DPO/KTO continue the SFT adapter, which TRL freezes as "ref"
-    method = recipe.dpo.method
-    implicit = "final" in names and method in ("dpo", "kto")
-    beta = recipe.dpo.beta
+    ev = EvalSet(
+        model=model,
+        tok=tok,
+        raw_prompts=list(raw_prompts),
+        prompts=[prompt_text(tok, p) for p in raw_prompts],
+        labels=[prompt_label(p) for p in raw_prompts],
+        names=names,
+        reference="sft" if "sft" in names else None,  # DPO/KTO continue the SFT adapter, which TRL freezes as "ref"
+        recipe=recipe,
+        run_dir=run_dir,
+        best_of=best_of or 0,
+    )
     from lowvram.reward import load_scorer
 
     rm = load_scorer(run_dir)  # None without an rm/ stage
     print(
-        f"[eval] {source}; models: {', '.join(names)}; reference: {reference or 'base'}"
+        f"[eval] {source}; models: {', '.join(names)}; reference: {ev.reference or 'base'}"
         + (f"; reward model: {run_dir / 'rm' / 'adapter'}" if rm else ""),
         flush=True,
     )
-
-    def implicit_rewards(answers: list[list[int]]) -> list[float]:
-        """DPO's implicit reward beta * (log pi_final - log pi_ref) of each answer."""
-        with adapter(model, "final"):
-            lf = answer_logps(model, tok, prompts, answers)
-        with adapter(model, reference):
-            lr = answer_logps(model, tok, prompts, answers)
-        return [beta * (a - b) for a, b in zip(lf, lr)]
-
-    rows, per_model, greedy = [], {}, {}
-    for name, adapter_name in names.items():
-        t0 = time.monotonic()
-        with adapter(model, adapter_name):
-            g = [a[0] for a in generate(model, tok, prompts, sample=False, max_new_tokens=cfg.max_new_tokens)]
-            s = generate(
-                model, tok, prompts, sample=True, n=cfg.kl_samples, seed=recipe.seed, max_new_tokens=cfg.max_new_tokens
-            )
-        greedy[name] = g
-        stats = {
-            "model": name,
-            "adapter": None if adapter_name is None else str(run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
-            "mean_answer_tokens": _mean([len(a) for a in g]),
-            "mean_answer_chars": _mean([len(t) for t in _texts(tok, g)]),
-            "mean_sampled_tokens": _mean([len(a) for grp in s for a in grp]),
-        }
-        stats.update(kl_from_samples(model, tok, prompts, s, adapter_name, reference))
-        stats["generate_s"] = round(time.monotonic() - t0, 2)
-        per_model[name] = stats
-        g_text = _texts(tok, g)
-        for i, lab in enumerate(labels):
-            rows.append({"prompt": lab, "model": name, "mode": "greedy", "answer": g_text[i], "tokens": len(g[i])})
-            for k, a in enumerate(s[i]):
-                rows.append(
-                    {
-                        "prompt": lab,
-                        "model": name,
-                        "mode": "sample",
-                        "sample": k,
-                        "seed": recipe.seed,
-                        "answer": tok.decode(a, skip_special_tokens=True).strip(),
-                        "tokens": len(a),
-                    }
-                )
-    base_scores: dict = {}
-    for name in names:
-        st = per_model[name]
-        if implicit:
-            r = implicit_rewards(greedy[name])
-            base_scores.setdefault("implicit", {})[name] = r
-        if rm:
-            base_scores.setdefault("rm", {})[name] = rm(raw_prompts, _texts(tok, greedy[name]))
-    for kind, by_model in base_scores.items():
-        ref_scores = by_model.get("sft")
-        for name, sc in by_model.items():
-            st = per_model[name]
-            if kind == "implicit":
-                st["implicit_reward"] = _mean(sc)
-                if ref_scores:
-                    st["implicit_margin_vs_sft"] = _mean([a - b for a, b in zip(sc, ref_scores)])
-            else:
-                st["rm_score"] = _mean(sc)
-                if ref_scores:
-                    st["rm_win_rate_vs_sft"] = _win_rate(sc, ref_scores)
-    for row in rows:  # per-answer scores for the greedy answers, so a reader can see which answer won
-        if row["mode"] == "greedy":
-            i = labels.index(row["prompt"])
-            for kind, key in (("implicit", "implicit_reward"), ("rm", "rm_score")):
-                if kind in base_scores:
-                    row[key] = round(base_scores[kind][row["model"]][i], 4)
-
+    answers = answer_all(ev)
+    judges = scorers(ev, rm)
+    scores = score(answers, judges)
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     summary = {
         "prompts_source": source,
-        "prompts": len(prompts),
-        "reference": reference or "base",
-        "method": method,
-        "beta": beta,
+        "prompts": len(ev.prompts),
+        "reference": ev.reference or "base",
+        "method": recipe.dpo.method,
+        "beta": recipe.dpo.beta,
         "seed": recipe.seed,
         "max_new_tokens": cfg.max_new_tokens,
         "kl_samples": cfg.kl_samples,
         "kl_warn_nats": cfg.kl_warn_nats,
         "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
-        "models": list(per_model.values()),
+        "models": [{**a.stats, **score_stats(scores, name)} for name, a in answers.items()],
     }
-    if best_of and best_of > 0:
-        summary["best_of_n"] = _best_of_n(
-            model,
-            tok,
-            prompts,
-            raw_prompts,
-            labels,
-            best_of,
-            recipe,
-            greedy,
-            names,
-            rm,
-            implicit_rewards if implicit else None,
-            out_dir,
-            per_model,
-        )
-    _write_jsonl(out_dir / "answers.jsonl", rows)
-    _write_jsonl(out_dir / "models.jsonl", list(per_model.values()))
+    if ev.best_of > 0:
+        summary["best_of_n"] = best_of_n(ev, answers, judges[0] if judges else None)
+    _write_jsonl(out_dir / "answers.jsonl", answer_rows(ev, answers, scores))
+    _write_jsonl(out_dir / "models.jsonl", summary["models"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _best_of_n(
-    model, tok, prompts, raw_prompts, labels, n, recipe, greedy, names, rm, implicit_rewards, out_dir, per_model
-) -> dict:
-    """N sampled SFT answers per prompt, the scorer's favourite against the final model's greedy answer."""
-    if "sft" not in names or "final" not in names:
-        return {"skipped": "best-of-N needs both an SFT and a preference-tuned model in the run"}
-    if rm is not None:
-        scorer, scorer_name = (lambda answers: rm(raw_prompts, _texts(tok, answers))), "reward model"
-    elif implicit_rewards is not None:
-        scorer, scorer_name = implicit_rewards, f"DPO implicit reward (beta={recipe.dpo.beta:g})"
-    else:
-        return {
-            "skipped": f"no scorer: no reward model (rm stage) and {recipe.dpo.method.upper()} has no implicit reward"
+@dataclass(frozen=True)
+class EvalSet:
+    """What every model of a run is asked, and the model that answers: built once by evaluate_run."""
+
+    model: Any  # the base with the run's adapters loaded by name (load_run_models)
+    tok: Any
+    raw_prompts: list  # as the data holds them (messages or text): what the reward model reads
+    prompts: list[str]  # rendered as the preference trainer renders them
+    labels: list[str]  # the last user turn, for tables; two prompts may share one
+    names: dict[str, str | None]  # model -> its adapter ("base": None, "sft", "final")
+    reference: str | None  # the adapter KL is measured against: "sft", or None for the base
+    recipe: Any
+    run_dir: Path
+    best_of: int  # SFT samples per prompt that best-of-N draws; 0: no best-of-N
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One model's answers, prompt by prompt (in EvalSet.prompts' order), and what was measured on them."""
+
+    greedy: list[list[int]]  # one greedy answer per prompt, as token ids
+    samples: list[list[list[int]]]  # eval.kl_samples answers per prompt at temperature 1
+    stats: dict  # lengths, KL to the reference, generation time: one row of models.jsonl
+
+
+@dataclass(frozen=True)
+class Scorer:
+    kind: str  # "rm" or "implicit": the key its scores are written under
+    label: str  # for tables: "reward model", "DPO implicit reward (beta=0.1)"
+    score: Callable[[list[list[int]]], list[float]]  # one answer per prompt (token ids) -> one score each
+
+
+def answer_all(ev: EvalSet) -> dict[str, Answered]:
+    """Every model answers every prompt: greedily, and eval.kl_samples times by sampling (for the KL)."""
+    cfg, out = ev.recipe.eval, {}
+    for name, adapter_name in ev.names.items():
+        t0 = time.monotonic()
+        with adapter(ev.model, adapter_name):
+            greedy = [
+                a[0] for a in generate(ev.model, ev.tok, ev.prompts, sample=False, max_new_tokens=cfg.max_new_tokens)
+            ]
+            samples = generate(
+                ev.model,
+                ev.tok,
+                ev.prompts,
+                sample=True,
+                n=cfg.kl_samples,
+                seed=ev.recipe.seed,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+        stats = {
+            "model": name,
+            "adapter": None
+            if adapter_name is None
+            else str(ev.run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+            "mean_answer_tokens": _mean([len(a) for a in greedy]),
+            "mean_answer_chars": _mean([len(t) for t in _texts(ev.tok, greedy)]),
+            "mean_sampled_tokens": _mean([len(a) for grp in samples for a in grp]),
         }
+        stats.update(kl_from_samples(ev.model, ev.tok, ev.prompts, samples, adapter_name, ev.reference))
+        stats["generate_s"] = round(time.monotonic() - t0, 2)
+        out[name] = Answered(greedy, samples, stats)
+    return out
+
+
+def scorers(ev: EvalSet, rm) -> list[Scorer]:
+    """The reward model (when the run trained one), then DPO/KTO's implicit reward (when the run has one)."""
+    found = []
+    if rm is not None:
+        found.append(Scorer("rm", "reward model", lambda answers: rm(ev.raw_prompts, _texts(ev.tok, answers))))
+    if "final" in ev.names and ev.recipe.dpo.method in ("dpo", "kto"):
+        beta = ev.recipe.dpo.beta
+
+        def implicit(answers: list[list[int]]) -> list[float]:
+            """DPO's implicit reward beta * (log pi_final - log pi_ref) of each answer."""
+            with adapter(ev.model, "final"):
+                lf = answer_logps(ev.model, ev.tok, ev.prompts, answers)
+            with adapter(ev.model, ev.reference):
+                lr = answer_logps(ev.model, ev.tok, ev.prompts, answers)
+            return [beta * (a - b) for a, b in zip(lf, lr)]
+
+        found.append(Scorer("implicit", f"DPO implicit reward (beta={beta:g})", implicit))
+    return found
+
+
+def score(answers: dict[str, Answered], judges: list[Scorer]) -> dict[str, dict[str, list[float]]]:
+    """Each scorer on each model's greedy answers: {kind: {model: [one score per prompt, in order]}}."""
+    return {j.kind: {name: j.score(a.greedy) for name, a in answers.items()} for j in judges}
+
+
+def score_stats(scores: dict[str, dict[str, list[float]]], name: str) -> dict:
+    """One model's mean scores, and how it compares with the SFT model's answers to the same prompts."""
+    out = {}
+    for kind, by_model in scores.items():
+        mine, sft = by_model[name], by_model.get("sft")
+        if kind == "implicit":
+            out["implicit_reward"] = _mean(mine)
+            if sft:
+                out["implicit_margin_vs_sft"] = _mean([a - b for a, b in zip(mine, sft)])
+        else:
+            out["rm_score"] = _mean(mine)
+            if sft:
+                out["rm_win_rate_vs_sft"] = _win_rate(mine, sft)
+    return out
+
+
+SCORE_KEYS = {"implicit": "implicit_reward", "rm": "rm_score"}
+
+
+def answer_rows(ev: EvalSet, answers: dict[str, Answered], scores: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """answers.jsonl: each model's greedy answer to each prompt, with its scores, then its sampled answers."""
+    rows = []
+    for name, a in answers.items():
+        texts = _texts(ev.tok, a.greedy)
+        for i, label in enumerate(ev.labels):  # scores by the prompt's position: two prompts may share a label
+            row = {"prompt": label, "model": name, "mode": "greedy", "answer": texts[i], "tokens": len(a.greedy[i])}
+            row.update({SCORE_KEYS[kind]: round(by_model[name][i], 4) for kind, by_model in scores.items()})
+            rows.append(row)
+            for k, sample in enumerate(a.samples[i]):
+                rows.append(
+                    {
+                        "prompt": label,
+                        "model": name,
+                        "mode": "sample",
+                        "sample": k,
+                        "seed": ev.recipe.seed,
+                        "answer": _texts(ev.tok, [sample])[0],
+                        "tokens": len(sample),
+                    }
+                )
+    return rows
+
+
+def best_of_n(ev: EvalSet, answers: dict[str, Answered], judge: Scorer | None) -> dict:
+    """N sampled SFT answers per prompt, the judge's favourite against the final model's greedy answer."""
+    if "sft" not in answers or "final" not in answers:
+        return {"skipped": "best-of-N needs both an SFT and a preference-tuned model in the run"}
+    if judge is None:
+        method = ev.recipe.dpo.method.upper()
+        return {"skipped": f"no scorer: no reward model (rm stage) and {method} has no implicit reward"}
+    n = ev.best_of
     t0 = time.monotonic()
-    with adapter(model, "sft"):
+    with adapter(ev.model, "sft"):
         cands = generate(
-            model, tok, prompts, sample=True, n=n, seed=recipe.seed + 1, max_new_tokens=recipe.eval.max_new_tokens
+            ev.model,
+            ev.tok,
+            ev.prompts,
+            sample=True,
+            n=n,
+            seed=ev.recipe.seed + 1,
+            max_new_tokens=ev.recipe.eval.max_new_tokens,
         )
     gen_s = time.monotonic() - t0
-    scores = [[0.0] * n for _ in prompts]
-    for k in range(n):  # score the k-th candidate of every prompt in one batch
-        col = scorer([c[k] for c in cands])
-        for i, v in enumerate(col):
-            scores[i][k] = v
-    best = [max(range(n), key=lambda k: scores[i][k]) for i in range(len(prompts))]
-    best_scores = [scores[i][best[i]] for i in range(len(prompts))]
-    final_scores = scorer(greedy["final"])
-    rows = []
-    for i, lab in enumerate(labels):
-        rows.append(
-            {
-                "prompt": lab,
-                "n": n,
-                "scorer": scorer_name,
-                "best_of_n": tok.decode(cands[i][best[i]], skip_special_tokens=True).strip(),
-                "best_of_n_score": round(best_scores[i], 4),
-                "candidate_scores": [round(v, 4) for v in scores[i]],
-                "final": tok.decode(greedy["final"][i], skip_special_tokens=True).strip(),
-                "final_score": round(final_scores[i], 4),
-            }
-        )
-    _write_jsonl(out_dir / "best_of_n.jsonl", rows)
+    by_candidate = [judge.score([c[k] for c in cands]) for k in range(n)]  # the k-th candidate of every prompt at once
+    scores = [[by_candidate[k][i] for k in range(n)] for i in range(len(ev.prompts))]
+    best = [max(range(n), key=lambda k: s[k]) for s in scores]
+    best_scores = [s[b] for s, b in zip(scores, best)]
+    final = answers["final"].greedy
+    final_scores = judge.score(final)
+    rows = [
+        {
+            "prompt": label,
+            "n": n,
+            "scorer": judge.label,
+            "best_of_n": _texts(ev.tok, [cands[i][best[i]]])[0],
+            "best_of_n_score": round(best_scores[i], 4),
+            "candidate_scores": [round(v, 4) for v in scores[i]],
+            "final": _texts(ev.tok, [final[i]])[0],
+            "final_score": round(final_scores[i], 4),
+        }
+        for i, label in enumerate(ev.labels)
+    ]
+    _write_jsonl(ev.run_dir / "eval" / "best_of_n.jsonl", rows)
     cand_tokens = sum(len(a) for grp in cands for a in grp)
-    final_tokens = sum(len(a) for a in greedy["final"])
+    final_tokens = sum(len(a) for a in final)
     return {
         "n": n,
-        "scorer": scorer_name,
-        "prompts": len(prompts),
+        "scorer": judge.label,
+        "prompts": len(ev.prompts),
         "best_of_n_score": _mean(best_scores),
         "final_score": _mean(final_scores),
         "final_win_rate_vs_best_of_n": _win_rate(final_scores, best_scores),
@@ -530,10 +357,10 @@ def _best_of_n(
         "generated_tokens_final": final_tokens,
         "generation_cost_ratio": round(cand_tokens / final_tokens, 2) if final_tokens else None,
         "generate_s_best_of_n": round(gen_s, 2),
-        "generate_s_final": per_model["final"]["generate_s"],
+        "generate_s_final": answers["final"].stats["generate_s"],
         "cost_note": (
             f"best-of-{n} samples {n} SFT answers per prompt at temperature 1 ({cand_tokens} tokens) "
-            f"and scores each with the {scorer_name}; the final model answers once, greedily "
+            f"and scores each with the {judge.label}; the final model answers once, greedily "
             f"({final_tokens} tokens)"
         ),
     }
@@ -550,7 +377,7 @@ def summary_lines(summary: dict) -> list[str]:
         (
             m["model"],
             f(m.get("mean_answer_tokens"), "{:.1f}"),
-            f(m.get("kl"), "{:.2f}"),
+            kl_text(m) or "-",
             f(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
             f(m.get("rm_score"), "{:+.3f}"),
             f(m.get("rm_win_rate_vs_sft"), "{:.2f}"),
@@ -564,7 +391,7 @@ def summary_lines(summary: dict) -> list[str]:
             (
                 "model",
                 "answer tokens",
-                f"KL to {summary['reference']} (nats)",
+                f"KL to {summary['reference']}",
                 "implicit margin vs sft",
                 "RM score",
                 "RM win vs sft",

@@ -392,7 +392,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
 
 
 def _check_adapter_finite(run: RunInfo) -> None:
-    from lowvram.guards import check_saved_adapter_finite
+    from lowvram.adapters import check_saved_adapter_finite
 
     check_saved_adapter_finite(
         run.adapter_dir,

@@ -2,12 +2,11 @@
 
     callback = FiniteGuard(stage="dpo", run_dir=run, recipe=recipe)   # stops a stage that diverges
     bad = nonfinite_parameters(model)          # ["...lora_B.default.weight", ...]
-    bad = nonfinite_tensors(adapter_dir / "adapter_model.safetensors")
 
 A stage stops at the first logged metric (loss, grad_norm, reward margin, ...) that is NaN or
 infinite, and before a checkpoint of non-finite weights is written; the error names the setting
-to lower and the command that resumes from the last good checkpoint. Adapters and merged
-weights are checked before they are saved or exported.
+to lower and the command that resumes from the last good checkpoint. A saved adapter is checked
+again before it is exported (adapters.check_saved_adapter_finite).
 """
 
 from __future__ import annotations
@@ -45,22 +44,6 @@ def nonfinite_parameters(model, trainable_only: bool = True, limit: int = 5) -> 
                 bad.append(name)
                 if len(bad) >= limit:
                     break
-    return bad
-
-
-def nonfinite_tensors(path: Path, limit: int = 5) -> list[str]:
-    """Names of floating-point tensors in a safetensors file that hold NaN or inf (read one at a time)."""
-    import torch
-
-    from lowvram.safetensors_io import FLOAT_DTYPES, read_safetensors_header, read_tensor
-
-    entries, _ = read_safetensors_header(path)
-    bad = []
-    for name, entry in entries.items():
-        if entry.dtype in FLOAT_DTYPES and not bool(torch.isfinite(read_tensor(entry)).all()):
-            bad.append(name)
-            if len(bad) >= limit:
-                break
     return bad
 
 
@@ -129,20 +112,3 @@ def finite_callback(fp16: bool = False):
                 self._stop(control, state, ", ".join(bad[:4]))
 
     return FiniteGuard()
-
-
-def check_saved_adapter_finite(adapter_dir: Path, stage_hint: str) -> None:
-    """UserError when an adapter on disk holds NaN/inf (an export would produce a broken model)."""
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return
-    try:
-        bad = nonfinite_tensors(weights)
-    except ValueError:
-        return  # a corrupt file is reported by the adapter reader, with its own message
-    if bad:
-        raise UserError(
-            f"The adapter in {adapter_dir} holds NaN or infinite weights ({', '.join(bad[:3])}): "
-            "training diverged, and a model exported from it would only produce garbage.",
-            hint=stage_hint,
-        )

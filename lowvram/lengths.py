@@ -89,7 +89,7 @@ def _builtin_built() -> bool:
 def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | None) -> tuple[DataLengths | None, str]:
     """(lengths or None, why): the stage's rows counted with the model's tokenizer, when both are local."""
     from lowvram.data.check import check_data, token_lengths
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.tiny import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
         return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
@@ -151,7 +151,7 @@ def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, 
 
 def local_tokenizer(model: str) -> tuple[Any, str]:
     """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.tiny import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX):
         from lowvram.tiny import TINY_NAME, ensure_tiny_tokenizer

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from lowvram.errors import UserError
 
-BUILTIN_PREFIX = "builtin:"
-
 
 @dataclass(frozen=True)
 class ModelSpec:

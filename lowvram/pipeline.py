@@ -36,12 +36,13 @@ from lowvram.llamacpp import export_tools
 from lowvram.models import get_spec
 from lowvram.offline import network_policy
 from lowvram.planner import Plan, choose_backend
+from lowvram.preflight import preflight
 from lowvram.recipe import Recipe, dump_recipe, load_recipe
 from lowvram.report import summary_lines, write_report
 from lowvram.report_html import write_html
 from lowvram.reward import run_rm
 from lowvram.runlock import folder_lock
-from lowvram.templates import preflight
+from lowvram.tiny import resolve_model_path
 from lowvram.ui import echo
 
 # The export at the end of a run: called with the finished run directory and None (the recipe's GGUF types)
@@ -330,7 +331,7 @@ def _run(stack: contextlib.ExitStack, req: RunRequest, export: ExportStep | None
     _claim(stack, run)
     plan = plan_run(run, req, exporting=export is not None)
     datasets = load_stage_data(run.recipe, run.recipe_dir, [s for s in run.stages if not rundir.is_done(run.dir, s)])
-    model_path = train.resolve_model_path(plan.model)
+    model_path = resolve_model_path(plan.model)
     fresh = create_run_dir(stack, run, plan, model_path)
     with _removed_if_it_fails_empty(run, fresh):
         train_stages(run, plan, model_path, datasets, req.init_adapter)

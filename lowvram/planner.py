@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from lowvram.errors import UserError
 from lowvram.hardware import Device
 from lowvram.memory import ALL_LINEAR, MemoryEstimate, estimate
-from lowvram.models import BUILTIN_PREFIX, CATALOG, ModelSpec, get_spec
+from lowvram.models import CATALOG, ModelSpec, get_spec
 from lowvram.recipe import Recipe, StageConfig
 from lowvram.tiers import GPU_TIERS, SAFETY_MARGIN_FRACTION, Tier, family_models, largest_fitting, select_tier
+from lowvram.tiny import BUILTIN_PREFIX
 
 __all__ = ["SAFETY_MARGIN_FRACTION", "SEQ_LADDER", "Plan", "StagePlan", "make_plan", "tier_table"]
 # Sequence lengths the planner chooses from, longest first.

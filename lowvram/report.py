@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from lowvram import rundir
+from lowvram.kl import kl_text
 
 
 def _parse_lines(path: Path) -> list[dict]:
@@ -122,6 +123,8 @@ def summarize(run_dir: Path) -> dict:
                 "logp_margin": (e["logps/chosen"] - e["logps/rejected"]) if "logps/chosen" in e else None,
                 # KL(policy || reference) from the policy's own samples on held-out prompts (lowvram/evaluate.py)
                 "kl": e.get("kl"),
+                "kl_per_token": e.get("kl_per_token"),
+                "kl_per_token_sem": e.get("kl_per_token_sem"),
                 "answer_tokens": e.get("kl_mean_tokens"),
             }
         b, a = d.get("heldout_before"), d.get("heldout_after")
@@ -252,15 +255,13 @@ def summary_lines(summary: dict) -> list[str]:
             ]
             if shown:
                 lines.append("      held-out " + "; ".join(shown))
-            if b.get("kl") is not None and a.get("kl") is not None:
+            if b.get("kl_per_token") is not None and a.get("kl_per_token") is not None:
                 length = (
                     f"; sampled answer length {b['answer_tokens']:.1f} -> {a['answer_tokens']:.1f} tokens"
                     if b.get("answer_tokens") is not None and a.get("answer_tokens") is not None
                     else ""
                 )
-                lines.append(
-                    f"      KL(policy || reference) on held-out prompts {b['kl']:.2f} -> {a['kl']:.2f} nats" + length
-                )
+                lines.append(f"      KL(policy || reference) on held-out prompts {kl_text(b)} -> {kl_text(a)}" + length)
         if d.get("kl_too_high"):
             lines.append(
                 f"WARNING: the policy drifted {a['kl']:.1f} nats from the reference (more than "

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from lowvram import rundir
+from lowvram.kl import kl_text
 from lowvram.report import write_plots
 
 CSS = """
@@ -172,9 +173,11 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
     rows = []
     for m in summary["models"]:
         kl = m.get("kl")
-        kl_cell = _fmt(kl, "{:.2f}")
+        kl_cell = _e(kl_text(m) or "-")
         if m["model"] == "final" and kl is not None and kl > summary.get("kl_warn_nats", 10):
-            kl_cell = f"<span class='warn'>{kl_cell} (over {summary['kl_warn_nats']:g})</span>"
+            kl_cell = (
+                f"<span class='warn'>{kl_cell} ({kl:.1f} nats per answer, over {summary['kl_warn_nats']:g})</span>"
+            )
         rows.append(
             [
                 _e(m["model"]),
@@ -194,7 +197,7 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
                 "model",
                 "answer tokens",
                 "answer chars",
-                f"KL to {ref} (nats)",
+                f"KL to {ref}",
                 "DPO implicit margin vs sft",
                 "reward-model score",
                 "RM win rate vs sft",

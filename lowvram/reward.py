@@ -15,6 +15,10 @@ import dataclasses
 from pathlib import Path
 
 from lowvram import rundir
+from lowvram.callbacks import make_callback
+from lowvram.tiny import resolve_model_path
+from lowvram.train_common import StageContext, eval_args, quiet_trainer, to_datasets, train_and_save, trainer_args
+from lowvram.ui import quiet_libraries
 
 RM_DIR = "rm"
 
@@ -26,8 +30,6 @@ def rm_data_config(recipe):
 
 
 def _stage_context(run_dir: Path, recipe, plan, model_path: str):
-    from lowvram.train import StageContext
-
     template = plan.stages.get("dpo") or next(iter(plan.stages.values()))
     plan = dataclasses.replace(plan, stages={**plan.stages, RM_DIR: dataclasses.replace(template, stage=RM_DIR)})
     return StageContext(Path(run_dir), recipe, plan, RM_DIR, model_path)
@@ -59,18 +61,9 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     from lowvram.data import load_preference_data
-    from lowvram.train import (
-        _common_args,
-        _datasets,
-        _eval_args,
-        _quiet,
-        _quiet_libraries,
-        _train_and_save,
-        load_tokenizer,
-        make_callback,
-    )
+    from lowvram.train import load_tokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     ctx = _stage_context(run_dir, recipe, plan, model_path)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     cfg = rm_data_config(recipe)
@@ -91,9 +84,9 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
         target_modules=list(recipe.lora.target_modules),
         task_type="SEQ_CLS",
     )  # + the score head
-    train_ds, eval_ds = _datasets(data.train, data.eval)
+    train_ds, eval_ds = to_datasets(data.train, data.eval)
     args = RewardConfig(
-        **_common_args(ctx), **_eval_args(recipe.rm, eval_ds), max_length=ctx.sp.max_seq_len, dataset_num_proc=None
+        **trainer_args(ctx), **eval_args(recipe.rm, eval_ds), max_length=ctx.sp.max_seq_len, dataset_num_proc=None
     )
     trainer = RewardTrainer(
         model=model,
@@ -104,8 +97,8 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
         peft_config=peft_config,
         callbacks=[make_callback(RM_DIR, rundir.metrics_file(ctx.run_dir))],
     )
-    _quiet(trainer)
-    return _train_and_save(ctx, trainer, trainer.model, tok)
+    quiet_trainer(trainer)
+    return train_and_save(ctx, trainer, trainer.model, tok)
 
 
 def score_text(tok, prompt, answer: str) -> str:
@@ -122,8 +115,6 @@ def load_scorer(run_dir: Path):
         return None
     import torch
     from transformers import AutoTokenizer
-
-    from lowvram.train import resolve_model_path
 
     base = rundir.trained_base(run_dir)  # its dtype and load_in_4bit: as the policy's base was loaded
     path = base.model_path or resolve_model_path(base.model)

@@ -19,7 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_NAME = "builtin:tiny-llama"
+from lowvram.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"  # a model lowvram builds itself instead of loading
+TINY_NAME = f"{BUILTIN_PREFIX}tiny-llama"
 TINY_VERSION = (
     3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
 )
@@ -176,6 +179,15 @@ def _pretrain(model, tok, texts: list[str], steps: int, seed: int, window: int =
         sched.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
+    if name.startswith(BUILTIN_PREFIX):
+        if name != TINY_NAME:
+            raise UserError(f"Unknown built-in model {name!r}.", hint=f"The built-in model is {TINY_NAME}.")
+        return str(ensure_tiny_model())
+    return name
 
 
 def ensure_tiny_model(pretrained: bool = True) -> Path:

@@ -254,3 +254,28 @@ def close_progress() -> None:
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------ the libraries' own output
+
+
+def _not_the_kernels_notice(record) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def quiet_libraries() -> None:
+    """Per-dataset-map progress bars and weight-loading bars drown the training progress."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    # transformers 5 renamed the checkpointing flags that TRL and PEFT still pass; nothing for the user to do
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    # bitsandbytes, imported on a CPU with AVX512-BF16, asks for the `kernels` package, which fetches its faster
+    # 4-bit CPU kernel from the Hub at run time; its own kernel works, offline: nothing for the user to do
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)  # once: a set of filters
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lowvram.errors import UserError
-from lowvram.planner import Plan
-from lowvram.recipe import Recipe
+
+if TYPE_CHECKING:  # annotations only: the backends take a plan and a recipe, they do not build them
+    from lowvram.planner import Plan
+    from lowvram.recipe import Recipe
 
 _LATE = ("trl", "transformers", "peft")
 

@@ -44,7 +44,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_anothe
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.evaluate import kl_to_reference
+    from lowvram.kl import kl_to_reference
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def test_reward_model_and_best_of_n(run):
 def test_sampling_is_seeded(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.evaluate import generate
+    from lowvram.kl import generate
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
@@ -162,6 +162,25 @@ def test_eval_command_reruns_on_a_run_directory(run, tmp_path, capsys):
     assert json.loads((copy / "eval" / "summary.json").read_text())["best_of_n"]["n"] == 2
     assert len(_jsonl(copy / "eval" / "best_of_n.jsonl")) == 2
     assert "best-of-2 (SFT)" in (copy / "report.html").read_text()
+
+
+def test_each_answer_gets_its_own_scores_when_two_prompts_end_in_the_same_user_turn(run, tmp_path):
+    """The answers table is keyed by the last user turn; two prompts that share it are still two rows,
+    each with the scores of its own answer (they were found by label, so the second got the first's)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    question = {"role": "user", "content": "What is the capital of France?"}
+    prompts = [[question], [{"role": "system", "content": "Answer like a pirate, at length."}, question]]
+    (copy / "eval" / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["eval", str(copy), "--best-of", "0", "--prompts", "2"]) == 0
+    greedy = [a for a in _jsonl(copy / "eval" / "answers.jsonl") if a["mode"] == "greedy"]
+    models = {m["model"]: m for m in _jsonl(copy / "eval" / "models.jsonl")}
+    for name in ("sft", "final"):
+        rows = [a for a in greedy if a["model"] == name]
+        assert [a["prompt"] for a in rows] == [question["content"]] * 2
+        for key in ("implicit_reward", "rm_score"):  # the model's score is the mean of its answers' scores
+            assert sum(a[key] for a in rows) / 2 == pytest.approx(models[name][key], abs=1e-3), (name, key)
+        assert rows[0]["rm_score"] != rows[1]["rm_score"]  # two prompts, two answers, two scores
 
 
 def test_eval_and_report_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
@@ -212,7 +231,7 @@ def test_report_renders_in_a_real_browser(run, tmp_path):
     ):
         assert f">{heading}</h2>" in dom, heading
     models = {m["model"]: m for m in _jsonl(run / "eval" / "models.jsonl")}
-    assert f"{models['final']['kl']:.2f}" in dom  # the numbers on the page are the eval's
+    assert f"{models['final']['kl_per_token']:.3f} ± " in dom  # the numbers on the page are the eval's
     first = next(a for a in _jsonl(run / "eval" / "answers.jsonl") if a["model"] == "final" and a["mode"] == "greedy")
     assert first["answer"][:20].replace("&", "&amp;").replace("<", "&lt;") in dom
     assert "best-of-4 (SFT)" in dom and "held-out pair accuracy" in dom and "Extra cost" in dom

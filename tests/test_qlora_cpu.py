@@ -123,7 +123,8 @@ def test_bf16_qlora_sft_then_dpo_runs_under_autocast(tiny_model_dir, tmp_path):
     """bf16 embeddings, fp32 norms and fp32 LoRA through TRL's trainers (and its fused LM head) under
     bf16 autocast, as on an Ampere card: CPU autocast runs the same mixed dtypes."""
     from lowvram.pipeline import load_stage_data
-    from lowvram.train import StageContext, resolve_model_path, run_stage
+    from lowvram.tiny import resolve_model_path
+    from lowvram.train import StageContext, run_stage
 
     recipe, path = load_recipe("demo", ["model.load_in_4bit=true", "sft.max_steps=2", "dpo.max_steps=2"])
     plan = dataclasses.replace(make_plan(recipe, CPU), dtype="bf16")

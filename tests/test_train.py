@@ -471,11 +471,11 @@ def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
     from lowvram.hardware import known_card
     from lowvram.planner import make_plan
     from lowvram.recipe import load_recipe
-    from lowvram.train import StageContext, _oom_message
+    from lowvram.train_common import StageContext, oom_message
 
     recipe, _ = load_recipe("chat-assistant", ["sft.batch_size=4", "sft.grad_accum=2"])
     plan = make_plan(recipe, known_card("t4"))
-    err = _oom_message(StageContext(tmp_path, recipe, plan, "sft", "unused"))
+    err = oom_message(StageContext(tmp_path, recipe, plan, "sft", "unused"))
     text = err.render()
     assert err.exit_code == 3
     assert "sft.batch_size to 2" in text and "sft.grad_accum=4" in text and "same effective batch 8" in text
@@ -484,7 +484,7 @@ def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
     recipe, _ = load_recipe("chat-assistant", ["dpo.batch_size=1"])
     plan = make_plan(recipe, known_card("t4"))
     seq = plan.stages["dpo"].max_seq_len
-    text = _oom_message(StageContext(tmp_path, recipe, plan, "dpo", "unused")).render()
+    text = oom_message(StageContext(tmp_path, recipe, plan, "dpo", "unused")).render()
     assert f"dpo.max_seq_len from {seq} to {seq // 2}" in text
 
 

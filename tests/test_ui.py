@@ -149,7 +149,7 @@ def test_terminal_detection(monkeypatch):
 def test_only_the_main_process_of_a_group_shows_progress(tmp_path, capsys):
     from transformers import TrainerState
 
-    from lowvram.train import make_callback
+    from lowvram.callbacks import make_callback
 
     for zero in (True, False):
         state = TrainerState(max_steps=4, is_world_process_zero=zero)
