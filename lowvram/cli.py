@@ -32,7 +32,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device(args: argparse.Namespace, use_torch: bool = False):
-    from lowvram.hardware import detect_device
+    from lowvram.plan.hardware import detect_device
 
     return detect_device(vram_gib=getattr(args, "vram", None), gpu=getattr(args, "gpu", None), use_torch=use_torch)
 
@@ -42,7 +42,7 @@ def _device(args: argparse.Namespace, use_torch: bool = False):
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lowvram.doctor import doctor_rows
-    from lowvram.ui import echo, table
+    from lowvram.utils.ui import echo, table
 
     echo(table(doctor_rows(_device(args))))
     return 0
@@ -50,10 +50,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from lowvram.recipe import find_recipe, recipe_summary, shipped_recipes
-    from lowvram.ui import echo, table
+    from lowvram.utils.ui import echo, table
 
     if args.action == "templates":
-        from lowvram.templates import templates_table
+        from lowvram.data.templates import templates_table
 
         echo(templates_table())
         print("\nUse one for a base model without a chat template: model.chat_template=NAME (or the Jinja text).")
@@ -101,29 +101,29 @@ def _group_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowvram.parallel import plan_per_card
+    from lowvram.plan.parallel import plan_per_card
     from lowvram.recipe import load_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides)
     # sized for the data's own lengths when local; per card with --gpus
     plan = plan_per_card(recipe, _device(args), path.parent, args.gpus or 1, args.strategy)
-    from lowvram.preflight import preflight
+    from lowvram.plan.preflight import preflight
 
     preflight(recipe, plan.model, path.parent)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))  # strict JSON: no NaN or Infinity
         return 0
     print(f"Plan for {recipe.name} ({path}) on {plan.device.name}:")
-    from lowvram.ui import echo
+    from lowvram.utils.ui import echo
 
     echo(plan.lines())
-    from lowvram.preflight import turn_token_note
+    from lowvram.plan.preflight import turn_token_note
 
     note = turn_token_note(recipe, plan.model)
     if note:
         print(note)
     if recipe.export.gguf:
-        from lowvram.llamacpp import export_tools
+        from lowvram.export.llamacpp import export_tools
 
         print(export_tools().plan_line(recipe.export.gguf))  # before hours of training, not after
     return 0
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _export_run(run_dir: Path, gguf: tuple[str, ...] | None = None) -> int:
     """The export at the end of `lowvram run`: the recipe's GGUF types (or those of them this machine can
     write), reported as `lowvram export` does."""
-    from lowvram.export import ExportOptions
+    from lowvram.export.run import ExportOptions
 
     return export_and_report(run_dir, ExportOptions(gguf=gguf))
 
@@ -219,7 +219,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"reports": [r.to_dict(args.strict) for r in reports], "exit_code": code}, indent=2))
     else:
-        from lowvram.ui import echo
+        from lowvram.utils.ui import echo
 
         echo([line for i, r in enumerate(reports) for line in [*([""] if i else []), *r.lines(args.strict)]])
     return code
@@ -232,10 +232,10 @@ def _check_recipe_data(
     import dataclasses
 
     from lowvram.data.check import add_token_budget, check_data
-    from lowvram.lengths import local_tokenizer, stage_budget
-    from lowvram.preflight import CHAT_FORMATS, check_chat_template, check_model_path
+    from lowvram.data.templates import chat_template_text
+    from lowvram.plan.lengths import local_tokenizer, stage_budget
+    from lowvram.plan.preflight import CHAT_FORMATS, check_chat_template, check_model_path
     from lowvram.recipe import DataConfig, load_recipe
-    from lowvram.templates import chat_template_text
 
     recipe, recipe_path = load_recipe(recipe_name, overrides)
     stage_of = {"sft": "sft", "preference": "dpo"}
@@ -285,7 +285,7 @@ def _check_recipe_data(
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`lowvram export RUN_DIR [--gguf TYPE ...] [--merged] [--lora] [--no-verify] [--out DIR]`."""
-    from lowvram.export import ExportOptions
+    from lowvram.export.run import ExportOptions
     from lowvram.offline import local_only
 
     local_only()  # export reads only local files: no Hub lookups, no telemetry
@@ -304,7 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     code = export_and_report(Path(args.run_dir), opts)
     if report_file(args.run_dir).is_file():  # the run's report gains the export verification table
-        from lowvram.report_html import write_html
+        from lowvram.evaluate.report_html import write_html
 
         write_html(Path(args.run_dir))
     return code
@@ -317,13 +317,13 @@ def export_and_report(run_dir: Path, opts) -> int:
     """
     import shlex
 
-    from lowvram.export import export_run
-    from lowvram.verify import explain, verify_table
+    from lowvram.export.run import export_run
+    from lowvram.export.verify import explain, verify_table
 
     result = export_run(run_dir, opts)
     if result.verify_rows:
         print("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n", flush=True)
-        from lowvram.ui import echo
+        from lowvram.utils.ui import echo
 
         echo(verify_table(result.verify_rows))
     if result.modelfiles:
@@ -367,8 +367,8 @@ def usage_lines(result) -> list[str]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`lowvram chat GGUF_OR_RUN_DIR [--prompt TEXT] [--system TEXT]`."""
-    from lowvram.export import find_gguf, inspect_run
-    from lowvram.llamacpp import chat, check_runtime
+    from lowvram.export.llamacpp import chat, check_runtime
+    from lowvram.export.run import find_gguf, inspect_run
     from lowvram.offline import local_only
 
     local_only()
@@ -388,22 +388,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowvram.evaluate import evaluate_run, summary_lines
-    from lowvram.ui import echo
+    from lowvram.evaluate.run import evaluate_run, summary_lines
+    from lowvram.utils.ui import echo
 
     run_dir = Path(args.run_dir)
     echo(summary_lines(evaluate_run(run_dir, best_of=args.best_of, prompts_limit=args.prompts)))
     from lowvram.rundir import eval_dir
 
     print(f"Answers side by side: {eval_dir(run_dir) / 'answers.jsonl'}")
-    from lowvram.report_html import write_html
+    from lowvram.evaluate.report_html import write_html
 
     print(f"Report: {write_html(run_dir)}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lowvram.report_html import write_html
+    from lowvram.evaluate.report_html import write_html
     from lowvram.rundir import require_run_dir
 
     print(f"Report: {write_html(require_run_dir(args.run_dir))}")
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        from lowvram.dist import is_main
+        from lowvram.utils.dist import is_main
 
         if is_main() or e.exit_code != EXIT_INTERRUPTED:  # after a Ctrl-C every process says the same: one does
             print(f"error: {e.render()}", file=sys.stderr)

@@ -10,9 +10,9 @@ import shutil
 import sys
 
 from lowvram.errors import UserError
-from lowvram.hardware import Device, available_ram_bytes
-from lowvram.planner import choose_backend
-from lowvram.tiers import select_tier
+from lowvram.plan.hardware import Device, available_ram_bytes
+from lowvram.plan.planner import choose_backend
+from lowvram.plan.tiers import select_tier
 
 PACKAGES = (
     "torch",
@@ -60,7 +60,7 @@ def doctor_rows(device: Device) -> list[tuple[str, str]]:
     rows.append(("backend", f"{'Unsloth' if backend == 'unsloth' else 'transformers+PEFT'} -- {why}"))
     for dist in PACKAGES:
         rows.append((dist, package_version(dist) or "not installed"))
-    from lowvram.llamacpp import export_tools
+    from lowvram.export.llamacpp import export_tools
 
     rows += export_tools().rows()  # each GGUF type: the tool that writes it here, or what it needs
     rows.append(("free RAM", f"{available_ram_bytes() / 1024**3:.1f} GiB"))

@@ -7,8 +7,8 @@
 lowvram writes no launcher and no collectives of its own: `--gpus N` runs accelerate's own
 `accelerate launch` (torchrun underneath) and the TRL trainers inside use accelerate for DDP, FSDP
 or DeepSpeed. What a lowvram run needs on top:
-- the plan per card: each process gets its share of the global effective batch (lowvram/parallel.py);
-- one writer: only the main process prints progress and writes files (lowvram/dist.py);
+- the plan per card: each process gets its share of the global effective batch (lowvram/plan/parallel.py);
+- one writer: only the main process prints progress and writes files (lowvram/utils/dist.py);
 - the group ends together: every process dies with its launcher, and a failed process ends the
   group (torchrun stops the others) with one clear message (`launch`, here).
 Without a GPU the processes run on CPU with the gloo backend: that is how the tests check it.
@@ -23,11 +23,11 @@ import socket
 import subprocess
 import sys
 
-from lowvram.children import python_module_cmd
-from lowvram.dist import in_group, world_size
 from lowvram.errors import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
-from lowvram.parallel import plan_per_card
 from lowvram.pipeline import Run, RunRequest, open_run, training_device
+from lowvram.plan.parallel import plan_per_card
+from lowvram.utils.children import python_module_cmd
+from lowvram.utils.dist import in_group, world_size
 
 # ------------------------------------------------------------------ `lowvram run --gpus N`
 

@@ -24,7 +24,7 @@ def hub_uses(recipe, model_name: str | None, stages: list[str] | None = None) ->
 
     `model_name` None: the model is chosen later from the family and tier, always a Hub id.
     """
-    from lowvram.tiny import BUILTIN_PREFIX
+    from lowvram.model.tiny import BUILTIN_PREFIX
 
     uses = []
     if model_name is None:

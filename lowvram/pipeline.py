@@ -26,24 +26,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowvram import dist, evaluate, fileio, parallel, rundir, train, unsloth_backend
+from lowvram import rundir
 from lowvram.data import load_preference_data, load_sft_data
 from lowvram.data.load import plural
 from lowvram.errors import UserError
-from lowvram.hardware import Device, detect_device
-from lowvram.lengths import plan_with_data
-from lowvram.llamacpp import export_tools
-from lowvram.models import get_spec
+from lowvram.evaluate import run as evaluate
+from lowvram.evaluate.report import summary_lines, write_report
+from lowvram.evaluate.report_html import write_html
+from lowvram.export.llamacpp import export_tools
+from lowvram.model import unsloth_backend
+from lowvram.model.tiny import resolve_model_path
 from lowvram.offline import network_policy
-from lowvram.planner import Plan, choose_backend
-from lowvram.preflight import preflight
+from lowvram.plan import parallel
+from lowvram.plan.catalog import get_spec
+from lowvram.plan.hardware import Device, detect_device
+from lowvram.plan.lengths import plan_with_data
+from lowvram.plan.planner import Plan, choose_backend
+from lowvram.plan.preflight import preflight
 from lowvram.recipe import Recipe, dump_recipe, load_recipe
-from lowvram.report import summary_lines, write_report
-from lowvram.report_html import write_html
-from lowvram.reward import run_rm
-from lowvram.runlock import folder_lock
-from lowvram.tiny import resolve_model_path
-from lowvram.ui import echo
+from lowvram.train import stage as train
+from lowvram.train.reward import run_rm
+from lowvram.utils import dist, fileio
+from lowvram.utils.runlock import folder_lock
+from lowvram.utils.ui import echo
 
 # The export at the end of a run: called with the finished run directory and None (the recipe's GGUF types)
 # or the recipe's types this machine can write; the command line passes one that prints its report.
@@ -224,7 +229,7 @@ def plan_run(run: Run, req: RunRequest, exporting: bool) -> Plan:
     device = training_device(req.vram, req.gpu)
     world = dist.world_size()
     _unsloth_first(parallel.group_recipe(recipe, world)[0], device)
-    if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/parallel.py)
+    if world > 1:  # per card: its share of the global batch, DDP or FSDP (lowvram/plan/parallel.py)
         plan = parallel.plan_per_card(recipe, device, run.recipe_dir, world, dist.launched_strategy(), launched=True)
     else:
         plan = plan_with_data(recipe, device, run.recipe_dir)  # sized for the data's own lengths when local
@@ -319,7 +324,7 @@ def run_pipeline(req: RunRequest, export: ExportStep | None = None) -> int:
     the report.
 
     Under a launcher (`--gpus N`, `accelerate launch`) every process runs this; only the main one
-    locks, prints and writes (lowvram/dist.py).
+    locks, prints and writes (lowvram/utils/dist.py).
     """
     with contextlib.ExitStack() as stack:
         dist.join(stack)

@@ -168,7 +168,7 @@ def _alive(pid) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)  # reaps our own child once it ends
         return done == 0
     except ChildProcessError:  # not our child (another kernel started it): ask the OS
-        from lowvram.runlock import pid_alive  # standard library only, like this module
+        from lowvram.utils.runlock import pid_alive  # standard library only, like this module
 
         return pid_alive(pid)
 

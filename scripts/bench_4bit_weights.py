@@ -82,9 +82,9 @@ def measure(name: str, ckpt: Path) -> dict:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from lowvram.hf_backend import prepare_4bit_model, quantization_config
-    from lowvram.memory import GIB, NF4_BYTES_PER_PARAM, NF4_SCALE_BYTES_PER_PARAM, estimate
-    from lowvram.models import get_spec
+    from lowvram.model.hf_backend import prepare_4bit_model, quantization_config
+    from lowvram.plan.catalog import get_spec
+    from lowvram.plan.memory import GIB, NF4_BYTES_PER_PARAM, NF4_SCALE_BYTES_PER_PARAM, estimate
 
     spec = get_spec(name)
     t0 = time.monotonic()

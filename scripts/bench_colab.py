@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
 from venvs import venv_without  # noqa: E402
 
-from lowvram.llamacpp import RUNTIME_REQUIREMENT  # noqa: E402
+from lowvram.export.llamacpp import RUNTIME_REQUIREMENT  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict, **kw) -> tuple[float, subprocess.CompletedProcess]:
@@ -52,7 +52,7 @@ def main() -> int:
     args = ap.parse_args()
     import bench_export
 
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-colab-"))
     env = dict(

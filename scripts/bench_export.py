@@ -58,7 +58,7 @@ def build_model(out: Path, layers: int, tiny_dir: Path) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from lowvram.safetensors_io import SafetensorsWriter
+    from lowvram.utils.safetensors_io import SafetensorsWriter
 
     vocab = VOCAB or json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
     cfg = LlamaConfig(
@@ -128,7 +128,7 @@ def build_adapter(out: Path, layers: int) -> None:
     import torch
     from peft import LoraConfig
 
-    from lowvram.safetensors_io import SafetensorsWriter
+    from lowvram.utils.safetensors_io import SafetensorsWriter
 
     out.mkdir(parents=True)
     LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(
@@ -233,7 +233,7 @@ def main() -> int:
     args = ap.parse_args()
     global HIDDEN, INTER, HEADS, KV_HEADS, VOCAB
     HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = SHAPES[args.shape]
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     root = Path(args.work or tempfile.mkdtemp(prefix="bench-export-"))
     root.mkdir(parents=True, exist_ok=True)

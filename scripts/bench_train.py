@@ -31,7 +31,7 @@ def build_bench_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     tiny = ensure_tiny_model()
     tok = AutoTokenizer.from_pretrained(str(tiny))

@@ -8,8 +8,8 @@ Builds the synthetic bf16 Llama and LoRA adapter of scripts/bench_export.py. The
 exports f16 + q4_k_m without verification (`lowvram export --no-verify --merged`) and reads the
 conversion's own times from its output (llama.cpp converter to f16 + quantizer to q4_k_m); then
 times, on those files, side by side in alternating order:
-- verification now (lowvram/verify.py with llama.cpp threads sized to the free cores), and
-- verification before (lowvram/verify.py at BEFORE_COMMIT, with llama.cpp on every core as then).
+- verification now (lowvram/export/verify.py with llama.cpp threads sized to the free cores), and
+- verification before (lowvram/export/verify.py at BEFORE_COMMIT, with llama.cpp on every core as then).
 Prints each round, the medians, and the ratios (target: verification <= conversion). The machine's
 load average is printed beside each figure: on a shared machine it moves the results.
 """
@@ -41,7 +41,7 @@ SYSTEM = "You are terse."
 def before_verify():
     """verify_ggufs as it was at BEFORE_COMMIT, loaded from git."""
     src = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/verify.py"],
+        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/export/verify.py"],
         check=True,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def before_verify():
 @contextmanager
 def every_core():
     """llama.cpp's thread count as it was before: every core, whatever else runs."""
-    import lowvram.llamacpp as lc
+    import lowvram.export.llamacpp as lc
 
     kept = lc._threads
     lc._threads = lambda: max(1, os.cpu_count() or 1)
@@ -105,9 +105,9 @@ def main() -> int:
     import bench_export
     import psutil
 
-    from lowvram.llamacpp import _threads
-    from lowvram.tiny import ensure_tiny_model
-    from lowvram.verify import verify_ggufs, verify_table
+    from lowvram.export.llamacpp import _threads
+    from lowvram.export.verify import verify_ggufs, verify_table
+    from lowvram.model.tiny import ensure_tiny_model
 
     bench_export.VOCAB = args.vocab
     root = Path(args.work or tempfile.mkdtemp(prefix="bench-verify-"))

@@ -41,8 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout works without pip install
 
-from lowvram.memory import ALL_LINEAR, GIB, STACKS, MemoryEstimate, Stack, estimate
-from lowvram.models import CATALOG, ModelSpec, get_spec
+from lowvram.plan.catalog import CATALOG, ModelSpec, get_spec
+from lowvram.plan.memory import ALL_LINEAR, GIB, STACKS, MemoryEstimate, Stack, estimate
 
 DATA = Path(__file__).resolve().parent / "data" / "vram_points.csv"
 ERROR_BOUND = 0.20
@@ -78,7 +78,7 @@ MODELS: dict[str, ModelSpec] = {
 HF_448 = Stack("transformers 4.48 + PEFT", kernels="hf", logits="full_fp32", fp32_non_quantized=False)
 # The notebooks ran Unsloth of 2024-2025 (the Llama-3.2-3B one prints 2024.10), whose fused loss sized
 # one chunk to half the free memory, with no 2 GiB cap and no minimum of 8 chunks: unsloth_zoo's
-# chunked CE came later (lowvram.memory, UNSLOTH_CE_CHUNK_CAP_GIB). Their Stack says so.
+# chunked CE came later (lowvram.plan.memory, UNSLOTH_CE_CHUNK_CAP_GIB). Their Stack says so.
 UNSLOTH_NOTEBOOKS = replace(STACKS["unsloth"], name="unsloth (2024-2025 notebooks)", ce_chunk_cap_gib=None)
 
 
@@ -412,7 +412,7 @@ def calibrate(csv_path: Path = DATA) -> Calibration:
 
 
 def report(cal: Calibration, verbose: bool = False) -> list[str]:
-    from lowvram.ui import table
+    from lowvram.utils.ui import table
 
     rows = []
     for r in cal.results:

@@ -65,7 +65,7 @@ def config_for(name: str, max_positions: int = 131072):
     """A transformers config of `name`'s family at the catalog's real dimensions."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from lowvram.models import get_spec
+    from lowvram.plan.catalog import get_spec
 
     spec = get_spec(name)
     if spec is None:
@@ -94,7 +94,7 @@ def build_random_model(name: str, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     cfg = config_for(name)
     torch.manual_seed(0)
@@ -165,10 +165,10 @@ def write_full_length_data(out: Path, tokenizer_dir: Path, tokens: int, rows: in
 
 
 def _stage_peaks(peaks: dict):
-    """Wrap lowvram.train.run_stage so each stage's peak memory is measured on its own."""
+    """Wrap lowvram.train.stage.run_stage so each stage's peak memory is measured on its own."""
     import torch
 
-    import lowvram.train as train
+    import lowvram.train.stage as train
 
     original = train.run_stage
 
@@ -268,8 +268,8 @@ def child(args) -> None:
 
 
 def _plan(overrides: list[str], budget: float, t4: bool):
-    from lowvram.hardware import Device, detect_device
-    from lowvram.planner import make_plan
+    from lowvram.plan.hardware import Device, detect_device
+    from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
 
     recipe, _ = load_recipe("chat-assistant", overrides)
@@ -499,7 +499,7 @@ def main() -> None:
         res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", str(root / "tests")], cwd=root)
         if res.returncode != 0:
             print(f"gpu tests failed (exit {res.returncode})", flush=True)
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"

@@ -2,7 +2,7 @@
 
     python scripts/make_bnb_fixture.py      # bitsandbytes comes with the test extra (CPU works)
 
-lowvram dequantizes 4-bit bases in plain torch (lowvram/merge.py) so export runs without
+lowvram dequantizes 4-bit bases in plain torch (lowvram/export/merge.py) so export runs without
 bitsandbytes or a GPU. This file pins that code to bitsandbytes' own results: for NF4 and FP4,
 with and without double quantization, it stores each weight exactly as transformers saves a
 4-bit checkpoint (packed bytes + absmax + quant_map [+ nested_*] + quant_state JSON) and, beside

@@ -4,7 +4,7 @@
     python scripts/tier_table.py --json
 
 One row per tier, model family and stage, planned for a card of exactly the tier's size (24, 16,
-12, 8 GiB) by `lowvram.planner.tier_table()`. Every number is computed: the model is the largest of
+12, 8 GiB) by `lowvram.plan.planner.tier_table()`. Every number is computed: the model is the largest of
 its family whose SFT and DPO estimates fit that card at the tier's targets (batch 1, 10% safety
 margin), and the sequence, batch and accumulation are the planner's fit; the tiers only say what
 to aim for (sequence length, effective batch, LoRA rank). `--card 16gb=t4` plans on a known card.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout works without pip install
 
-from lowvram.planner import tier_table
+from lowvram.plan.planner import tier_table
 
 
 def markdown(rows: list[dict]) -> str:

@@ -66,7 +66,7 @@ def tiny_cache(tmp_path_factory):
 def tiny_model_dir(tiny_cache):
     """The built-in tiny Llama, pretrained (about a minute to build on 2 cores): for tests that train or export,
     where what the model has learnt matters. Tests that use it are marked slow (above)."""
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -74,7 +74,7 @@ def tiny_model_dir(tiny_cache):
 @pytest.fixture(scope="session")
 def tiny_init_model_dir(tiny_cache):
     """The same tiny Llama as initialised, not pretrained (seconds): where only shapes, names and tokenizer matter."""
-    from lowvram.tiny import ensure_tiny_model
+    from lowvram.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model(pretrained=False)
 
@@ -83,6 +83,6 @@ def tiny_init_model_dir(tiny_cache):
 def tiny_tokenizer_dir(tiny_cache):
     """The tiny model's SentencePiece tokenizer alone (about a second), with its chat template; also what
     `builtin:tiny-llama` resolves to wherever lowvram only counts tokens."""
-    from lowvram.tiny import ensure_tiny_tokenizer
+    from lowvram.model.tiny import ensure_tiny_tokenizer
 
     return ensure_tiny_tokenizer()

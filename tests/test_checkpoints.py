@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tmpfs import fill, small_tmpfs
+from helpers.tmpfs import fill, small_tmpfs
 
-from lowvram.checkpoints import MARKER, newest_complete, validate
 from lowvram.cli import main
+from lowvram.train.checkpoints import MARKER, newest_complete, validate
 
 pytestmark = pytest.mark.slow
 

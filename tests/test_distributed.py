@@ -19,9 +19,9 @@ import pytest
 
 from lowvram.cli import main
 from lowvram.errors import UserError
-from lowvram.hardware import simulated_device
-from lowvram.parallel import plan_per_card, split_batch
-from lowvram.planner import StagePlan
+from lowvram.plan.hardware import simulated_device
+from lowvram.plan.parallel import plan_per_card, split_batch
+from lowvram.plan.planner import StagePlan
 from lowvram.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +308,7 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
         env=_env(),
         start_new_session=True,
     )
-    from lowvram.train import latest_checkpoint
+    from lowvram.train.stage import latest_checkpoint
 
     _wait(lambda: len(list(tmp_path.glob("demo-*/sft/checkpoints"))) > 0, proc, "the run directory")
     (run,) = tmp_path.glob("demo-*")  # one run directory, named by the main process

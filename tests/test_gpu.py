@@ -82,11 +82,11 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
     were never trained (tests/base_fixture.py) is found, its rows set to the mean and trained through
     Unsloth's fused loss, kept frozen in DPO, and the SFT model then ends its greedy answers."""
     import torch
-    from base_fixture import TURN_TOKENS, build_untrained_base
+    from helpers.base_fixture import TURN_TOKENS, build_untrained_base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.special_tokens import load_rows, make_rows_trainable
+    from lowvram.model.turn_tokens import load_rows, make_rows_trainable
 
     if importlib.util.find_spec("unsloth") is None:
         pytest.skip("unsloth is not installed: pip install 'lowvram[gpu]'")

@@ -34,7 +34,7 @@ def test_run_with_an_infinite_beta_is_refused_before_anything_is_written(tmp_pat
 @pytest.mark.slow
 def test_a_diverging_stage_stops_and_saves_nothing_non_finite(tiny_model_dir, tmp_path, capsys):
     """beta=1e30 is finite but makes DPO's gradient infinite at the first step; the weights would turn NaN."""
-    from lowvram.adapters import nonfinite_tensors
+    from lowvram.model.adapters import nonfinite_tensors
 
     run = tmp_path / "run"
     rc = main(

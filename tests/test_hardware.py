@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lowvram.errors import UserError
-from lowvram.hardware import Device, detect_device, known_card, simulated_device
-from lowvram.tiers import TIERS, select_tier
+from lowvram.plan.hardware import Device, detect_device, known_card, simulated_device
+from lowvram.plan.tiers import TIERS, select_tier
 
 # (name, total GiB as the driver reports it, compute capability, expected tier, expected dtype)
 CARDS = [

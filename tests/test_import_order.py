@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 import lowvram.pipeline as pipeline
 from lowvram.errors import UserError
-from lowvram.hardware import Device
+from lowvram.plan.hardware import Device
 
 # This machine has no CUDA card; the pipeline is told it trains on one (a 24 GiB card).
 pipeline.training_device = lambda vram, gpu: Device("cuda", "test card", 24.0, 24.0, (8, 9), "torch")

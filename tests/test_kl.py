@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowvram.kl import _ratio_sem, _sem, kl_text
+from lowvram.evaluate.kl import _ratio_sem, _sem, kl_text
 
 
 def test_kl_is_shown_with_its_standard_error():
@@ -48,7 +48,7 @@ def test_kl_is_exact_per_token_and_never_negative(tiny_init_model_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from lowvram.kl import adapter, generate, kl_from_samples, token_kls
+    from lowvram.evaluate.kl import adapter, generate, kl_from_samples, token_kls
 
     tok = AutoTokenizer.from_pretrained(str(tiny_init_model_dir))
     model = _peft_model(tiny_init_model_dir, noise=0.02)
@@ -78,7 +78,7 @@ def test_kl_is_exact_per_token_and_never_negative(tiny_init_model_dir):
     assert stats["kl_per_token"] == pytest.approx(sum(sums) / sum(len(a) for _, a in pairs), rel=1e-5)
     assert stats["kl_per_token_sem"] > 0
     with adapter(model, "default"):  # what the old estimate summed: the log-ratio of the sampled tokens only
-        from lowvram.kl import answer_logps
+        from lowvram.evaluate.kl import answer_logps
 
         lp = answer_logps(model, tok, [p for p, _ in pairs], [a for _, a in pairs])
     with adapter(model, "ref"):

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from lowvram.cli import main
-from lowvram.hardware import simulated_device
-from lowvram.lengths import plan_with_data, stage_lengths
+from lowvram.plan.hardware import simulated_device
+from lowvram.plan.lengths import plan_with_data, stage_lengths
 from lowvram.recipe import load_recipe
 
 # meta-llama/Llama-3.1-8B's dimensions, so the estimate is an 8B's; the tokenizer is the tiny model's.

@@ -7,8 +7,8 @@ from itertools import pairwise
 
 import pytest
 
-from lowvram.memory import GIB, STACKS, Stack, estimate
-from lowvram.models import CATALOG, ModelSpec
+from lowvram.plan.catalog import CATALOG, ModelSpec
+from lowvram.plan.memory import GIB, STACKS, Stack, estimate
 
 LLAMA_8B = CATALOG["unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"]
 QWEN_7B = CATALOG["unsloth/Qwen2.5-7B-Instruct-bnb-4bit"]
@@ -235,7 +235,7 @@ def test_unsloth_fragmentation_follows_the_largest_block_not_a_share_of_the_step
 def test_head_dim_from_config_json_is_honoured(tmp_path):
     import json
 
-    from lowvram.models import get_spec, spec_from_config
+    from lowvram.plan.catalog import get_spec, spec_from_config
 
     # google/gemma-2-9b-it: 16 heads of 256 over a 3584-wide residual (3584 / 16 would be 224).
     gemma = {

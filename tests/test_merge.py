@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowvram.errors import UserError
-from lowvram.merge import BaseChoice, _bnb_state, _dequantize_4bit, choose_base, merge_lora, read_adapter
-from lowvram.safetensors_io import SafetensorsWriter, read_safetensors_header, read_tensor
+from lowvram.export.merge import BaseChoice, _bnb_state, _dequantize_4bit, choose_base, merge_lora, read_adapter
+from lowvram.utils.safetensors_io import SafetensorsWriter, read_safetensors_header, read_tensor
 
 BNB_FIXTURE = Path(__file__).parent / "data" / "bnb4bit.safetensors"  # scripts/make_bnb_fixture.py
 
@@ -216,7 +216,7 @@ def test_corrupt_and_unsupported_adapters(tmp_path):
 
 
 def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_init_model_dir):
-    from lowvram.merge import merge_layout
+    from lowvram.export.merge import merge_layout
 
     wrong = {
         "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 999),

@@ -92,8 +92,8 @@ def _t4_choice(nb) -> tuple[str, list[str]]:
 
 def test_the_t4_default_fits_a_t4_and_the_header_quotes_its_plan():
     """The header's step counts must be what `lowvram plan --gpu t4` gives for the notebook's own choice."""
-    from lowvram.hardware import known_card
-    from lowvram.planner import make_plan
+    from lowvram.plan.hardware import known_card
+    from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
 
     nb = _read()
@@ -248,7 +248,7 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     the second installs it from that cache without compiling, and resumes the finished run from Drive."""
     if not _pip_has_built_llama_cpp():  # the first runtime would compile it: 12-15 minutes
         pytest.skip("pip's wheel cache holds no llama-cpp-python wheel (make setup builds one)")
-    from venvs import venv_without
+    from helpers.venvs import venv_without
 
     from lowvram.wheelcache import HOLD_ENV, cache_key
 
@@ -296,7 +296,7 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     again.cells.insert(2, nbformat.v4.new_code_cell(SHORTEN))
     again.cells.append(
         nbformat.v4.new_code_cell(  # the export cell's first lines, without the export itself
-            "from lowvram.llamacpp import export_tools\nfrom lowvram.wheelcache import describe, wait\n"
+            "from lowvram.export.llamacpp import export_tools\nfrom lowvram.wheelcache import describe, wait\n"
             "print(describe(wait(BUILD), BUILD))\nprint('q4_k_m:', export_tools().reason('q4_k_m'))"
         )
     )
@@ -315,8 +315,8 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
 def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_path, tiny_model_dir, monkeypatch):
     """A runtime without llama-cpp-python whose background install fails (here: no package index to get it
     from): the export cell says so and what K-quants need, and writes q8_0 and its Modelfile anyway."""
-    from export_fixture import build_base, build_run_dir
-    from venvs import venv_without
+    from helpers.export_fixture import build_base, build_run_dir
+    from helpers.venvs import venv_without
 
     run = build_run_dir(tiny_model_dir, tmp_path / "run", build_base(tiny_model_dir, tmp_path / "base", train_steps=2))
     jupyter = tmp_path / "jupyter"

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from lowvram.ollama import TemplateUnsupported, derive_chat_format, from_tokenizer, modelfile, probe_conversations
+from lowvram.export.ollama import (
+    TemplateUnsupported,
+    derive_chat_format,
+    from_tokenizer,
+    modelfile,
+    probe_conversations,
+)
 
 GO_RENDERER = Path(__file__).parent / "go" / "render_template.go"
 needs_go = pytest.mark.skipif(
@@ -178,7 +184,7 @@ REFUSES_SYSTEM = (
 
 
 def _named_format(tiny_tok, name):
-    from lowvram.templates import NAMED_TEMPLATES
+    from lowvram.data.templates import NAMED_TEMPLATES
 
     t = NAMED_TEMPLATES[name]
     bos, eos = BOS_EOS.get(name, ("", "<|endoftext|>"))
@@ -201,7 +207,7 @@ def _conversations_with_and_without_system():
 def test_every_named_template_reduces_to_its_shape(tiny_tok, name):
     fn, fmt, bos, eos = _named_format(tiny_tok, name)
     assert fmt.system_mode == SYSTEM_MODE[name]
-    from lowvram.templates import NAMED_TEMPLATES
+    from lowvram.data.templates import NAMED_TEMPLATES
 
     assert fmt.stop[0] == NAMED_TEMPLATES[name].turn_end(eos)
     for conv in _conversations_with_and_without_system():
@@ -267,7 +273,7 @@ def test_stop_strings_are_written_without_escapes_ollama_does_not_read():
     ],
 )
 def test_modelfile_refuses_what_ollama_would_drop_or_cut(system, why):
-    from lowvram.ollama import modelfile_problems
+    from lowvram.export.ollama import modelfile_problems
 
     assert any(why in p for p in modelfile_problems(system)), modelfile_problems(system)
     with pytest.raises(ValueError):

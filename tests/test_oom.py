@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from lowvram.cli import main
-from lowvram.oom import MIN_SEQ_LEN, next_settings
+from lowvram.train.oom import MIN_SEQ_LEN, next_settings
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +98,11 @@ def test_step_down_order_batch_first_then_sequence():
 def test_a_resumed_stage_keeps_what_an_earlier_out_of_memory_stepped_down_to(tmp_path):
     import dataclasses
 
-    from lowvram.hardware import Device
-    from lowvram.oom import run_with_step_down
-    from lowvram.planner import make_plan
+    from lowvram.plan.hardware import Device
+    from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
-    from lowvram.train import StageContext
+    from lowvram.train.oom import run_with_step_down
+    from lowvram.train.stage import StageContext
 
     recipe, _ = load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2"])
     plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))

@@ -12,12 +12,12 @@ import pytest
 
 from lowvram.cli import main
 from lowvram.errors import UserError
-from lowvram.hardware import KNOWN_CARDS, Device, known_card, simulated_device
-from lowvram.memory import estimate
-from lowvram.models import CATALOG, get_spec
-from lowvram.planner import SAFETY_MARGIN_FRACTION, SEQ_LADDER, make_plan, tier_table
+from lowvram.plan.catalog import CATALOG, get_spec
+from lowvram.plan.hardware import KNOWN_CARDS, Device, known_card, simulated_device
+from lowvram.plan.memory import estimate
+from lowvram.plan.planner import SAFETY_MARGIN_FRACTION, SEQ_LADDER, make_plan, tier_table
+from lowvram.plan.tiers import TIERS
 from lowvram.recipe import load_recipe, shipped_recipes
-from lowvram.tiers import TIERS
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = Device("cpu", "CPU", 0, 0, None, "none")

@@ -21,8 +21,8 @@ import pytest
 
 from lowvram.cli import main
 from lowvram.errors import UserError
-from lowvram.hardware import Device, known_card
-from lowvram.planner import make_plan
+from lowvram.plan.hardware import Device, known_card
+from lowvram.plan.planner import make_plan
 from lowvram.recipe import load_recipe
 
 CPU = Device("cpu", "CPU", 0, 0, None, "none")
@@ -100,7 +100,7 @@ def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_init_model_dir):
     import bitsandbytes as bnb
     import torch
 
-    from lowvram.hf_backend import load_for_training
+    from lowvram.model.hf_backend import load_for_training
 
     plan, recipe = _plan("bf16")
     model = load_for_training(plan, recipe, str(tiny_init_model_dir))
@@ -122,9 +122,9 @@ def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_init_model_dir):
 def test_bf16_qlora_sft_then_dpo_runs_under_autocast(tiny_model_dir, tmp_path):
     """bf16 embeddings, fp32 norms and fp32 LoRA through TRL's trainers (and its fused LM head) under
     bf16 autocast, as on an Ampere card: CPU autocast runs the same mixed dtypes."""
+    from lowvram.model.tiny import resolve_model_path
     from lowvram.pipeline import load_stage_data
-    from lowvram.tiny import resolve_model_path
-    from lowvram.train import StageContext, run_stage
+    from lowvram.train.stage import StageContext, run_stage
 
     recipe, path = load_recipe("demo", ["model.load_in_4bit=true", "sft.max_steps=2", "dpo.max_steps=2"])
     plan = dataclasses.replace(make_plan(recipe, CPU), dtype="bf16")
@@ -149,7 +149,7 @@ def test_a_checkpoint_saved_in_4bit_computes_in_the_plans_dtype(tiny_init_model_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowvram.hf_backend import four_bit_kwargs, load_for_training, quantization_config, saved_quantization
+    from lowvram.model.hf_backend import four_bit_kwargs, load_for_training, quantization_config, saved_quantization
 
     saved = tmp_path / "tiny-bnb-4bit"
     AutoModelForCausalLM.from_pretrained(
@@ -194,7 +194,7 @@ def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowvram.hf_backend import quantization_config
+    from lowvram.model.hf_backend import quantization_config
 
     out = tmp_path_factory.mktemp("nf4") / "tiny-llama-bnb-4bit"
     model = AutoModelForCausalLM.from_pretrained(
@@ -269,8 +269,8 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lowvram.export import ExportOptions, export_run
-    from lowvram.hf_backend import prepare_4bit_model
+    from lowvram.export.run import ExportOptions, export_run
+    from lowvram.model.hf_backend import prepare_4bit_model
 
     result = export_run(q4_run, ExportOptions(gguf=("f16",), merged=True))
     assert result.verified_ok and result.verify_rows and result.files["f16"].is_file()
@@ -295,7 +295,7 @@ def test_merge_prefers_the_local_16bit_original(q4_run, nf4_base, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lowvram.merge import choose_base, merge_lora, read_adapter
+    from lowvram.export.merge import choose_base, merge_lora, read_adapter
 
     base_json = tmp_path / "base.json"
     base_json.write_text(
@@ -322,7 +322,7 @@ def test_merge_prefers_the_local_16bit_original(q4_run, nf4_base, tiny_model_dir
 
 @pytest.mark.slow
 def test_killed_nf4_run_resumes_with_its_8bit_optimizer(tiny_model_dir, tmp_path):
-    from lowvram.train import latest_checkpoint
+    from lowvram.train.stage import latest_checkpoint
 
     run = tmp_path / "killed"
     env = {**os.environ, "LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
@@ -368,8 +368,8 @@ def test_reward_model_and_evaluation_load_the_saved_4bit_base_as_training_does(q
     import bitsandbytes as bnb
     import torch
 
-    from lowvram.evaluate import load_run_models
-    from lowvram.reward import _load_classifier
+    from lowvram.evaluate.run import load_run_models
+    from lowvram.train.reward import _load_classifier
 
     plan, _ = _plan("bf16")
     with warnings.catch_warnings(record=True) as caught:

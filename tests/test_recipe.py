@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from lowvram.errors import UserError
-from lowvram.hardware import Device, known_card, simulated_device
-from lowvram.planner import make_plan
+from lowvram.plan.hardware import Device, known_card, simulated_device
+from lowvram.plan.planner import make_plan
 from lowvram.recipe import (
     Recipe,
     apply_overrides,

@@ -13,12 +13,12 @@ import pytest
 
 from lowvram.cli import main
 from lowvram.recipe import dump_recipe, load_recipe
-from lowvram.runlock import LOCK_NAME, FolderBusy, folder_lock
+from lowvram.utils.runlock import LOCK_NAME, FolderBusy, folder_lock
 
 HOLD = (
     "import sys, time\n"
     "from pathlib import Path\n"
-    "from lowvram.runlock import folder_lock\n"
+    "from lowvram.utils.runlock import folder_lock\n"
     "with folder_lock(Path(sys.argv[1]), 'run'):\n"
     "    print('locked', flush=True)\n"
     "    time.sleep(600)\n"
@@ -86,7 +86,7 @@ def test_two_processes_racing_for_one_folder_never_both_hold_it(tmp_path):
     code = (
         "import os, sys, time\n"
         "from pathlib import Path\n"
-        "from lowvram.runlock import folder_lock, FolderBusy\n"
+        "from lowvram.utils.runlock import folder_lock, FolderBusy\n"
         "got = 0\n"
         "for _ in range(40):\n"
         "    try:\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lowvram.cli import main
+from lowvram.data.templates import NAMED_TEMPLATES, chat_template_text, resolve_chat_template
 from lowvram.errors import UserError
-from lowvram.templates import NAMED_TEMPLATES, chat_template_text, resolve_chat_template
 
 
 def make_base_folder(tiny_dir: Path, out: Path) -> Path:
@@ -126,7 +126,7 @@ def test_dpo_length_reason_matches_the_numbers(capsys):
 
 
 def test_summary_labels_the_sft_loss_as_a_mean_of_logged_steps(tmp_path):
-    from lowvram.report import summarize, summary_lines
+    from lowvram.evaluate.report import summarize, summary_lines
 
     rows = [{"stage": "sft", "step": i, "loss": 5.0 - i * 0.4} for i in range(1, 11)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -90,9 +90,9 @@ def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
 
 
 def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
-    from lowvram.hardware import Device
-    from lowvram.hf_backend import load_for_training
-    from lowvram.planner import make_plan
+    from lowvram.model.hf_backend import load_for_training
+    from lowvram.plan.hardware import Device
+    from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
 
     recipe, _ = load_recipe("demo")
@@ -157,7 +157,7 @@ def test_reference_check_stops_a_reference_that_is_not_the_sft_policy(tiny_model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lowvram.adapters import BadReference, check_reference, check_start_rewards
+    from lowvram.model.adapters import BadReference, check_reference, check_start_rewards
 
     def lora():
         return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -201,7 +201,7 @@ def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypat
     """
     import weakref
 
-    from lowvram import train
+    from lowvram.train import stage as train
 
     loaded, alive_when_dpo_loads = [], []
     real_load = train.load_model
@@ -391,7 +391,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     env = {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
     proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], env)
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
-    from lowvram.train import latest_checkpoint
+    from lowvram.train.stage import latest_checkpoint
 
     ckpt_step = int(latest_checkpoint(run / "sft" / "checkpoints").name.split("-")[1])
     while max(_sft_steps(run), default=0) <= ckpt_step + 1 and proc.poll() is None:
@@ -431,7 +431,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     assert proc.returncode == 130, err
     assert f"lowvram run --resume {run}" in err and "Traceback" not in err
     assert "pip install kernels" not in err  # bitsandbytes' notice on a CPU with AVX512-BF16 (this CI's): not ours
-    from lowvram.train import latest_checkpoint
+    from lowvram.train.stage import latest_checkpoint
 
     state = json.loads((latest_checkpoint(run / "sft" / "checkpoints") / "trainer_state.json").read_text())
     stopped_at = int(err.split("at step ")[1].split(";")[0])
@@ -456,7 +456,7 @@ def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    from lowvram.train import latest_checkpoint
+    from lowvram.train.stage import latest_checkpoint
 
     newest = latest_checkpoint(run / "sft" / "checkpoints")
     assert f"The newest complete checkpoint is {newest}" in err, err
@@ -468,10 +468,10 @@ def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_
 
 
 def test_out_of_memory_message_names_the_setting_and_a_value(tmp_path):
-    from lowvram.hardware import known_card
-    from lowvram.planner import make_plan
+    from lowvram.plan.hardware import known_card
+    from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
-    from lowvram.train_common import StageContext, oom_message
+    from lowvram.train.common import StageContext, oom_message
 
     recipe, _ = load_recipe("chat-assistant", ["sft.batch_size=4", "sft.grad_accum=2"])
     plan = make_plan(recipe, known_card("t4"))
@@ -518,7 +518,7 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from lowvram import train
+    from lowvram.train import stage as train
 
     run = tmp_path / "dpo-killed"
     proc = _spawn(

@@ -1,4 +1,4 @@
-"""Console output (lowvram/ui.py): plain text off a terminal, rich in one; both forms checked as written."""
+"""Console output (lowvram/utils/ui.py): plain text off a terminal, rich in one; both forms checked as written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from lowvram import ui
+from lowvram.utils import ui
 
 SFT = [("loss", "loss", "{:.3f}"), ("mean_token_accuracy", "tok_acc", "{:.2f}")]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -149,7 +149,7 @@ def test_terminal_detection(monkeypatch):
 def test_only_the_main_process_of_a_group_shows_progress(tmp_path, capsys):
     from transformers import TrainerState
 
-    from lowvram.callbacks import make_callback
+    from lowvram.train.callbacks import make_callback
 
     for zero in (True, False):
         state = TrainerState(max_steps=4, is_world_process_zero=zero)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lowvram import llamacpp
+from lowvram.export import llamacpp
 
 
 @pytest.mark.parametrize("running, cores, threads", [(1, 2, 2), (2, 2, 1), (7, 2, 1), (3, 16, 14), (40, 16, 1)])

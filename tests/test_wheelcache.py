@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from venvs import venv_without
+from helpers.venvs import venv_without
 
 from lowvram import wheelcache
 

@@ -123,10 +123,10 @@ class CheckReport:
         }
 
     def lines(self, strict: bool = False) -> list[str]:
-        """The report: a table (lowvram.ui) of what was found, whose plain text reads one finding per line."""
+        """The report: a table (lowvram.utils.ui) of what was found, whose plain text reads one finding per line."""
         import textwrap
 
-        from lowvram.ui import table
+        from lowvram.utils.ui import table
 
         title = f"{self.stage} data" if self.stage else "data"
         title = f"{title}: {self.source}" + (f" ({self.kind})" if self.kind else "")
