@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lowvram.errors import UserError
 from lowvram.recipe import Recipe, apply_overrides, parse_recipe, read_recipe_file
+from lowvram.utils.fileio import atomic_write_text
 
 RECIPE = "recipe.yaml"  # the recipe as run, overrides applied (a resume reads it back)
 PLAN = "plan.json"  # Plan.to_dict(): the settings and their reasons
@@ -51,6 +52,29 @@ def tokenizer_dir(run_dir: Path) -> Path:
 
 def metrics_file(run_dir: Path) -> Path:
     return Path(run_dir) / METRICS
+
+
+def supersede_metrics(run_dir: Path, stage: str, resumed_step: int | None) -> int:
+    """Drop `stage`'s records after `resumed_step` (all of them when it is None): they are about to be
+    trained and logged again. Lines cut short by a kill go too. Returns how many lines were dropped."""
+    path = metrics_file(run_dir)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("stage") == stage:
+            step = row.get("step")
+            if resumed_step is None or not isinstance(step, int) or step > resumed_step:
+                continue
+        keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+    return len(lines) - len(keep)
 
 
 def summary_file(run_dir: Path) -> Path:

@@ -41,7 +41,6 @@ EXCEPTIONS = {
     ("lowvram.recipe", "lowvram.export.llamacpp"): "GGUF type names: `export.gguf` is checked before training",
     # training measures KL to the reference with the same maths as `lowvram eval`; kl.py imports no lowvram module
     ("lowvram.train.callbacks", "lowvram.evaluate.kl"): "the KL logged during training is eval's KL",
-    ("lowvram.train.common", "lowvram.evaluate.report"): "supersede_metrics: the metrics file belongs to rundir (next)",
 }
 
 

@@ -39,7 +39,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN/metrics.jsonl, each (stage, step, kind) once: a later record replaces an earlier one.
 
     After a resume the steps between the checkpoint and the interruption are trained again; the file
-    is trimmed when that happens (`supersede_metrics`), and this also holds for files written before.
+    is trimmed when that happens (`rundir.supersede_metrics`), and this also holds for files written before.
     """
     path = rundir.metrics_file(run_dir)
     if not path.is_file():
@@ -49,31 +49,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
         latest.pop((row.get("stage"), row.get("step"), _kind(row)), None)  # re-inserted last: file order kept
         latest[(row.get("stage"), row.get("step"), _kind(row))] = row
     return list(latest.values())
-
-
-def supersede_metrics(run_dir: Path, stage: str, resumed_step: int | None) -> int:
-    """Drop `stage`'s records after `resumed_step` (all of them when it is None): they are about to be
-    trained and logged again. Lines cut short by a kill go too. Returns how many lines were dropped."""
-    from lowvram.utils.fileio import atomic_write_text
-
-    path = rundir.metrics_file(run_dir)
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    keep = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("stage") == stage:
-            step = row.get("step")
-            if resumed_step is None or not isinstance(step, int) or step > resumed_step:
-                continue
-        keep.append(line)
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(x + "\n" for x in keep))
-    return len(lines) - len(keep)
 
 
 def _train_logs(rows: list[dict], stage: str) -> list[dict]:

@@ -17,8 +17,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.errors import Interrupted, OutOfMemory
-from lowvram.evaluate.report import supersede_metrics
 from lowvram.model.adapters import restore_policy, save_policy
 from lowvram.model.turn_tokens import HEAD_ROWS_FILE, restore_rows, save_rows, trains_rows
 from lowvram.plan.planner import Plan, StagePlan
@@ -77,7 +77,7 @@ def _main_resume_point(ctx: StageContext, required: tuple[str, ...]) -> Path | N
             flush=True,
         )
     # the steps after the checkpoint are trained again: their old metrics lines would be logged twice
-    supersede_metrics(ctx.run_dir, ctx.stage, checkpoint_step(resume_from) if resume_from else None)
+    rundir.supersede_metrics(ctx.run_dir, ctx.stage, checkpoint_step(resume_from) if resume_from else None)
     return resume_from
 
 
