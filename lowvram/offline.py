@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from lowvram.model.tiny import BUILTIN_PREFIX
+
 TELEMETRY_OFF = {"HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
 HUB_OFF = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -24,7 +26,6 @@ def hub_uses(recipe, model_name: str | None, stages: list[str] | None = None) ->
 
     `model_name` None: the model is chosen later from the family and tier, always a Hub id.
     """
-    from lowvram.model.tiny import BUILTIN_PREFIX
 
     uses = []
     if model_name is None:

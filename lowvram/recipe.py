@@ -20,8 +20,11 @@ from typing import Any
 import yaml
 
 from lowvram.data.formats import DATA_FORMATS
+from lowvram.data.templates import template_problem
 from lowvram.errors import UserError
 from lowvram.export.llamacpp import GGUF_TYPES
+from lowvram.plan.catalog import FAMILIES
+from lowvram.plan.tiers import tier_names
 
 
 def _recipes_dir() -> Path:
@@ -347,8 +350,6 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
 
 
 def _cross_checks(r: Recipe, errors: list[str]) -> None:
-    from lowvram.plan.catalog import FAMILIES
-    from lowvram.plan.tiers import tier_names
 
     if r.model.family not in FAMILIES:
         hint = difflib.get_close_matches(r.model.family, FAMILIES, n=1)
@@ -359,8 +360,6 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         errors.append(f"model.tier: {r.model.tier!r} is not a tier; use auto, {', '.join(tier_names())}{extra}")
     if r.model.chat_template:
-        from lowvram.data.templates import template_problem
-
         problem = template_problem(r.model.chat_template)
         if problem:
             errors.append(problem)

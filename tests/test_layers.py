@@ -216,6 +216,22 @@ def _nested_lowvram_imports(path: Path) -> list[int]:
     return lines
 
 
+# Where a lowvram import inside a function buys start-up time: the command line imports each command's modules
+# only when that command runs (`lowvram --help` loads no stage; tests/test_cli.py checks torch stays out), and
+# doctor and the notebook's wheel cache are read by light commands. Everywhere else, imports are at the top.
+LAZY_BOUNDARY = {"lowvram.cli", "lowvram.doctor", "lowvram.wheelcache"}
+
+
+def test_lowvram_imports_are_at_the_top_outside_the_command_line_boundary():
+    nested = {
+        f"{_module_name(p)}:{line}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if _module_name(p) not in LAZY_BOUNDARY
+        for line in _nested_lowvram_imports(p)
+    }
+    assert sorted(nested) == []
+
+
 def test_only_rundir_names_the_run_directorys_own_files():
     """recipe.yaml, plan.json and base.json are written down once, in rundir.py (docstrings aside)."""
     names = {"recipe.yaml", "plan.json", "base.json"}

@@ -26,6 +26,7 @@ from lowvram.data.load import ParsedRows, parse_records, read_source
 from lowvram.data.load import plural as _n
 from lowvram.data.sources import DataFileError, Location, Problem
 from lowvram.errors import EXIT_CHECK_FAILED, EXIT_OK
+from lowvram.utils.ui import table
 
 if TYPE_CHECKING:
     from lowvram.recipe import DataConfig
@@ -125,8 +126,6 @@ class CheckReport:
     def lines(self, strict: bool = False) -> list[str]:
         """The report: a table (lowvram.utils.ui) of what was found, whose plain text reads one finding per line."""
         import textwrap
-
-        from lowvram.utils.ui import table
 
         title = f"{self.stage} data" if self.stage else "data"
         title = f"{title}: {self.source}" + (f" ({self.kind})" if self.kind else "")

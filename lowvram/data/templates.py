@@ -17,6 +17,7 @@ import difflib
 from dataclasses import dataclass
 
 from lowvram.errors import UserError
+from lowvram.utils.ui import table
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,6 @@ def chat_template_text(value: str | None) -> str | None:
 
 
 def templates_table() -> str:
-    from lowvram.utils.ui import table
 
     rows = [
         (t.name, t.family, " ".join(t.control_tokens) or "(none)", t.end_of_turn or "the tokenizer's EOS", t.system)

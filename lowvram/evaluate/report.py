@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lowvram import rundir
 from lowvram.evaluate.kl import kl_text
+from lowvram.utils.fileio import atomic_write_text
 
 
 def _parse_lines(path: Path) -> list[dict]:
@@ -196,7 +197,6 @@ def write_plots(run_dir: Path) -> list[Path]:
 def write_report(run_dir: Path) -> dict:
     summary = summarize(run_dir)
     summary["plots"] = [str(p.relative_to(run_dir)) for p in write_plots(run_dir)]
-    from lowvram.utils.fileio import atomic_write_text
 
     atomic_write_text(rundir.summary_file(run_dir), json.dumps(summary, indent=2))
     return summary

@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 from lowvram import rundir
+from lowvram.data.check import check_data
 from lowvram.evaluate.kl import kl_text
-from lowvram.evaluate.report import write_plots
+from lowvram.evaluate.report import summarize, summary_lines, write_plots
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
@@ -122,7 +123,6 @@ def _plan_section(run_dir: Path) -> str:
 
 
 def _data_section(run_dir: Path) -> str:
-    from lowvram.data.check import check_data
 
     try:
         recipe = rundir.read_recipe(run_dir)
@@ -156,7 +156,6 @@ def _curves_section(run_dir: Path) -> str:
 
 
 def _summary_section(run_dir: Path) -> str:
-    from lowvram.evaluate.report import summarize, summary_lines
 
     lines = summary_lines(summarize(run_dir))
     if not lines:

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lowvram import rundir
+from lowvram.data import load_preference_data
 from lowvram.errors import UserError
 from lowvram.evaluate.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, kl_text, prompt_text
+from lowvram.model.hf_backend import load_4bit
 from lowvram.model.tiny import resolve_model_path
-from lowvram.utils.ui import quiet_libraries
+from lowvram.train.reward import load_scorer
+from lowvram.utils.ui import quiet_libraries, table
 
 
 def prompt_label(prompt) -> str:
@@ -37,7 +40,6 @@ def prompt_label(prompt) -> str:
 
 def heldout_prompts(recipe, limit: int, run_dir: Path | None = None) -> tuple[list, str]:
     """(prompts, where they come from): those the preference stage kept, else its held-out split reloaded."""
-    from lowvram.data import load_preference_data
 
     kept = rundir.eval_dir(run_dir) / PROMPTS_FILE if run_dir is not None else None
     if kept is not None and kept.is_file():
@@ -72,8 +74,6 @@ def load_run_models(run_dir: Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if base.load_in_4bit:  # the base the adapters were trained on
-        from lowvram.model.hf_backend import load_4bit
-
         device = torch.cuda.current_device() if cuda else "cpu"
         model = load_4bit(AutoModelForCausalLM, path, dtype, device_map={"": device})
     else:
@@ -137,7 +137,6 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         run_dir=run_dir,
         best_of=best_of or 0,
     )
-    from lowvram.train.reward import load_scorer
 
     rm = load_scorer(run_dir)  # None without an rm/ stage
     print(
@@ -368,7 +367,6 @@ def best_of_n(ev: EvalSet, answers: dict[str, Answered], judge: Scorer | None) -
 
 def summary_lines(summary: dict) -> list[str]:
     """The eval as a table, for the terminal."""
-    from lowvram.utils.ui import table
 
     def f(v, fmt):
         return "-" if v is None else fmt.format(v)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.export.llamacpp import gguf_vocab
 
 # Inputs a tokenizer port gets wrong first: Unicode (accents, CJK, emoji, combining marks, RTL), digit
 # runs, whitespace runs (spaces, tabs, newlines), code, contractions, and text glued to special tokens.
@@ -131,7 +132,6 @@ def probe_texts(tokenizer) -> list[str]:
 
 def _first_mismatch(gguf_path: Path, tok, texts: list[str]):
     """(text, transformers ids, llama.cpp ids, metadata) of the first probe tokenized differently, else (None, .., meta)."""
-    from lowvram.export.llamacpp import gguf_vocab
 
     with gguf_vocab(gguf_path) as vocab:
         meta = dict(vocab.metadata)

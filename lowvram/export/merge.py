@@ -26,6 +26,7 @@ from enum import Enum
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.model.tiny import TINY_NAME, ensure_tiny_model
 from lowvram.model.turn_tokens import rows_for_merge
 from lowvram.utils.safetensors_io import (
     DTYPE_BYTES,
@@ -71,8 +72,6 @@ def local_checkpoint(name: str | None) -> Path | None:
     if (p / "config.json").is_file():
         return p if _shards(p) else None
     if name.startswith("builtin:"):
-        from lowvram.model.tiny import TINY_NAME, ensure_tiny_model
-
         return ensure_tiny_model() if name == TINY_NAME else None
     if name.count("/") != 1:
         return None

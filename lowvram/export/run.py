@@ -27,11 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowvram import rundir
+from lowvram.data.templates import resolve_chat_template
 from lowvram.errors import UserError
-from lowvram.export.llamacpp import GGUF_TYPES
-from lowvram.export.ollama import SYSTEM_MODES
+from lowvram.export import llamacpp
+from lowvram.export import merge as mg
+from lowvram.export.gguf_checks import check_gguf_tokenizer, set_end_of_turn
+from lowvram.export.llamacpp import BITS_PER_WEIGHT, GGUF_TYPES, export_tools
+from lowvram.export.ollama import SYSTEM_MODES, TemplateUnsupported, from_tokenizer, modelfile, modelfile_problems
 from lowvram.export.verify import verify_ggufs
+from lowvram.model.adapters import check_saved_adapter_finite
 from lowvram.plan.hardware import available_ram_bytes
+from lowvram.utils.fileio import check_writable, disk_full
+from lowvram.utils.runlock import folder_lock, pid_alive
 
 if TYPE_CHECKING:
     from lowvram.export.llamacpp import ExportTools
@@ -222,7 +229,6 @@ def _clean_leftovers(out_dir: Path) -> None:
 
     Nothing else in the folder is touched: a user's own hidden or .partial files stay.
     """
-    from lowvram.utils.runlock import pid_alive
 
     for p in out_dir.glob(f"{SCRATCH_PREFIX}*"):
         pid = p.name[len(SCRATCH_PREFIX) :]
@@ -244,7 +250,6 @@ def disk_needed(
     merged_bytes: int, types: tuple[str, ...], keep_merged: bool, intermediate: str | None, adapter_bytes: int
 ) -> dict[str, int]:
     """Bytes each output needs (estimates from the merged size and each type's bits per weight)."""
-    from lowvram.export.llamacpp import BITS_PER_WEIGHT
 
     n_weights = merged_bytes / 2  # the merged folder is 16-bit
     need = {"merged 16-bit folder" + ("" if keep_merged else " (temporary)"): merged_bytes}
@@ -275,7 +280,6 @@ def check_disk(out_dir: Path, need: dict[str, int]) -> None:
 
 def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
     """Merge, convert, quantize, write Modelfiles and verify, as asked. See the module docstring."""
-    from lowvram.export import merge as mg
 
     run = inspect_run(run_dir)
     asked_something = opts.gguf is not None or opts.merged or opts.lora
@@ -311,8 +315,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         )
     tools = None
     if types:
-        from lowvram.export.llamacpp import export_tools
-
         tools = export_tools()
         tools.require(types)  # each type this machine cannot write, with what it needs
         result.notes.append(tools.converter)
@@ -340,8 +342,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         eos=tuple(_eos_tokens(run.tokenizer_dir)) if types else (),
     )
     if types:  # the Modelfiles are written after the GGUFs: make sure they can be, before anything is written
-        from lowvram.export.ollama import modelfile_problems
-
         problems = modelfile_problems(system, decided.stops())
         if problems:
             raise UserError(
@@ -351,7 +351,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             )
     _check_adapter_finite(run)
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file()) if opts.lora else 0
-    from lowvram.utils.fileio import check_writable
 
     check_writable(out_dir, "export folder", hint="Write elsewhere with --out DIR.")
     check_disk(
@@ -371,7 +370,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
             f"Cannot write to the export folder {out_dir}: it is read-only for this user.",
             hint="Write elsewhere with --out DIR.",
         )
-    from lowvram.utils.runlock import folder_lock
 
     with folder_lock(out_dir, "export") as note:  # two exports into one folder would break each other
         if note:
@@ -380,8 +378,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         try:
             return _export_locked(decided, result)
         except (OSError, RuntimeError) as e:
-            from lowvram.utils.fileio import disk_full
-
             if not disk_full(e, out_dir):
                 raise
             raise UserError(
@@ -392,7 +388,6 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
 
 
 def _check_adapter_finite(run: RunInfo) -> None:
-    from lowvram.model.adapters import check_saved_adapter_finite
 
     check_saved_adapter_finite(
         run.adapter_dir,
@@ -403,7 +398,6 @@ def _check_adapter_finite(run: RunInfo) -> None:
 
 def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
     """Steps 2-5 of the module docstring, with the output folder locked and everything checked."""
-    from lowvram.export import merge as mg
 
     run, opts, out_dir, types = d.run, d.opts, d.out_dir, d.types
     _say(f"Exporting {run.run_dir} ({run.stage} adapter: {d.adapter.line()})")
@@ -425,8 +419,6 @@ def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
             d.base, d.adapter, merged_dir, tokenizer_dir=run.tokenizer_dir, dtype=opts.dtype, layout=d.layout
         )
         if d.end_of_turn:
-            from lowvram.export.gguf_checks import set_end_of_turn
-
             note = set_end_of_turn(merged_dir, d.end_of_turn)
             if note:
                 _say(f"  {note}")
@@ -439,8 +431,6 @@ def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
             _export_gguf(d, merged_dir, scratch, result)
             for t in types:
                 mf = out_dir / f"{run.name}-{t}.Modelfile"
-                from lowvram.export.ollama import modelfile
-
                 _write_text(
                     mf,
                     modelfile(result.files[t].name, d.fmt, d.system, stop=[d.end_of_turn, *d.eos]),
@@ -500,7 +490,6 @@ def _quant_source(types: tuple[str, ...], merged_dtype: str, tools) -> str | Non
 
 
 def _export_gguf(d: _Decided, merged_dir: Path, scratch: Path, result: ExportResult) -> None:
-    from lowvram.export import llamacpp
 
     run, types, intermediate, tools, out_dir = d.run, d.types, d.intermediate, d.tools, d.out_dir
     log = out_dir / "export.log"
@@ -514,8 +503,6 @@ def _export_gguf(d: _Decided, merged_dir: Path, scratch: Path, result: ExportRes
         t0 = time.perf_counter()
         llamacpp.convert(merged_dir, temp, t, log, model_name=run.name)
         if not produced:  # the quantized types share this vocabulary: one check covers them all
-            from lowvram.export.gguf_checks import check_gguf_tokenizer
-
             info = check_gguf_tokenizer(
                 temp, merged_dir, expect_eos=d.end_of_turn, expect_name=run.name, tokenize=tools.verifies
             )
@@ -558,9 +545,6 @@ def _chat_format(run: RunInfo, system: str | None):
     of its own by edit distance and would prompt the model differently from how it was trained.
     """
     from transformers import AutoTokenizer
-
-    from lowvram.data.templates import resolve_chat_template
-    from lowvram.export.ollama import TemplateUnsupported, from_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(run.tokenizer_dir))
     try:

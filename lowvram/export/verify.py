@@ -25,6 +25,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowvram.export.llamacpp import GGUFModel
+from lowvram.export.ollama import probe_conversations
+from lowvram.plan.hardware import available_ram_bytes
+from lowvram.utils.ui import table
+
 GREEDY_TOKENS = 24
 MAX_PROBE_TOKENS = 256
 EXACT_TYPES = ("f16", "bf16", "q8_0")  # greedy output must match the merged model (up to near-ties)
@@ -131,10 +136,6 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowvram.export.llamacpp import GGUFModel
-    from lowvram.export.ollama import probe_conversations
-    from lowvram.plan.hardware import available_ram_bytes
 
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     # float32 arithmetic on the merged 16-bit weights is the reference; a model too big for that in
@@ -251,7 +252,6 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
 
 
 def verify_table(rows: list[dict]) -> str:
-    from lowvram.utils.ui import table
 
     out = []
     for r in rows:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.recipe import SAMPLES_DIR
 
 BUILTIN_PREFIX = "builtin:"  # a model lowvram builds itself instead of loading
 TINY_NAME = f"{BUILTIN_PREFIX}tiny-llama"
@@ -43,7 +44,6 @@ def cache_dir() -> Path:
 
 def _corpus() -> list[str]:
     """Every string in the shipped samples, plus the chat markup, for the tokenizer to learn."""
-    from lowvram.recipe import SAMPLES_DIR
 
     texts: list[str] = []
 
@@ -147,7 +147,6 @@ def build_tiny_model(out_dir: Path, seed: int = 0, pretrain_steps: int = PRETRAI
 
 def _plain_text() -> list[str]:
     """Every message of the SFT sample as a plain sentence: what the base model has 'read'."""
-    from lowvram.recipe import SAMPLES_DIR
 
     texts = []
     for line in (SAMPLES_DIR / "chat_sft.jsonl").read_text(encoding="utf-8").splitlines():

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lowvram.data.templates import resolve_chat_template
+
 NEAR_ZERO = 0.1  # of the median row norm
 RESERVED = re.compile(
     r"^(<unused\d+>|<\|reserved_special_token_\d+\|>|\[unused\d+\]|<extra_id_\d+>|<\|extra_\d+\|>"
@@ -46,7 +48,6 @@ class Untrained:
 
 def turn_tokens(tokenizer, chat_template: str | None) -> list[str]:
     """The control tokens a chat template relies on: its named tokens, or the special tokens it emits."""
-    from lowvram.data.templates import resolve_chat_template
 
     named = resolve_chat_template(chat_template) if chat_template else None
     eos = tokenizer.eos_token

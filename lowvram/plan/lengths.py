@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowvram.data.check import check_data, token_lengths
+from lowvram.data.sources import looks_like_local_path
 from lowvram.errors import UserError
+from lowvram.model.tiny import BUILTIN_PREFIX, TINY_NAME, TINY_VERSION, cache_dir, ensure_tiny_tokenizer
 from lowvram.plan.hardware import Device
 from lowvram.plan.planner import Plan, make_plan
 from lowvram.recipe import Recipe
@@ -66,7 +69,6 @@ class DataLengths:
 
 def is_local(recipe: Recipe, stage: str, recipe_dir: Path | None) -> bool:
     """Whether a stage trains on data already on this machine (the samples, or a local file or folder)."""
-    from lowvram.data.sources import looks_like_local_path
 
     data = getattr(recipe, stage).data
     if recipe.use_samples:
@@ -81,15 +83,12 @@ def is_local(recipe: Recipe, stage: str, recipe_dir: Path | None) -> bool:
 
 def _builtin_built() -> bool:
     """Planning must not build the tiny model (a minute of CPU) just to count tokens."""
-    from lowvram.model.tiny import TINY_VERSION, cache_dir
 
     return (cache_dir() / f"tiny-llama-v{TINY_VERSION}" / "tokenizer_config.json").is_file()
 
 
 def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | None) -> tuple[DataLengths | None, str]:
     """(lengths or None, why): the stage's rows counted with the model's tokenizer, when both are local."""
-    from lowvram.data.check import check_data, token_lengths
-    from lowvram.model.tiny import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
         return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
@@ -151,11 +150,8 @@ def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, 
 
 def local_tokenizer(model: str) -> tuple[Any, str]:
     """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
-    from lowvram.model.tiny import BUILTIN_PREFIX
 
     if model.startswith(BUILTIN_PREFIX):
-        from lowvram.model.tiny import TINY_NAME, ensure_tiny_tokenizer
-
         if model != TINY_NAME:
             return None, model
         path = str(ensure_tiny_tokenizer())

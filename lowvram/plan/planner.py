@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from lowvram.errors import UserError
 from lowvram.model.tiny import BUILTIN_PREFIX
 from lowvram.plan.catalog import CATALOG, ModelSpec, get_spec
-from lowvram.plan.hardware import Device
+from lowvram.plan.hardware import Device, known_card, simulated_device
 from lowvram.plan.memory import ALL_LINEAR, MemoryEstimate, estimate
 from lowvram.plan.tiers import GPU_TIERS, SAFETY_MARGIN_FRACTION, Tier, family_models, largest_fitting, select_tier
-from lowvram.recipe import Recipe, StageConfig
+from lowvram.recipe import ModelConfig, Recipe, StageConfig
+from lowvram.utils.ui import table
 
 __all__ = ["SAFETY_MARGIN_FRACTION", "SEQ_LADDER", "Plan", "StagePlan", "make_plan", "tier_table"]
 # Sequence lengths the planner chooses from, longest first.
@@ -84,7 +85,6 @@ class Plan:
     def lines(self) -> list[str]:
         """The decisions, each with its reason, then each stage's settings and the memory estimate: tables
         (lowvram.utils.ui) whose plain text reads one decision per line."""
-        from lowvram.utils.ui import table
 
         decisions = [
             (k, str(getattr(self, k)) if k != "lora" else f"r={self.lora_r} alpha={self.lora_alpha}", self.reasons[k])
@@ -120,7 +120,6 @@ class Plan:
         planned = [sp for sp in self.stages.values() if sp.estimate is not None]
         if not planned:
             return [f"{'memory':<9} not estimated: {self.reasons.get('memory', 'no CUDA card, so no VRAM budget')}"]
-        from lowvram.utils.ui import table
 
         def seq(sp: StagePlan) -> str:  # the length the estimate used: the data's longest row when known
             if sp.data_lengths and sp.data_lengths["max"] < sp.max_seq_len:
@@ -696,8 +695,6 @@ def tier_table(cards: dict[str, str] | None = None) -> list[dict]:
     default models are computed for; `cards` maps a tier to a known card instead (e.g. {"16gb": "t4"}).
     The tier table is the planner's output: `scripts/tier_table.py` prints it for the README.
     """
-    from lowvram.plan.hardware import known_card, simulated_device
-    from lowvram.recipe import ModelConfig
 
     rows = []
     for tier in GPU_TIERS:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lowvram.evaluate.kl import PROMPTS_FILE, REFERENCE, kl_text, kl_to_reference, prompt_text
 from lowvram.utils import ui
+from lowvram.utils.dist import is_main
 
 
 class _Stop:
@@ -146,8 +147,6 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
     RUN/eval/heldout_prompts.jsonl, so `lowvram eval` answers the same ones without the data at hand.
     """
     from transformers import TrainerCallback
-
-    from lowvram.utils.dist import is_main
 
     cfg = recipe.eval
     if run_dir is not None and is_main():

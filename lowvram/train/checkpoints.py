@@ -25,6 +25,9 @@ import re
 import zipfile
 from pathlib import Path
 
+from lowvram.utils.dist import wait_for_everyone
+from lowvram.utils.safetensors_io import read_safetensors_header
+
 MARKER = ".lowvram-complete"
 SET_ASIDE_PREFIX = "incomplete-"  # the Trainer's rotation globs checkpoint-*; this name is outside it
 _STEP = re.compile(r"checkpoint-(\d+)")
@@ -62,8 +65,6 @@ def _check_file(path: Path) -> str | None:
         except (UnicodeDecodeError, ValueError) as e:
             return f"{path.name} is not valid JSON ({e})"
     elif path.suffix == ".safetensors":
-        from lowvram.utils.safetensors_io import read_safetensors_header
-
         try:
             read_safetensors_header(path)
         except ValueError as e:
@@ -155,7 +156,6 @@ def completion_callback(save_extra=None):
 
     class CompletionMarker(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
-            from lowvram.utils.dist import wait_for_everyone
 
             wait_for_everyone()  # in a process group each process writes its own RNG state file
             if not state.is_world_process_zero:

@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.train.checkpoints import newest_complete
 
 
 class Diverged(UserError):
@@ -60,7 +61,6 @@ def divergence_error(stage: str, what: str, run_dir: Path, recipe, step: int) ->
     if stage == "dpo" and cfg.beta > 1:
         fixes.append(f"dpo.beta={_fmt(cfg.beta)} is large (0.1 is usual): lower it too.")
         overrides.append("dpo.beta=0.1")
-    from lowvram.train.checkpoints import newest_complete
 
     ckpt, _ = newest_complete(run_dir / stage / "checkpoints")
     where = (

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lowvram.errors import OutOfMemory
-from lowvram.plan.memory import GIB, MemoryEstimate
+from lowvram.plan.catalog import get_spec
+from lowvram.plan.memory import GIB, MemoryEstimate, estimate
+from lowvram.plan.planner import _est_stage, _targets
+from lowvram.train.checkpoints import newest_complete
 
 MIN_SEQ_LEN = 128  # below this, chat examples lose their answers: stop and say so instead
 MAX_STEP_DOWNS = 8  # batch 128 -> 1 and a few halvings of the sequence, at most
@@ -61,9 +64,6 @@ def _estimate_for(ctx, sp) -> MemoryEstimate | None:
     """The estimate at a stage plan's settings, computed like the planner's (None without a budget)."""
     if ctx.sp.estimate is None:
         return None
-    from lowvram.plan.catalog import get_spec
-    from lowvram.plan.memory import estimate
-    from lowvram.plan.planner import _est_stage, _targets
 
     plan = ctx.plan
     return estimate(
@@ -163,7 +163,6 @@ def _keep_earlier_step_downs(ctx, log: Path):
 
 def run_with_step_down(ctx, train: Callable) -> Path:
     """Run `train(ctx)`; on CUDA out-of-memory, step the settings down and resume from the checkpoint."""
-    from lowvram.train.checkpoints import newest_complete
 
     log = Path(ctx.stage_dir) / "step_down.jsonl"
     enabled = getattr(getattr(ctx.recipe, ctx.stage), "oom_step_down", True)

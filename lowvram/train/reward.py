@@ -15,9 +15,12 @@ import dataclasses
 from pathlib import Path
 
 from lowvram import rundir
+from lowvram.data import load_preference_data
+from lowvram.model.hf_backend import load_4bit
 from lowvram.model.tiny import resolve_model_path
 from lowvram.train.callbacks import make_callback
 from lowvram.train.common import StageContext, eval_args, quiet_trainer, to_datasets, train_and_save, trainer_args
+from lowvram.train.stage import load_tokenizer
 from lowvram.utils.ui import quiet_libraries
 
 RM_DIR = "rm"
@@ -42,8 +45,6 @@ def _load_classifier(model_path: str, plan, adapter: Path | None = None, trainab
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)
     torch.manual_seed(0)  # the new score head starts the same way every time
     if plan.load_in_4bit:  # as the policy's base
-        from lowvram.model.hf_backend import load_4bit
-
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         model = load_4bit(AutoModelForSequenceClassification, model_path, dtype, num_labels=1, device_map={"": device})
     else:
@@ -59,9 +60,6 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
     """Train the reward model on the preference pairs; return RUN/rm/adapter."""
     from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
-
-    from lowvram.data import load_preference_data
-    from lowvram.train.stage import load_tokenizer
 
     quiet_libraries()
     ctx = _stage_context(run_dir, recipe, plan, model_path)

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowvram.data.templates import chat_template_text
 from lowvram.errors import UserError
+from lowvram.model import hf_backend, unsloth_backend
+from lowvram.model.adapters import check_reference, check_start_rewards, start_rewards
+from lowvram.model.hf_backend import fp32_adapters
+from lowvram.model.turn_tokens import prepare, train_rows
 from lowvram.recipe import Recipe
 from lowvram.train.callbacks import kl_callback, make_callback
 from lowvram.train.common import (
@@ -27,6 +32,8 @@ from lowvram.train.common import (
     train_and_save,
     trainer_args,
 )
+from lowvram.train.oom import run_with_step_down
+from lowvram.utils.fileio import disk_full
 from lowvram.utils.ui import quiet_libraries
 
 # ------------------------------------------------------------------ loading
@@ -55,11 +62,9 @@ def load_model(ctx: StageContext, adapter: Path | None):
     Both backends check the chat template's turn tokens between loading the base and adding the
     adapter, through the same code (special_tokens.prepare); its trainable rows train in SFT only.
     """
-    from lowvram.model.turn_tokens import train_rows
 
     sp = ctx.sp
     if ctx.plan.backend == "unsloth":
-        from lowvram.model import unsloth_backend
 
         def prepare_tokens(model, tok):
             _apply_template(tok, ctx.recipe)
@@ -77,7 +82,6 @@ def load_model(ctx: StageContext, adapter: Path | None):
         _apply_template(tok, ctx.recipe)
         train_rows(model, ctx.stage, ctx.recipe.dpo.method)
         return model, tok
-    from lowvram.model import hf_backend
 
     tok = load_tokenizer(ctx.model_path, ctx.recipe)
     try:
@@ -100,14 +104,11 @@ def load_model(ctx: StageContext, adapter: Path | None):
 
 def _apply_template(tok, recipe: Recipe) -> None:
     if recipe.model.chat_template:
-        from lowvram.data.templates import chat_template_text
-
         tok.chat_template = chat_template_text(recipe.model.chat_template)
 
 
 def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:
     """Untrained turn tokens of the chat template: fixed and made trainable (lowvram/model/turn_tokens.py)."""
-    from lowvram.model.turn_tokens import prepare
 
     prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter)
     return None  # its own row wrappers, not PEFT's trainable tokens (see special_tokens.make_rows_trainable)
@@ -235,7 +236,6 @@ def run_preference(ctx: StageContext, data) -> Path:
 
 def _check_reference(ctx: StageContext, trainer, model) -> None:
     """DPO/KTO: stop unless the reference is a frozen copy of the SFT policy and the rewards start at 0."""
-    from lowvram.model.adapters import check_reference, check_start_rewards, start_rewards
 
     print(f"[dpo] reference: {check_reference(model, ctx.init_adapter)}", flush=True)
     if latest_checkpoint(ctx.stage_dir / "checkpoints") is None:  # a resumed policy has moved on
@@ -259,7 +259,6 @@ def _fp32_adapters(ctx: StageContext, model):
 
     if ctx.plan.backend != "hf" or not ctx.plan.load_in_4bit:
         return nullcontext()
-    from lowvram.model.hf_backend import fp32_adapters
 
     return fp32_adapters(model, ctx.stage)
 
@@ -267,21 +266,14 @@ def _fp32_adapters(ctx: StageContext, model):
 def run_stage(ctx: StageContext, data) -> Path:
     """Train one stage (`ctx.stage`) on already-validated data; return the adapter folder."""
     if ctx.plan.backend == "unsloth":
-        from lowvram.model import unsloth_backend
-
         unsloth_backend.activate()  # before TRL is imported below
     quiet_libraries()
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    from lowvram.train.oom import (
-        run_with_step_down,  # CUDA out-of-memory: smaller settings, resume (lowvram/train/oom.py)
-    )
 
     train = run_sft if ctx.stage == "sft" else run_preference
     try:
         return run_with_step_down(ctx, lambda c: train(c, data))
     except (OSError, RuntimeError) as e:
-        from lowvram.utils.fileio import disk_full
-
         if not disk_full(e, ctx.stage_dir):
             raise
         ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")

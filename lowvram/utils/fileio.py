@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from lowvram.errors import UserError
+
 FULL_BELOW_BYTES = 1 << 20  # "full": less than this is free
 
 
@@ -57,7 +59,6 @@ def disk_full(exc: BaseException, path: Path) -> bool:
 
 def check_writable(folder: Path, what: str, hint: str) -> None:
     """UserError unless `folder` (or the nearest existing folder above it, where it will be made) is writable."""
-    from lowvram.errors import UserError
 
     p = Path(folder)
     while not p.exists() and p != p.parent:
