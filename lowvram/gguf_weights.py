@@ -247,7 +247,7 @@ def load_gguf_weights(gguf_path: Path, model, merged_dir: Path | None = None) ->
             report.dequantize_s += time.perf_counter() - t0
             w = processor.process(weights=w, name=name).weights
             target = params[hf_name]
-            w = np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(target.shape))
+            w = np.require(w, np.float32, ["C", "W"]).reshape(tuple(target.shape))  # memmap views are read-only
             if hf_name in merged:
                 shard = merged[hf_name]
                 if shard not in handles:
