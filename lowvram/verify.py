@@ -20,7 +20,7 @@ Two questions, answered separately:
     moves with noise; that is said beside it). cost_line() turns it into advice by model size and type.
 
 Cost: transformers runs one batched forward for the merged model, and one per quantized type with that
-file's weights (none for a 16-bit file whose tensors equal the merged ones). Each GGUF then evaluates
+file's weights on the continuations and the prose (none for a 16-bit file whose tensors equal the merged ones). Each GGUF then evaluates
 each probe once in llama.cpp, teacher-forced; the greedy continuations come from the most precise file.
 """
 
@@ -239,6 +239,7 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
     # predicted positions: the continuation of each prompt, and every position of each text
     cont = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, cands)]
     spans = cont + [slice(0, len(s) - 1) for s in texts]
+    check = [*range(len(prompts)), len(seqs) - 1]  # what the conversion check runs: continuations and PROSE
     n_pred = sum(len(ids) - 1 for ids in texts)
     nll_ref = sum(_nll(h, ids) for h, ids in zip(ref[len(prompts) :], texts))
 
@@ -246,8 +247,10 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
     for t, path in ggufs.items():
         t0 = time.perf_counter()
         weights = load_gguf_weights(Path(path), model, merged_dir)
-        # a 16-bit file of a 16-bit merge holds the merged weights exactly: the reference forward stands for it
-        own = ref if weights.exact else _forward(model, seqs, pad)
+        # a 16-bit file of a 16-bit merge holds the merged weights exactly: the reference forward stands for it.
+        # Otherwise transformers runs the file's weights on the prompts' continuations and the prose only (about
+        # half the tokens, still ~100 positions): the conversion check needs them, the cost uses every probe.
+        own = ref if weights.exact else _forward(model, [seqs[i] for i in check], pad)
         with GGUFModel(path, n_ctx=max(512, longest)) as g:
             mismatch = None
             for ids in seqs:
@@ -256,13 +259,16 @@ def verify_ggufs(merged_dir: Path, ggufs: dict, system: str | None, stop_ids: se
                     mismatch = text[:60]
                     break
             gg = [g.logits(ids) for ids in seqs]
-        own_p = np.concatenate([h[s] for h, s in zip(own, spans)])
+        if weights.exact:
+            own = [own[i] for i in check]
+        own_p = np.concatenate([h[spans[i]] for h, i in zip(own, check)])
         ref_p = np.concatenate([h[s] for h, s in zip(ref, spans)])
         gg_p = np.concatenate([h[s] for h, s in zip(gg, spans)])
+        gg_check = np.concatenate([gg[i][spans[i]] for i in check])
         finite = bool(np.isfinite(own_p).all() and np.isfinite(gg_p).all() and np.isfinite(ref_p).all())
         # (a) llama.cpp against transformers on the same weights
-        conv_kl = float(_kl(own_p, gg_p).mean()) if finite else math.nan
-        same = own_p.argmax(-1) == gg_p.argmax(-1)
+        conv_kl = float(_kl(own_p, gg_check).mean()) if finite else math.nan
+        same = own_p.argmax(-1) == gg_check.argmax(-1)
         clear = _margin(own_p) >= CLEAR_MARGIN
         n_cont = sum(len(c) for c in cands)
         same_cont, clear_cont = same[:n_cont], clear[:n_cont]

@@ -650,3 +650,27 @@ def test_read_only_export_folder(fixture_run, tmp_path, capsys):
         assert rc == 2 and "Cannot create the export folder" in err and "Traceback" not in err, err
     finally:
         undo()
+
+
+REAL_MODEL = os.environ.get("LOWVRAM_REAL_MODEL_DIR")  # e.g. SmolLM2-135M-Instruct as a plain HF folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_MODEL, reason="set LOWVRAM_REAL_MODEL_DIR to a real model's Hugging Face folder")
+def test_real_small_model_q8_0_and_q4_k_m_are_ok_with_their_cost_shown(tmp_path):
+    """A real small model loses more in 8 bits than a 1M-parameter fixture or a 7B model: its faithful files must
+    pass (they used to be called broken) and report what they cost, q4_k_m more than q8_0."""
+    from lowvram import llamacpp
+    from lowvram.verify import cost_line, verify_ggufs, verify_table
+
+    src, log = Path(REAL_MODEL), tmp_path / "export.log"
+    llamacpp.convert(src, tmp_path / "m-f16.gguf", "f16", log)
+    files = {"f16": tmp_path / "m-f16.gguf"}
+    for t in ("q8_0", "q4_k_m"):
+        llamacpp.quantize(files["f16"], tmp_path / f"m-{t}.gguf", t, log)
+        files[t] = tmp_path / f"m-{t}.gguf"
+    rows = {r["type"]: r for r in verify_ggufs(src, files, None)}
+    table = verify_table(list(rows.values()))
+    assert all(r["status"] == "ok" for r in rows.values()), table
+    assert rows["f16"]["kl"] < 1e-3 < rows["q8_0"]["kl"] < rows["q4_k_m"]["kl"], table
+    assert "nats/token" in cost_line(rows["q4_k_m"], list(rows.values()))
