@@ -318,14 +318,24 @@ def export_and_report(run_dir: Path, opts) -> int:
     import shlex
 
     from lowvram.export.run import export_run
-    from lowvram.export.verify import explain, verify_table
+    from lowvram.export.verify import cost_line, explain, verify_table
 
     result = export_run(run_dir, opts)
     if result.verify_rows:
-        print("\nVerification: each GGUF in llama.cpp against the merged model in transformers\n", flush=True)
+        print(
+            "\nVerification: each GGUF in llama.cpp against transformers. The check (ok/FAIL) asks whether the\n"
+            "conversion is right: same tokens, the merged tensors within their type's rounding, and llama.cpp\n"
+            "computing what transformers computes with the file's own weights (conversion KL). The cost columns\n"
+            "say what quantization lost against the merged model (KL nats/token; top-1 where it is confident).\n",
+            flush=True,
+        )
         from lowvram.utils.ui import echo
 
         echo(verify_table(result.verify_rows))
+        for r in result.verify_rows:
+            line = cost_line(r, result.verify_rows)
+            if line:
+                print(f"  {line}", flush=True)
     if result.modelfiles:
         print("\nRun it:", flush=True)
         for line in usage_lines(result):
@@ -339,8 +349,8 @@ def export_and_report(run_dir: Path, opts) -> int:
     if failed or (opts.strict and warned):
         what = f"failed for {', '.join(failed)}" if failed else f"warned for {', '.join(warned)} (--strict)"
         print(
-            f"error: verification {what}: llama.cpp disagrees with transformers beyond the tolerances "
-            f"(see the table). The files are kept for inspection.",
+            f"error: verification {what}: the conversion is wrong, not merely rounded (see the table). "
+            f"The files are kept for inspection.",
             file=sys.stderr,
         )
         return EXIT_CHECK_FAILED

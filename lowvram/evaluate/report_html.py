@@ -300,6 +300,8 @@ def _export_section(run_dir: Path) -> str:
                 [
                     _e(t),
                     f"<span class='{cls}'>{_e(status)}</span>",
+                    _fmt(v.get("conv_kl"), "{:.1e}"),
+                    _fmt(v.get("kl"), "{:.4f}"),
                     _fmt(v.get("agree"), "{:.2f}"),
                     _fmt(v.get("ppl_change"), "{:+.3f}"),
                     _e(v.get("tokens_same")),
@@ -309,7 +311,16 @@ def _export_section(run_dir: Path) -> str:
         out.append(
             f"<p>{_e(path.parent)}</p>"
             + _table(
-                ["GGUF", "status", "top-1 agreement", "perplexity change", "same greedy tokens", "reasons"],
+                [
+                    "GGUF",
+                    "conversion (ok/FAIL)",
+                    "conversion KL",
+                    "cost: KL nats/token",
+                    "cost: top-1 where confident",
+                    "cost: perplexity change",
+                    "same tokens",
+                    "reasons",
+                ],
                 rows,
                 "verify",
             )

@@ -460,7 +460,10 @@ def _export_locked(d: _Decided, result: ExportResult) -> ExportResult:
                 out_dir / VERIFY_FILE,
                 json.dumps(
                     {
-                        r["type"]: {k: r[k] for k in ("status", "reasons", "agree", "ppl_change", "tokens_same")}
+                        r["type"]: {
+                            k: r.get(k)
+                            for k in ("status", "reasons", "agree", "ppl_change", "tokens_same", "kl", "conv_kl")
+                        }
                         for r in rows
                     },
                     indent=2,
