@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -335,6 +336,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def _ended_share(answers: list[list[int]], eos: int | None) -> float | None:
+    """Share of answers that end on the end-of-turn token (EOS), i.e. before the max_new_tokens cap."""
+    if not answers:
+        return None
+    return sum(1 for a in answers if a and a[-1] == eos) / len(answers)
+
+
 def _win_rate(a: list[float], b: list[float]) -> float | None:
     """Share of prompts where a beats b (ties count half)."""
     if not a:
@@ -397,12 +405,16 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         stats = {
             "model": name,
             "adapter": None if adapter_name is None else str(run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+            "median_answer_tokens": statistics.median(len(a) for a in g) if g else None,
+            "ended_turn_share": _ended_share(g, tok.eos_token_id),
             "mean_answer_tokens": _mean([len(a) for a in g]),
             "mean_answer_chars": _mean([len(t) for t in _texts(tok, g)]),
             "mean_sampled_tokens": _mean([len(a) for grp in s for a in grp]),
         }
         stats.update(kl_from_samples(model, tok, prompts, s, adapter_name, reference))
         stats["generate_s"] = round(time.monotonic() - t0, 2)
+        if "sft" in greedy and name != "sft":
+            stats["same_answers_as_sft"] = sum(a == b for a, b in zip(g, greedy["sft"]))
         per_model[name] = stats
         g_text = _texts(tok, g)
         for i, lab in enumerate(labels):
@@ -461,6 +473,18 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
         "models": list(per_model.values()),
     }
+    if "sft" in greedy and "final" in greedy:  # the answers that changed most first: what the reader looks at
+        side = [
+            {
+                "prompt": lab,
+                "sft": tok.decode(greedy["sft"][i], skip_special_tokens=True).strip(),
+                "sft_tokens": len(greedy["sft"][i]),
+                "final": tok.decode(greedy["final"][i], skip_special_tokens=True).strip(),
+                "final_tokens": len(greedy["final"][i]),
+            }
+            for i, lab in enumerate(labels)
+        ]
+        summary["side_by_side"] = sorted(side, key=lambda r: -abs(r["sft_tokens"] - r["final_tokens"]))
     if best_of and best_of > 0:
         summary["best_of_n"] = _best_of_n(
             model,
@@ -555,11 +579,14 @@ def summary_lines(summary: dict) -> list[str]:
     def f(v, fmt):
         return "-" if v is None else fmt.format(v)
 
+    cap = summary["max_new_tokens"]
     rows = [
         (
             m["model"],
+            f(m.get("median_answer_tokens"), "{:g}"),
             f(m.get("mean_answer_tokens"), "{:.1f}"),
-            f(m.get("kl"), "{:.2f}"),
+            f(m.get("ended_turn_share"), "{:.0%}"),
+            kl_text(m.get("kl"), m.get("kl_sem")),
             f(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
             f(m.get("rm_score"), "{:+.3f}"),
             f(m.get("rm_win_rate_vs_sft"), "{:.2f}"),
@@ -567,12 +594,14 @@ def summary_lines(summary: dict) -> list[str]:
         for m in summary["models"]
     ]
     lines = [
-        f"Eval on {summary['prompts_source']} (reference: {summary['reference']}):",
+        f"Eval on {summary['prompts_source']} (reference: {summary['reference']}; greedy answers, cap {cap} tokens):",
         table(
             rows,
             (
                 "model",
-                "answer tokens",
+                "median tokens",
+                "mean tokens",
+                f"ended turn < {cap}",
                 f"KL to {summary['reference']} (nats)",
                 "implicit margin vs sft",
                 "RM score",
@@ -580,6 +609,7 @@ def summary_lines(summary: dict) -> list[str]:
             ),
         ),
     ]
+    lines += changed_lines(summary)
     for m in summary["models"]:
         if m["model"] == "final" and m.get("kl") is not None and m["kl"] > summary["kl_warn_nats"]:
             lines.append(
@@ -595,4 +625,38 @@ def summary_lines(summary: dict) -> list[str]:
         )
     elif b:
         lines.append(f"Best-of-N skipped: {b['skipped']}")
+    return lines
+
+
+def kl_text(kl: float | None, sem: float | None) -> str:
+    """A KL estimate with its standard error; one within noise of zero reads as such, never as negative."""
+    if kl is None:
+        return "-"
+    if sem is not None and abs(kl) <= 2 * sem:
+        return f"~0 (±{sem:.2f})"
+    return f"{kl:.2f}" + (f" ±{sem:.2f}" if sem is not None else "")
+
+
+def changed_lines(summary: dict, show: int = 3, width: int = 160) -> list[str]:
+    """What the preference stage changed in the answers: length, turn endings, and a few side by side."""
+    by = {m["model"]: m for m in summary["models"]}
+    sft, final = by.get("sft"), by.get("final")
+    if not sft or not final:
+        return []
+    lines = []
+    ms, mf = sft.get("median_answer_tokens"), final.get("median_answer_tokens")
+    if ms and mf is not None:
+        lines.append(
+            f"Final vs SFT on {summary['prompts']} held-out prompts: median answer {ms:g} -> {mf:g} tokens "
+            f"({mf / ms:.2f}x); ended their turn before the cap {sft['ended_turn_share']:.0%} -> "
+            f"{final['ended_turn_share']:.0%}; answers identical to the SFT model's: "
+            f"{final.get('same_answers_as_sft', '-')} of {summary['prompts']}"
+        )
+    pairs = summary.get("side_by_side") or []
+    for p in pairs[:show]:
+        lines.append(f"  Q: {p['prompt']}")
+        for name in ("sft", "final"):
+            text = " ".join(p[name].split())
+            text = text if len(text) <= width else text[: width - 3] + "..."
+            lines.append(f"    {name:5} ({p[name + '_tokens']} tok): {text}")
     return lines

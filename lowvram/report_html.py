@@ -174,12 +174,16 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
     rows = []
     for m in summary["models"]:
         kl = m.get("kl")
-        kl_cell = _fmt(kl, "{:.2f}")
+        from lowvram.evaluate import kl_text
+
+        kl_cell = _e(kl_text(kl, m.get("kl_sem")))
         if m["model"] == "final" and kl is not None and kl > summary.get("kl_warn_nats", 10):
             kl_cell = f"<span class='warn'>{kl_cell} (over {summary['kl_warn_nats']:g})</span>"
         rows.append(
             [
                 _e(m["model"]),
+                _fmt(m.get("median_answer_tokens"), "{:g}"),
+                _fmt(m.get("ended_turn_share"), "{:.0%}"),
                 _fmt(m.get("mean_answer_tokens"), "{:.1f}"),
                 _fmt(m.get("mean_answer_chars"), "{:.0f}"),
                 kl_cell,
@@ -194,7 +198,9 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
         + _table(
             [
                 "model",
-                "answer tokens",
+                "median answer tokens",
+                f"answers ending their turn before {summary.get('max_new_tokens', '?')} tokens",
+                "mean answer tokens",
                 "answer chars",
                 f"KL to {ref} (nats)",
                 "DPO implicit margin vs sft",
@@ -205,6 +211,11 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
             "models",
         )
     )
+    from lowvram.evaluate import changed_lines
+
+    changed = changed_lines(summary, show=0)
+    if changed:
+        models += f"<p><b>{_e(changed[0])}</b></p>"
     answers = _read_jsonl(run_dir / "eval" / "answers.jsonl")
     names = [m["model"] for m in summary["models"]]
     by_prompt: dict[str, dict] = {}

@@ -30,7 +30,7 @@ from lowvram.hardware import Device
 # This machine has no CUDA card; the pipeline is told it trains on one (a 24 GiB card).
 pipeline._training_device = lambda vram, gpu: Device("cuda", "test card", 24.0, 24.0, (8, 9), "torch")
 try:
-    pipeline.run_pipeline("demo", sys.argv[2:], run_dir=sys.argv[1], export=False)
+    pipeline.run_pipeline("tiny", sys.argv[2:], run_dir=sys.argv[1], export=False)
 except UserError as e:
     print("UserError:", e)
 """
