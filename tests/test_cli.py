@@ -56,12 +56,12 @@ def test_recipes_list_show_copy(tmp_path, capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "chat-assistant" in out and "orpo-tight" in out
-    assert main(["recipes", "show", "demo"]) == 0
+    assert main(["recipes", "show", "tiny"]) == 0
     assert "builtin:tiny-llama" in capsys.readouterr().out
     dest = tmp_path / "mine.yaml"
-    assert main(["recipes", "copy", "demo", str(dest)]) == 0
-    assert dest.read_text().startswith("# demo")
-    assert main(["recipes", "copy", "demo", str(dest)]) == 2  # exists, no --force
+    assert main(["recipes", "copy", "tiny", str(dest)]) == 0
+    assert dest.read_text().startswith("# tiny")
+    assert main(["recipes", "copy", "tiny", str(dest)]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     assert main(["plan", str(dest), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "builtin:tiny-llama"
@@ -77,12 +77,12 @@ def test_plan_with_overrides_after_options(capsys):
     "args,needle",
     [
         (["plan", "qwen-7b"], "Unknown recipe 'qwen-7b'"),
-        (["plan", "demo", "sft.max_seq_len=0", "sft.learning_rate=-1"], "2 problems"),
-        (["plan", "demo", "model.tier=20gb"], "'20gb' is not a tier"),
+        (["plan", "tiny", "sft.max_seq_len=0", "sft.learning_rate=-1"], "2 problems"),
+        (["plan", "tiny", "model.tier=20gb"], "'20gb' is not a tier"),
         (["plan", "chat-assistant", "--vram", "3"], "smallest GPU tier"),
         (["plan", "chat-assistant", "--gpu", "voodoo2"], "Unknown card"),
         (["recipes", "show"], "needs a recipe name"),
-        (["plan", "demo", "notanoverride"], "expected key=value"),
+        (["plan", "tiny", "notanoverride"], "expected key=value"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -121,7 +121,7 @@ def test_export_modules_import_no_training_libraries():
     assert json.loads(out.stdout) == []
 
 
-@pytest.mark.parametrize("name", ["chat-assistant", "concise", "demo", "orpo-tight"])
+@pytest.mark.parametrize("name", ["chat-assistant", "concise", "demo", "tiny", "orpo-tight"])
 def test_recipe_script_runs_the_yaml_beside_it(name, tiny_tokenizer_dir):
     """tiny_tokenizer_dir: demo plans with the tiny model's tokenizer, from the tests' cache, not the user's."""
     from pathlib import Path

@@ -252,7 +252,7 @@ def test_one_invalid_row_is_one_row(tmp_path, capsys):
     from lowvram.recipe import load_recipe
 
     recipe, _ = load_recipe(
-        "demo",
+        "tiny",
         [
             "use_samples=false",
             "sft.enabled=false",
@@ -438,7 +438,7 @@ def test_a_hub_eval_split_on_local_data_holds_out_a_fraction_and_says_so(tmp_pat
     assert "10% held out" in data.reason and "'test'" in data.reason
 
 
-@pytest.mark.parametrize("name", ["demo", "chat-assistant", "concise", "orpo-tight"])
+@pytest.mark.parametrize("name", ["tiny", "chat-assistant", "concise", "orpo-tight"])
 def test_every_recipe_reads_its_samples_offline(name):
     from lowvram.recipe import load_recipe
 

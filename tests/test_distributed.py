@@ -98,14 +98,14 @@ def test_fsdp_when_one_card_cannot_hold_the_model_and_refusals_say_why():
 
 
 def test_unsloth_is_not_run_in_a_process_group():
-    recipe, path = load_recipe("demo", ["model.backend=unsloth"])
+    recipe, path = load_recipe("tiny", ["model.backend=unsloth"])
     with pytest.raises(UserError, match="transformers\\+PEFT") as e:
         plan_per_card(recipe, simulated_device(24), path.parent, 2)
     assert "Unsloth" in " ".join(e.value.problems)
 
 
 def test_plan_command_plans_per_card(capsys):
-    assert main(["plan", "demo", "--gpus", "2"]) == 0
+    assert main(["plan", "tiny", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "parallel  ddp x 2 processes" in out
     assert "global effective batch 8 = 4 per card x accumulation 1 x 2 processes" in out
@@ -121,7 +121,7 @@ def test_plan_command_plans_per_card(capsys):
     ],
 )
 def test_run_refuses_a_group_it_cannot_run_before_launching(args, message, capsys, tmp_path):
-    assert main(["run", "demo", "--run-dir", str(tmp_path / "r"), *args]) == 2
+    assert main(["run", "tiny", "--run-dir", str(tmp_path / "r"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
@@ -247,9 +247,9 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
         "eval.best_of=2",
         "export.gguf=[f16]",
     ]  # after training: the main process alone
-    res = _lowvram("run", "demo", "--gpus", "2", "--run-dir", str(two), *STEPS, *after)
+    res = _lowvram("run", "tiny", "--gpus", "2", "--run-dir", str(two), *STEPS, *after)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ref = _lowvram("run", "demo", "--run-dir", str(one), "--no-export", *STEPS)
+    ref = _lowvram("run", "tiny", "--run-dir", str(one), "--no-export", *STEPS)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     plan = json.loads((two / "plan.json").read_text())
@@ -262,7 +262,7 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
         for (s, a), (_, b) in zip(got[stage], want[stage], strict=True):
             assert a == pytest.approx(b, rel=LOSS_REL_TOL), (stage, s, a, b)
     # one writer: one progress line per step, one summary, one adapter per stage, one metrics file
-    assert res.stdout.count("[sft] step 1/4") == 1 and res.stdout.count("Finished demo") == 1
+    assert res.stdout.count("[sft] step 1/4") == 1 and res.stdout.count("Finished tiny") == 1
     assert sorted(str(p.relative_to(two)) for p in two.glob("*/adapter")) == [
         "dpo/adapter",
         "rm/adapter",
@@ -277,7 +277,7 @@ def test_demo_in_two_processes_matches_one_writes_once_and_exports(tiny_model_di
     # the exported GGUF verifies against transformers
     verify = json.loads((two / "export" / "verify.json").read_text())
     assert {t: row["status"] for t, row in verify.items()} == {"f16": "ok"}
-    assert (two / "export" / "demo-f16.gguf").is_file()
+    assert (two / "export" / "tiny-f16.gguf").is_file()
     assert not _processes_of(two)
 
 
@@ -295,7 +295,7 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
             "-m",
             "lowvram",
             "run",
-            "demo",
+            "tiny",
             f"output_dir={tmp_path}",
             "--no-export",
             "dpo.enabled=false",
@@ -310,8 +310,8 @@ def test_killed_group_failed_process_and_ctrl_c_end_cleanly_and_resume(tiny_mode
     )
     from lowvram.train.stage import latest_checkpoint
 
-    _wait(lambda: len(list(tmp_path.glob("demo-*/sft/checkpoints"))) > 0, proc, "the run directory")
-    (run,) = tmp_path.glob("demo-*")  # one run directory, named by the main process
+    _wait(lambda: len(list(tmp_path.glob("tiny-*/sft/checkpoints"))) > 0, proc, "the run directory")
+    (run,) = tmp_path.glob("tiny-*")  # one run directory, named by the main process
     ckpts = run / "sft" / "checkpoints"
     _wait(lambda: latest_checkpoint(ckpts) is not None, proc, "a checkpoint")
     common = ["--gpus", "2", "--no-export"]
@@ -395,7 +395,7 @@ def test_two_gpus_train_qlora_and_export(strategy, tiny_model_dir, tmp_path):
     run = tmp_path / strategy
     res = _lowvram(
         "run",
-        "demo",
+        "tiny",
         "--gpus",
         "2",
         "--strategy",

@@ -44,7 +44,7 @@ def _run_on_data(content: str | bytes, t: Path, suffix: str = ".jsonl") -> list[
     data = _write(t / f"data{suffix}", content)
     return [
         "run",
-        "demo",
+        "tiny",
         "--run-dir",
         str(t / "run"),
         "--no-export",
@@ -130,23 +130,23 @@ CASES = [
     # ---- recipes and values
     Case(
         "name with ../",
-        lambda t: ["run", "demo", "--run-dir", str(t / "run"), "name=../../escape"],
+        lambda t: ["run", "tiny", "--run-dir", str(t / "run"), "name=../../escape"],
         2,
         "cannot name a folder inside output_dir",
     ),
-    Case("absolute name", lambda t: ["plan", "demo", "name=/etc/x"], 2, "cannot name a folder"),
-    Case("max_seq_len of 1", lambda t: ["plan", "demo", "sft.max_seq_len=1"], 2, "sft.max_seq_len: must be >= 16"),
-    Case("infinite learning rate", lambda t: ["plan", "demo", "sft.learning_rate=.inf"], 2, "must be a finite number"),
+    Case("absolute name", lambda t: ["plan", "tiny", "name=/etc/x"], 2, "cannot name a folder"),
+    Case("max_seq_len of 1", lambda t: ["plan", "tiny", "sft.max_seq_len=1"], 2, "sft.max_seq_len: must be >= 16"),
+    Case("infinite learning rate", lambda t: ["plan", "tiny", "sft.learning_rate=.inf"], 2, "must be a finite number"),
     # ---- files and folders
     Case(
         "output_dir under a file",
-        lambda t: ["run", "demo", f"output_dir={_write(t / 'f', 'x')}/runs"],
+        lambda t: ["run", "tiny", f"output_dir={_write(t / 'f', 'x')}/runs"],
         2,
         "is a file, not a folder",
     ),
     Case(
         "--run-dir under a file",
-        lambda t: ["run", "demo", "--run-dir", f"{_write(t / 'f', 'x')}/run"],
+        lambda t: ["run", "tiny", "--run-dir", f"{_write(t / 'f', 'x')}/run"],
         2,
         "is a file, not a folder",
     ),
@@ -156,9 +156,9 @@ CASES = [
     Case("--resume: recipe.yaml is a list", _resume_with_recipe("- a\n- b\n"), 2, "must be a YAML mapping"),
     Case(
         "recipes copy into a missing folder",
-        lambda t: ["recipes", "copy", "demo", str(t / "no" / "such" / "x.yaml")],
+        lambda t: ["recipes", "copy", "tiny", str(t / "no" / "such" / "x.yaml")],
         2,
-        "Cannot copy demo",
+        "Cannot copy tiny",
     ),
     Case(
         "chat: not a GGUF",
@@ -215,7 +215,7 @@ def _read_only(folder: Path):
     [
         ("run", "read-only"),
         ("resume", "read-only"),
-        ("recipes copy", "Cannot copy demo"),
+        ("recipes copy", "Cannot copy tiny"),
     ],
 )
 def test_read_only_folders(what, says, tmp_path, capsys):
@@ -224,13 +224,13 @@ def test_read_only_folders(what, says, tmp_path, capsys):
     if what == "resume":
         from lowvram.recipe import dump_recipe, load_recipe
 
-        (locked / "recipe.yaml").write_text(dump_recipe(load_recipe("demo")[0]))
+        (locked / "recipe.yaml").write_text(dump_recipe(load_recipe("tiny")[0]))
     undo = _read_only(locked)
     try:
         argv = {
-            "run": ["run", "demo", "--run-dir", str(locked / "run")],
+            "run": ["run", "tiny", "--run-dir", str(locked / "run")],
             "resume": ["run", "--resume", str(locked)],
-            "recipes copy": ["recipes", "copy", "demo", str(locked / "x.yaml")],
+            "recipes copy": ["recipes", "copy", "tiny", str(locked / "x.yaml")],
         }[what]
         rc = main(argv)
         err = capsys.readouterr().err

@@ -30,8 +30,8 @@ QUICK = [
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
-    rdir = tmp_path_factory.mktemp("runs") / "demo"
-    assert main(["run", "demo", "--run-dir", str(rdir), "--no-export", *QUICK]) == 0
+    rdir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["run", "tiny", "--run-dir", str(rdir), "--no-export", *QUICK]) == 0
     return rdir
 
 
@@ -120,7 +120,7 @@ def test_reward_model_and_best_of_n(run):
     held_out = json.loads((run / "rm" / "eval_after.json").read_text())["accuracy"]
     assert 0 <= held_out <= 1
     # the scorer lowvram eval uses reads pairs as the RewardTrainer did: it ranks the training pairs it learned
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     data = load_preference_data(rm_data_config(recipe), recipe.sample_file(rm_data_config(recipe)), seed=recipe.seed)
     score = load_scorer(run)
     prompts = [r["prompt"] for r in data.train]

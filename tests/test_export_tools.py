@@ -64,13 +64,13 @@ def test_without_llama_cpp_python_doctor_says_which_types_and_why(bare_python):
 
 
 def test_plan_says_before_training_which_of_the_recipes_types_cannot_be_written(bare_python, capsys):
-    r = _lowvram(bare_python, "plan", "demo")  # the demo recipe exports f16, q8_0 and q4_k_m
+    r = _lowvram(bare_python, "plan", "tiny")  # the demo recipe exports f16, q8_0 and q4_k_m
     assert r.returncode == 0, r.stderr
     assert (
         "export: f16, q8_0 can be written here; q4_k_m cannot: needs llama.cpp's quantizer: "
         "llama-cpp-python is not installed. pip install llama-cpp-python=="
     ) in r.stdout
-    assert main(["plan", "demo"]) == 0  # here, with llama-cpp-python: what export_tools says
+    assert main(["plan", "tiny"]) == 0  # here, with llama-cpp-python: what export_tools says
     assert capsys.readouterr().out.splitlines()[-1] == export_tools().plan_line(["f16", "q8_0", "q4_k_m"])
 
 

@@ -26,7 +26,7 @@ STEPS = ["--no-export", "sft.max_steps=4", "dpo.max_steps=3", "sft.save_steps=2"
 def _run(run: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *STEPS, *args],
+        [sys.executable, "-m", "lowvram", "run", "tiny", "--run-dir", str(run), *STEPS, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -99,7 +99,7 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
             "-m",
             "lowvram",
             "run",
-            "demo",
+            "tiny",
             "--run-dir",
             str(run),
             "--no-export",

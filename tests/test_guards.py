@@ -13,7 +13,7 @@ from lowvram.recipe import load_recipe
 
 def test_recipe_refuses_non_finite_numbers():
     with pytest.raises(UserError) as e:
-        load_recipe("demo", ["dpo.beta=.inf", "sft.learning_rate=.nan", "sft.weight_decay=1e400"])
+        load_recipe("tiny", ["dpo.beta=.inf", "sft.learning_rate=.nan", "sft.weight_decay=1e400"])
     text = e.value.render()
     assert "3 problems" in text
     for key in (
@@ -26,7 +26,7 @@ def test_recipe_refuses_non_finite_numbers():
 
 def test_run_with_an_infinite_beta_is_refused_before_anything_is_written(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["run", "demo", "--run-dir", str(run), "dpo.beta=.inf"]) == 2
+    assert main(["run", "tiny", "--run-dir", str(run), "dpo.beta=.inf"]) == 2
     err = capsys.readouterr().err
     assert "dpo.beta: must be a finite number" in err and not run.exists()
 
@@ -40,7 +40,7 @@ def test_a_diverging_stage_stops_and_saves_nothing_non_finite(tiny_model_dir, tm
     rc = main(
         [
             "run",
-            "demo",
+            "tiny",
             "--run-dir",
             str(run),
             "--no-export",

@@ -31,7 +31,7 @@ from lowvram.plan.hardware import Device
 # This machine has no CUDA card; the pipeline is told it trains on one (a 24 GiB card).
 pipeline.training_device = lambda vram, gpu: Device("cuda", "test card", 24.0, 24.0, (8, 9), "torch")
 try:
-    pipeline.run_pipeline(pipeline.RunRequest("demo", tuple(sys.argv[2:]), run_dir=Path(sys.argv[1])))
+    pipeline.run_pipeline(pipeline.RunRequest("tiny", tuple(sys.argv[2:]), run_dir=Path(sys.argv[1])))
 except UserError as e:
     print("UserError:", e)
 """

@@ -2,7 +2,7 @@
 
     python -m pytest -q tests/test_notebook.py            # the runs on CPU are marked slow
 
-On CPU the notebook switches to the offline `demo` recipe and skips its Colab-only steps (the pip install
+On CPU the notebook switches to the offline `tiny` recipe and skips its Colab-only steps (the pip install
 of the training packages, mounting Drive, download) by its own checks; everything else runs as written,
 through real `lowvram` commands. The slow test runs it in fresh environments without llama-cpp-python
 (tests/venvs.py), with a local folder standing in for Drive (LOWVRAM_DRIVE): the background install of
@@ -280,12 +280,12 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     wheels = drive / "wheels" / cache_key()
     assert list(wheels.glob("llama_cpp_python-0.3.36-*.whl")), "the first runtime filled the wheel cache"
     assert "llama-cpp-python==0.3.36: " in _text(_cell(nb, "export"))  # how it was installed and how long it waited
-    runs = list((drive / "runs").glob("demo-*"))
+    runs = list((drive / "runs").glob("tiny-*"))
     assert len(runs) == 1 and (runs[0] / "sft" / "DONE").is_file() and (runs[0] / "dpo" / "DONE").is_file()
     export = runs[0] / "export"
-    assert (export / "demo-q4_k_m.gguf").stat().st_size > 0, "the background install made q4_k_m possible"
-    assert "FROM ./demo-q4_k_m.gguf" in (export / "demo-q4_k_m.Modelfile").read_text()
-    assert "demo-q4_k_m.gguf" in _text(_cell(nb, "keep"))
+    assert (export / "tiny-q4_k_m.gguf").stat().st_size > 0, "the background install made q4_k_m possible"
+    assert "FROM ./tiny-q4_k_m.gguf" in (export / "tiny-q4_k_m.Modelfile").read_text()
+    assert "tiny-q4_k_m.gguf" in _text(_cell(nb, "keep"))
 
     # runtime 2, after a disconnect: a new environment, the same Drive. Run all again (through training).
     second = tmp_path / "runtime2"

@@ -76,13 +76,13 @@ def _no_network_prefix() -> list[str]:
 
 
 def test_hub_is_allowed_only_for_what_names_it(tmp_path):
-    demo, _ = load_recipe("demo")
+    demo, _ = load_recipe("tiny")
     assert hub_uses(demo, demo.model.name) == []
-    hub, _ = load_recipe("demo", ["model.name=someone/some-model"])
+    hub, _ = load_recipe("tiny", ["model.name=someone/some-model"])
     assert hub_uses(hub, hub.model.name) == ["model someone/some-model"]
     data = tmp_path / "sft.jsonl"
     data.write_text("")
-    local, _ = load_recipe("demo", ["use_samples=false", f"sft.data.path={data}", "dpo.data.path=org/prefs"])
+    local, _ = load_recipe("tiny", ["use_samples=false", f"sft.data.path={data}", "dpo.data.path=org/prefs"])
     assert hub_uses(local, local.model.name) == ["dpo dataset org/prefs"]
 
 
@@ -114,7 +114,7 @@ def test_demo_run_makes_no_network_lookup(tiny_model_dir, tmp_path):
             "-m",
             "lowvram",
             "run",
-            "demo",
+            "tiny",
             "--run-dir",
             str(run),
             "--no-export",

@@ -49,7 +49,7 @@ def oom_above_batch_one(monkeypatch):
 
 def test_oom_steps_down_resumes_and_keeps_the_effective_batch(tiny_model_dir, tmp_path, oom_above_batch_one, capsys):
     run = tmp_path / "run"
-    assert main(["run", "demo", "--run-dir", str(run), *SFT_ONLY]) == 0
+    assert main(["run", "tiny", "--run-dir", str(run), *SFT_ONLY]) == 0
     out = capsys.readouterr().out
     assert "stepping down, batch 2 -> 1 with accumulation 2 -> 4 (same effective batch 4)" in out
     assert "resuming from checkpoint-2" in out
@@ -75,7 +75,7 @@ def test_oom_steps_down_resumes_and_keeps_the_effective_batch(tiny_model_dir, tm
 
 def test_oom_step_down_can_be_turned_off(tiny_model_dir, tmp_path, oom_above_batch_one, capsys):
     run = tmp_path / "run"
-    assert main(["run", "demo", "--run-dir", str(run), *SFT_ONLY, "sft.oom_step_down=false"]) == 3
+    assert main(["run", "tiny", "--run-dir", str(run), *SFT_ONLY, "sft.oom_step_down=false"]) == 3
     err = capsys.readouterr().err
     assert "CUDA ran out of memory in sft at batch 2" in err and "sft.batch_size=1" in err
     assert not (run / "sft" / "step_down.jsonl").exists() and not (run / "sft" / "DONE").exists()
@@ -104,7 +104,7 @@ def test_a_resumed_stage_keeps_what_an_earlier_out_of_memory_stepped_down_to(tmp
     from lowvram.train.oom import run_with_step_down
     from lowvram.train.stage import StageContext
 
-    recipe, _ = load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2"])
+    recipe, _ = load_recipe("tiny", ["sft.batch_size=4", "sft.grad_accum=2"])
     plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
     ctx = StageContext(tmp_path, recipe, plan, "sft", "builtin:tiny-llama")
     ctx.stage_dir.mkdir()
@@ -125,7 +125,7 @@ def test_a_resumed_stage_keeps_what_an_earlier_out_of_memory_stepped_down_to(tmp
     assert (seen[0].batch_size, seen[0].grad_accum) == (2, 4)  # same effective batch 8, the smaller split
     # Off: the plan's own settings.
     off = dataclasses.replace(
-        ctx, recipe=load_recipe("demo", ["sft.batch_size=4", "sft.grad_accum=2", "sft.oom_step_down=false"])[0]
+        ctx, recipe=load_recipe("tiny", ["sft.batch_size=4", "sft.grad_accum=2", "sft.oom_step_down=false"])[0]
     )
     run_with_step_down(off, lambda c: seen.append(c.sp) or tmp_path)
     assert seen[1].batch_size == 4

@@ -50,4 +50,4 @@ def test_installed_copy_finds_its_own_recipes(wheel, tmp_path):
     assert res.returncode == 0, res.stderr
     recipes_dir, names = res.stdout.splitlines()[:2]
     assert Path(recipes_dir) == tmp_path / "lowvram" / "recipes"
-    assert "demo" in names and "orpo-tight" in names
+    assert "tiny" in names and "orpo-tight" in names

@@ -42,12 +42,12 @@ Q4 = [
 
 
 def test_cpu_plans_full_precision_unless_the_recipe_asks_for_4bit():
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     plan = make_plan(recipe, CPU)
     assert not plan.load_in_4bit and {sp.optim for sp in plan.stages.values()} == {"adamw_torch"}
     assert "model.load_in_4bit=true" in plan.reasons["load_in_4bit"]
 
-    recipe, _ = load_recipe("demo", ["model.load_in_4bit=true"])
+    recipe, _ = load_recipe("tiny", ["model.load_in_4bit=true"])
     plan = make_plan(recipe, CPU)
     assert plan.load_in_4bit and plan.backend == "hf" and plan.dtype == "fp32"
     assert {sp.optim for sp in plan.stages.values()} == {"adamw_8bit"}
@@ -91,7 +91,7 @@ def test_gpu_plans_are_unchanged():
 
 
 def _plan(dtype: str):
-    recipe, _ = load_recipe("demo", ["model.load_in_4bit=true"])
+    recipe, _ = load_recipe("tiny", ["model.load_in_4bit=true"])
     return dataclasses.replace(make_plan(recipe, CPU), dtype=dtype), recipe
 
 
@@ -126,7 +126,7 @@ def test_bf16_qlora_sft_then_dpo_runs_under_autocast(tiny_model_dir, tmp_path):
     from lowvram.pipeline import load_stage_data
     from lowvram.train.stage import StageContext, run_stage
 
-    recipe, path = load_recipe("demo", ["model.load_in_4bit=true", "sft.max_steps=2", "dpo.max_steps=2"])
+    recipe, path = load_recipe("tiny", ["model.load_in_4bit=true", "sft.max_steps=2", "dpo.max_steps=2"])
     plan = dataclasses.replace(make_plan(recipe, CPU), dtype="bf16")
     data = load_stage_data(recipe, path.parent, ["sft", "dpo"])
     model_path = resolve_model_path(plan.model)
@@ -213,7 +213,7 @@ def nf4_base(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def q4_run(nf4_base, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("q4") / "run"
-    assert main(["run", "demo", "--run-dir", str(run), "--no-export", f"model.name={nf4_base}", *Q4]) == 0
+    assert main(["run", "tiny", "--run-dir", str(run), "--no-export", f"model.name={nf4_base}", *Q4]) == 0
     return run
 
 
@@ -328,7 +328,7 @@ def test_killed_nf4_run_resumes_with_its_8bit_optimizer(tiny_model_dir, tmp_path
     env = {**os.environ, "LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
     args = ["--no-export", "dpo.enabled=false", "model.load_in_4bit=true", "sft.epochs=100", "sft.save_steps=3"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lowvram", "run", "demo", "--run-dir", str(run), *args],
+        [sys.executable, "-m", "lowvram", "run", "tiny", "--run-dir", str(run), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

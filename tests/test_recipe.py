@@ -22,7 +22,7 @@ CPU = Device("cpu", "CPU", 0, 0, None, "none")
 
 def test_at_least_the_promised_recipes_ship():
     names = set(shipped_recipes())
-    assert {"demo", "chat-assistant", "concise", "orpo-tight"} <= names
+    assert {"demo", "tiny", "chat-assistant", "concise", "orpo-tight"} <= names
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
@@ -34,12 +34,12 @@ def test_every_shipped_recipe_validates_online_and_offline(name):
     for stage in offline.stages():
         data = getattr(offline, stage).data
         assert data.sample, f"{name}.{stage} has no offline sample"
-        if name != "demo":
+        if name not in ("demo", "tiny"):  # their shipped data is all they train on
             assert data.path and "/" in data.path, f"{name}.{stage} names no public dataset"
 
 
 def test_demo_plans_on_cpu_with_hf_backend():
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     plan = make_plan(recipe, CPU)
     assert (plan.tier, plan.backend, plan.dtype, plan.load_in_4bit) == ("cpu", "hf", "fp32", False)
 
@@ -93,7 +93,7 @@ def test_dotted_overrides_set_nested_values_with_yaml_types():
 
 
 def test_exponent_without_dot_is_a_number():
-    recipe, _ = load_recipe("demo", ["sft.learning_rate=5e-3"])
+    recipe, _ = load_recipe("tiny", ["sft.learning_rate=5e-3"])
     assert recipe.sft.learning_rate == 0.005
 
 
@@ -125,7 +125,7 @@ def test_non_mapping_recipe(tmp_path):
 
 
 def test_resolved_recipe_round_trips_through_yaml():
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     again = parse_recipe(yaml.safe_load(dump_recipe(recipe)))
     assert again == recipe and isinstance(again, Recipe)
 
@@ -146,7 +146,7 @@ def test_4bit_model_on_cpu_points_to_the_16bit_original():
 
 
 def test_unsloth_backend_refused_without_cuda():
-    recipe, _ = load_recipe("demo", ["model.backend=unsloth"])
+    recipe, _ = load_recipe("tiny", ["model.backend=unsloth"])
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         make_plan(recipe, CPU)
 

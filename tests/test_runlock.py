@@ -56,7 +56,7 @@ def test_a_live_holder_is_named_and_a_killed_ones_lock_is_taken_over(tmp_path):
 
 
 def test_a_second_run_on_the_same_directory_stops_before_training(tmp_path, capsys):
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(dump_recipe(recipe))

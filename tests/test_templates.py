@@ -51,14 +51,14 @@ def test_recipes_templates_lists_every_name_with_its_turn_tokens(capsys):
 
 
 def test_a_misspelt_template_name_is_a_recipe_problem(capsys):
-    assert main(["plan", "demo", "model.chat_template=lama-3"]) == 2
+    assert main(["plan", "tiny", "model.chat_template=lama-3"]) == 2
     err = capsys.readouterr().err
     assert "model.chat_template" in err and "'llama-3'" in err
 
 
 @pytest.mark.parametrize("command", ["plan", "data"])
 def test_chat_data_on_a_base_without_template_is_refused_naming_the_options(base_dir, command, capsys):
-    args = (["plan", "demo"] if command == "plan" else ["data", "check", "--recipe", "demo"]) + [
+    args = (["plan", "tiny"] if command == "plan" else ["data", "check", "--recipe", "tiny"]) + [
         f"model.name={base_dir}"
     ]
     assert main(args) == 2
@@ -73,7 +73,7 @@ def test_chat_data_on_a_base_without_template_is_refused_naming_the_options(base
 def test_run_refuses_before_loading_and_leaves_no_run_dir(base_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
-    assert main(["run", "demo", f"model.name={base_dir}", "--run-dir", str(run_dir)]) == 2
+    assert main(["run", "tiny", f"model.name={base_dir}", "--run-dir", str(run_dir)]) == 2
     assert "no chat template" in capsys.readouterr().err
     assert not run_dir.exists()
     assert time.monotonic() - t0 < 60  # sanity bound only: no model or data was loaded
@@ -81,16 +81,16 @@ def test_run_refuses_before_loading_and_leaves_no_run_dir(base_dir, tmp_path, ca
 
 @pytest.mark.parametrize("name", ["./no-such-model", "/nonexistent/models/base"])
 def test_missing_model_folder_is_refused_by_plan_and_run_without_a_run_dir(name, tmp_path, capsys):
-    assert main(["plan", "demo", f"model.name={name}"]) == 2
+    assert main(["plan", "tiny", f"model.name={name}"]) == 2
     assert "no model folder" in capsys.readouterr().err
     run_dir = tmp_path / "run"
-    assert main(["run", "demo", f"model.name={name}", "--run-dir", str(run_dir)]) == 2
+    assert main(["run", "tiny", f"model.name={name}", "--run-dir", str(run_dir)]) == 2
     assert not run_dir.exists()
 
 
 def test_data_check_recipe_takes_dotted_overrides(capsys):
     # Before: argparse refused them ("unrecognized arguments: sft.max_seq_len=64").
-    code = main(["data", "check", "--recipe", "demo", "sft.max_seq_len=64", "--json"])
+    code = main(["data", "check", "--recipe", "tiny", "sft.max_seq_len=64", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code in (0, 1)
     sft = next(r for r in out["reports"] if r["stage"] == "sft")

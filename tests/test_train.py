@@ -24,10 +24,10 @@ QUICK = ["sft.epochs=1", "dpo.epochs=1", "rm.enabled=false", "eval.enabled=false
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_model_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "demo"
+    run = tmp_path_factory.mktemp("runs") / "tiny"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["run", "demo", "--run-dir", str(run), *QUICK])
+        code = main(["run", "tiny", "--run-dir", str(run), *QUICK])
     (run.parent / "stdout.txt").write_text(out.getvalue())
     assert code == 0, out.getvalue()
     return run
@@ -58,8 +58,8 @@ def test_run_directory_has_everything_export_needs(demo_run):
     ):
         assert (demo_run / rel).exists(), rel
     for t in ("f16", "q8_0", "q4_k_m"):  # `lowvram run` ends with the recipe's GGUF export
-        assert (demo_run / "export" / f"demo-{t}.gguf").is_file(), t
-        assert "TEMPLATE" in (demo_run / "export" / f"demo-{t}.Modelfile").read_text()
+        assert (demo_run / "export" / f"tiny-{t}.gguf").is_file(), t
+        assert "TEMPLATE" in (demo_run / "export" / f"tiny-{t}.Modelfile").read_text()
     base = json.loads((demo_run / "base.json").read_text())
     assert base["model"] == "builtin:tiny-llama" and Path(base["model_path"]).is_dir()
     rows = [json.loads(x) for x in (demo_run / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +95,7 @@ def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
     from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
 
-    recipe, _ = load_recipe("demo")
+    recipe, _ = load_recipe("tiny")
     plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
     fresh = load_for_training(plan, recipe, str(tiny_model_dir))
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
@@ -224,7 +224,7 @@ def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypat
             main(
                 [
                     "run",
-                    "demo",
+                    "tiny",
                     "--run-dir",
                     str(tmp_path / "r"),
                     "--no-export",
@@ -243,7 +243,7 @@ def test_sft_model_is_freed_before_dpo_loads(tiny_model_dir, tmp_path, monkeypat
 
 def test_invalid_recipe_is_rejected_before_anything_loads(tmp_path, capsys):
     run = tmp_path / "never"
-    assert main(["run", "demo", "--run-dir", str(run), "sft.learning_rate=-1", "dpo.loss_type=sigmod"]) == 2
+    assert main(["run", "tiny", "--run-dir", str(run), "sft.learning_rate=-1", "dpo.loss_type=sigmod"]) == 2
     err = capsys.readouterr().err
     assert "2 problems" in err and not run.exists()
 
@@ -255,7 +255,7 @@ def test_bad_data_is_rejected_before_the_model_loads(tmp_path, capsys):
     )
     run = tmp_path / "run"
     code = main(
-        ["run", "demo", "--run-dir", str(run), "use_samples=false", f"sft.data.path={bad}", "dpo.enabled=false"]
+        ["run", "tiny", "--run-dir", str(run), "use_samples=false", f"sft.data.path={bad}", "dpo.enabled=false"]
     )
     assert code == 2
     err = capsys.readouterr().err
@@ -276,7 +276,7 @@ def test_dpo_loss_variants_run(tiny_model_dir, tmp_path, overrides, capsys):
         main(
             [
                 "run",
-                "demo",
+                "tiny",
                 "--run-dir",
                 str(tmp_path / "r"),
                 "--no-export",
@@ -389,7 +389,7 @@ def _sft_steps(run: Path) -> list[int]:
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     run = tmp_path / "killed"
     env = {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}
-    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], env)
+    proc = _spawn(["run", "tiny", "--run-dir", str(run), *LONG_SFT], env)
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
     from lowvram.train.stage import latest_checkpoint
 
@@ -424,7 +424,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
     run = tmp_path / "interrupted"
-    proc = _spawn(["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
+    proc = _spawn(["run", "tiny", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]})
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -442,7 +442,7 @@ def test_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tiny_model_
     """In a terminal: the progress bar that the interrupt leaves live is closed, the cursor shown again."""
     run = tmp_path / "twice"
     proc = _spawn(
-        ["run", "demo", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}, terminal=True
+        ["run", "tiny", "--run-dir", str(run), *LONG_SFT], {"LOWVRAM_CACHE": os.environ["LOWVRAM_CACHE"]}, terminal=True
     )
     _wait_for_checkpoint(run / "sft" / "checkpoints", proc)
     proc.send_signal(signal.SIGINT)
@@ -524,7 +524,7 @@ def test_killed_dpo_resumes_with_the_checkpoint_policy(tiny_model_dir, tmp_path,
     proc = _spawn(
         [
             "run",
-            "demo",
+            "tiny",
             "--run-dir",
             str(run),
             "--no-export",

@@ -126,7 +126,7 @@ def _on_a_pty(args: list[str]) -> str:
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_the_cli_draws_tables_in_a_terminal_and_prints_plain_text_elsewhere():
     tty = _on_a_pty(["recipes"])
-    assert ANSI.search(tty) and "─" in tty and "demo" in tty
+    assert ANSI.search(tty) and "─" in tty and "tiny" in tty
     piped = subprocess.run([sys.executable, "-m", "lowvram", "recipes"], capture_output=True, text=True, check=True)
     assert not ANSI.search(piped.stdout) and "─" not in piped.stdout
     assert piped.stdout.splitlines()[1].startswith("------")

@@ -245,3 +245,27 @@ def summary_lines(summary: dict) -> list[str]:
                 "dpo.learning_rate or raise dpo.beta."
             )
     return lines
+
+
+def changed_lines(summary: dict, show: int = 3, width: int = 160) -> list[str]:
+    """What the preference stage changed in the answers: length, turn endings, and a few side by side."""
+    by = {m["model"]: m for m in summary["models"]}
+    sft, final = by.get("sft"), by.get("final")
+    if not sft or not final:
+        return []
+    lines = []
+    ms, mf = sft.get("median_answer_tokens"), final.get("median_answer_tokens")
+    if ms and mf is not None:
+        lines.append(
+            f"Final vs SFT on {summary['prompts']} held-out prompts: median answer {ms:g} -> {mf:g} tokens "
+            f"({mf / ms:.2f}x); ended their turn before the cap {sft['ended_turn_share']:.0%} -> "
+            f"{final['ended_turn_share']:.0%}; answers identical to the SFT model's: "
+            f"{final.get('same_answers_as_sft', '-')} of {summary['prompts']}"
+        )
+    for p in (summary.get("side_by_side") or [])[:show]:
+        lines.append(f"  Q: {p['prompt']}")
+        for name in ("sft", "final"):
+            text = " ".join(p[name].split())
+            text = text if len(text) <= width else text[: width - 3] + "..."
+            lines.append(f"    {name:5} ({p[name + '_tokens']} tok): {text}")
+    return lines

@@ -17,7 +17,7 @@ from pathlib import Path
 from lowvram import rundir
 from lowvram.data.check import check_data
 from lowvram.evaluate.kl import kl_text
-from lowvram.evaluate.report import summarize, summary_lines, write_plots
+from lowvram.evaluate.report import changed_lines, summarize, summary_lines, write_plots
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
@@ -180,6 +180,8 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
         rows.append(
             [
                 _e(m["model"]),
+                _fmt(m.get("median_answer_tokens"), "{:g}"),
+                _fmt(m.get("ended_turn_share"), "{:.0%}"),
                 _fmt(m.get("mean_answer_tokens"), "{:.1f}"),
                 _fmt(m.get("mean_answer_chars"), "{:.0f}"),
                 kl_cell,
@@ -194,7 +196,9 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
         + _table(
             [
                 "model",
-                "answer tokens",
+                "median answer tokens",
+                f"answers ending their turn before {summary.get('max_new_tokens', '?')} tokens",
+                "mean answer tokens",
                 "answer chars",
                 f"KL to {ref}",
                 "DPO implicit margin vs sft",
@@ -205,6 +209,9 @@ def _eval_sections(run_dir: Path) -> tuple[str, str, str]:
             "models",
         )
     )
+    changed = changed_lines(summary, show=0)
+    if changed:
+        models += f"<p><b>{_e(changed[0])}</b></p>"
     answers = _read_jsonl(rundir.eval_dir(run_dir) / "answers.jsonl")
     names = [m["model"] for m in summary["models"]]
     by_prompt: dict[str, dict] = {}

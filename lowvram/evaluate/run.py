@@ -11,6 +11,7 @@ set against the final model's single answer.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from lowvram import rundir
 from lowvram.data import load_preference_data
 from lowvram.errors import UserError
 from lowvram.evaluate.kl import PROMPTS_FILE, adapter, answer_logps, generate, kl_from_samples, kl_text, prompt_text
+from lowvram.evaluate.report import changed_lines
 from lowvram.model.hf_backend import load_4bit
 from lowvram.model.tiny import resolve_model_path
 from lowvram.train.reward import load_scorer
@@ -109,6 +111,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def _ended_share(answers: list[list[int]], eos: int | None) -> float | None:
+    """Share of answers that end on the end-of-turn token (EOS), i.e. before the max_new_tokens cap."""
+    if not answers:
+        return None
+    return sum(1 for a in answers if a and a[-1] == eos) / len(answers)
+
+
 def _win_rate(a: list[float], b: list[float]) -> float | None:
     """Share of prompts where a beats b (ties count half)."""
     if not a:
@@ -162,6 +171,8 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
         "models": [{**a.stats, **score_stats(scores, name)} for name, a in answers.items()],
     }
+    if "sft" in answers and "final" in answers:
+        summary["side_by_side"] = side_by_side(ev, answers["sft"].greedy, answers["final"].greedy)
     if ev.best_of > 0:
         summary["best_of_n"] = best_of_n(ev, answers, judges[0] if judges else None)
     _write_jsonl(out_dir / "answers.jsonl", answer_rows(ev, answers, scores))
@@ -225,12 +236,16 @@ def answer_all(ev: EvalSet) -> dict[str, Answered]:
             "adapter": None
             if adapter_name is None
             else str(ev.run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+            "median_answer_tokens": statistics.median(len(a) for a in greedy) if greedy else None,
+            "ended_turn_share": _ended_share(greedy, ev.tok.eos_token_id),
             "mean_answer_tokens": _mean([len(a) for a in greedy]),
             "mean_answer_chars": _mean([len(t) for t in _texts(ev.tok, greedy)]),
             "mean_sampled_tokens": _mean([len(a) for grp in samples for a in grp]),
         }
         stats.update(kl_from_samples(ev.model, ev.tok, ev.prompts, samples, adapter_name, ev.reference))
         stats["generate_s"] = round(time.monotonic() - t0, 2)
+        if "sft" in out and name != "sft":
+            stats["same_answers_as_sft"] = sum(a == b for a, b in zip(greedy, out["sft"].greedy))
         out[name] = Answered(greedy, samples, stats)
     return out
 
@@ -365,16 +380,34 @@ def best_of_n(ev: EvalSet, answers: dict[str, Answered], judge: Scorer | None) -
     }
 
 
+def side_by_side(ev: EvalSet, sft: list[list[int]], final: list[list[int]]) -> list[dict]:
+    """SFT's and the final model's greedy answers per prompt, the ones that changed most in length first."""
+    side = [
+        {
+            "prompt": lab,
+            "sft": ev.tok.decode(sft[i], skip_special_tokens=True).strip(),
+            "sft_tokens": len(sft[i]),
+            "final": ev.tok.decode(final[i], skip_special_tokens=True).strip(),
+            "final_tokens": len(final[i]),
+        }
+        for i, lab in enumerate(ev.labels)
+    ]
+    return sorted(side, key=lambda r: -abs(r["sft_tokens"] - r["final_tokens"]))
+
+
 def summary_lines(summary: dict) -> list[str]:
     """The eval as a table, for the terminal."""
 
     def f(v, fmt):
         return "-" if v is None else fmt.format(v)
 
+    cap = summary["max_new_tokens"]
     rows = [
         (
             m["model"],
+            f(m.get("median_answer_tokens"), "{:g}"),
             f(m.get("mean_answer_tokens"), "{:.1f}"),
+            f(m.get("ended_turn_share"), "{:.0%}"),
             kl_text(m) or "-",
             f(m.get("implicit_margin_vs_sft"), "{:+.3f}"),
             f(m.get("rm_score"), "{:+.3f}"),
@@ -383,12 +416,14 @@ def summary_lines(summary: dict) -> list[str]:
         for m in summary["models"]
     ]
     lines = [
-        f"Eval on {summary['prompts_source']} (reference: {summary['reference']}):",
+        f"Eval on {summary['prompts_source']} (reference: {summary['reference']}; greedy answers, cap {cap} tokens):",
         table(
             rows,
             (
                 "model",
-                "answer tokens",
+                "median tokens",
+                "mean tokens",
+                f"ended turn < {cap}",
                 f"KL to {summary['reference']}",
                 "implicit margin vs sft",
                 "RM score",
@@ -396,6 +431,7 @@ def summary_lines(summary: dict) -> list[str]:
             ),
         ),
     ]
+    lines += changed_lines(summary)
     for m in summary["models"]:
         if m["model"] == "final" and m.get("kl") is not None and m["kl"] > summary["kl_warn_nats"]:
             lines.append(

