@@ -725,8 +725,6 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
     A line per tensor goes to `log_path`. Returns a note when some tensors could not take the type (K-quants
     need rows of 256 values; llama.cpp's rule then picks a simpler type for them), else None.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
     from gguf import GGUFReader  # the converter's bundled gguf-py (check_converter)
 
@@ -776,10 +774,34 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
     meta = header + b"".join(kv) + b"".join(infos)
     meta += b"\0" * (-len(meta) % align)
 
+    try:
+        n_fallback = _write_quantized(
+            dst, log_path, src, qtype, meta, choices, sizes, tensors, data, align, nthread, lib
+        )
+    except OSError as e:
+        if _disk_full(str(e), dst):
+            raise UserError(
+                f"The disk is full: the quantizer could not write {dst.name}.",
+                hint="Free some space, export fewer types, or write elsewhere with --out DIR.",
+            ) from None
+        raise
+    if n_fallback:
+        return (
+            f"{n_fallback} of {len(choices)} tensors are not {qtype} (rows not a multiple of "
+            f"the block size): llama.cpp's rule used a simpler type for them"
+        )
+    return None
+
+
+def _write_quantized(dst, log_path, src, qtype, meta, choices, sizes, tensors, data, align, nthread, lib) -> int:
+    """quantize()'s writing half: the metadata block, then each tensor (copied or quantized), padded. Fallbacks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
     def quantize_rows(args):
         f32, out, new_type, nrows, n_per_row = args
-        done = lib.ggml_quantize_chunk(new_type, f32.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
-        return done
+        return lib.ggml_quantize_chunk(new_type, f32.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
 
     n_fallback = 0
     with open(dst, "wb") as out, open(log_path, "a", encoding="utf-8") as log, ThreadPoolExecutor(nthread) as pool:
@@ -823,12 +845,7 @@ def quantize(src: Path, dst: Path, qtype: str, log_path: Path, threads: int | No
             out.write(b"\0" * (-nbytes % align))
         if n_fallback:
             log.write(f"WARNING: {n_fallback} of {len(choices)} tensor(s) required fallback quantization\n")
-    if n_fallback:
-        return (
-            f"{n_fallback} of {len(choices)} tensors are not {qtype} (rows not a multiple of "
-            f"the block size): llama.cpp's rule used a simpler type for them"
-        )
-    return None
+    return n_fallback
 
 
 def check_gguf_file(path: Path) -> None:
