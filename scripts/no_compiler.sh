@@ -6,9 +6,11 @@
 set -euo pipefail
 shim="$(mktemp -d)"
 trap 'rm -rf "$shim"' EXIT
-# the real interpreter, not a pyenv shim (a shell script that needs more on PATH)
+# the real interpreter, not a pyenv shim (a shell script that needs more on PATH); exec'd, not symlinked:
+# `python3 -m venv` links the venv to the path it was started by, and this folder is removed at the end
 python="$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')"
-ln -s "$python" "$shim/python3"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$python" > "$shim/python3"
+chmod +x "$shim/python3"
 for tool in make sh bash env touch mkdir rm cp mv cat ls sed grep uname; do
   found="$(command -v "$tool" || true)"
   [ -n "$found" ] && ln -s "$found" "$shim/$tool"
