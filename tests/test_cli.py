@@ -115,7 +115,7 @@ def test_export_modules_import_no_training_libraries():
     """Importing the export side (merge, llama.cpp, Ollama) loads no torch: each imports it where it runs."""
     code = (
         "import json, sys, lowvram.cli, lowvram.export.run, lowvram.export.ollama, lowvram.export.merge, lowvram.export.llamacpp; "
-        "print(json.dumps([m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]))"
+        "print(json.dumps([m for m in ('torch', 'transformers', 'xllamacpp', 'peft') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

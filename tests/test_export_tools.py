@@ -1,7 +1,7 @@
 """ "Can this machine export?": one answer per GGUF type (lowvram.export.llamacpp.export_tools), used by doctor and export.
 
-The environment without llama-cpp-python is real: a fresh virtual environment that sees this one's packages
-except llama-cpp-python (tests/venvs.py), where `lowvram export RUN --gguf f16 q8_0` must work with the
+The environment without llama.cpp's runtime is real: a fresh virtual environment that sees this one's packages
+except xllamacpp (tests/venvs.py), where `lowvram export RUN --gguf f16 q8_0` must work with the
 pure-Python converter alone and say that verification was skipped.
 """
 
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bare_python(tmp_path_factory):
-    """A Python with everything this one has but llama-cpp-python."""
-    return venv_without(tmp_path_factory.mktemp("no-llama-cpp"), hide=("llama_cpp", "llama_cpp_python"))
+    """A Python with everything this one has but xllamacpp (llama.cpp's prebuilt library)."""
+    return venv_without(tmp_path_factory.mktemp("no-llama-cpp"), hide=("xllamacpp",))
 
 
 def _lowvram(python: Path, *args: str) -> subprocess.CompletedProcess:
@@ -47,7 +47,7 @@ def test_doctor_and_export_tools_give_one_answer_per_type(capsys):
         assert line.split(None, 2)[2].startswith(("yes -- " if tools.writer(t) else "no -- ") + tools.reason(t))
 
 
-def test_without_llama_cpp_python_doctor_says_which_types_and_why(bare_python):
+def test_without_llama_cpp_runtime_doctor_says_which_types_and_why(bare_python):
     r = _lowvram(bare_python, "doctor")
     assert r.returncode == 0, r.stderr
     rows = {
@@ -58,9 +58,9 @@ def test_without_llama_cpp_python_doctor_says_which_types_and_why(bare_python):
     for t in ("f16", "bf16", "q8_0"):
         assert rows[t].startswith("yes -- llama.cpp's converter"), rows[t]
     for t in ("q4_k_m", "q5_k_m", "q6_k"):
-        assert rows[t] == "no -- needs llama.cpp's quantizer: llama-cpp-python is not installed"
+        assert rows[t] == "no -- needs llama.cpp's quantizer: xllamacpp is not installed"
     assert rows["verify/chat"].startswith("no -- ")
-    assert "pip install llama-cpp-python==" in r.stdout
+    assert "pip install xllamacpp==" in r.stdout and "no compiler" in r.stdout
 
 
 def test_plan_says_before_training_which_of_the_recipes_types_cannot_be_written(bare_python, capsys):
@@ -68,26 +68,26 @@ def test_plan_says_before_training_which_of_the_recipes_types_cannot_be_written(
     assert r.returncode == 0, r.stderr
     assert (
         "export: f16, q8_0 can be written here; q4_k_m cannot: needs llama.cpp's quantizer: "
-        "llama-cpp-python is not installed. pip install llama-cpp-python=="
+        "xllamacpp is not installed. pip install xllamacpp=="
     ) in r.stdout
-    assert main(["plan", "tiny"]) == 0  # here, with llama-cpp-python: what export_tools says
+    assert main(["plan", "tiny"]) == 0  # here, with xllamacpp: what export_tools says
     assert capsys.readouterr().out.splitlines()[-1] == export_tools().plan_line(["f16", "q8_0", "q4_k_m"])
 
 
 @pytest.mark.slow
-def test_export_f16_and_q8_0_without_llama_cpp_python(bare_python, tiny_model_dir, tmp_path):
+def test_export_f16_and_q8_0_without_llama_cpp_runtime(bare_python, tiny_model_dir, tmp_path):
     from gguf import GGUFReader
     from helpers.export_fixture import build_base, build_run_dir
 
     run = build_run_dir(tiny_model_dir, tmp_path / "run", build_base(tiny_model_dir, tmp_path / "base", train_steps=2))
     # a K-quant is refused before anything is written, naming what it needs
     r = _lowvram(bare_python, "export", str(run), "--gguf", "f16", "q4_k_m")
-    assert r.returncode == 2 and "q4_k_m" in r.stderr and "pip install llama-cpp-python" in r.stderr, r.stderr
+    assert r.returncode == 2 and "q4_k_m" in r.stderr and "pip install xllamacpp" in r.stderr, r.stderr
     assert not (run / "export").exists() or not list((run / "export").glob("*.gguf"))
 
     r = _lowvram(bare_python, "export", str(run), "--gguf", "f16", "q8_0")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "verification skipped: needs llama-cpp-python" in r.stdout
+    assert "verification skipped: needs llama.cpp's runtime: xllamacpp is not installed" in r.stdout
     assert "tokenization not compared" in r.stdout
     export = run / "export"
     kinds = {}

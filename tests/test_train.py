@@ -85,7 +85,7 @@ def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
         lines = re.findall(rf"^\[{stage}\] step (\d+)/\d+  {shown}(?:  [\d,]+ tok/s)?  ETA \d+:\d\d$", out, re.M)
         assert logged and [int(s) for s in lines] == logged, out[-3000:]
     assert re.search(r"^\[dpo held-out eval\] before training  pref_acc \d\.\d\d  margin [+-]", out, re.M)
-    if importlib.util.find_spec("llama_cpp"):  # the export verifies in llama.cpp: its table, as plain columns
+    if importlib.util.find_spec("xllamacpp"):  # the export verifies in llama.cpp: its table, as plain columns
         assert re.search(r"^type +size .*\n-{4,}", out, re.M)
 
 

@@ -98,7 +98,7 @@ class GGUFTokenizerInfo:
         tokenizes = (
             f"tokenizes {self.probes} probes exactly as transformers"
             if self.probes
-            else "tokenization not compared (llama.cpp's tokenizer needs llama-cpp-python)"
+            else "tokenization not compared (llama.cpp's tokenizer needs xllamacpp)"
         )
         return (
             f"tokenizer {self.model}{f' ({kind})' if kind else ''}, pre-tokenizer {self.pre or 'none'}, "
@@ -169,7 +169,7 @@ def check_gguf_tokenizer(
     """Compare llama.cpp's tokenization of the probe texts with transformers'; UserError at the first difference.
 
     A SentencePiece-BPE vocabulary converted without tokenizer.model gets its merge scores rebuilt
-    (repair_spm_scores) and is checked again before giving up. tokenize=False (llama-cpp-python is not
+    (repair_spm_scores) and is checked again before giving up. tokenize=False (xllamacpp is not
     installed): only the metadata is checked (EOS, name, chat template), read from the file itself.
     """
     from transformers import AutoTokenizer

@@ -320,7 +320,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> ExportResult:
         result.notes.append(tools.converter)
         if tools.runtime:
             result.notes.append(tools.runtime)
-        elif verify:  # f16, bf16 and q8_0 need no compiled code; running the files in llama.cpp does
+        elif verify:  # f16, bf16 and q8_0 need only the converter; running the files needs llama.cpp's library
             verify = False
             result.notes.append(f"verification skipped: {tools.verify_reason()}")
     fmt, end_of_turn = _chat_format(run, system) if types else (None, None)

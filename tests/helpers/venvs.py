@@ -1,6 +1,6 @@
 """A fresh virtual environment in seconds: the test's own packages, minus the ones a test must do without.
 
-    python = venv_without(tmp_path / "env", hide=("llama_cpp",))   # .../env/bin/python: no llama-cpp-python
+    python = venv_without(tmp_path / "env", hide=("xllamacpp",))   # .../env/bin/python: no llama.cpp runtime
 
 `python -m venv --without-pip` makes the environment; one .pth file adds a folder of symlinks to the
 running environment's site-packages, less the hidden packages (their modules and .dist-info), so
@@ -22,7 +22,7 @@ def _dist_name(entry: str) -> str:
     return re.sub(r"-[^-]*\.(dist|egg)-info$", "", entry).split(".")[0].replace("-", "_").lower()
 
 
-def venv_without(dest: Path, hide: tuple[str, ...] = ("llama_cpp", "llama_cpp_python")) -> Path:
+def venv_without(dest: Path, hide: tuple[str, ...] = ("xllamacpp",)) -> Path:
     """A new environment at `dest` seeing this one's packages except `hide` (module or distribution names)."""
     site = Path(sysconfig.get_paths()["purelib"])
     env = dest / "venv"
