@@ -349,3 +349,14 @@ def test_lead_markers_are_well_formed(doc):
     """Facts still changing are marked `<!-- LEAD: ... -->` for whoever lands the change; each must be closed."""
     text = _text(doc)
     assert text.count("<!-- LEAD:") == len(re.findall(r"<!-- LEAD:.*?-->", text, re.S))
+
+
+def test_code_spans_close_on_their_line():
+    """A `span` split over two lines renders, but the checks above would not read it: keep each on one line."""
+    bad = [
+        f"{doc.relative_to(ROOT)}: {line[:80]}"
+        for doc in DOCS
+        for line in FENCE.sub("", _text(doc)).splitlines()
+        if line.count("`") % 2
+    ]
+    assert bad == []
