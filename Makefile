@@ -58,7 +58,7 @@ $(GPUVERS_STAMP): pyproject.toml constraints-gpu-versions.txt
 
 test-gpu-versions: $(GPUVERS_STAMP)
 	$(GPUVERS_VENV)/bin/python -c "import transformers, trl; print('GPU leg: transformers', transformers.__version__, 'trl', trl.__version__)"
-	HF_HUB_OFFLINE=1 $(GPUVERS_VENV)/bin/python -m pytest -q tests/test_train.py tests/test_qlora_cpu.py tests/test_oom.py \
+	HF_HUB_OFFLINE=1 $(GPUVERS_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/test_train.py tests/test_qlora_cpu.py tests/test_oom.py \
 		--deselect tests/test_train.py::test_run_directory_has_everything_export_needs \
 		--deselect tests/test_train.py::test_report_shows_the_export_verification \
 		--deselect tests/test_qlora_cpu.py::test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy
