@@ -156,7 +156,7 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
     answers = answer_all(ev)
     judges = scorers(ev, rm)
     scores = score(answers, judges)
-    out_dir = run_dir / "eval"
+    out_dir = rundir.eval_dir(run_dir)
     out_dir.mkdir(exist_ok=True)
     summary = {
         "prompts_source": source,
@@ -168,7 +168,7 @@ def evaluate_run(run_dir: Path, best_of: int | None = None, prompts_limit: int |
         "max_new_tokens": cfg.max_new_tokens,
         "kl_samples": cfg.kl_samples,
         "kl_warn_nats": cfg.kl_warn_nats,
-        "reward_model": str(run_dir / "rm" / "adapter") if rm else None,
+        "reward_model": str(rundir.adapter_dir(run_dir, "rm")) if rm else None,
         "models": [{**a.stats, **score_stats(scores, name)} for name, a in answers.items()],
     }
     if "sft" in answers and "final" in answers:
@@ -235,7 +235,7 @@ def answer_all(ev: EvalSet) -> dict[str, Answered]:
             "model": name,
             "adapter": None
             if adapter_name is None
-            else str(ev.run_dir / ("sft" if name == "sft" else "dpo") / "adapter"),
+            else str(rundir.adapter_dir(ev.run_dir, "sft" if name == "sft" else "dpo")),
             "median_answer_tokens": statistics.median(len(a) for a in greedy) if greedy else None,
             "ended_turn_share": _ended_share(greedy, ev.tok.eos_token_id),
             "mean_answer_tokens": _mean([len(a) for a in greedy]),
@@ -357,7 +357,7 @@ def best_of_n(ev: EvalSet, answers: dict[str, Answered], judge: Scorer | None) -
         }
         for i, label in enumerate(ev.labels)
     ]
-    _write_jsonl(ev.run_dir / "eval" / "best_of_n.jsonl", rows)
+    _write_jsonl(rundir.eval_dir(ev.run_dir) / "best_of_n.jsonl", rows)
     cand_tokens = sum(len(a) for grp in cands for a in grp)
     final_tokens = sum(len(a) for a in final)
     return {

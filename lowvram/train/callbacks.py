@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.evaluate.kl import PROMPTS_FILE, REFERENCE, kl_text, kl_to_reference, prompt_text
 from lowvram.utils import ui
 from lowvram.utils.dist import is_main
@@ -150,9 +151,9 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
 
     cfg = recipe.eval
     if run_dir is not None and is_main():
-        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
+        rundir.eval_dir(run_dir).mkdir(parents=True, exist_ok=True)
         kept = "".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n" for r in eval_rows)
-        (Path(run_dir) / "eval" / PROMPTS_FILE).write_text(kept, encoding="utf-8")
+        (rundir.eval_dir(run_dir) / PROMPTS_FILE).write_text(kept, encoding="utf-8")
     prompts = [prompt_text(tok, r["prompt"]) for r in eval_rows[: cfg.prompts]]
 
     class KLCallback(TrainerCallback):

@@ -43,7 +43,7 @@ class StageContext:
 
     @property
     def stage_dir(self) -> Path:
-        return self.run_dir / self.stage
+        return rundir.stage_dir(self.run_dir, self.stage)
 
     @property
     def sp(self) -> StagePlan:
@@ -60,7 +60,7 @@ def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | N
     wait_for_everyone()
     if not is_main():  # the main process sets aside and trims; the others then read what it left
         wait_for_everyone()
-        return newest_complete(ctx.stage_dir / "checkpoints", required)[0]
+        return newest_complete(rundir.checkpoints_dir(ctx.run_dir, ctx.stage), required)[0]
     try:
         return _main_resume_point(ctx, required)
     finally:
@@ -68,7 +68,7 @@ def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | N
 
 
 def _main_resume_point(ctx: StageContext, required: tuple[str, ...]) -> Path | None:
-    resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints", required)
+    resume_from, skipped = newest_complete(rundir.checkpoints_dir(ctx.run_dir, ctx.stage), required)
     for path, why in skipped:
         moved = set_aside(path)
         print(
@@ -91,7 +91,7 @@ def trainer_args(ctx: StageContext) -> dict:
     sp = ctx.sp
     cuda = ctx.plan.device.kind == "cuda"
     return dict(
-        output_dir=str(ctx.stage_dir / "checkpoints"),
+        output_dir=str(rundir.checkpoints_dir(ctx.run_dir, ctx.stage)),
         per_device_train_batch_size=sp.batch_size,
         per_device_eval_batch_size=sp.batch_size,
         gradient_accumulation_steps=sp.grad_accum,
@@ -152,7 +152,7 @@ def _evaluate(trainer, ctx: StageContext, when: str) -> dict:
                 out[key[len(prefix) :]] = value
                 break
     if trainer.is_world_process_zero():
-        with (ctx.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        with rundir.metrics_file(ctx.run_dir).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"stage": ctx.stage, "eval": when, "step": trainer.state.global_step, **out}) + "\n")
     return out
 
@@ -208,7 +208,7 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     except torch.cuda.OutOfMemoryError:
         raise oom_message(ctx) from None
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of this step; say where the last one is
-        ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
+        ckpt = latest_checkpoint(rundir.checkpoints_dir(ctx.run_dir, ctx.stage))
         where = (
             f"The newest complete checkpoint is {ckpt} (step {ckpt.name.split('-')[-1]}); later steps are lost."
             if ckpt
@@ -237,7 +237,7 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         what = f"non-finite weights in {', '.join(bad[:3])}" if bad else f"the training loss is {stats['train_loss']}"
         raise divergence_error(ctx.stage, what, ctx.run_dir, ctx.recipe, trainer.state.global_step)
     after = _evaluate(trainer, ctx, "after")
-    adapter_dir = ctx.stage_dir / "adapter"
+    adapter_dir = rundir.adapter_dir(ctx.run_dir, ctx.stage)
     # FSDP: each process holds a shard; gathering the full weights takes every process (not run on a GPU yet)
     full = trainer.accelerator.get_state_dict(trainer.model) if getattr(trainer, "is_fsdp_enabled", False) else None
     if is_main():  # one writer; the group's processes hold the same weights
@@ -245,8 +245,10 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
             atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
         save_policy(model, adapter_dir, full)
         save_rows(model, adapter_dir)  # trained turn-token rows, if any
-        tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
+        tok.save_pretrained(str(rundir.tokenizer_dir(ctx.run_dir)))
         atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
-        atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
+        atomic_write_text(
+            rundir.done_file(ctx.run_dir, ctx.stage), json.dumps(stats)
+        )  # last: the stage counts as done only now
     wait_for_everyone()  # the next stage, in every process, loads this adapter
     return adapter_dir

@@ -15,6 +15,7 @@ import math
 import shlex
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.errors import UserError
 from lowvram.train.checkpoints import newest_complete
 
@@ -62,7 +63,7 @@ def divergence_error(stage: str, what: str, run_dir: Path, recipe, step: int) ->
         fixes.append(f"dpo.beta={_fmt(cfg.beta)} is large (0.1 is usual): lower it too.")
         overrides.append("dpo.beta=0.1")
 
-    ckpt, _ = newest_complete(run_dir / stage / "checkpoints")
+    ckpt, _ = newest_complete(rundir.checkpoints_dir(run_dir, stage))
     where = (
         f"the last good checkpoint, {ckpt.name}"
         if ckpt is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowvram import rundir
 from lowvram.data.templates import chat_template_text
 from lowvram.errors import UserError
 from lowvram.model import hf_backend, unsloth_backend
@@ -187,7 +188,7 @@ def run_sft(ctx: StageContext, data) -> Path:
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tok,
-            callbacks=[make_callback("sft", ctx.run_dir / "metrics.jsonl")],
+            callbacks=[make_callback("sft", rundir.metrics_file(ctx.run_dir))],
         )
     quiet_trainer(trainer)
     return train_and_save(ctx, trainer, model, tok)
@@ -201,7 +202,7 @@ def run_preference(ctx: StageContext, data) -> Path:
     model, tok = load_model(ctx, ctx.init_adapter)
     _check_has_template(tok, data.train, "preference")
     train_ds, eval_ds = to_datasets(data.train, data.eval)
-    callbacks = [make_callback("dpo", ctx.run_dir / "metrics.jsonl")]
+    callbacks = [make_callback("dpo", rundir.metrics_file(ctx.run_dir))]
     kwargs = {**trainer_args(ctx), **eval_args(cfg, eval_ds), "beta": cfg.beta, "max_length": ctx.sp.max_seq_len}
     if cfg.method == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
