@@ -5,6 +5,7 @@
     lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
     lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
     lowvram data check PATH             bad lines and weak pairs in training data, before training
+    lowvram pairs RECIPE [--policy RUN] sample, judge and pair the policy's own answers (preference data)
     lowvram export RUN_DIR --gguf q4_k_m  merge, GGUF + Ollama Modelfile, verified in llama.cpp
     lowvram chat GGUF_OR_RUN_DIR        try an exported model
     lowvram eval RUN_DIR [--best-of N]  base vs SFT vs final on held-out prompts: KL, length, rewards
@@ -188,6 +189,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
         stages=[args.command],
         init_adapter=str(init) if init else None,
     )
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    """`lowvram pairs`: sample the policy's answers to the recipe's prompts, judge them, write preference pairs."""
+    from lowvram.offline import network_policy
+    from lowvram.pairs import run_pairs_command
+    from lowvram.planner import make_plan
+    from lowvram.recipe import load_recipe
+
+    recipe, path = load_recipe(args.recipe, args.overrides)
+    print(network_policy(recipe, recipe.model.name, ["sft"] if not recipe.pairs.prompts.path else []), flush=True)
+    plan = make_plan(recipe, _device(args, use_torch=True))
+    out = Path(args.out) if args.out else Path(recipe.output_dir) / f"{recipe.name}-pairs"
+    return run_pairs_command(recipe, path.parent, plan, args.policy, out)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -472,6 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _device_args(st)
         st.set_defaults(func=cmd_stage)
+    pa = sub.add_parser(
+        "pairs", help="make preference pairs: sample the policy's answers to prompts, judge them, pair best with worst"
+    )
+    pa.add_argument("recipe", help="recipe whose pairs block names the prompts, the judge and the sampling")
+    pa.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pairs.samples=8 pairs.judge.max_words=30")
+    pa.add_argument(
+        "--policy",
+        metavar="RUN|ADAPTER|MODEL",
+        help="who answers: a run directory (its final, else its SFT adapter), an adapter folder, or a model "
+        "(default: the recipe's model)",
+    )
+    pa.add_argument(
+        "--out", metavar="DIR", help="folder for samples.jsonl, pairs.jsonl, summary.json; run again to resume"
+    )
+    pa.set_defaults(func=cmd_pairs)
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
     da.add_argument(

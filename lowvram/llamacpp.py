@@ -571,3 +571,29 @@ def chat(
             answer(text)
     finally:
         llm.close()
+
+
+def chat_completer(gguf_path: str, max_tokens: int = 2, seed: int = 0, n_ctx: int = 2048):
+    """(complete(user_text) -> reply, close) on a GGUF, greedy: the LLM judge's one call into llama.cpp.
+
+    The chat template comes from the GGUF itself, as in `chat`; temperature 0, so a verdict is repeatable.
+    """
+    from llama_cpp import Llama
+
+    _quiet()
+    path = Path(gguf_path)
+    check_gguf_file(path)
+    n_ctx = min(n_ctx, context_length(path) or n_ctx)
+    try:
+        threads = _threads()
+        llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=seed)
+    except ValueError as e:
+        raise _load_error(path, e) from None
+
+    def complete(text: str) -> str:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0.0, seed=seed
+        )
+        return out["choices"][0]["message"].get("content") or ""
+
+    return complete, llm.close

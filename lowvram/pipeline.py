@@ -156,8 +156,13 @@ def _run_stages(
             print(f"[{stage}] already done, skipping", flush=True)
         else:
             t0 = time.monotonic()
-            ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
-            run_stage(ctx, datasets[stage])
+            if stage == "dpo" and recipe.pairs.enabled:  # its pairs come from the policy: sample, judge, train
+                from lowvram.pairs import run_rounds
+
+                run_rounds(rdir, recipe, plan, model_path, recipe_dir, adapter)
+            else:
+                ctx = StageContext(rdir, recipe, plan, stage, model_path, recipe_dir, adapter)
+                run_stage(ctx, datasets[stage])
             print(f"[{stage}] done in {time.monotonic() - t0:.0f} s; adapter in {rdir / stage / 'adapter'}", flush=True)
         adapter = rdir / stage / "adapter"
 
@@ -276,7 +281,10 @@ def _run_pipeline(
     from lowvram.templates import preflight
 
     preflight(recipe, plan.model, recipe_dir, todo)
-    datasets = load_stage_data(recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file()])
+    made = ["dpo"] if recipe.pairs.enabled else []  # the pairs stage makes the dpo stage's data
+    datasets = load_stage_data(
+        recipe, recipe_dir, [s for s in todo if not (rdir / s / "DONE").is_file() and s not in made]
+    )
 
     from lowvram.train import resolve_model_path
 

@@ -317,6 +317,12 @@ def _export_section(run_dir: Path) -> str:
     return "".join(out)
 
 
+def _rounds_section(run_dir: Path) -> str:
+    from lowvram.pairs import rounds_section
+
+    return rounds_section(run_dir) or "<p>No rounds: the preference data was given, not sampled.</p>"
+
+
 def write_html(run_dir: Path) -> Path:
     """Build RUN/report.html from the run's files; return its path."""
     run_dir = Path(run_dir)
@@ -326,6 +332,7 @@ def write_html(run_dir: Path) -> Path:
         ("plan", "Plan and memory", _plan_section(run_dir)),
         ("data", "Data check", _data_section(run_dir)),
         ("curves", "Training curves", _curves_section(run_dir)),
+        ("rounds", "Rounds of sampled pairs (iterated DPO)", _rounds_section(run_dir)),
         ("models", "Base vs SFT vs final", models),
         ("answers", "Answers side by side", side),
         ("reward", "Reward model and best-of-N", rm),

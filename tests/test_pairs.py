@@ -1,0 +1,280 @@
+"""Pairs from the policy's own answers: judges, pairing, resuming, the `pairs` stage and iterated DPO."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lowvram.errors import UserError
+from lowvram.judges import Answer, LLMJudge, RulesJudge, judged, load_callable, parse_verdict, rubric_problem
+from lowvram.pairs import NoPairs, make_pairs, read_prompts, split_prompts, write_pairs
+from lowvram.recipe import JudgeConfig, PairsConfig, load_recipe, parse_recipe
+
+SAMPLES = Path(__file__).resolve().parents[1] / "recipes" / "data"
+
+
+def _recipe(**over) -> dict:
+    base = {
+        "use_samples": True,
+        "model": {"name": "builtin:tiny-llama"},
+        "sft": {"data": {"sample": "chat_sft.jsonl"}},
+        "pairs": {"enabled": True, "judge": {"kind": "rules", "max_words": 5}},
+        "rounds": 2,
+    }
+    for k, v in over.items():
+        base[k] = v
+    return base
+
+
+def _a(text: str, stopped: bool = True) -> Answer:
+    return Answer(text, len(text.split()), stopped)
+
+
+# ------------------------------------------------------------------ recipe
+
+
+def test_a_loop_recipe_needs_no_dpo_data_and_ships():
+    r = parse_recipe(_recipe())
+    assert r.pairs.enabled and r.rounds == 2 and r.sample_file(r.dpo.data) is None
+    shipped, _ = load_recipe("self-pairs")
+    assert shipped.pairs.enabled and shipped.rounds >= 2
+
+
+def test_pairs_mistakes_are_listed_at_once():
+    bad = _recipe(
+        pairs={
+            "enabled": True,
+            "judge": {"kind": "rules", "callable": "no_colon", "rubric": "Which is better? {answer_a}"},
+        },
+        dpo={"method": "orpo"},
+    )
+    with pytest.raises(UserError) as e:
+        parse_recipe(bad)
+    text = str(e.value)
+    assert "'no_colon' is not 'module:function'" in text
+    assert "lacks {prompt}, {answer_b}" in text
+    assert "dpo.method=dpo" in text
+    with pytest.raises(UserError, match="need pairs.enabled=true"):
+        parse_recipe(
+            {"rounds": 3, "use_samples": True, "sft": {"data": {"sample": "chat_sft.jsonl"}}, "dpo": {"enabled": False}}
+        )
+    with pytest.raises(UserError, match="names no rule"):
+        parse_recipe(_recipe(pairs={"enabled": True, "judge": {"kind": "rules"}}))
+
+
+# ------------------------------------------------------------------ judges
+
+
+def test_rule_judge_scores_each_named_rule():
+    cfg = JudgeConfig(max_words=4, must_match=(r"\d",), must_not_match=("sorry",), valid_json=False, stops=True)
+    j = RulesJudge(cfg)
+    s = j.score("q", [_a("It is 4."), _a("sorry, it is four or so, I think maybe"), _a("It is 4.", stopped=False)])
+    assert s[0] == 0.0
+    assert s[1] == pytest.approx(-(5 / 4) - 1 - 1)  # 9 words (5 past 4), no digit, says sorry
+    assert s[2] == -1.0  # ran to the cap
+    assert "max_words=4" in j.name and "stops" in j.name
+    assert RulesJudge(JudgeConfig(valid_json=True)).score("q", [_a('{"a": 1}'), _a("{a: 1}")]) == [0.0, -1.0]
+
+
+def test_callable_judge_is_imported_from_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "my_judge.py").write_text("def score(prompt, answer):\n    return float(answer.count('!'))\n")
+    monkeypatch.chdir(tmp_path)
+    j = RulesJudge(JudgeConfig(callable="my_judge:score"))
+    assert j.score("q", [_a("a!"), _a("b!!")]) == [1.0, 2.0]
+    with pytest.raises(UserError, match="cannot import module 'not_there'"):
+        load_callable("not_there:score")
+    with pytest.raises(UserError, match="has no function 'missing'"):
+        load_callable("my_judge:missing")
+
+
+def test_a_judge_that_raises_or_returns_nan_names_the_prompt(tmp_path, monkeypatch):
+    (tmp_path / "bad_judge.py").write_text(
+        "def boom(prompt, answer):\n    raise ValueError('no score for you')\n"
+        "def nan(prompt, answer):\n    return float('nan')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"failed on the prompt 'What is two plus two\?': ValueError: no score"):
+        judged(RulesJudge(JudgeConfig(callable="bad_judge:boom")), "What is two plus two?", [_a("4")])
+    with pytest.raises(UserError, match=r"returned nan on the prompt 'Name a colour\.'"):
+        judged(RulesJudge(JudgeConfig(callable="bad_judge:nan")), "Name a colour.", [_a("red")])
+
+
+def test_rubric_placeholders_and_verdicts():
+    assert rubric_problem("{prompt} {answer_a} {answer_b}") is None
+    assert "lacks {answer_b}" in rubric_problem("{prompt} {answer_a}")
+    assert "brace" in rubric_problem("{prompt} {answer_a} {answer_b} {score}")
+    assert [parse_verdict(x) for x in ("A", " b.", "Tie", "Answer A", "")] == ["A", "B", "tie", None, None]
+
+
+def test_llm_judge_asks_both_orders_and_records_position_bias():
+    asked = []
+
+    def always_first(text: str) -> str:  # a judge that only ever prefers position A
+        asked.append(text)
+        return "A"
+
+    j = LLMJudge(always_first, "fixed", None)
+    scores = j.score("Say hi", [_a("hi"), _a("hello there")])
+    assert len(asked) == 2 and "Answer A:\nhi" in asked[0] and "Answer A:\nhello there" in asked[1]
+    assert scores == [0.5, 0.5]  # the position decided both times: no preference survives
+    assert j.stats["order_disagreements"] == 1 and j.stats["comparisons"] == 2
+
+    def shorter(text: str) -> str:  # a consistent judge: the shorter answer, wherever it stands
+        a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+        b = text.split("Answer B:\n")[1].split("\n\n")[0]
+        return "A" if len(a) < len(b) else "B" if len(b) < len(a) else "tie"
+
+    j = LLMJudge(shorter, "fixed", None)
+    assert j.score("Say hi", [_a("hello there"), _a("hi"), _a("hey you")]) == [0.0, 1.0, 0.5]
+    assert j.stats["order_disagreements"] == 0
+    with pytest.raises(UserError, match="lacks {answer_b}"):
+        LLMJudge(shorter, "fixed", "Compare {prompt}: {answer_a}")
+
+
+# ------------------------------------------------------------------ pairing
+
+
+def _rec(i, texts, scores):
+    return {
+        "index": i,
+        "prompt": [{"role": "user", "content": f"q{i}"}],
+        "seed": 7 + i,
+        "answers": [{"text": t, "tokens": len(t.split()), "stopped": True} for t in texts],
+        "scores": scores,
+    }
+
+
+def test_pairs_keep_only_a_real_gap():
+    records = [
+        _rec(0, ["short", "a much longer answer", "mid answer"], [0.0, -2.0, -1.0]),
+        _rec(1, ["same", "same", "same"], [0.0, 0.0, 0.0]),  # chosen == rejected
+        _rec(2, ["one", "two"], [-1.0, -1.0]),  # tie
+        _rec(3, ["one", "two words"], [0.0, -0.1]),  # gap below min_gap
+        _rec(4, ["Same ", "same"], [0.0, -3.0]),  # equal after spacing and case
+    ]
+    rows, dropped = make_pairs(records, 0.5, {"run": "r", "judge": "j"})
+    assert len(rows) == 1
+    assert rows[0]["chosen"][0]["content"] == "short" and rows[0]["rejected"][0]["content"] == "a much longer answer"
+    assert rows[0]["provenance"] == {"run": "r", "judge": "j", "seed": 7}
+    assert rows[0]["score_chosen"] == 0.0 and rows[0]["score_rejected"] == -2.0
+    assert dropped == {
+        "all answers identical (chosen == rejected)": 2,
+        "tie: every answer scored alike": 1,
+        "gap below min_gap 0.5": 1,
+    }
+
+
+def test_no_gap_anywhere_is_said_with_counts(tmp_path):
+    records = [_rec(i, ["a", "b", "c"], [1.0, 1.0, 1.0]) for i in range(3)]
+    with pytest.raises(NoPairs, match="no pairs with a gap: 3 prompts, 9 answers.*3 tie"):
+        write_pairs(tmp_path, records, PairsConfig(), {}, "[t]")
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_written_pairs_pass_the_data_check_and_load(tmp_path):
+    from lowvram.cli import main
+    from lowvram.data import load_preference_data
+    from lowvram.recipe import DataConfig
+
+    records = [_rec(i, [f"ok {i}", f"a far longer answer number {i}"], [0.0, -1.0]) for i in range(12)]
+    summary = write_pairs(tmp_path, records, PairsConfig(), {"run": "x", "judge": "rules"}, "[t]")
+    assert summary["pairs_kept"] == 12
+    assert summary["length_bias"] and "chosen is shorter" in summary["length_bias"]  # the data check's own rule
+    data = load_preference_data(DataConfig(path=str(tmp_path / "pairs.jsonl")))
+    assert len(data.train) == 12 and data.format
+    assert main(["data", "check", str(tmp_path / "pairs.jsonl")]) == 0
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_prompts_from_a_text_file_a_prompt_jsonl_and_datasets(tmp_path):
+    (tmp_path / "p.txt").write_text("Say hi.\n\nName a colour.\nSay hi.\n")
+    r = parse_recipe(
+        _recipe(use_samples=False, sft={"enabled": False}, pairs={"enabled": True, "prompts": {"path": "p.txt"}, "judge": {"max_words": 3}})
+    )
+    prompts, source = read_prompts(r, tmp_path)
+    assert prompts == [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Name a colour."}]]
+    assert "2 prompts" in source
+    (tmp_path / "p.jsonl").write_text('{"prompt": "One?"}\n{"prompt": "Two?"}\n')
+    r = parse_recipe(
+        _recipe(use_samples=False, sft={"enabled": False}, pairs={"enabled": True, "prompts": {"path": "p.jsonl"}, "judge": {"max_words": 3}})
+    )
+    assert [p[0]["content"] for p in read_prompts(r, tmp_path)[0]] == ["One?", "Two?"]
+    src = (SAMPLES / "chat_sft.jsonl").read_bytes()
+    chat, _ = read_prompts(parse_recipe(_recipe()), None)  # the SFT sample: conversations up to the last answer
+    assert len(chat) > 50 and all(p[-1]["role"] == "user" for p in chat)
+    prefs = parse_recipe(
+        _recipe(pairs={"enabled": True, "prompts": {"sample": "chat_prefs.jsonl"}, "judge": {"max_words": 3}})
+    )
+    assert read_prompts(prefs, None)[0][0] == [{"role": "user", "content": "What is the capital of Australia?"}]
+    assert (SAMPLES / "chat_sft.jsonl").read_bytes() == src  # source files are only read
+    train, held = split_prompts(chat, 8, 42)
+    assert len(held) == 8 and len(train) == len(chat) - 8 and split_prompts(chat, 8, 42) == (train, held)
+    with pytest.raises(UserError, match="cannot spare 8 held out"):
+        split_prompts(chat[:5], 8, 42)
+
+
+def test_nan_check_rejects_non_numbers():
+    class J(RulesJudge):
+        def score(self, prompt, answers):
+            return [None for _ in answers]
+
+    j = J(JudgeConfig(max_words=1))
+    with pytest.raises(UserError, match="returned None on the prompt"):
+        judged(j, "p", [_a("x")])
+    assert math.isfinite(judged(RulesJudge(JudgeConfig(max_words=1)), "p", [_a("x y")])[0])
+
+
+# ------------------------------------------------------------------ sampling, resuming
+
+
+def test_killed_sampling_resumes_without_resampling_finished_prompts(tiny_init_model_dir, tmp_path, monkeypatch):
+    from lowvram.pairs import load_policy, sample_and_judge
+
+    recipe = parse_recipe(
+        _recipe(
+            model={"name": str(tiny_init_model_dir)},
+            pairs={"enabled": True, "samples": 2, "max_new_tokens": 6, "judge": {"max_words": 3}},
+        )
+    )
+    prompts = read_prompts(recipe, None)[0][:5]
+    model, tok = load_policy(str(tiny_init_model_dir), {"policy": None}, recipe)
+    judge = RulesJudge(recipe.pairs.judge)
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def dying(prompt, answers):
+        calls.append(prompt)
+        if len(calls) == 3:
+            raise Killed  # a kill between two prompts: the third was sampled but not written
+        return RulesJudge.score(judge, prompt, answers)
+
+    monkeypatch.setattr(judge, "score", dying)
+    out = tmp_path / "resumed"
+    with pytest.raises(UserError):  # the judge's fault is reported, naming the prompt
+        sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, out, "[t]")
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    with (out / "samples.jsonl").open("a") as fh:
+        fh.write('{"index": 2, "prompt": [{"ro')  # a line cut short by kill -9
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(judge, "score", lambda p, a: (seen.append(p), RulesJudge.score(judge, p, a))[1])
+    resumed = sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, out, "[t]")
+    assert len(seen) == 3  # only the three unfinished prompts were sampled again
+    monkeypatch.undo()
+    fresh = sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, tmp_path / "fresh", "[t]")
+    assert [r["answers"] for r in resumed] == [r["answers"] for r in fresh]  # seeded per prompt: the same answers
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 5
+    other = parse_recipe(
+        _recipe(
+            model={"name": str(tiny_init_model_dir)},
+            pairs={"enabled": True, "samples": 3, "max_new_tokens": 6, "judge": {"max_words": 3}},
+        )
+    )
+    with pytest.raises(UserError, match="other settings"):
+        sample_and_judge(model, tok, None, prompts, judge, other.pairs, 11, out, "[t]")
