@@ -133,14 +133,16 @@ def split_prompts(prompts: list, heldout: int, seed: int) -> tuple[list, list]:
 
 def load_policy(model_path: str, adapters: dict[str, Path | None], recipe, plan=None, tokenizer_dir=None):
     """(model, tokenizer): the base with each adapter loaded under its name (None: the base itself)."""
+    from lowvram.train import _quiet_libraries
+
+    _quiet_libraries()  # before PEFT imports bitsandbytes, whose CPU notice is nothing to act on
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lowvram.special_tokens import rows_for_merge
-    from lowvram.train import _quiet_libraries, load_tokenizer
+    from lowvram.train import load_tokenizer
 
-    _quiet_libraries()
     cuda = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(plan, "dtype", None), torch.float32)
     tok = load_tokenizer(str(tokenizer_dir or model_path), recipe)
