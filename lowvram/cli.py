@@ -127,6 +127,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from lowvram.llamacpp import export_tools
 
         print(export_tools().plan_line(recipe.export.gguf))  # before hours of training, not after
+    if recipe.pairs.enabled:
+        from lowvram.pairs_memory import phase_lines
+
+        print("\n".join(phase_lines(recipe, plan)))
     return 0
 
 
@@ -501,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument(
         "--out", metavar="DIR", help="folder for samples.jsonl, pairs.jsonl, summary.json; run again to resume"
     )
+    _device_args(pa)
     pa.set_defaults(func=cmd_pairs)
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")

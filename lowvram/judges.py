@@ -281,10 +281,16 @@ def llm_completer(model: str, max_tokens: int, seed: int) -> tuple[Callable[[str
         from lowvram.llamacpp import chat_completer
 
         return chat_completer(str(path), max_tokens=max_tokens, seed=seed)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    lm = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    if torch.cuda.is_available():  # 16-bit on the card, as lowvram.pairs_memory plans it
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": torch.cuda.current_device()})
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(str(path))
+    lm.eval()
 
     def complete(text: str) -> str:
         import torch
@@ -293,7 +299,7 @@ def llm_completer(model: str, max_tokens: int, seed: int) -> tuple[Callable[[str
         prompt = (
             tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) if tok.chat_template else text
         )
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(lm.device)
         with torch.no_grad():
             out = lm.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
         return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -411,6 +411,9 @@ def run_pairs_command(recipe, recipe_dir: Path | None, plan, policy: str | None,
     from lowvram.train import release_memory
 
     check_writable(out, "pairs folder", hint="Choose a writable place with --out DIR.")
+    from lowvram.pairs_memory import check_phases
+
+    print("\n".join(check_phases(recipe, plan)), flush=True)  # refuses before anything loads
     prompts, source = read_prompts(recipe, recipe_dir)
     if recipe.pairs.max_prompts:
         prompts = prompts[: recipe.pairs.max_prompts]
@@ -543,7 +546,10 @@ def run_rounds(rdir: Path, recipe, plan, model_path: str, recipe_dir: Path | Non
         def stage_dir(self) -> Path:
             return self.round_dir / "dpo"
 
+    from lowvram.pairs_memory import check_phases
+
     pcfg = recipe.pairs
+    print("\n".join(check_phases(recipe, plan)), flush=True)  # refuses before anything loads
     prompts, source = read_prompts(recipe, recipe_dir)
     train_prompts, heldout = split_prompts(prompts, pcfg.heldout_prompts, recipe.seed)
     if pcfg.max_prompts:

@@ -388,3 +388,35 @@ def test_llm_judge_runs_a_gguf_through_llama_cpp_in_both_orders(tiny_init_model_
     # a tiny random model mostly answers something else than A, B or tie: those count as ties, recorded
     assert judge.stats["ties"] + judge.stats["order_disagreements"] <= 6
     assert judge.stats["ties"] >= judge.stats["unreadable"] // 2
+
+
+def test_a_judge_that_cannot_fit_beside_the_policy_is_refused_before_loading(tmp_path, capsys):
+    from lowvram.cli import main
+
+    judge = tmp_path / "big-judge"  # a 7B transformers folder: its size read from config.json, nothing loaded
+    judge.mkdir()
+    (judge / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "intermediate_size": 11008,
+                "vocab_size": 32000,
+            }
+        )
+    )
+    with (judge / "model.safetensors").open("wb") as fh:
+        fh.truncate(13 * 2**30)  # sparse: the size of its 16-bit weights, no disk used
+    base = ["pairs", "self-pairs", "--gpu", "t4", "model.name=null", "model.family=llama", "--out", str(tmp_path / "o")]
+    code = main([*base, "pairs.judge.kind=llm", f"pairs.judge.model={judge}"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "The pairs loop does not fit this card: generate + judge needs" in err
+    assert "What would fit: a judge of at most" in err and "as a GGUF" in err
+    assert not (tmp_path / "o").exists()  # refused before sampling anything
+    assert main(["plan", "self-pairs", "--gpu", "t4", "model.name=null", "model.family=llama"]) == 0
+    out = capsys.readouterr().out
+    assert "generate + judge:" in out and "KV cache (4 x 288 tokens)" in out and "train (dpo):" in out
