@@ -597,3 +597,34 @@ def chat_completer(gguf_path: str, max_tokens: int = 2, seed: int = 0, n_ctx: in
         return out["choices"][0]["message"].get("content") or ""
 
     return complete, llm.close
+
+
+def token_sampler(gguf_path: str, n_ctx: int = 1024):
+    """(sample(prompt_ids, n, seed, max_new_tokens, stop_ids) -> answers as token ids, close) on a GGUF.
+
+    The pairs loop's one call into llama.cpp for sampling: temperature 1 with top-k, top-p, min-p, typical-p
+    and repeat penalties all off, the same distribution as transformers' generate(do_sample=True, top_k=0).
+    Each answer has its own seed; the prompt's KV cache is reused across a prompt's answers.
+    """
+    from llama_cpp import Llama
+
+    _quiet()
+    threads = _threads()
+    n_ctx = min(n_ctx, context_length(Path(gguf_path)) or n_ctx)  # past its training context llama.cpp warns
+    llm = Llama(
+        str(gguf_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+    def sample(ids: list[int], n: int, seed: int, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        out = []
+        for k in range(n):
+            llm.set_seed(seed * 1009 + k)
+            answer: list[int] = []
+            for t in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, temp=1.0, repeat_penalty=1.0):
+                answer.append(int(t))
+                if t in stop_ids or len(answer) >= max_new_tokens:
+                    break
+            out.append(answer)
+        return out
+
+    return sample, llm.close

@@ -213,11 +213,42 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def pending(out_dir: Path, prompts: list) -> list:
+    """The prompts an earlier run in out_dir has not finished."""
+    done = _read_done(out_dir / SAMPLES_FILE)
+    return [p for p in prompts if _key(p) not in done]
+
+
+def make_sampler(pcfg, model, tok, policy, model_path, adapter, tokenizer_dir, out_dir: Path, prompts, label):
+    """The sampler for this round (lowvram.sampler), its choice printed with the reason."""
+    from lowvram.evaluate import prompt_text
+    from lowvram.sampler import choose_sampler
+
+    left = pending(out_dir, prompts)
+    probe = prompt_text(tok, left[0]) if left else None
+    sampler, reason = choose_sampler(
+        pcfg.sampler,
+        model,
+        tok,
+        policy,
+        model_path,
+        adapter,
+        tokenizer_dir,
+        out_dir / "gguf",
+        probe,
+        pcfg.samples,
+        pcfg.max_new_tokens,
+        len(left),
+    )
+    print(f"{label} sampler: {reason}", flush=True)
+    return sampler
+
+
 def sample_and_judge(
-    model, tok, policy: str | None, prompts: list, judge: Judge, pcfg, seed: int, out_dir: Path, label: str
+    sampler, tok, prompts: list, judge: Judge, pcfg, seed: int, out_dir: Path, label: str
 ) -> list[dict]:
     """Per prompt: `pcfg.samples` seeded answers from the policy, scored by the judge, appended to samples.jsonl."""
-    from lowvram.evaluate import generate, prompt_text
+    from lowvram.evaluate import prompt_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SAMPLES_FILE
@@ -237,20 +268,25 @@ def sample_and_judge(
     with path.open("a", encoding="utf-8") as fh:
         for i, p in todo:
             text = prompt_text(tok, p)
-            with _using(model, policy):
-                ids = generate(
-                    model, tok, [text], sample=True, n=pcfg.samples, seed=seed + i, max_new_tokens=pcfg.max_new_tokens
-                )[0]
+            ids = sampler.sample(text, pcfg.samples, seed + i, pcfg.max_new_tokens)
             answers = _answers(tok, ids)
+            before = Counter(judge.stats)
             scores = judged(judge, _label(p), answers)
+            verdicts = dict(Counter(judge.stats) - before)  # an LLM judge's ties and order disagreements
             rec = {
                 "index": i,
                 "prompt": p,
                 "seed": seed + i,
+                "sampler": sampler.name,
                 "answers": [dataclasses.asdict(a) for a in answers],
                 "scores": scores,
                 "settings": settings,
             }
+            if verdicts:
+                rec["judge_stats"] = verdicts
+            if getattr(judge, "log", None):
+                rec["judge_log"] = judge.log
+                judge.log = []
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -361,6 +397,9 @@ def write_pairs(out_dir: Path, records: list[dict], pcfg, provenance: dict, labe
         "length": stats,
         "length_bias": bias,
     }
+    verdicts = sum((Counter(r.get("judge_stats", {})) for r in records), Counter())
+    if verdicts:  # pairwise judges: comparisons asked, ties, order disagreements, unreadable replies
+        summary["judge_stats"] = dict(verdicts)
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     if not rows:
         raise NoPairs(
@@ -423,14 +462,15 @@ def run_pairs_command(recipe, recipe_dir: Path | None, plan, policy: str | None,
     print(f"[pairs] {source}; policy: {desc}; judge: {judge.name}", flush=True)
     model, tok = load_policy(model_path, {"policy": adapter}, recipe, plan, tok_dir)
     provenance = {"policy": desc, "judge": judge.name}
+    policy = "policy" if adapter else None
+    sampler = make_sampler(recipe.pairs, model, tok, policy, model_path, adapter, tok_dir, out, prompts, "[pairs]")
     try:
-        records = sample_and_judge(
-            model, tok, "policy" if adapter else None, prompts, judge, recipe.pairs, recipe.seed, out, "[pairs]"
-        )
+        records = sample_and_judge(sampler, tok, prompts, judge, recipe.pairs, recipe.seed, out, "[pairs]")
         summary = write_pairs(out, records, recipe.pairs, provenance, "[pairs]")
     finally:
+        sampler.close()
         judge.close()
-        del model
+        del model, sampler
         release_memory()
     print(f"Pairs: {out / PAIRS_FILE}   Check: lowvram data check {out / PAIRS_FILE}")
     print(f"Train on them: dpo.data.path={out / PAIRS_FILE}  ({summary['pairs_kept']} pairs)")
@@ -587,20 +627,15 @@ def run_rounds(rdir: Path, recipe, plan, model_path: str, recipe_dir: Path | Non
         prov["judge"] = judge.name
         if not (rd / PAIRS_FILE).is_file():
             model, tok = load_policy(model_path, {"policy": prev}, recipe, plan)
+            policy = "policy" if prev else None
+            sampler = make_sampler(
+                pcfg, model, tok, policy, model_path, prev, rdir / "tokenizer", rd, train_prompts, label
+            )
             try:
-                records = sample_and_judge(
-                    model,
-                    tok,
-                    "policy" if prev else None,
-                    train_prompts,
-                    judge,
-                    pcfg,
-                    recipe.seed + 1000 * k,
-                    rd,
-                    label,
-                )
+                records = sample_and_judge(sampler, tok, train_prompts, judge, pcfg, recipe.seed + 1000 * k, rd, label)
             finally:
-                del model
+                sampler.close()
+                del model, sampler
                 release_memory()
             try:
                 summary = write_pairs(rd, records, pcfg, prov, label)
@@ -615,7 +650,9 @@ def run_rounds(rdir: Path, recipe, plan, model_path: str, recipe_dir: Path | Non
         else:
             summary = json.loads((rd / SUMMARY_FILE).read_text())
         judge.close()
-        dcfg = DataConfig(path=str(rd / PAIRS_FILE), eval_fraction=recipe.dpo.data.eval_fraction)
+        shutil.rmtree(rd / "gguf", ignore_errors=True)  # the sampler's GGUF of the previous policy
+        held = recipe.dpo.data.eval_fraction if summary["pairs_kept"] >= 4 else 0.0  # too few pairs to split
+        dcfg = DataConfig(path=str(rd / PAIRS_FILE), eval_fraction=held)
         data = load_preference_data(dcfg, None, base_dir=None, seed=recipe.seed)
         ctx = RoundContext(rdir, recipe, plan, "dpo", model_path, recipe_dir, prev, round_dir=rd)
         print(f"{label} DPO on {len(data.train)} pairs from {prev or 'the base'} (the reference)", flush=True)

@@ -230,6 +230,12 @@ class PairsConfig:
         0.5, "Stop the rounds when the new policy wins no more than this share against the previous one.", ge=0, le=1
     )
     judge: JudgeConfig = _f(help="Who scores the answers.", factory=JudgeConfig)
+    sampler: str = _f(
+        "auto",
+        "Who draws the answers: transformers (model.generate), llamacpp (an f16 GGUF of the policy), or auto: "
+        "the faster, measured on the first prompt (export time included), on a CPU; transformers on a GPU.",
+        choices=("auto", "transformers", "llamacpp"),
+    )
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,7 @@ def test_nan_check_rejects_non_numbers():
 
 def test_killed_sampling_resumes_without_resampling_finished_prompts(tiny_init_model_dir, tmp_path, monkeypatch):
     from lowvram.pairs import load_policy, sample_and_judge
+    from lowvram.sampler import HFSampler
 
     recipe = parse_recipe(
         _recipe(
@@ -266,17 +267,19 @@ def test_killed_sampling_resumes_without_resampling_finished_prompts(tiny_init_m
     monkeypatch.setattr(judge, "score", dying)
     out = tmp_path / "resumed"
     with pytest.raises(UserError):  # the judge's fault is reported, naming the prompt
-        sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, out, "[t]")
+        sample_and_judge(HFSampler(model, tok, None), tok, prompts, judge, recipe.pairs, 11, out, "[t]")
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
     with (out / "samples.jsonl").open("a") as fh:
         fh.write('{"index": 2, "prompt": [{"ro')  # a line cut short by kill -9
     monkeypatch.undo()
     seen = []
     monkeypatch.setattr(judge, "score", lambda p, a: (seen.append(p), RulesJudge.score(judge, p, a))[1])
-    resumed = sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, out, "[t]")
+    resumed = sample_and_judge(HFSampler(model, tok, None), tok, prompts, judge, recipe.pairs, 11, out, "[t]")
     assert len(seen) == 3  # only the three unfinished prompts were sampled again
     monkeypatch.undo()
-    fresh = sample_and_judge(model, tok, None, prompts, judge, recipe.pairs, 11, tmp_path / "fresh", "[t]")
+    fresh = sample_and_judge(
+        HFSampler(model, tok, None), tok, prompts, judge, recipe.pairs, 11, tmp_path / "fresh", "[t]"
+    )
     assert [r["answers"] for r in resumed] == [r["answers"] for r in fresh]  # seeded per prompt: the same answers
     assert len((out / "samples.jsonl").read_text().splitlines()) == 5
     other = parse_recipe(
@@ -286,7 +289,7 @@ def test_killed_sampling_resumes_without_resampling_finished_prompts(tiny_init_m
         )
     )
     with pytest.raises(UserError, match="other settings"):
-        sample_and_judge(model, tok, None, prompts, judge, other.pairs, 11, out, "[t]")
+        sample_and_judge(HFSampler(model, tok, None), tok, prompts, judge, other.pairs, 11, out, "[t]")
 
 
 # ------------------------------------------------------------------ the command and the loop
@@ -420,3 +423,64 @@ def test_a_judge_that_cannot_fit_beside_the_policy_is_refused_before_loading(tmp
     assert main(["plan", "self-pairs", "--gpu", "t4", "model.name=null", "model.family=llama"]) == 0
     out = capsys.readouterr().out
     assert "generate + judge:" in out and "KV cache (4 x 288 tokens)" in out and "train (dpo):" in out
+
+
+def test_llama_cpp_sampler_on_a_gguf_of_the_policy(tiny_init_model_dir, tmp_path, capsys):
+    """pairs.sampler=llamacpp: the policy exported to an f16 GGUF, seeded answers as token ids, EOS-stopped."""
+    from lowvram.cli import main
+
+    out = tmp_path / "lc"
+    args = [
+        "pairs",
+        "self-pairs",
+        f"model.name={tiny_init_model_dir}",
+        "pairs.max_prompts=4",
+        "pairs.samples=3",
+        "pairs.max_new_tokens=12",
+        "pairs.min_gap=0.01",
+        "pairs.judge.max_words=2",
+        "pairs.sampler=llamacpp",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "sampler: llama.cpp on an f16 GGUF of the policy: set by the recipe" in said
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and {r["sampler"] for r in recs} == {"llama.cpp (f16 GGUF)"}
+    assert all(1 <= a["tokens"] <= 12 and (a["stopped"] or a["tokens"] == 12) for r in recs for a in r["answers"])
+    from lowvram.pairs import load_policy
+    from lowvram.sampler import LlamaCppSampler
+
+    recipe, _ = load_recipe("self-pairs", [f"model.name={tiny_init_model_dir}"])
+    _, tok = load_policy(str(tiny_init_model_dir), {"policy": None}, recipe)
+    s = LlamaCppSampler(out / "gguf" / "policy-f16.gguf", tok, 256)
+    try:
+        text = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+        a, b, c = s.sample(text, 3, 5, 12), s.sample(text, 3, 5, 12), s.sample(text, 3, 6, 12)
+    finally:
+        s.close()
+    assert a == b and a != c  # seeded: the same seed draws the same answers, another seed others
+    assert len({tuple(x) for x in a}) > 1  # temperature 1: a prompt's answers differ
+
+
+@pytest.mark.slow
+def test_reward_model_judge_of_another_run_scores_a_runs_policy(tiny_init_model_dir, tmp_path, capsys):
+    """(a): the rm stage of a finished run judges; --policy RUN samples from that run's final adapter."""
+    from lowvram.cli import main
+
+    run = tmp_path / "run"
+    steps = ["sft.max_steps=1", "dpo.max_steps=1", "rm.max_steps=2", "eval.enabled=false"]
+    assert main(["run", "demo", f"model.name={tiny_init_model_dir}", *steps, "--run-dir", str(run), "--no-export"]) == 0
+    assert (run / "rm" / "DONE").is_file()
+    capsys.readouterr()
+    out = tmp_path / "rm-pairs"
+    args = ["pairs", "self-pairs", f"model.name={tiny_init_model_dir}", "--policy", str(run), "--out", str(out)]
+    args += ["pairs.max_prompts=3", "pairs.samples=3", "pairs.max_new_tokens=8", "pairs.min_gap=0.000001"]
+    args += ["pairs.judge.kind=reward_model", f"pairs.judge.run={run}", "pairs.sampler=transformers"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert f"policy: the final adapter of {run}" in said and f"judge: reward_model({run / 'rm' / 'adapter'})" in said
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    scores = [s for r in recs for s in r["scores"]]
+    assert len(scores) == 9 and len(set(scores)) > 1 and all(math.isfinite(s) for s in scores)
