@@ -273,6 +273,7 @@ def _check_recipe_data(
         targets = [
             (s, getattr(recipe, s).data, recipe.sample_file(getattr(recipe, s).data), recipe_path.parent)
             for s in recipe.stages()
+            if not (s == "dpo" and recipe.pairs.enabled)  # its pairs are sampled: lowvram pairs, then check them
         ]
         if kind is not None:
             targets = [t for t in targets if t[0] == stage_of[kind]]
