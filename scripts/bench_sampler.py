@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,15 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, help="torch and llama.cpp threads (default: all cores)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's); llama.cpp takes the free cores")
     args = ap.parse_args(argv)
-    if args.threads:
-        os.environ["LOWVRAM_THREADS"] = str(args.threads)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     from lowvram.evaluate import prompt_text
+    from lowvram.llamacpp import _threads
     from lowvram.pairs import load_policy, read_prompts
     from lowvram.recipe import load_recipe
     from lowvram.sampler import HFSampler, LlamaCppSampler, choose_sampler, policy_gguf
@@ -75,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     hf, lc = rows["transformers"], rows["llama.cpp (f16 GGUF)"]
     print(
         f"model {model_path}; {len(texts)} prompts x {n} answers, max_new_tokens {cap}, temperature 1; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; GGUF export {export_s:.1f} s"
+        f"torch {torch.__version__} on {torch.get_num_threads()} threads, llama.cpp on {_threads()} "
+        f"(the free cores); GGUF export {export_s:.1f} s"
     )
     print(f"{'sampler':<24}{'answers/s':>11}{'tokens/s':>10}{'mean tokens':>13}{'seconds':>9}")
     for name, r in rows.items():
