@@ -239,6 +239,7 @@ def make_sampler(pcfg, model, tok, policy, model_path, adapter, tokenizer_dir, o
         pcfg.samples,
         pcfg.max_new_tokens,
         len(left),
+        pcfg.sampler_gguf,
     )
     print(f"{label} sampler: {reason}", flush=True)
     return sampler

@@ -236,6 +236,12 @@ class PairsConfig:
         "the faster, measured on the first prompt (export time included), on a CPU; transformers on a GPU.",
         choices=("auto", "transformers", "llamacpp"),
     )
+    sampler_gguf: str = _f(
+        "f16",
+        "The GGUF llama.cpp samples from: f16 (the policy's weights as trained) or q8_0 (faster on a CPU, "
+        "a close approximation of the policy).",
+        choices=("f16", "q8_0"),
+    )
 
 
 @dataclass(frozen=True)

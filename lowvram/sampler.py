@@ -37,12 +37,11 @@ class HFSampler:
 
 
 class LlamaCppSampler:
-    name = "llama.cpp (f16 GGUF)"
-
     def __init__(self, gguf: Path, tok, n_ctx: int):
         from lowvram.llamacpp import token_sampler
 
         self.gguf, self.tok = gguf, tok
+        self.name = f"llama.cpp ({gguf.stem.rsplit('-', 1)[-1]} GGUF)"
         self._sample, self._close = token_sampler(str(gguf), n_ctx=n_ctx)
         self.stop = {tok.eos_token_id}
 
@@ -54,8 +53,10 @@ class LlamaCppSampler:
         self._close()
 
 
-def policy_gguf(model_path: str, adapter: Path | None, tokenizer_dir: Path | None, work_dir: Path) -> Path:
-    """An f16 GGUF of base + adapter in work_dir (merged one tensor at a time, then llama.cpp's converter)."""
+def policy_gguf(
+    model_path: str, adapter: Path | None, tokenizer_dir: Path | None, work_dir: Path, gguf_type: str = "f16"
+) -> Path:
+    """A GGUF (f16 or q8_0) of base + adapter in work_dir (merged one tensor at a time, then llama.cpp's converter)."""
     import shutil
 
     from lowvram.llamacpp import convert
@@ -65,7 +66,7 @@ def policy_gguf(model_path: str, adapter: Path | None, tokenizer_dir: Path | Non
     if base is None:
         raise UserError(f"llama.cpp sampling needs the base on this machine; {model_path!r} is not.")
     work_dir.mkdir(parents=True, exist_ok=True)
-    out = work_dir / "policy-f16.gguf"
+    out = work_dir / f"policy-{gguf_type}.gguf"
     if out.is_file():
         return out
     src = base
@@ -74,8 +75,8 @@ def policy_gguf(model_path: str, adapter: Path | None, tokenizer_dir: Path | Non
         shutil.rmtree(merged, ignore_errors=True)
         merge_lora(BaseChoice(base, _is_4bit(base), "the policy's base"), read_adapter(adapter), merged, tokenizer_dir)
         src = merged
-    tmp = work_dir / "policy-f16.gguf.part"
-    convert(src, tmp, "f16", work_dir / "convert.log")
+    tmp = work_dir / f"policy-{gguf_type}.gguf.part"
+    convert(src, tmp, gguf_type, work_dir / "convert.log")
     tmp.replace(out)
     if adapter is not None:
         shutil.rmtree(work_dir / "merged", ignore_errors=True)  # the GGUF holds it now
@@ -95,6 +96,7 @@ def choose_sampler(
     n: int,
     max_new_tokens: int,
     prompts_left: int,
+    gguf_type: str = "f16",
 ):
     """(sampler, reason): the recipe's choice, or on `auto` the faster one as measured here."""
     import torch
@@ -104,8 +106,8 @@ def choose_sampler(
     if mode == "transformers":
         return hf, "transformers: set by the recipe (pairs.sampler)"
     if mode == "llamacpp":
-        return LlamaCppSampler(policy_gguf(model_path, adapter, tokenizer_dir, work_dir), tok, n_ctx), (
-            "llama.cpp on an f16 GGUF of the policy: set by the recipe (pairs.sampler)"
+        return LlamaCppSampler(policy_gguf(model_path, adapter, tokenizer_dir, work_dir, gguf_type), tok, n_ctx), (
+            f"llama.cpp on an {gguf_type} GGUF of the policy: set by the recipe (pairs.sampler)"
         )
     if torch.cuda.is_available():
         return hf, "transformers: a CUDA card generates there (llama.cpp here samples on the CPU)"
@@ -121,7 +123,7 @@ def choose_sampler(
     hf.sample(probe, n, 0, max_new_tokens)
     hf_s = time.monotonic() - t0
     t0 = time.monotonic()
-    gguf = policy_gguf(model_path, adapter, tokenizer_dir, work_dir)
+    gguf = policy_gguf(model_path, adapter, tokenizer_dir, work_dir, gguf_type)
     export_s = time.monotonic() - t0
     lc = LlamaCppSampler(gguf, tok, n_ctx)
     t0 = time.monotonic()
@@ -133,7 +135,7 @@ def choose_sampler(
         f"(after a {export_s:.1f} s export); projected for {prompts_left} prompts: {hf_total:.0f} s vs {lc_total:.0f} s"
     )
     if lc_total < hf_total:
-        return lc, f"llama.cpp on an f16 GGUF of the policy: {measured}"
+        return lc, f"llama.cpp on an {gguf_type} GGUF of the policy: {measured}"
     lc.close()
     return hf, f"transformers: {measured}"
 

@@ -484,3 +484,38 @@ def test_reward_model_judge_of_another_run_scores_a_runs_policy(tiny_init_model_
     recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     scores = [s for r in recs for s in r["scores"]]
     assert len(scores) == 9 and len(set(scores)) > 1 and all(math.isfinite(s) for s in scores)
+
+
+SMOLLM2 = Path("/work/models/smollm2-hf")  # SmolLM2-135M-Instruct as a plain HF folder (FIELD_NOTES.md)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(), reason=f"no SmolLM2-135M-Instruct folder at {SMOLLM2}")
+def test_the_loop_runs_end_to_end_on_smollm2(tmp_path):
+    """The real default-sized model: an instruct model, no SFT stage, one round with a rule judge."""
+    from lowvram.cli import main
+
+    run = tmp_path / "run"
+    over = [
+        f"model.name={SMOLLM2}",
+        "sft.enabled=false",
+        "rounds=1",
+        "pairs.max_prompts=6",
+        "pairs.samples=3",
+        "pairs.max_new_tokens=24",
+        "pairs.heldout_prompts=2",
+        "pairs.heldout_samples=1",
+        "pairs.judge.max_words=8",
+        "pairs.min_gap=0.1",
+        "dpo.max_steps=2",
+        "dpo.batch_size=2",
+        "dpo.data.eval_fraction=0",
+        "eval.enabled=false",
+    ]
+    assert main(["run", "self-pairs", *over, "--run-dir", str(run), "--no-export"]) == 0
+    summary = json.loads((run / "rounds" / "summary.json").read_text())
+    (r1,) = summary["rounds"]
+    assert r1["pairs"]["pairs_kept"] > 0 and r1["compare"]["comparisons"] == 2
+    assert (run / "dpo" / "DONE").is_file() and (run / "dpo" / "adapter" / "adapter_config.json").is_file()
+    rows = [json.loads(x) for x in (run / "rounds" / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert all(r["provenance"]["policy"] == f"base {SMOLLM2}" for r in rows)
