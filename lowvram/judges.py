@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.recipe import rubric_problem
 
-RUBRIC_FIELDS = ("{prompt}", "{answer_a}", "{answer_b}")
 DEFAULT_RUBRIC = (
     "You compare two answers to the same request. Prefer the answer that is correct, follows the request, "
     "and says it briefly. Ignore which answer comes first.\n\n"
@@ -194,24 +194,6 @@ class RewardModelJudge(Judge):
 
 
 # ------------------------------------------------------------------ (b) a local LLM, pairwise
-
-
-def rubric_problem(text: str) -> str | None:
-    """What is wrong with a rubric (a placeholder missing, or a brace that .format would choke on), else None."""
-    missing = [f for f in RUBRIC_FIELDS if f not in text]
-    if missing:
-        return (
-            f"the rubric lacks {', '.join(missing)}: the judge would not see "
-            + ", ".join(
-                {"{prompt}": "the request", "{answer_a}": "answer A", "{answer_b}": "answer B"}[m] for m in missing
-            )
-            + f"; write them where they go (the default rubric: {DEFAULT_RUBRIC[:60]!r}...)"
-        )
-    try:
-        text.format(prompt="", answer_a="", answer_b="")
-    except (KeyError, IndexError, ValueError) as e:
-        return f"the rubric has a brace lowvram cannot fill ({e}); double other braces: {{{{ and }}}}"
-    return None
 
 
 def parse_verdict(text: str) -> str | None:

@@ -26,7 +26,6 @@ import shutil
 import statistics
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 from lowvram.errors import UserError
@@ -177,13 +176,9 @@ def load_policy(model_path: str, adapters: dict[str, Path | None], recipe, plan=
 
 
 def _using(model, name: str | None):
-    from peft import PeftModel
+    from lowvram.sampler import using
 
-    if not isinstance(model, PeftModel):
-        return nullcontext()
-    from lowvram.evaluate import adapter
-
-    return adapter(model, name)
+    return using(model, name)
 
 
 def _answers(tok, ids: list[list[int]]) -> list[Answer]:

@@ -468,6 +468,26 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append(f"dpo.loss_type: only applies to method dpo; {r.dpo.method.upper()} has its own loss")
 
 
+RUBRIC_FIELDS = ("{prompt}", "{answer_a}", "{answer_b}")  # what an LLM judge's rubric must show it
+
+
+def rubric_problem(text: str) -> str | None:
+    """What is wrong with an LLM judge's rubric (a placeholder missing, a brace .format would choke on), else None."""
+    missing = [f for f in RUBRIC_FIELDS if f not in text]
+    if missing:
+        seen = {"{prompt}": "the request", "{answer_a}": "answer A", "{answer_b}": "answer B"}
+        return (
+            f"the rubric lacks {', '.join(missing)}: the judge would not see "
+            + ", ".join(seen[m] for m in missing)
+            + "; write each where its text goes (or leave pairs.judge.rubric empty for lowvram's default)"
+        )
+    try:
+        text.format(prompt="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"the rubric has a brace lowvram cannot fill ({e}); double other braces: {{{{ and }}}}"
+    return None
+
+
 def _pairs_checks(r: Recipe, errors: list[str]) -> None:
     p = r.pairs
     if r.rounds > 1 and not p.enabled:
@@ -497,8 +517,6 @@ def _pairs_checks(r: Recipe, errors: list[str]) -> None:
         if not (r.dpo.data.path or r.dpo.data.sample):
             errors.append("rm.data: the reward model that judges the pairs needs preference data (rm.data or dpo.data)")
     if j.rubric is not None:
-        from lowvram.judges import rubric_problem
-
         problem = rubric_problem(j.rubric)
         if problem:
             errors.append(f"pairs.judge.rubric: {problem}")

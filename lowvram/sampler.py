@@ -19,6 +19,19 @@ from pathlib import Path
 from lowvram.errors import UserError
 
 
+def using(model, name: str | None):
+    """`model` with the adapter `name` active (None: the base); a plain model as it is."""
+    from contextlib import nullcontext
+
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return nullcontext()
+    from lowvram.evaluate import adapter
+
+    return adapter(model, name)
+
+
 class HFSampler:
     name = "transformers"
 
@@ -27,9 +40,8 @@ class HFSampler:
 
     def sample(self, text: str, n: int, seed: int, max_new_tokens: int) -> list[list[int]]:
         from lowvram.evaluate import generate
-        from lowvram.pairs import _using
 
-        with _using(self.model, self.policy):
+        with using(self.model, self.policy):
             return generate(self.model, self.tok, [text], sample=True, n=n, seed=seed, max_new_tokens=max_new_tokens)[0]
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "lowvram.pipeline": {"lowvram.train"},
     "lowvram.evaluate": {"lowvram.train"},
     "lowvram.reward": {"lowvram.train"},
+    "lowvram.pairs": {"lowvram.train"},  # the pairs loop trains a DPO stage per round
 }
 
 
