@@ -5,6 +5,7 @@
     lowvram plan RECIPE [k=v ...]       settings for this card, with reasons
     lowvram run RECIPE [k=v ...]        SFT, then DPO, into a run directory
     lowvram data check PATH             bad lines and weak pairs in training data, before training
+    lowvram pairs RECIPE [--policy RUN] sample, judge and pair the policy's own answers (preference data)
     lowvram export RUN_DIR --gguf q4_k_m  merge, GGUF + Ollama Modelfile, verified in llama.cpp
     lowvram chat GGUF_OR_RUN_DIR        try an exported model
     lowvram eval RUN_DIR [--best-of N]  base vs SFT vs final on held-out prompts: KL, length, rewards
@@ -126,6 +127,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from lowvram.export.llamacpp import export_tools
 
         print(export_tools().plan_line(recipe.export.gguf))  # before hours of training, not after
+    if recipe.pairs.enabled:
+        from lowvram.pairs.memory import phase_lines
+
+        print("\n".join(phase_lines(recipe, plan)))
     return 0
 
 
@@ -190,6 +195,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
         init_adapter=init,
     )
     return run_pipeline(req)
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    """`lowvram pairs`: sample the policy's answers to the recipe's prompts, judge them, write preference pairs."""
+    from lowvram.offline import network_policy
+    from lowvram.pairs.build import run_pairs_command
+    from lowvram.plan.planner import make_plan
+    from lowvram.recipe import load_recipe
+
+    recipe, path = load_recipe(args.recipe, args.overrides)
+    print(network_policy(recipe, recipe.model.name, ["sft"] if not recipe.pairs.prompts.path else []), flush=True)
+    plan = make_plan(recipe, _device(args, use_torch=True))
+    out = Path(args.out) if args.out else Path(recipe.output_dir) / f"{recipe.name}-pairs"
+    return run_pairs_command(recipe, path.parent, plan, args.policy, out)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -257,6 +276,7 @@ def _check_recipe_data(
         targets = [
             (s, getattr(recipe, s).data, recipe.sample_file(getattr(recipe, s).data), recipe_path.parent)
             for s in recipe.stages()
+            if not (s == "dpo" and recipe.pairs.enabled)  # its pairs are sampled: lowvram pairs, then check them
         ]
         if kind is not None:
             targets = [t for t in targets if t[0] == stage_of[kind]]
@@ -484,6 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _device_args(st)
         st.set_defaults(func=cmd_stage)
+    pa = sub.add_parser(
+        "pairs", help="make preference pairs: sample the policy's answers to prompts, judge them, pair best with worst"
+    )
+    pa.add_argument("recipe", help="recipe whose pairs block names the prompts, the judge and the sampling")
+    pa.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pairs.samples=8 pairs.judge.max_words=30")
+    pa.add_argument(
+        "--policy",
+        metavar="RUN|ADAPTER|MODEL",
+        help="who answers: a run directory (its final, else its SFT adapter), an adapter folder, or a model "
+        "(default: the recipe's model)",
+    )
+    pa.add_argument(
+        "--out", metavar="DIR", help="folder for samples.jsonl, pairs.jsonl, summary.json; run again to resume"
+    )
+    _device_args(pa)
+    pa.set_defaults(func=cmd_pairs)
     da = sub.add_parser("data", help="check training data: formats, bad lines, weak preference pairs, length")
     da.add_argument("action", choices=("check",), help="check: validate and lint, without training")
     da.add_argument(

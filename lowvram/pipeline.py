@@ -37,6 +37,7 @@ from lowvram.export.llamacpp import export_tools
 from lowvram.model import unsloth_backend
 from lowvram.model.tiny import resolve_model_path
 from lowvram.offline import network_policy
+from lowvram.pairs.build import run_rounds
 from lowvram.plan import parallel
 from lowvram.plan.catalog import get_spec
 from lowvram.plan.hardware import Device, detect_device
@@ -281,8 +282,11 @@ def train_stages(run: Run, plan: Plan, model_path: str, datasets: dict, adapter:
             print(f"[{stage}] already done, skipping", flush=True)
         else:
             t0 = time.monotonic()
-            ctx = train.StageContext(run.dir, run.recipe, plan, stage, model_path, run.recipe_dir, adapter)
-            train.run_stage(ctx, datasets[stage])
+            if stage == "dpo" and run.recipe.pairs.enabled:  # its pairs come from the policy: sample, judge, train
+                run_rounds(run.dir, run.recipe, plan, model_path, run.recipe_dir, adapter)
+            else:
+                ctx = train.StageContext(run.dir, run.recipe, plan, stage, model_path, run.recipe_dir, adapter)
+                train.run_stage(ctx, datasets[stage])
             done_in = f"[{stage}] done in {time.monotonic() - t0:.0f} s"
             print(f"{done_in}; adapter in {rundir.adapter_dir(run.dir, stage)}", flush=True)
         adapter = rundir.adapter_dir(run.dir, stage)
@@ -335,7 +339,9 @@ def _run(stack: contextlib.ExitStack, req: RunRequest, export: ExportStep | None
     run = open_run(req)
     _claim(stack, run)
     plan = plan_run(run, req, exporting=export is not None)
-    datasets = load_stage_data(run.recipe, run.recipe_dir, [s for s in run.stages if not rundir.is_done(run.dir, s)])
+    made = {"dpo"} if run.recipe.pairs.enabled else set()  # the pairs stage makes the dpo stage's data
+    todo = [s for s in run.stages if not rundir.is_done(run.dir, s) and s not in made]
+    datasets = load_stage_data(run.recipe, run.recipe_dir, todo)
     model_path = resolve_model_path(plan.model)
     fresh = create_run_dir(stack, run, plan, model_path)
     with _removed_if_it_fails_empty(run, fresh):

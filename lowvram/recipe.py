@@ -180,6 +180,75 @@ class EvalConfig:
     )
 
 
+JUDGE_KINDS = ("rules", "reward_model", "llm")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    kind: str = _f(
+        "rules",
+        "rules (the limits and patterns below, plus `callable`), reward_model (an rm stage) or llm (a local "
+        "model with a rubric, pairwise in both orders).",
+        choices=JUDGE_KINDS,
+    )
+    max_words: int | None = _f(None, "rules: each word past this many costs 1/max_words.", gt=0)
+    max_chars: int | None = _f(None, "rules: each character past this many costs 1/max_chars.", gt=0)
+    min_words: int | None = _f(None, "rules: each word short of this many costs 1/min_words.", gt=0)
+    must_match: tuple[str, ...] = _f(
+        help="rules: regular expressions an answer must contain; -1 each missing.", factory=tuple
+    )
+    must_not_match: tuple[str, ...] = _f(
+        help="rules: regular expressions an answer must not contain; -1 each found.", factory=tuple
+    )
+    valid_json: bool = _f(False, "rules: -1 when the answer is not valid JSON.")
+    stops: bool = _f(False, "rules: -1 when the answer runs to pairs.max_new_tokens without ending.")
+    callable: str | None = _f(None, "rules: `module:function(prompt, answer) -> float`, added to the score.")
+    run: str | None = _f(None, "reward_model: a run directory whose rm stage scores; empty = this run's rm stage.")
+    model: str | None = _f(None, "llm: a GGUF file (llama.cpp) or a transformers model folder.")
+    rubric: str | None = _f(
+        None, "llm: rubric text with {prompt}, {answer_a} and {answer_b}; empty = lowvram's default rubric."
+    )
+    max_judge_tokens: int = _f(2, "llm: tokens the judge may write for its verdict ('A', 'B' or 'tie').", gt=0)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    enabled: bool = _f(
+        False,
+        "Make the preference pairs from the policy's own answers (sample, judge, pair) instead of dpo.data; "
+        "the dpo stage trains on them.",
+    )
+    prompts: DataConfig = _f(
+        help="Prompts: a .txt file (one per line), a JSONL of {prompt}, or any SFT/preference dataset "
+        "(its prompts); empty = the sft stage's data.",
+        factory=DataConfig,
+    )
+    samples: int = _f(4, "Answers sampled per prompt (seeded; temperature 1, no top-k/top-p).", ge=2)
+    max_new_tokens: int = _f(64, "Longest sampled answer, in tokens (the cap the judge's `stops` rule sees).", gt=0)
+    max_prompts: int | None = _f(None, "Use at most this many prompts per round.", gt=0)
+    heldout_prompts: int = _f(
+        8, "Prompts kept out of sampling, on which each round's new policy is judged against the previous.", ge=1
+    )
+    heldout_samples: int = _f(2, "Answers per held-out prompt and policy for that comparison.", gt=0)
+    min_gap: float = _f(0.5, "Keep a pair only when chosen outscores rejected by at least this much.", gt=0)
+    stop_below_win_rate: float = _f(
+        0.5, "Stop the rounds when the new policy wins no more than this share against the previous one.", ge=0, le=1
+    )
+    judge: JudgeConfig = _f(help="Who scores the answers.", factory=JudgeConfig)
+    sampler: str = _f(
+        "auto",
+        "Who draws the answers: transformers (model.generate), llamacpp (an f16 GGUF of the policy), or auto: "
+        "the faster, measured on the first prompt (export time included), on a CPU; transformers on a GPU.",
+        choices=("auto", "transformers", "llamacpp"),
+    )
+    sampler_gguf: str = _f(
+        "f16",
+        "The GGUF llama.cpp samples from: f16 (the policy's weights as trained) or q8_0 (faster on a CPU, "
+        "a close approximation of the policy).",
+        choices=("f16", "q8_0"),
+    )
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     gguf: tuple[str, ...] = _f(
@@ -207,6 +276,13 @@ class Recipe:
         help="What preference tuning did: KL to the reference, answers side by side.", factory=EvalConfig
     )
     export: ExportConfig = _f(help="GGUF export.", factory=ExportConfig)
+    pairs: PairsConfig = _f(
+        help="Preference pairs from the policy's own samples, scored by a judge (on-policy DPO / RLAIF).",
+        factory=PairsConfig,
+    )
+    rounds: int = _f(
+        1, "With pairs.enabled: sample, judge, pair and train DPO this many times, each round on the last.", ge=1
+    )
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -218,6 +294,8 @@ class Recipe:
         """
         if not self.use_samples:
             return None
+        if not data.sample and self.pairs.enabled and data is self.dpo.data:
+            return None  # the pairs stage makes the dpo stage's data
         if not data.sample:
             raise UserError(
                 "use_samples is on but this stage names no sample file (data.sample).",
@@ -371,6 +449,8 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append("sft.enabled and dpo.enabled are both false: nothing to train")
     for stage in r.stages():
         data: DataConfig = getattr(r, stage).data
+        if stage == "dpo" and r.pairs.enabled:
+            continue  # the pairs stage makes this stage's data
         if r.use_samples:
             if not data.sample:
                 errors.append(f"{stage}.data.sample: use_samples is on but this stage names no sample file")
@@ -378,6 +458,7 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
                 errors.append(f"{stage}.data.sample: no shipped sample {data.sample!r} in {SAMPLES_DIR}")
         elif not data.path:
             errors.append(f"{stage}.data.path: empty; name a Hub dataset or a local file (or set use_samples=true)")
+    _pairs_checks(r, errors)
     if r.dpo.enabled and r.dpo.method == "kto" and r.dpo.batch_size == 1:
         errors.append(
             "dpo.batch_size: KTO needs at least 2 examples per device batch (TRL estimates its KL "
@@ -386,6 +467,60 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         )
     if r.dpo.enabled and r.dpo.method != "dpo" and r.dpo.loss_type != "sigmoid":
         errors.append(f"dpo.loss_type: only applies to method dpo; {r.dpo.method.upper()} has its own loss")
+
+
+RUBRIC_FIELDS = ("{prompt}", "{answer_a}", "{answer_b}")  # what an LLM judge's rubric must show it
+
+
+def rubric_problem(text: str) -> str | None:
+    """What is wrong with an LLM judge's rubric (a placeholder missing, a brace .format would choke on), else None."""
+    missing = [f for f in RUBRIC_FIELDS if f not in text]
+    if missing:
+        seen = {"{prompt}": "the request", "{answer_a}": "answer A", "{answer_b}": "answer B"}
+        return (
+            f"the rubric lacks {', '.join(missing)}: the judge would not see "
+            + ", ".join(seen[m] for m in missing)
+            + "; write each where its text goes (or leave pairs.judge.rubric empty for lowvram's default)"
+        )
+    try:
+        text.format(prompt="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"the rubric has a brace lowvram cannot fill ({e}); double other braces: {{{{ and }}}}"
+    return None
+
+
+def _pairs_checks(r: Recipe, errors: list[str]) -> None:
+    p = r.pairs
+    if r.rounds > 1 and not p.enabled:
+        errors.append(f"rounds: {r.rounds} rounds need pairs.enabled=true (each round samples new pairs)")
+    if not p.enabled:
+        return
+    if not r.dpo.enabled or r.dpo.method != "dpo":
+        errors.append("pairs.enabled: the pairs train the dpo stage; set dpo.enabled=true and dpo.method=dpo")
+    if r.use_samples and not (p.prompts.sample or r.sft.data.sample):
+        errors.append("pairs.prompts.sample: use_samples is on but neither pairs.prompts nor sft.data names a sample")
+    elif not r.use_samples and not (p.prompts.path or r.sft.data.path):
+        errors.append("pairs.prompts.path: empty, and so is sft.data.path; name a prompts file or dataset")
+    j = p.judge
+    if (
+        j.kind == "rules"
+        and not (j.max_words or j.max_chars or j.min_words or j.must_match or j.must_not_match or j.valid_json)
+        and not (j.stops or j.callable)
+    ):
+        errors.append("pairs.judge: kind rules names no rule (max_words, must_match, callable, ...)")
+    if j.callable is not None and ":" not in j.callable:
+        errors.append(f"pairs.judge.callable: {j.callable!r} is not 'module:function'")
+    if j.kind == "llm" and not j.model:
+        errors.append("pairs.judge.model: kind llm needs a GGUF file or a transformers folder")
+    if j.kind == "reward_model" and not j.run and not r.rm.enabled:
+        errors.append("pairs.judge.run: kind reward_model needs another run's directory, or rm.enabled=true")
+    elif j.kind == "reward_model" and not j.run and not (r.rm.data.path or r.rm.data.sample):
+        if not (r.dpo.data.path or r.dpo.data.sample):
+            errors.append("rm.data: the reward model that judges the pairs needs preference data (rm.data or dpo.data)")
+    if j.rubric is not None:
+        problem = rubric_problem(j.rubric)
+        if problem:
+            errors.append(f"pairs.judge.rubric: {problem}")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -89,6 +89,11 @@ def report_file(run_dir: Path) -> Path:
     return Path(run_dir) / REPORT
 
 
+def rounds_dir(run_dir: Path) -> Path:
+    """RUN/rounds/: each round of sampled pairs (iterated DPO) and their summary.json."""
+    return Path(run_dir) / "rounds"
+
+
 def eval_dir(run_dir: Path) -> Path:
     return Path(run_dir) / EVAL
 

@@ -27,6 +27,7 @@ ORDER = [
     ["lowvram.train"],
     ["lowvram.evaluate"],
     ["lowvram.export"],
+    ["lowvram.pairs"],  # samples the policy (llama.cpp or transformers), judges, trains DPO rounds
     ["lowvram.pipeline", "lowvram.doctor", "lowvram.wheelcache"],
     ["lowvram.launch"],
     ["lowvram.cli"],

@@ -335,6 +335,11 @@ def _export_section(run_dir: Path) -> str:
     return "".join(out)
 
 
+def _rounds_section(run_dir: Path) -> str:
+
+    return rounds_section(run_dir) or "<p>No rounds: the preference data was given, not sampled.</p>"
+
+
 def write_html(run_dir: Path) -> Path:
     """Build RUN/report.html from the run's files; return its path."""
     run_dir = Path(run_dir)
@@ -344,6 +349,7 @@ def write_html(run_dir: Path) -> Path:
         ("plan", "Plan and memory", _plan_section(run_dir)),
         ("data", "Data check", _data_section(run_dir)),
         ("curves", "Training curves", _curves_section(run_dir)),
+        ("rounds", "Rounds of sampled pairs (iterated DPO)", _rounds_section(run_dir)),
         ("models", "Base vs SFT vs final", models),
         ("answers", "Answers side by side", side),
         ("reward", "Reward model and best-of-N", rm),
@@ -359,3 +365,33 @@ def write_html(run_dir: Path) -> Path:
     out = rundir.report_file(run_dir)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def rounds_section(run_dir: Path) -> str:
+    """report.html: one row per round (empty when the run had no rounds)."""
+    path = rundir.rounds_dir(run_dir) / "summary.json"
+    if not path.is_file():
+        return ""
+    s = json.loads(path.read_text())
+    head = (
+        "<tr><th>round</th><th>win rate vs previous</th><th>words prev -> new</th><th>hit cap prev -> new</th>"
+        "<th>KL to previous (nats)</th><th>pairs kept</th><th>dropped (why)</th></tr>"
+    )
+    body = []
+    for r in s["rounds"]:
+        if "compare" not in r:
+            body.append(f"<tr><td>{r['round']}</td><td colspan='6'>{html.escape(r.get('stop_reason', ''))}</td></tr>")
+            continue
+        c, p = r["compare"], r["pairs"]
+        why = ", ".join(f"{n} {k}" for k, n in p["dropped_why"].items()) or "-"
+        kl = "-" if c["kl_to_previous"] is None else f"{c['kl_to_previous']:.3f}"
+        body.append(
+            f"<tr><td>{r['round']}</td><td>{c['win_rate']:.0%}</td>"
+            f"<td>{c['previous']['mean_words']:.1f} -> {c['new']['mean_words']:.1f}</td>"
+            f"<td>{c['previous']['hit_cap_share']:.0%} -> {c['new']['hit_cap_share']:.0%}</td><td>{kl}</td>"
+            f"<td>{p['pairs_kept']}</td><td>{html.escape(why)}</td></tr>"
+        )
+    note = f"<p>Kept: round {s['kept_round']}." + (
+        f" Stopped early: {html.escape(s['stop_reason'])}.</p>" if s.get("stop_reason") else "</p>"
+    )
+    return f"<table>{head}{''.join(body)}</table>{note}"

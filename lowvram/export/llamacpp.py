@@ -1210,3 +1210,57 @@ def chat(
             answer(text)
     finally:
         llm.close()
+
+
+def chat_completer(gguf_path: str, max_tokens: int = 2, seed: int = 0, n_ctx: int = 2048):
+    """(complete(user_text) -> reply, close) on a GGUF, greedy: the LLM judge's one call into llama.cpp.
+
+    The chat template comes from the GGUF itself, as in `chat`; greedy (temperature 0), so a verdict is repeatable
+    (`seed` is kept for the signature: greedy decoding draws nothing).
+    """
+    path = Path(gguf_path)
+    check_gguf_file(path)
+    n_ctx = min(n_ctx, context_length(path) or n_ctx)
+    llm = GGUFModel(path, n_ctx=n_ctx, logits_all=False)
+    meta = llm.metadata
+    template = meta.get("tokenizer.chat_template")
+    if not template:
+        llm.close()
+        raise UserError(f"{path.name} has no chat template (tokenizer.chat_template): it cannot judge in chat form.")
+
+    def token_text(key: str) -> str:
+        i = meta.get(key)
+        return llm.piece(int(i)).decode("utf-8", errors="replace") if i is not None else ""
+
+    bos, eos = token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id")
+
+    def complete(text: str) -> str:
+        ids = llm.tokenize(render_chat(template, [{"role": "user", "content": text}], bos, eos))
+        out = llm.generate(ids, max_new_tokens=max_tokens, temperature=0.0, seed=seed)
+        text_out = b"".join(llm.piece(t) for t in out if not llm.is_end(t))
+        return text_out.decode("utf-8", errors="replace")
+
+    return complete, llm.close
+
+
+def token_sampler(gguf_path: str, n_ctx: int = 1024):
+    """(sample(prompt_ids, n, seed, max_new_tokens, stop_ids) -> answers as token ids, close) on a GGUF.
+
+    The pairs loop's one call into llama.cpp for sampling: temperature 1 with top-k, top-p and min-p off, the
+    same distribution as transformers' generate(do_sample=True, top_k=0). Each answer has its own seed.
+    """
+    path = Path(gguf_path)
+    n_ctx = min(n_ctx, context_length(path) or n_ctx)  # past its training context llama.cpp warns
+    llm = GGUFModel(path, n_ctx=n_ctx, logits_all=False)
+
+    def sample(ids: list[int], n: int, seed: int, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        out = []
+        for k in range(n):
+            drawn = llm.generate(
+                ids, max_new_tokens, temperature=1.0, seed=seed * 1009 + k, top_k=0, top_p=1.0, min_p=0.0
+            )
+            cut = next((i + 1 for i, t in enumerate(drawn) if t in stop_ids), len(drawn))
+            out.append([int(t) for t in drawn[:cut]])
+        return out
+
+    return sample, llm.close
