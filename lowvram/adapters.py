@@ -42,7 +42,10 @@ def restore_policy(model, checkpoint_dir: Path) -> int:
     path = Path(checkpoint_dir) / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the checkpoint has no policy adapter to resume from")
-    saved = load_file(str(path))
+    from lowvram.special_tokens import TOKEN_KEY
+
+    # its trained turn-token rows (PEFT trainable tokens) are lowvram's row wrappers': special_tokens.restore_rows
+    saved = {k: v for k, v in load_file(str(path)).items() if not TOKEN_KEY.fullmatch(k)}
     result = set_peft_model_state_dict(model, saved, adapter_name=POLICY)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

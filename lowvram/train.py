@@ -193,67 +193,72 @@ def load_tokenizer(source: str, recipe: Recipe):
 
 
 def load_model(ctx: StageContext, adapter: Path | None):
-    """(PeftModel, tokenizer) through the plan's backend.
+    """(PeftModel, tokenizer) through the plan's backend: the base, then its turn tokens, then the adapter.
 
-    Both backends check the chat template's turn tokens between loading the base and adding the
-    adapter, through the same code (special_tokens.prepare); its trainable rows train in SFT only.
+    The chat template's untrained turn tokens are checked and fixed on the base, before the adapter is
+    added (special_tokens.prepare, the same code for both backends); their rows train in SFT only.
     """
-    from lowvram.special_tokens import train_rows
+    from lowvram.special_tokens import prepare, train_rows
 
-    sp = ctx.sp
     if ctx.plan.backend == "unsloth":
-        from lowvram import unsloth_backend
-
-        def prepare_tokens(model, tok):
-            _apply_template(tok, ctx.recipe)
-            _turn_tokens(model, tok, ctx)
-
-        model, tok = unsloth_backend.load_for_training(
-            ctx.plan,
-            ctx.recipe,
-            ctx.model_path,
-            adapter,
-            grad_ckpt=sp.grad_ckpt,
-            max_seq_len=sp.max_seq_len,
-            prepare_tokens=prepare_tokens,
-        )
-        _apply_template(tok, ctx.recipe)
-        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
-        return model, tok
-    from lowvram import hf_backend
-
-    tok = load_tokenizer(ctx.model_path, ctx.recipe)
+        from lowvram import unsloth_backend as backend
+    else:
+        from lowvram import hf_backend as backend
     try:
-        model = hf_backend.load_for_training(
-            ctx.plan,
-            ctx.recipe,
-            ctx.model_path,
-            adapter,
-            grad_ckpt=sp.grad_ckpt,
-            prepare_tokens=lambda m: _turn_tokens(m, tok, ctx),
-        )
-        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
+        model, tok = backend.load_base(ctx)
+        _apply_template(tok, ctx.recipe, model)
+        lr = getattr(ctx.recipe, ctx.stage).learning_rate
+        prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter, learning_rate=lr)
+        model = backend.add_adapter(model, ctx, adapter)
     except OSError as e:
         raise UserError(
             f"Cannot load model {ctx.model_path!r}: {e}",
             hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.",
         ) from None
+    train_rows(model, ctx.stage, ctx.recipe.dpo.method)
     return model, tok
 
 
-def _apply_template(tok, recipe: Recipe) -> None:
-    if recipe.model.chat_template:
-        from lowvram.templates import chat_template_text
+def _apply_template(tok, recipe: Recipe, model=None) -> None:
+    """The recipe's chat template, and its end-of-turn token as the EOS that generation stops on.
 
-        tok.chat_template = chat_template_text(recipe.model.chat_template)
+    A base model's EOS ends a document (<|endoftext|>, <eos>, <|end_of_text|>), not a turn: a named
+    template ends each turn with its own token (<|im_end|>, <end_of_turn>, <|eot_id|>). Instruct
+    releases make that token the tokenizer's EOS and put it in generation_config.json; without it
+    generation (lowvram's evaluation, transformers' generate, the saved tokenizer) never stops at the
+    end of an answer. The base's EOS then pads, where there is no pad token.
+    """
+    if not recipe.model.chat_template:
+        return
+    from lowvram.templates import chat_template_text, resolve_chat_template
+
+    tok.chat_template = chat_template_text(recipe.model.chat_template)
+    named = resolve_chat_template(recipe.model.chat_template)
+    eot = named.end_of_turn if named else None
+    if not eot or eot not in tok.get_vocab():
+        return
+    if tok.eos_token != eot:
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        print(
+            f"[tokens] EOS set to {eot} (the {named.name} template ends each turn with it; the base's "
+            f"EOS {tok.eos_token} ends documents" + (" and pads)" if tok.pad_token == tok.eos_token else ")"),
+            flush=True,
+        )
+        tok.eos_token = eot
+    if model is not None:
+        stop_on(model, tok.eos_token_id)
 
 
-def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:
-    """Untrained turn tokens of the chat template: fixed and made trainable (lowvram/special_tokens.py)."""
-    from lowvram.special_tokens import prepare
-
-    prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter)
-    return None  # its own row wrappers, not PEFT's trainable tokens (see special_tokens.make_rows_trainable)
+def stop_on(model, token_id: int) -> None:
+    """Add `token_id` to the model's generation stops (config and generation_config), first."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    have = gen.eos_token_id
+    have = [] if have is None else [have] if isinstance(have, int) else list(have)
+    if token_id not in have:
+        gen.eos_token_id = [token_id, *have]
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -555,20 +560,20 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     from lowvram.checkpoints import completion_callback
     from lowvram.fileio import atomic_write_text
     from lowvram.guards import divergence_error, finite_callback, nonfinite_parameters
-    from lowvram.special_tokens import HEAD_ROWS_FILE, restore_rows, save_rows, trains_rows
+    from lowvram.special_tokens import restore_rows, save_rows, trains_rows
 
     guard = finite_callback(fp16=ctx.plan.dtype == "fp16")
-    rows = trains_rows(model)  # untrained turn tokens: their rows train beside the adapter (special_tokens.py)
+    rows = trains_rows(model)  # untrained turn tokens: their rows train with the adapter (special_tokens.py)
     trainer.add_callback(completion_callback(save_extra=save_rows if rows else None))
     trainer.add_callback(guard)  # last: it sees the save decision of every other callback
-    resume_from = _resume_point(ctx, (HEAD_ROWS_FILE,) if rows else ())
+    resume_from = _resume_point(ctx)
     if resume_from is not None:
         from lowvram.adapters import restore_policy
 
         # the Trainer restores the optimizer and step; under transformers 5.17 not the policy adapter of a
         # checkpoint that also holds DPO's ref/ adapter (lowvram.adapters), so load it here under every version
         restore_policy(model, resume_from)
-        if rows:  # not in the Trainer's checkpoint files: saved beside them by completion_callback
+        if rows:  # written into the checkpoint's adapter by completion_callback, outside PEFT's state dict
             print(
                 f"[{ctx.stage}] turn-token rows {restore_rows(model, resume_from)} restored from {resume_from.name}",
                 flush=True,
@@ -624,7 +629,7 @@ def _train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         if after:
             atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
         save_policy(model, adapter_dir, full)
-        save_rows(model, adapter_dir)  # trained turn-token rows, if any
+        save_rows(model, adapter_dir)  # trained turn-token rows, if any: into the adapter, as PEFT trainable tokens
         tok.save_pretrained(str(ctx.run_dir / "tokenizer"))
         atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
         atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
