@@ -167,12 +167,10 @@ def _size(nbytes: int) -> str:
 
 def load_base(ctx):
     """(base model, tokenizer) for a training stage: 16-bit, or NF4 with `plan.load_in_4bit`."""
-    from transformers import AutoModelForCausalLM
-
-    from lowvram.train import load_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     plan, grad_ckpt = ctx.plan, ctx.sp.grad_ckpt
-    tok = load_tokenizer(ctx.model_path, ctx.recipe)
+    tok = AutoTokenizer.from_pretrained(ctx.model_path)
     if plan.load_in_4bit:
         model = load_4bit(
             AutoModelForCausalLM,

@@ -207,6 +207,8 @@ def load_model(ctx: StageContext, adapter: Path | None):
     try:
         model, tok = backend.load_base(ctx)
         _apply_template(tok, ctx.recipe, model)
+        if tok.pad_token is None:  # padding is masked out of the loss, so reusing EOS as pad is safe for training
+            tok.pad_token = tok.eos_token
         lr = getattr(ctx.recipe, ctx.stage).learning_rate
         prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter, learning_rate=lr)
         model = backend.add_adapter(model, ctx, adapter)
