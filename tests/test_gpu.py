@@ -86,7 +86,7 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowvram.model.turn_tokens import load_rows, make_rows_trainable
+    from lowvram.model.turn_tokens import load_rows
 
     if importlib.util.find_spec("unsloth") is None:
         pytest.skip("unsloth is not installed: pip install 'lowvram[gpu]'")
@@ -125,8 +125,7 @@ def test_unsloth_backend_fixes_and_trains_untrained_turn_tokens(tiny_model_dir, 
     dpo_ids, dpo_rows = load_rows(run / "dpo" / "adapter")
     assert dpo_ids == ids and all(torch.equal(rows[k], dpo_rows[k]) for k in rows)  # frozen in DPO
 
-    make_rows_trainable(model, ids, rows)
-    model = PeftModel.from_pretrained(model, str(run / "sft" / "adapter")).eval()
+    model = PeftModel.from_pretrained(model, str(run / "sft" / "adapter")).eval()  # the rows come with it
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     for q in ("What is the capital of Japan?", "What sound does a cow make?", "Name a primary colour."):
         prompt = tok.apply_chat_template(

@@ -225,3 +225,68 @@ def test_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_init
     adapter = read_adapter(_write_adapter(tmp_path / "a", wrong, r=4, alpha=8))
     with pytest.raises(UserError, match=r"does not fit the base.*\n.*down_proj.weight: base shape \[128, 344\]"):
         merge_layout(tiny_init_model_dir, adapter, False, "bf16")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trained_turn_token_rows_live_in_the_adapter_for_plain_peft_and_the_merge(tmp_path, tiny_init_model_dir, tied):
+    """lowvram trains untrained turn-token rows through its own wrappers (special_tokens.py) but saves them inside
+    the PEFT adapter as PEFT trainable tokens: plain `PeftModel.from_pretrained` gets the trained rows (input
+    embeddings and LM head; one shared copy when tied), lowvram's own loading (load_rows) gets them back, and the
+    streaming merge writes them into the merged weights. Before, they lay in a side file that PEFT never read."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowvram.model.adapters import save_policy
+    from lowvram.model.hf_backend import lora_config
+    from lowvram.model.turn_tokens import load_rows, make_rows_trainable, save_rows, trainable_row_params
+
+    base_dir = tmp_path / "base"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_init_model_dir), dtype=torch.float32)
+    if tied:  # one matrix for both, as in SmolLM2 and Gemma
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(str(base_dir))
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+
+    ids = [4, 5]
+    model = base()
+    make_rows_trainable(model, ids, scale=8.0)
+    model = get_peft_model(model, lora_config(_plan(), _recipe()))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainable_row_params(model):
+            p.add_(torch.randn(p.shape, generator=gen))  # "trained"
+    want_embed = model.get_input_embeddings().values().detach().clone()
+    want_head = model.get_output_embeddings().values().detach().clone()
+    assert torch.equal(want_embed, want_head) == tied
+    save_policy(model, tmp_path / "adapter")
+    assert save_rows(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "lowvram_turn_rows.safetensors").exists()
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(tmp_path / "adapter"))
+    torch.testing.assert_close(plain.get_input_embeddings()(torch.tensor([ids]))[0], want_embed)
+    head_w = plain.get_output_embeddings().token_adapter.get_merged_weights(["default"])
+    torch.testing.assert_close(head_w[ids], want_head)
+    saved_ids, rows = load_rows(tmp_path / "adapter")
+    assert saved_ids == ids and torch.equal(rows["embed"], want_embed)
+    assert ("head" in rows) == (not tied)
+
+    merge_lora(BaseChoice(base_dir, False, "test"), read_adapter(tmp_path / "adapter"), tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    tol = dict(rtol=0, atol=float(want_embed.abs().max()) * 2**-7)
+    torch.testing.assert_close(merged.get_input_embeddings().weight[ids], want_embed, **tol)
+    torch.testing.assert_close(merged.get_output_embeddings().weight[ids], want_head, **tol)
+
+
+def _plan():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(lora_r=4, lora_alpha=8)
+
+
+def _recipe():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(lora=SimpleNamespace(dropout=0.0, target_modules=("q_proj", "v_proj")))

@@ -33,8 +33,12 @@ Q4 = [
     "sft.save_steps=4",
     "dpo.max_steps=6",
     "dpo.save_steps=3",
-    "rm.enabled=false",
-    "eval.enabled=false",
+    # every stage runs on the 4-bit base: the reward model and the evaluation load it too (reward.py, evaluate.py)
+    "rm.max_steps=2",
+    "eval.prompts=2",
+    "eval.max_new_tokens=8",
+    "eval.kl_samples=1",
+    "eval.best_of=2",
 ]
 
 
@@ -95,12 +99,20 @@ def _plan(dtype: str):
     return dataclasses.replace(make_plan(recipe, CPU), dtype=dtype), recipe
 
 
+def load_for_training(plan, recipe, model_path: str):
+    """The policy as a training stage loads it: the base through the hf backend, then a fresh LoRA adapter."""
+    from lowvram.model import hf_backend
+    from lowvram.train.common import StageContext
+
+    ctx = StageContext(Path("unused-run-dir"), recipe, plan, "sft", model_path)
+    model, _ = hf_backend.load_base(ctx)
+    return hf_backend.add_adapter(model, ctx)
+
+
 def test_nf4_load_keeps_embeddings_in_the_compute_dtype(tiny_init_model_dir):
     """PEFT's prepare_model_for_kbit_training would leave fp32 embeddings and lm_head; lowvram keeps them bf16."""
     import bitsandbytes as bnb
     import torch
-
-    from lowvram.model.hf_backend import load_for_training
 
     plan, recipe = _plan("bf16")
     model = load_for_training(plan, recipe, str(tiny_init_model_dir))
@@ -149,7 +161,7 @@ def test_a_checkpoint_saved_in_4bit_computes_in_the_plans_dtype(tiny_init_model_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowvram.model.hf_backend import four_bit_kwargs, load_for_training, quantization_config, saved_quantization
+    from lowvram.model.hf_backend import four_bit_kwargs, quantization_config, saved_quantization
 
     saved = tmp_path / "tiny-bnb-4bit"
     AutoModelForCausalLM.from_pretrained(
@@ -245,6 +257,15 @@ def test_sft_then_dpo_on_nf4_with_8bit_adamw_trains_only_fp32_lora(q4_run):
     assert any((sft[k] - dpo[k]).abs().max() > 0 for k in sft)  # DPO moved the same adapter further
     rows = [json.loads(x) for x in (q4_run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN
+
+
+@pytest.mark.slow
+def test_every_stage_of_the_demo_runs_on_nf4_on_this_cpu(q4_run):
+    """The reward model and the evaluation load the 4-bit base too. On a CPU with AVX512-BF16 (this machine, Zen 4
+    desktops) bitsandbytes 0.50 repacked their 4-bit weights at the first no-grad forward and asserted
+    `N must be divisible by block_n`: `lowvram run demo model.load_in_4bit=true` died in the reward-model stage."""
+    assert (q4_run / "rm" / "DONE").is_file() and (q4_run / "rm" / "adapter" / "adapter_config.json").is_file()
+    assert list((q4_run / "eval").glob("*.json")), "no evaluation results"
 
 
 @pytest.mark.slow

@@ -90,14 +90,16 @@ def test_progress_off_a_terminal_is_one_plain_line_per_logged_step(demo_run):
 
 
 def test_lora_weights_move_and_only_lora_is_trainable(demo_run, tiny_model_dir):
-    from lowvram.model.hf_backend import load_for_training
+    from lowvram.model import hf_backend
     from lowvram.plan.hardware import Device
     from lowvram.plan.planner import make_plan
     from lowvram.recipe import load_recipe
+    from lowvram.train.common import StageContext
 
     recipe, _ = load_recipe("tiny")
     plan = make_plan(recipe, Device("cpu", "CPU", 0, 0, None, "none"))
-    fresh = load_for_training(plan, recipe, str(tiny_model_dir))
+    ctx = StageContext(demo_run, recipe, plan, "sft", str(tiny_model_dir))
+    fresh = hf_backend.add_adapter(hf_backend.load_base(ctx)[0], ctx)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)  # the base is frozen
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from lowvram.errors import UserError
 from lowvram.model import wheels
 from lowvram.model.tiny import TINY_NAME, ensure_tiny_model
-from lowvram.model.turn_tokens import rows_for_merge
 from lowvram.model.wheels import PYPI_PREFIX
 from lowvram.utils.safetensors_io import (
     DTYPE_BYTES,
@@ -255,7 +254,6 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             continue
         scale = a_mod / (math.sqrt(r_mod) if rslora else r_mod)
         pairs[module + ".weight"] = LoraPair(module + ".weight", a, b, scale, transpose=embedding or fan_in_fan_out)
-    rows.update(rows_for_merge(adapter_dir))  # lowvram's trained turn-token rows (special_tokens.py)
     if not pairs and not replaced:
         bad.append("no LoRA weights found")
     if bad:
@@ -516,7 +514,31 @@ def merge_lora(
         if (base.path / extra).is_file():
             shutil.copy2(base.path / extra, out_dir / extra)
     copy_tokenizer(tokenizer_dir or base.path, out_dir, fallback=base.path)
+    _stop_on_tokenizer_eos(out_dir)
     return MergeReport(out_dir, base, out_dtype, why, merged, copied, nbytes)
+
+
+def _stop_on_tokenizer_eos(out_dir: Path) -> None:
+    """generation_config.json stops on the trained tokenizer's EOS too: a base given a named template
+    trains with the template's end-of-turn token as its EOS (train._apply_template), which the base's
+    generation config does not know; without it `generate` on the merged model never ends a turn."""
+    cfg_path, tok_cfg = out_dir / "generation_config.json", out_dir / "tokenizer_config.json"
+    if not tok_cfg.is_file():
+        return
+    eos = json.loads(tok_cfg.read_text()).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    tok_json = out_dir / "tokenizer.json"
+    if not eos or not tok_json.is_file():
+        return
+    added = {t["content"]: t["id"] for t in json.loads(tok_json.read_text()).get("added_tokens", [])}
+    if eos not in added:
+        return
+    gen = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    have = gen.get("eos_token_id")
+    have = [] if have is None else [have] if isinstance(have, int) else list(have)
+    if added[eos] not in have:
+        gen["eos_token_id"] = [added[eos], *have]
+        cfg_path.write_text(json.dumps(gen, indent=2))
 
 
 def _write_config(base_dir: Path, out_dir: Path, out_dtype: str) -> None:

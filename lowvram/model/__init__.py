@@ -14,7 +14,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "ensure_tiny_model": "tiny",
         "resolve_model_path": "tiny",
-        "load_for_training": "hf_backend",
+        "load_base": "hf_backend",
+        "add_adapter": "hf_backend",
         "load_4bit": "hf_backend",
         "lora_config": "hf_backend",
     },

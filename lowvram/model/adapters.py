@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowvram.errors import UserError
+from lowvram.model.turn_tokens import TOKEN_KEY
 from lowvram.utils.safetensors_io import FLOAT_DTYPES, read_safetensors_header, read_tensor
 
 POLICY = "default"  # PEFT's name for the adapter being trained
@@ -44,7 +45,9 @@ def restore_policy(model, checkpoint_dir: Path) -> int:
     path = Path(checkpoint_dir) / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the checkpoint has no policy adapter to resume from")
-    saved = load_file(str(path))
+
+    # its trained turn-token rows (PEFT trainable tokens) are lowvram's row wrappers': special_tokens.restore_rows
+    saved = {k: v for k, v in load_file(str(path)).items() if not TOKEN_KEY.fullmatch(k)}
     result = set_peft_model_state_dict(model, saved, adapter_name=POLICY)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

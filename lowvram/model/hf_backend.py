@@ -1,9 +1,11 @@
 """The transformers + PEFT backend: CPU, Apple, or CUDA without Unsloth (bitsandbytes 4-bit there).
 
-    model = load_for_training(plan, recipe, model_path, adapter=None)
+    model, tok = load_base(ctx)              # ctx: lowvram.train.stage.StageContext
+    ...                                      # lowvram.train.stage.load_model fixes the turn tokens here
+    model = add_adapter(model, ctx, adapter) # a PeftModel whose LoRA adapter trains
 
-Returns a `PeftModel` whose LoRA adapter is trainable. With `adapter`, that adapter is loaded and
-training continues it (DPO after SFT); without, a fresh adapter is added.
+With `adapter`, that adapter is loaded and training continues it (DPO after SFT); without, a fresh
+adapter is added.
 
 With `plan.load_in_4bit` the base's linear layers are bitsandbytes NF4 with double quantization,
 computing in the plan's dtype: the QLoRA path of every CUDA user without Unsloth. bitsandbytes
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowvram.errors import UserError
+from lowvram.model.turn_tokens import without_rows
 
 if TYPE_CHECKING:  # annotations only: the backends take a plan and a recipe, they do not build them
     from lowvram.plan.planner import Plan
@@ -32,11 +35,10 @@ def torch_dtype(plan: Plan):
     return getattr(torch, TORCH_DTYPES[plan.dtype])
 
 
-def lora_config(plan: Plan, recipe: Recipe, trainable_token_indices: dict | None = None):
+def lora_config(plan: Plan, recipe: Recipe):
     from peft import LoraConfig
 
     return LoraConfig(
-        trainable_token_indices=trainable_token_indices or None,  # untrained turn tokens (special_tokens.py)
         r=plan.lora_r,
         lora_alpha=plan.lora_alpha,
         lora_dropout=recipe.lora.dropout,
@@ -94,7 +96,24 @@ def load_4bit(auto_class, model_path: str, dtype, fsdp: bool = False, **kwargs):
     """`auto_class.from_pretrained` of a 4-bit base (four_bit_kwargs), its layers computing in `dtype`."""
     model = auto_class.from_pretrained(model_path, dtype=dtype, **four_bit_kwargs(model_path, dtype, fsdp), **kwargs)
     use_compute_dtype(model, dtype)
+    no_cpu_repack(model)
     return model
+
+
+def no_cpu_repack(model) -> int:
+    """Keep every 4-bit weight in bitsandbytes' one layout on a CPU with AVX512-BF16; the count of layers.
+
+    bitsandbytes (0.50) there repacks a 4-bit weight in place, for a faster kernel, the first time it
+    runs without grad: the evaluation before training, a reward model's scoring, generation. That
+    kernel has no backward, so training after it would lose the gradient paths through the base
+    layers, and the repack asserts (`N must be divisible by block_n`) on a layer whose output width is
+    not a multiple of its block, which the reward model's stage met first. Off for every model that
+    load_4bit loads (policy, reward model, evaluation): the same dequantize-and-matmul that CUDA runs.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def use_compute_dtype(model, dtype) -> int:
@@ -140,14 +159,6 @@ def prepare_4bit_model(model, dtype, grad_ckpt: str = "off") -> dict[str, int]:
             param.data = param.data.to(want)
         key = str(param.dtype).removeprefix("torch.")
         by_dtype[key] = by_dtype.get(key, 0) + param.numel() * param.element_size()
-    for module in model.modules():
-        # bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit weight in place, for a faster
-        # kernel, the first time it runs without grad (the evaluation before training). That kernel
-        # has no backward, so training after it would lose the gradient paths through the base
-        # layers, and it asserts on layers whose width is not a multiple of 32. Off: one layout on
-        # every CPU, the same dequantize-and-matmul that CUDA runs.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     if grad_ckpt != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -158,20 +169,19 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.1f} KiB"
 
 
-def load_for_training(
-    plan: Plan,
-    recipe: Recipe,
-    model_path: str,
-    adapter: Path | None = None,
-    grad_ckpt: str = "off",
-    prepare_tokens=None,
-):
-    from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+def load_base(ctx):
+    """(base model, tokenizer) for a training stage: 16-bit, or NF4 with `plan.load_in_4bit`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    plan, grad_ckpt = ctx.plan, ctx.sp.grad_ckpt
+    tok = AutoTokenizer.from_pretrained(ctx.model_path)
     if plan.load_in_4bit:
         model = load_4bit(
-            AutoModelForCausalLM, model_path, torch_dtype(plan), plan.parallel == "fsdp", device_map=device_map(plan)
+            AutoModelForCausalLM,
+            ctx.model_path,
+            torch_dtype(plan),
+            plan.parallel == "fsdp",
+            device_map=device_map(plan),
         )
         other = prepare_4bit_model(model, torch_dtype(plan), grad_ckpt)
         parts = ", ".join(f"{_size(n)} {k}" for k, n in sorted(other.items()))
@@ -181,17 +191,21 @@ def load_for_training(
             flush=True,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(plan))
+        model = AutoModelForCausalLM.from_pretrained(ctx.model_path, dtype=torch_dtype(plan))
         if grad_ckpt != "off":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-    # prepare_tokens(model) -> {module: token ids} fixes untrained turn tokens before the adapter wraps them
-    tokens = prepare_tokens(model) if prepare_tokens else None
-    if adapter is not None:  # its trainable tokens, if any, come with it
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    else:
-        model = get_peft_model(model, lora_config(plan, recipe, tokens))
-    return model
+    return model, tok
+
+
+def add_adapter(model, ctx, adapter: Path | None = None):
+    """`model` as a PeftModel with a trainable LoRA adapter: `adapter` loaded (its trained turn-token rows
+    are already in lowvram's row wrappers: special_tokens.without_rows), or a fresh one."""
+    from peft import PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, str(adapter), config=without_rows(adapter), is_trainable=True)
+    return get_peft_model(model, lora_config(ctx.plan, ctx.recipe))
 
 
 @contextmanager

@@ -1,14 +1,15 @@
 """The Unsloth backend: the only module that imports `unsloth`. CUDA only.
 
     activate()                                   # before trl/transformers are imported
-    model, tokenizer = load_for_training(...)
+    model, tokenizer = load_base(ctx)            # then lowvram.train.stage.load_model fixes the turn tokens
+    model = add_adapter(model, ctx, adapter)
 
 Unsloth patches transformers, PEFT and TRL when it is imported, so `lowvram.train.stage` calls
 `activate()` before it imports TRL. Written against unsloth 2026.10 (`FastLanguageModel.from_pretrained`,
 `FastLanguageModel.get_peft_model`); exercised by scripts/gpu_check.py on a CUDA machine, never on CPU.
 
-Untrained turn tokens: `prepare_tokens(model, tokenizer)` (lowvram.model.turn_tokens.prepare, the hf
-backend's code) runs between loading the base and adding the adapter. Unsloth's own fix
+Untrained turn tokens: lowvram.model.turn_tokens.prepare (the hf backend's code) runs between
+load_base and add_adapter. Unsloth's own fix
 (unsloth_zoo.tokenizer_utils.fix_untrained_tokens, which its patched SFT/DPO trainers call) stays on,
 as a second net, but does not replace it:
 - it finds only rows that are exactly zero (|x| <= 1e-16 in both matrices); a Gemma-style base, whose
@@ -26,13 +27,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lowvram.errors import UserError
-
-if TYPE_CHECKING:  # annotations only: the backends take a plan and a recipe, they do not build them
-    from lowvram.plan.planner import Plan
-    from lowvram.recipe import Recipe
+from lowvram.model.adapters import restore_policy
+from lowvram.model.turn_tokens import without_rows
 
 _LATE = ("trl", "transformers", "peft")
 
@@ -58,58 +56,55 @@ def activate() -> None:
         )
 
 
-def load_for_training(
-    plan: Plan,
-    recipe: Recipe,
-    model_path: str,
-    adapter: Path | None = None,
-    grad_ckpt: str = "unsloth",
-    max_seq_len: int = 2048,
-    prepare_tokens=None,
-):
-    """(PeftModel, tokenizer) through Unsloth's loader, with the tier's checkpointing mode.
+def _gradient_checkpointing(ctx):
+    return {"unsloth": "unsloth", "standard": True, "off": False}[ctx.sp.grad_ckpt]
 
-    `prepare_tokens(model, tokenizer)` checks and fixes the turn tokens before the adapter is added
-    (with `adapter`, once it is loaded: it restores the rows SFT trained).
-    """
+
+def load_base(ctx):
+    """(base model, tokenizer) through Unsloth's loader, with the tier's checkpointing mode."""
     activate()
     import torch
     from unsloth import FastLanguageModel
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype)
-    use_ckpt = {"unsloth": "unsloth", "standard": True, "off": False}[grad_ckpt]
-    if adapter is not None:
-        # Unsloth reads the base from adapter_config.json and loads the adapter trainable.
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=str(adapter),
-            max_seq_length=max_seq_len,
-            dtype=dtype,
-            load_in_4bit=plan.load_in_4bit,
-            use_gradient_checkpointing=use_ckpt,
-            random_state=recipe.seed,
-        )
-        FastLanguageModel.for_training(model, use_gradient_checkpointing=use_ckpt)
-        if prepare_tokens is not None:
-            prepare_tokens(model, tokenizer)
-        return model, tokenizer
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_path,
-        max_seq_length=max_seq_len,
-        dtype=dtype,
+    plan = ctx.plan
+    return FastLanguageModel.from_pretrained(
+        model_name=ctx.model_path,
+        max_seq_length=ctx.sp.max_seq_len,
+        dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype),
         load_in_4bit=plan.load_in_4bit,
-        use_gradient_checkpointing=use_ckpt,
-        random_state=recipe.seed,
+        use_gradient_checkpointing=_gradient_checkpointing(ctx),
+        random_state=ctx.recipe.seed,
     )
-    if prepare_tokens is not None:
-        prepare_tokens(model, tokenizer)
+
+
+def add_adapter(model, ctx, adapter: Path | None = None):
+    """A trainable LoRA adapter through Unsloth's get_peft_model (its patched layers): fresh, or shaped like
+    `adapter` (its adapter_config.json) and then loaded with its weights (adapters.restore_policy). Its
+    trained turn-token rows are already in lowvram's row wrappers (special_tokens.load_rows)."""
+    from unsloth import FastLanguageModel
+
+    plan, recipe = ctx.plan, ctx.recipe
+    shape = {
+        "r": plan.lora_r,
+        "lora_alpha": plan.lora_alpha,
+        "lora_dropout": recipe.lora.dropout,
+        "target_modules": list(recipe.lora.target_modules),
+    }
+    if adapter is not None:
+        saved = without_rows(adapter)
+        shape = {
+            "r": saved.r,
+            "lora_alpha": saved.lora_alpha,
+            "lora_dropout": saved.lora_dropout,
+            "target_modules": sorted(saved.target_modules),
+        }
     model = FastLanguageModel.get_peft_model(
         model,
-        r=plan.lora_r,
-        lora_alpha=plan.lora_alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=list(recipe.lora.target_modules),
+        **shape,
         bias="none",
-        use_gradient_checkpointing=use_ckpt,
+        use_gradient_checkpointing=_gradient_checkpointing(ctx),
         random_state=recipe.seed,
     )
-    return model, tokenizer
+    if adapter is not None:
+        restore_policy(model, adapter)
+    return model

@@ -38,7 +38,6 @@ from lowvram.evaluate.kl import generate, kl_from_samples, prompt_text
 from lowvram.evaluate.run import prompt_label
 from lowvram.model.hf_backend import load_4bit
 from lowvram.model.tiny import resolve_model_path
-from lowvram.model.turn_tokens import rows_for_merge
 from lowvram.pairs.judges import Answer, Judge, judged, make_judge
 from lowvram.pairs.memory import check_phases
 from lowvram.pairs.sampler import choose_sampler, using
@@ -165,14 +164,7 @@ def load_policy(model_path: str, adapters: dict[str, Path | None], recipe, plan=
     except OSError as e:
         raise UserError(f"Cannot load the policy model {model_path!r}: {e}") from None
     real = {n: p for n, p in adapters.items() if p is not None}
-    for p in real.values():  # trained turn-token rows live beside the adapter; DPO keeps them frozen
-        rows = rows_for_merge(p)
-        if rows:
-            state = model.state_dict()
-            with torch.no_grad():
-                for name, (values, ids) in rows.items():
-                    state[name][ids] = values.to(state[name].dtype)
-            break
+    # trained turn-token rows are inside each adapter (PEFT trainable tokens): PeftModel loads them itself
     for name, path in real.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"{path} is not a LoRA adapter folder (no adapter_config.json).")

@@ -20,7 +20,7 @@ from pathlib import Path
 from lowvram import rundir
 from lowvram.errors import Interrupted, OutOfMemory
 from lowvram.model.adapters import restore_policy, save_policy
-from lowvram.model.turn_tokens import HEAD_ROWS_FILE, restore_rows, save_rows, trains_rows
+from lowvram.model.turn_tokens import restore_rows, save_rows, trains_rows
 from lowvram.plan.planner import Plan, StagePlan
 from lowvram.recipe import Recipe
 from lowvram.train.callbacks import graceful_interrupt, interrupt_requested
@@ -184,15 +184,15 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     import torch
 
     guard = finite_callback(fp16=ctx.plan.dtype == "fp16")
-    rows = trains_rows(model)  # untrained turn tokens: their rows train beside the adapter (special_tokens.py)
+    rows = trains_rows(model)  # untrained turn tokens: their rows train with the adapter (model/turn_tokens.py)
     trainer.add_callback(completion_callback(save_extra=save_rows if rows else None))
     trainer.add_callback(guard)  # last: it sees the save decision of every other callback
-    resume_from = _resume_point(ctx, (HEAD_ROWS_FILE,) if rows else ())
+    resume_from = _resume_point(ctx)
     if resume_from is not None:
         # the Trainer restores the optimizer and step; under transformers 5.17 not the policy adapter of a
         # checkpoint that also holds DPO's ref/ adapter (lowvram.model.adapters), so load it here under every version
         restore_policy(model, resume_from)
-        if rows:  # not in the Trainer's checkpoint files: saved beside them by completion_callback
+        if rows:  # written into the checkpoint's adapter by completion_callback, outside PEFT's state dict
             print(
                 f"[{ctx.stage}] turn-token rows {restore_rows(model, resume_from)} restored from {resume_from.name}",
                 flush=True,
@@ -244,7 +244,7 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         if after:
             atomic_write_text(ctx.stage_dir / "eval_after.json", json.dumps(after, indent=2))
         save_policy(model, adapter_dir, full)
-        save_rows(model, adapter_dir)  # trained turn-token rows, if any
+        save_rows(model, adapter_dir)  # trained turn-token rows, if any: into the adapter, as PEFT trainable tokens
         tok.save_pretrained(str(rundir.tokenizer_dir(ctx.run_dir)))
         atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
         atomic_write_text(

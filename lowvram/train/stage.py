@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowvram import rundir
-from lowvram.data.templates import chat_template_text
+from lowvram.data.templates import chat_template_text, resolve_chat_template
 from lowvram.errors import UserError
 from lowvram.model import hf_backend, unsloth_backend
 from lowvram.model.adapters import check_reference, check_start_rewards, start_rewards
@@ -58,61 +58,67 @@ def load_tokenizer(source: str, recipe: Recipe):
 
 
 def load_model(ctx: StageContext, adapter: Path | None):
-    """(PeftModel, tokenizer) through the plan's backend.
+    """(PeftModel, tokenizer) through the plan's backend: the base, then its turn tokens, then the adapter.
 
-    Both backends check the chat template's turn tokens between loading the base and adding the
-    adapter, through the same code (special_tokens.prepare); its trainable rows train in SFT only.
+    The chat template's untrained turn tokens are checked and fixed on the base, before the adapter is
+    added (turn_tokens.prepare, the same code for both backends); their rows train in SFT only.
     """
-
-    sp = ctx.sp
-    if ctx.plan.backend == "unsloth":
-
-        def prepare_tokens(model, tok):
-            _apply_template(tok, ctx.recipe)
-            _turn_tokens(model, tok, ctx)
-
-        model, tok = unsloth_backend.load_for_training(
-            ctx.plan,
-            ctx.recipe,
-            ctx.model_path,
-            adapter,
-            grad_ckpt=sp.grad_ckpt,
-            max_seq_len=sp.max_seq_len,
-            prepare_tokens=prepare_tokens,
-        )
-        _apply_template(tok, ctx.recipe)
-        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
-        return model, tok
-
-    tok = load_tokenizer(ctx.model_path, ctx.recipe)
+    backend = unsloth_backend if ctx.plan.backend == "unsloth" else hf_backend
     try:
-        model = hf_backend.load_for_training(
-            ctx.plan,
-            ctx.recipe,
-            ctx.model_path,
-            adapter,
-            grad_ckpt=sp.grad_ckpt,
-            prepare_tokens=lambda m: _turn_tokens(m, tok, ctx),
-        )
-        train_rows(model, ctx.stage, ctx.recipe.dpo.method)
+        model, tok = backend.load_base(ctx)
+        _apply_template(tok, ctx.recipe, model)
+        if tok.pad_token is None:  # padding is masked out of the loss, so reusing EOS as pad is safe for training
+            tok.pad_token = tok.eos_token
+        lr = getattr(ctx.recipe, ctx.stage).learning_rate
+        prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter, learning_rate=lr)
+        model = backend.add_adapter(model, ctx, adapter)
     except OSError as e:
         raise UserError(
             f"Cannot load model {ctx.model_path!r}: {e}",
             hint="Offline? Use a model already in the Hugging Face cache, a local folder, or builtin:tiny-llama.",
         ) from None
+    train_rows(model, ctx.stage, ctx.recipe.dpo.method)
     return model, tok
 
 
-def _apply_template(tok, recipe: Recipe) -> None:
-    if recipe.model.chat_template:
-        tok.chat_template = chat_template_text(recipe.model.chat_template)
+def _apply_template(tok, recipe: Recipe, model=None) -> None:
+    """The recipe's chat template, and its end-of-turn token as the EOS that generation stops on.
+
+    A base model's EOS ends a document (<|endoftext|>, <eos>, <|end_of_text|>), not a turn: a named
+    template ends each turn with its own token (<|im_end|>, <end_of_turn>, <|eot_id|>). Instruct
+    releases make that token the tokenizer's EOS and put it in generation_config.json; without it
+    generation (lowvram's evaluation, transformers' generate, the saved tokenizer) never stops at the
+    end of an answer. The base's EOS then pads, where there is no pad token.
+    """
+    if not recipe.model.chat_template:
+        return
+    tok.chat_template = chat_template_text(recipe.model.chat_template)
+    named = resolve_chat_template(recipe.model.chat_template)
+    eot = named.end_of_turn if named else None
+    if not eot or eot not in tok.get_vocab():
+        return
+    if tok.eos_token != eot:
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        print(
+            f"[tokens] EOS set to {eot} (the {named.name} template ends each turn with it; the base's "
+            f"EOS {tok.eos_token} ends documents" + (" and pads)" if tok.pad_token == tok.eos_token else ")"),
+            flush=True,
+        )
+        tok.eos_token = eot
+    if model is not None:
+        stop_on(model, tok.eos_token_id)
 
 
-def _turn_tokens(model, tok, ctx: StageContext) -> dict | None:
-    """Untrained turn tokens of the chat template: fixed and made trainable (lowvram/model/turn_tokens.py)."""
-
-    prepare(model, tok, ctx.recipe.model.chat_template, ctx.init_adapter)
-    return None  # its own row wrappers, not PEFT's trainable tokens (see special_tokens.make_rows_trainable)
+def stop_on(model, token_id: int) -> None:
+    """Add `token_id` to the model's generation stops (config and generation_config), first."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    have = gen.eos_token_id
+    have = [] if have is None else [have] if isinstance(have, int) else list(have)
+    if token_id not in have:
+        gen.eos_token_id = [token_id, *have]
 
 
 # ------------------------------------------------------------------ SFT
