@@ -42,7 +42,7 @@ class StageContext:
     init_adapter: Path | None = None  # adapter to continue (DPO after SFT, or --from)
 
     @property
-    def stage_dir(self) -> Path:
+    def stage_dir(self) -> Path:  # every path of a stage derives from this (a pairs round overrides it)
         return rundir.stage_dir(self.run_dir, self.stage)
 
     @property
@@ -60,7 +60,7 @@ def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | N
     wait_for_everyone()
     if not is_main():  # the main process sets aside and trims; the others then read what it left
         wait_for_everyone()
-        return newest_complete(rundir.checkpoints_dir(ctx.run_dir, ctx.stage), required)[0]
+        return newest_complete(ctx.stage_dir / "checkpoints", required)[0]
     try:
         return _main_resume_point(ctx, required)
     finally:
@@ -68,7 +68,7 @@ def _resume_point(ctx: StageContext, required: tuple[str, ...] = ()) -> Path | N
 
 
 def _main_resume_point(ctx: StageContext, required: tuple[str, ...]) -> Path | None:
-    resume_from, skipped = newest_complete(rundir.checkpoints_dir(ctx.run_dir, ctx.stage), required)
+    resume_from, skipped = newest_complete(ctx.stage_dir / "checkpoints", required)
     for path, why in skipped:
         moved = set_aside(path)
         print(
@@ -91,7 +91,7 @@ def trainer_args(ctx: StageContext) -> dict:
     sp = ctx.sp
     cuda = ctx.plan.device.kind == "cuda"
     return dict(
-        output_dir=str(rundir.checkpoints_dir(ctx.run_dir, ctx.stage)),
+        output_dir=str(ctx.stage_dir / "checkpoints"),
         per_device_train_batch_size=sp.batch_size,
         per_device_eval_batch_size=sp.batch_size,
         gradient_accumulation_steps=sp.grad_accum,
@@ -208,7 +208,7 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
     except torch.cuda.OutOfMemoryError:
         raise oom_message(ctx) from None
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of this step; say where the last one is
-        ckpt = latest_checkpoint(rundir.checkpoints_dir(ctx.run_dir, ctx.stage))
+        ckpt = latest_checkpoint(ctx.stage_dir / "checkpoints")
         where = (
             f"The newest complete checkpoint is {ckpt} (step {ckpt.name.split('-')[-1]}); later steps are lost."
             if ckpt
@@ -237,7 +237,7 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         what = f"non-finite weights in {', '.join(bad[:3])}" if bad else f"the training loss is {stats['train_loss']}"
         raise divergence_error(ctx.stage, what, ctx.run_dir, ctx.recipe, trainer.state.global_step)
     after = _evaluate(trainer, ctx, "after")
-    adapter_dir = rundir.adapter_dir(ctx.run_dir, ctx.stage)
+    adapter_dir = ctx.stage_dir / "adapter"
     # FSDP: each process holds a shard; gathering the full weights takes every process (not run on a GPU yet)
     full = trainer.accelerator.get_state_dict(trainer.model) if getattr(trainer, "is_fsdp_enabled", False) else None
     if is_main():  # one writer; the group's processes hold the same weights
@@ -247,8 +247,6 @@ def train_and_save(ctx: StageContext, trainer, model, tok) -> Path:
         save_rows(model, adapter_dir)  # trained turn-token rows, if any: into the adapter, as PEFT trainable tokens
         tok.save_pretrained(str(rundir.tokenizer_dir(ctx.run_dir)))
         atomic_write_text(ctx.stage_dir / "train_stats.json", json.dumps(stats, indent=2))
-        atomic_write_text(
-            rundir.done_file(ctx.run_dir, ctx.stage), json.dumps(stats)
-        )  # last: the stage counts as done only now
+        atomic_write_text(ctx.stage_dir / "DONE", json.dumps(stats))  # last: the stage counts as done only now
     wait_for_everyone()  # the next stage, in every process, loads this adapter
     return adapter_dir

@@ -25,7 +25,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from lowvram import rundir
 from lowvram.errors import OutOfMemory
 from lowvram.plan.catalog import get_spec
 from lowvram.plan.memory import GIB, MemoryEstimate, estimate
@@ -191,7 +190,7 @@ def run_with_step_down(ctx, train: Callable) -> Path:
             return adapter
         _free_cuda()  # the failed trainer and model are gone with the exception
         steps += 1
-        ckpt = newest_complete(rundir.checkpoints_dir(ctx.run_dir, ctx.stage))[0]
+        ckpt = newest_complete(Path(ctx.stage_dir) / "checkpoints")[0]
         where = f"resuming from {ckpt.name}" if ckpt else "starting the stage again (no checkpoint yet)"
         print(
             f"[{ctx.stage}] CUDA ran out of memory at batch {ctx.sp.batch_size} x accum {ctx.sp.grad_accum}, "

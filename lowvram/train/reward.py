@@ -96,7 +96,20 @@ def run_rm(run_dir: Path, recipe, plan, model_path: str) -> Path:
         callbacks=[make_callback(RM_DIR, rundir.metrics_file(ctx.run_dir))],
     )
     quiet_trainer(trainer)
+    if plan.load_in_4bit:
+        _fp32_trainable(trainer.model)
     return train_and_save(ctx, trainer, trainer.model, tok)
+
+
+def _fp32_trainable(model) -> None:
+    """A 4-bit reward model trains its LoRA weights and its score head in fp32, as the policy's adapters do
+    (hf_backend.fp32_adapters): TRL casts them to bf16, and the head then meets the fp32 output of the
+    model's last norm (kept fp32 by the k-bit preparation) with bf16 weights, which a CPU matmul refuses."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def score_text(tok, prompt, answer: str) -> str:
