@@ -341,7 +341,13 @@ def from_tokenizer(tokenizer, end_of_turn: str | None = None) -> ChatFormat:
     specials = [str(t) for t in tokenizer.all_special_tokens]
     specials += [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     eos = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return derive_chat_format(fn, tokenizer.bos_token, list(dict.fromkeys(specials)), eos, end_of_turn)
+    # The template's leading BOS text is left to the runtime only when the tokenizer adds BOS itself (what the
+    # converter records as tokenizer.ggml.add_bos_token). SmolLM2's BOS is <|im_start|>, which it never adds:
+    # stripped from the TEMPLATE, every prompt would start "system\n..." without its turn marker.
+    bos_id = tokenizer.bos_token_id
+    adds_bos = bos_id is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+    bos = tokenizer.bos_token if adds_bos else None
+    return derive_chat_format(fn, bos, list(dict.fromkeys(specials)), eos, end_of_turn)
 
 
 RAW_TEMPLATE = "{{ .Prompt }}"
