@@ -106,7 +106,15 @@ def test_the_tuned_gguf_answers_ends_its_turn_and_matches_transformers(trained):
             assert got[-1] == eot and len(answer.split()) >= 2, (q, answer)  # answers, then ends its turn
             with torch.no_grad():
                 want = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=eot)
-            assert got[:16] == want[0, len(ids) :].tolist()[:16], (q, answer)
+            want = want[0, len(ids) :].tolist()[:16]
+            # f16 in llama.cpp against f32 in transformers: the same greedy tokens up to a near-tie, where either
+            # choice is a rounding away (seen here: one run in three flips at a top-2 gap below 0.1 logits)
+            n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            if n is not None:
+                with torch.no_grad():
+                    top2 = torch.topk(hf(torch.tensor([ids + want[:n]])).logits[0, -1].float(), 2)
+                gap = (top2.values[0] - top2.values[1]).item()
+                assert got[n] == top2.indices[1].item() and gap < 0.5, (q, answer, n, gap)
 
 
 def test_the_modelfile_template_renders_the_chat_template(trained):
