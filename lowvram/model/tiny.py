@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from lowvram.errors import UserError
 from lowvram.model import wheels
-from lowvram.model.wheels import PYPI_PREFIX
+from lowvram.model.wheels import PYPI_PREFIX, cache_dir  # lowvram's cache: LOWVRAM_CACHE or ~/.cache/lowvram
 from lowvram.recipe import SAMPLES_DIR
 
 BUILTIN_PREFIX = "builtin:"  # a model lowvram builds itself instead of loading
@@ -39,10 +38,6 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 DIMS = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWVRAM_CACHE") or Path.home() / ".cache" / "lowvram")
 
 
 def _corpus() -> list[str]:
