@@ -175,11 +175,6 @@ def load_policy(model_path: str, adapters: dict[str, Path | None], recipe, plan=
     return model, tok
 
 
-def _using(model, name: str | None):
-
-    return using(model, name)
-
-
 def _answers(tok, ids: list[list[int]]) -> list[Answer]:
     eos = tok.eos_token_id
     return [Answer(tok.decode(a, skip_special_tokens=True).strip(), len(a), bool(a) and a[-1] == eos) for a in ids]
@@ -486,9 +481,9 @@ def compare_policies(model, tok, heldout: list, judge: Judge, pcfg, seed: int, n
 
     texts = [prompt_text(tok, p) for p in heldout]
     kw = dict(sample=True, n=pcfg.heldout_samples, seed=seed, max_new_tokens=pcfg.max_new_tokens)
-    with _using(model, new):
+    with using(model, new):
         drawn_new = generate(model, tok, texts, **kw)
-    with _using(model, prev):
+    with using(model, prev):
         drawn_prev = generate(model, tok, texts, **kw)
     wins, a_new, a_prev, s_new, s_prev = [], [], [], [], []
     for p, gn, gp in zip(heldout, drawn_new, drawn_prev):
