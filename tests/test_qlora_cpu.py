@@ -291,15 +291,16 @@ def test_export_dequantizes_the_nf4_base_and_matches_the_trained_policy(q4_run, 
     from transformers import AutoModelForCausalLM
 
     from lowvram.export.run import ExportOptions, export_run
-    from lowvram.model.hf_backend import prepare_4bit_model
+    from lowvram.model.hf_backend import load_4bit, prepare_4bit_model
 
     result = export_run(q4_run, ExportOptions(gguf=("f16",), merged=True))
     assert result.verified_ok and result.verify_rows and result.files["f16"].is_file()
     merged_dir = result.files["merged"]
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
 
-    # the policy exactly as DPO trained it: the NF4 base in bitsandbytes + the adapter
-    base = AutoModelForCausalLM.from_pretrained(str(nf4_base), dtype=torch.float32, device_map={"": "cpu"})
+    # the policy exactly as DPO trained it: the NF4 base in bitsandbytes, loaded as training loads it
+    # (load_4bit: no AVX512-BF16 repack, which asserts on the tiny model's widths), + the adapter
+    base = load_4bit(AutoModelForCausalLM, str(nf4_base), torch.float32, device_map={"": "cpu"})
     prepare_4bit_model(base, torch.float32)
     policy = PeftModel.from_pretrained(base, str(q4_run / "dpo" / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
