@@ -222,14 +222,19 @@ def answer_all(ev: EvalSet) -> dict[str, Answered]:
             greedy = [
                 a[0] for a in generate(ev.model, ev.tok, ev.prompts, sample=False, max_new_tokens=cfg.max_new_tokens)
             ]
-            samples = generate(
-                ev.model,
-                ev.tok,
-                ev.prompts,
-                sample=True,
-                n=cfg.kl_samples,
-                seed=ev.recipe.seed,
-                max_new_tokens=cfg.max_new_tokens,
+            itself = adapter_name == ev.reference  # the reference's KL to itself is 0 exactly: nothing to sample
+            samples = (
+                [[] for _ in ev.prompts]
+                if itself
+                else generate(
+                    ev.model,
+                    ev.tok,
+                    ev.prompts,
+                    sample=True,
+                    n=cfg.kl_samples,
+                    seed=ev.recipe.seed,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
             )
         stats = {
             "model": name,
@@ -242,7 +247,10 @@ def answer_all(ev: EvalSet) -> dict[str, Answered]:
             "mean_answer_chars": _mean([len(t) for t in _texts(ev.tok, greedy)]),
             "mean_sampled_tokens": _mean([len(a) for grp in samples for a in grp]),
         }
-        stats.update(kl_from_samples(ev.model, ev.tok, ev.prompts, samples, adapter_name, ev.reference))
+        if itself:
+            stats.update(kl=0.0, kl_per_token=0.0, kl_per_token_sem=0.0, kl_answers=0)
+        else:
+            stats.update(kl_from_samples(ev.model, ev.tok, ev.prompts, samples, adapter_name, ev.reference))
         stats["generate_s"] = round(time.monotonic() - t0, 2)
         if "sft" in out and name != "sft":
             stats["same_answers_as_sft"] = sum(a == b for a, b in zip(greedy, out["sft"].greedy))

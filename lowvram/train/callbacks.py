@@ -166,7 +166,11 @@ def kl_callback(eval_rows: list[dict], tok, recipe, run_dir: Path | None = None)
                 return
             if REFERENCE not in getattr(model, "peft_config", {}):
                 return  # no frozen reference adapter (PEFT fallback): nothing to compare against
-            if self.measured is None or self.measured[0] != state.global_step:
+            if state.global_step == 0:
+                # before the first step the policy is the reference's own copy (checked by _check_reference):
+                # the KL is 0 exactly, so no answers are sampled to show it
+                self.measured = (0, {"kl": 0.0, "kl_per_token": 0.0, "kl_per_token_sem": 0.0, "kl_answers": 0})
+            elif self.measured is None or self.measured[0] != state.global_step:
                 try:
                     kl = kl_to_reference(
                         model, tok, prompts, samples=cfg.kl_samples, max_new_tokens=cfg.max_new_tokens, seed=recipe.seed
