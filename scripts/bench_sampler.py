@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowvram.pairs.build import load_policy, read_prompts
     from lowvram.pairs.sampler import HFSampler, LlamaCppSampler, choose_sampler, policy_gguf
     from lowvram.recipe import load_recipe
-    from lowvram.train.stage import resolve_model_path
+    from lowvram.model.tiny import resolve_model_path
 
     model_path = args.model or resolve_model_path("builtin:tiny-llama")
     recipe, _ = load_recipe("self-pairs", [f"model.name={model_path}"])

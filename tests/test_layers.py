@@ -10,6 +10,7 @@ graph, not on a list kept by hand.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import lowvram
@@ -248,3 +249,48 @@ def test_no_folder_holds_more_than_twelve_modules():
     for folder in [PACKAGE, *[p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]]:
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
         assert len(modules) <= 12, f"{folder.name}: {len(modules)} modules"
+
+
+def _lowvram_imports_outside_the_package() -> list[tuple[str, int, str, str | None]]:
+    """(file, line, module, name) for every `lowvram` import in scripts/, recipes/, tests/ and the notebooks'
+    code cells, at any depth (a benchmark's imports sit inside main())."""
+    root = PACKAGE.parent
+    sources = [
+        (p, p.read_text(encoding="utf-8")) for d in ("scripts", "recipes", "tests") for p in (root / d).rglob("*.py")
+    ]
+    for nb in (root / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        # shell (!pip) and magic (%time) lines are not Python: each becomes `pass` at its indent
+        lines = [ln for cell in code for ln in cell.splitlines()]
+        text = "\n".join(
+            ln[: len(ln) - len(ln.lstrip())] + "pass" if ln.lstrip().startswith(("!", "%")) else ln for ln in lines
+        )
+        sources.append((nb, text))
+    found = []
+    for path, text in sources:
+        for node in ast.walk(ast.parse(text)):
+            where = (str(path.relative_to(root)), node.lineno) if hasattr(node, "lineno") else None
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lowvram":
+                found += [(*where, node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(*where, a.name, None) for a in node.names if a.name.split(".")[0] == "lowvram"]
+    return found
+
+
+def test_every_lowvram_import_outside_the_package_resolves():
+    """A module that moved leaves no stale path behind in a script, recipe, test or notebook (bench_sampler.py
+    imported resolve_model_path from train.stage after it had moved to model.tiny, and nothing ran it)."""
+    import importlib
+
+    imports = _lowvram_imports_outside_the_package()
+    assert any(f.startswith("scripts/") for f, *_ in imports) and any(f.startswith("notebooks/") for f, *_ in imports)
+    broken = []
+    for file, line, module, name in imports:
+        try:
+            mod = importlib.import_module(module)
+            if name is not None and name != "*" and not hasattr(mod, name):
+                importlib.import_module(f"{module}.{name}")  # a submodule: `from lowvram import cli`
+        except ImportError as e:
+            broken.append(f"{file}:{line}: from {module} import {name}: {e}")
+    assert not broken, "\n".join(broken)
