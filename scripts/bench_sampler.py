@@ -6,8 +6,9 @@
 Both draw `samples` answers per prompt at temperature 1 (no top-k/top-p/min-p) from the same weights:
 plain transformers `model.generate` (lowvram.evaluate.run.generate, one prompt at a time with
 num_return_sequences = samples, as the loop calls it) and llama.cpp on f16 and q8_0 GGUFs of the model
-(lowvram.export.llamacpp.token_sampler). The GGUF export is timed and printed apart. Answers stop at EOS or the
-cap, so both rates are also given per generated token. Then `auto`'s choice, as the loop would print it.
+(lowvram.export.llamacpp.token_sampler: a prompt's answers side by side, one batch per step). The GGUF export
+is timed and printed apart. Answers stop at EOS or the cap, so both rates are also given per generated token.
+Then `auto`'s choice, as the loop would print it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from lowvram.evaluate.run import prompt_text
     from lowvram.export.llamacpp import _threads
+    from lowvram.model.tiny import resolve_model_path
     from lowvram.pairs.build import load_policy, read_prompts
     from lowvram.pairs.sampler import HFSampler, LlamaCppSampler, choose_sampler, policy_gguf
     from lowvram.recipe import load_recipe
-    from lowvram.model.tiny import resolve_model_path
 
     model_path = args.model or resolve_model_path("builtin:tiny-llama")
     recipe, _ = load_recipe("self-pairs", [f"model.name={model_path}"])

@@ -128,6 +128,36 @@ def test_llama_cpp_loads_each_gguf_and_f16_greedy_equals_merged_model(exported):
                 assert got == _hf_greedy(exp / "merged", ids, 16, tok.eos_token_id)
 
 
+def test_answers_side_by_side_share_the_prompt_and_draw_like_one_at_a_time(exported):
+    """The pairs sampler's batch: the prompt is evaluated once and its cache cells shared with every sequence.
+    Greedy, each of the 4 sequences must give the one-at-a-time greedy answer, which it cannot without the
+    prompt's cells (a sequence with an empty cache answers something else); sampled, seeds decide."""
+    from transformers import AutoTokenizer
+
+    from lowvram.export.llamacpp import GGUFModel
+
+    run, _, *_ = exported
+    exp = run / "export"
+    tok = AutoTokenizer.from_pretrained(str(exp / "merged"))
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with GGUFModel(exp / "fixture-f16.gguf", logits_all=False) as one:
+        alone = one.greedy(ids, 12, {tok.eos_token_id})
+        without_prompt = one.greedy(ids[-1:], 12, {tok.eos_token_id})
+    assert alone != without_prompt  # the check below can tell a shared prompt from none
+    with GGUFModel(exp / "fixture-f16.gguf", n_ctx=len(ids) + 4 * 12, logits_all=False, n_seq=4) as g:
+        greedy = g.generate_side_by_side(ids, [0, 1, 2, 3], 12, temperature=0, stop_ids={tok.eos_token_id})
+        assert greedy == [alone] * 4
+        a = g.generate_side_by_side(ids, [5, 6, 7, 8], 12)
+        assert a == g.generate_side_by_side(ids, [5, 6, 7, 8], 12)  # seeded
+        assert len({tuple(x) for x in a}) > 1  # temperature 1: the answers differ
+        assert a[1:] == g.generate_side_by_side(ids, [6, 7, 8], 12)  # each answer's seed is its own
+        with pytest.raises(ValueError, match="n_seq >= 5"):
+            g.generate_side_by_side(ids, [1, 2, 3, 4, 5], 12)
+
+
 def test_gguf_carries_tokenizer_special_tokens_and_chat_template(exported):
     from transformers import AutoTokenizer
 

@@ -428,6 +428,7 @@ _SIGNATURES = {  # name: (restype, argtypes), as in include/llama.h and ggml/inc
     "llama_get_logits_ith": (ctypes.POINTER(_F), [_P, _I32]),
     "llama_get_memory": (_P, [_P]),
     "llama_memory_clear": (None, [_P, _B]),
+    "llama_memory_seq_cp": (None, [_P, _I32, _I32, _I32, _I32]),
     "llama_sampler_chain_default_params": (_ChainParams, []),
     "llama_sampler_chain_init": (_P, [_ChainParams]),
     "llama_sampler_chain_add": (None, [_P, _P]),
@@ -928,9 +929,12 @@ class GGUFModel:
         m.logits(ids)            # float32 [len(ids), vocab]: the next-token logits after each position
         m.greedy(ids, 20)        # argmax decoding
         m.generate(ids, 50, temperature=0.7, seed=1)   # llama.cpp's samplers (top-k 40, top-p 0.95, min-p 0.05)
+
+    GGUFModel(path, n_ctx=2048, logits_all=False, n_seq=4).generate_side_by_side(ids, [1, 2, 3, 4], 64)
+                                 # 4 answers at once: the prompt evaluated once, one batch per step
     """
 
-    def __init__(self, path: Path, n_ctx: int = 512, logits_all: bool = True):
+    def __init__(self, path: Path, n_ctx: int = 512, logits_all: bool = True, n_seq: int = 1):
         self.path = Path(path)
         self.lib = lib = _lib()
         self.model = _load_model(self.path)
@@ -940,6 +944,9 @@ class GGUFModel:
         params.n_batch = n_ctx
         params.n_threads = params.n_threads_batch = threads
         params.n_outputs_max_per_seq = 0 if logits_all else 1  # 0: every position's logits can be read
+        if n_seq > 1:  # answers side by side: one cache whose prompt cells every sequence shares
+            params.n_seq_max, params.kv_unified = n_seq, True
+        self.n_seq = n_seq
         self.ctx = lib.llama_init_from_model(self.model, params)
         if not self.ctx:
             lib.llama_model_free(self.model)
@@ -1049,15 +1056,8 @@ class GGUFModel:
         end-of-generation token (kept in the result); temperature 0 is greedy. The same seed gives the same tokens.
         `on_token(id)` is called as each token is chosen (streaming)."""
         lib = self.lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        chain = self._chain(temperature, seed, top_k, top_p, min_p)
         try:
-            if temperature <= 0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            else:
-                for s in (lib.llama_sampler_init_top_k(top_k), lib.llama_sampler_init_top_p(top_p, 1),
-                          lib.llama_sampler_init_min_p(min_p, 1), lib.llama_sampler_init_temp(temperature),
-                          lib.llama_sampler_init_dist(seed & 0xFFFFFFFF)):  # fmt: skip
-                    lib.llama_sampler_chain_add(chain, s)  # the chain owns them from here
             self.reset()
             self._decode(list(ids), "last")
             out: list[int] = []
@@ -1074,6 +1074,78 @@ class GGUFModel:
             return out
         finally:
             lib.llama_sampler_free(chain)
+
+    def _chain(self, temperature: float, seed: int, top_k: int, top_p: float, min_p: float):
+        """A llama.cpp sampler chain (the caller frees it): greedy at temperature 0, else top-k, top-p, min-p,
+        temperature and a seeded draw, in llama-cpp-python's order."""
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        for s in (lib.llama_sampler_init_top_k(top_k), lib.llama_sampler_init_top_p(top_p, 1),
+                  lib.llama_sampler_init_min_p(min_p, 1), lib.llama_sampler_init_temp(temperature),
+                  lib.llama_sampler_init_dist(seed & 0xFFFFFFFF)):  # fmt: skip
+            lib.llama_sampler_chain_add(chain, s)  # the chain owns them from here
+        return chain
+
+    def generate_side_by_side(
+        self,
+        ids: list[int],
+        seeds: list[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop_ids: set[int] = frozenset(),
+    ) -> list[list[int]]:
+        """One sampled answer per seed, drawn together: the prompt is evaluated once in sequence 0 and its cache
+        cells shared with the others (llama_memory_seq_cp), then each step decodes every unfinished answer's
+        next token in one batch. Each answer has its own seeded sampler chain, so the same seeds give the same
+        answers. An answer stops at an end-of-generation token or one of `stop_ids` (kept), at `max_new_tokens`, or when the cache
+        (the prompt once plus every answer's tokens) is full. Needs a model made with n_seq >= len(seeds)."""
+        lib, n = self.lib, len(seeds)
+        if not 0 < n <= self.n_seq:
+            raise ValueError(f"{n} answers side by side need a GGUFModel made with n_seq >= {n} (it has {self.n_seq})")
+        chains = [self._chain(temperature, seed, top_k, top_p, min_p) for seed in seeds]
+        try:
+            self.reset()
+            self._decode(list(ids), "last")
+            memory = lib.llama_get_memory(self.ctx)
+            for k in range(1, n):
+                lib.llama_memory_seq_cp(memory, 0, k, -1, -1)  # the prompt's cells, shared, not recomputed
+            out: list[list[int]] = [[] for _ in range(n)]
+            live, where = list(range(n)), [-1] * n  # where: each answer's logits row in the last batch
+            used, pos = len(ids), len(ids)
+            for _ in range(max_new_tokens):
+                drawn = {k: lib.llama_sampler_sample(chains[k], self.ctx, where[k]) for k in live}
+                for k in live:
+                    out[k].append(drawn[k])
+                live = [k for k in live if not (self.is_end(drawn[k]) or drawn[k] in stop_ids)]
+                if not live or len(out[live[0]]) >= max_new_tokens or used + len(live) > self.n_ctx():
+                    break
+                m = len(live)
+                seq_ids = [ctypes.c_int32(k) for k in live]
+                batch = _Batch(
+                    m,
+                    (ctypes.c_int32 * m)(*[drawn[k] for k in live]),
+                    None,
+                    (ctypes.c_int32 * m)(*([pos] * m)),
+                    (ctypes.c_int32 * m)(*([1] * m)),
+                    (ctypes.POINTER(ctypes.c_int32) * m)(*[ctypes.pointer(x) for x in seq_ids]),
+                    (ctypes.c_int8 * m)(*([1] * m)),
+                )
+                rc = lib.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc} ({'; '.join(_LOG_TAIL[-2:])})")
+                for i, k in enumerate(live):
+                    where[k] = i
+                used, pos = used + m, pos + 1
+            return out
+        finally:
+            for chain in chains:
+                lib.llama_sampler_free(chain)
 
 
 class VocabView:
@@ -1247,20 +1319,35 @@ def token_sampler(gguf_path: str, n_ctx: int = 1024):
     """(sample(prompt_ids, n, seed, max_new_tokens, stop_ids) -> answers as token ids, close) on a GGUF.
 
     The pairs loop's one call into llama.cpp for sampling: temperature 1 with top-k, top-p and min-p off, the
-    same distribution as transformers' generate(do_sample=True, top_k=0). Each answer has its own seed.
+    same distribution as transformers' generate(do_sample=True, top_k=0). Each answer has its own seed. The n
+    answers to a prompt are drawn side by side (GGUFModel.generate_side_by_side): the prompt is evaluated once
+    and each step is one batch. `n_ctx` is one answer's context (prompt and answer); the model is loaded at the
+    first call, with room for n answers to one prompt, and again only if a later call asks for more.
     """
     path = Path(gguf_path)
     n_ctx = min(n_ctx, context_length(path) or n_ctx)  # past its training context llama.cpp warns
-    llm = GGUFModel(path, n_ctx=n_ctx, logits_all=False)
+    state: dict = {}
+
+    def model_for(n: int, max_new_tokens: int) -> GGUFModel:
+        have = state.get("llm")
+        if have is not None and have.n_seq >= n and have.n_ctx() >= n_ctx + (n - 1) * max_new_tokens:
+            return have
+        if have is not None:
+            have.close()
+        state["llm"] = GGUFModel(path, n_ctx=n_ctx + (n - 1) * max_new_tokens, logits_all=False, n_seq=n)
+        return state["llm"]
 
     def sample(ids: list[int], n: int, seed: int, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        llm = model_for(n, max_new_tokens)
+        drawn = llm.generate_side_by_side(ids, [seed * 1009 + k for k in range(n)], max_new_tokens, stop_ids=stop_ids)
         out = []
-        for k in range(n):
-            drawn = llm.generate(
-                ids, max_new_tokens, temperature=1.0, seed=seed * 1009 + k, top_k=0, top_p=1.0, min_p=0.0
-            )
-            cut = next((i + 1 for i, t in enumerate(drawn) if t in stop_ids), len(drawn))
-            out.append([int(t) for t in drawn[:cut]])
+        for answer in drawn:
+            cut = next((i + 1 for i, t in enumerate(answer) if t in stop_ids), len(answer))
+            out.append([int(t) for t in answer[:cut]])
         return out
 
-    return sample, llm.close
+    def close() -> None:
+        if state.get("llm") is not None:
+            state.pop("llm").close()
+
+    return sample, close

@@ -122,7 +122,7 @@ def choose_sampler(
         return hf, "transformers: a CUDA card generates there (llama.cpp here samples on the CPU)"
 
     if not runtime_installed():
-        return hf, "transformers: llama.cpp (llama-cpp-python) is not installed"
+        return hf, "transformers: llama.cpp (the xllamacpp wheel) is not installed"
     if probe is None or prompts_left <= 1:
         return hf, "transformers: too few prompts left to repay a GGUF export"
     if local_checkpoint_missing(model_path):
