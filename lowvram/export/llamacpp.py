@@ -1103,8 +1103,8 @@ class GGUFModel:
         """One sampled answer per seed, drawn together: the prompt is evaluated once in sequence 0 and its cache
         cells shared with the others (llama_memory_seq_cp), then each step decodes every unfinished answer's
         next token in one batch. Each answer has its own seeded sampler chain, so the same seeds give the same
-        answers. An answer stops at an end-of-generation token or one of `stop_ids` (kept), at `max_new_tokens`, or when the cache
-        (the prompt once plus every answer's tokens) is full. Needs a model made with n_seq >= len(seeds)."""
+        answers. An answer stops at an end-of-generation token or one of `stop_ids` (kept), at `max_new_tokens`,
+        or when the cache (the prompt once plus every answer's tokens) is full. Needs n_seq >= len(seeds)."""
         lib, n = self.lib, len(seeds)
         if not 0 < n <= self.n_seq:
             raise ValueError(f"{n} answers side by side need a GGUFModel made with n_seq >= {n} (it has {self.n_seq})")
