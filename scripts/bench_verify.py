@@ -38,18 +38,28 @@ BEFORE_COMMIT = "2e3ce88"  # verify.py before this benchmark's changes (llama.cp
 SYSTEM = "You are terse."
 
 
-def before_verify():
-    """verify_ggufs as it was at BEFORE_COMMIT, loaded from git."""
+def verify_module_at(commit: str, path: str = "lowvram/verify.py"):
+    """verify.py as it was at `commit` (before the stage-package move it was lowvram/verify.py), loaded from git as
+    the module `verify_before`. Its imports name that commit's modules; where the current tree no longer has them
+    (lowvram.llamacpp and lowvram.hardware moved, and llama.cpp itself changed wheels), this exits saying so,
+    instead of failing half-way through a benchmark: the before leg then needs a checkout of `commit`."""
+    import importlib.util
+
     src = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/export/verify.py"],
-        check=True,
-        capture_output=True,
-        text=True,
+        ["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True, capture_output=True, text=True
     ).stdout
+    missing = sorted(
+        {m for m in re.findall(r"^\s*from (lowvram[\w.]*) import", src, re.M) if importlib.util.find_spec(m) is None}
+    )
+    if missing:
+        raise SystemExit(
+            f"{path} at {commit} imports {', '.join(missing)}, which this tree no longer has: run this benchmark's "
+            f"before leg in a checkout of {commit} (git worktree add /tmp/before {commit})."
+        )
     mod = types.ModuleType("verify_before")
     sys.modules["verify_before"] = mod  # dataclasses look their module up
     exec(compile(src, "verify_before.py", "exec"), mod.__dict__)
-    return mod.verify_ggufs
+    return mod
 
 
 @contextmanager
@@ -124,7 +134,7 @@ def main() -> int:
     )
     out = root / "out"
     ggufs = {t: out / f"{run.name}-{t}.gguf" for t in ("f16", "q4_k_m")}
-    old = before_verify()
+    old = verify_module_at(BEFORE_COMMIT).verify_ggufs
     rounds = []
     for i in range(args.rounds):
         load = os.getloadavg()[0]

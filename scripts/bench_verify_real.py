@@ -14,30 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_verify import verify_module_at  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 BEFORE_COMMIT = "80ac7db"  # verify.py before the conversion/cost split
-
-
-def before_verify():
-    src = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:lowvram/export/verify.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    mod = types.ModuleType("verify_before")
-    sys.modules["verify_before"] = mod
-    exec(compile(src, "verify_before.py", "exec"), mod.__dict__)
-    return mod
 
 
 def main() -> int:
@@ -49,7 +36,7 @@ def main() -> int:
 
     from lowvram.export import llamacpp, verify
 
-    old = before_verify()
+    old = verify_module_at(BEFORE_COMMIT)
     with tempfile.TemporaryDirectory(prefix="bench-verify-real-") as tmp:
         out = Path(tmp)
         log = out / "export.log"
